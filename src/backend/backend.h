@@ -1,0 +1,150 @@
+/* backend.h: the contract between the model (forward.c) and a compute backend.
+ *
+ * A backend owns memory (activations, KV caches, weights it uploads) and
+ * implements exactly the ops forward.c needs, at that granularity, as a table of
+ * plain C function pointers. Activations are f32 rows in backend memory: a
+ * pointer `x` with `n` rows of `dim` floats, row-major. forward.c never touches
+ * activation memory itself, so a GPU backend can run (and capture) the whole step.
+ *
+ * Per-step metadata (token ids, positions, which sequence each token belongs to)
+ * is handed over once per step with batch_set; ops that need it read it there.
+ * cpu_ref.c implements every op with plain loops and is the oracle for all the
+ * others. A fused op is a new entry here, with its reference in cpu_ref.c first. */
+#ifndef G3N_BACKEND_H
+#define G3N_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* A weight matrix W[rows, cols] (rows = outputs) in its stored dtype. */
+typedef struct {
+    int dtype;         /* g3n_dtype: F32, F16 or BF16 */
+    int rows, cols;
+    const void *data;  /* backend-visible; NULL when the tensor is absent */
+    const char *name;  /* tensor name, for messages */
+} g3n_mat;
+
+/* A small f32 vector (norm weights, scales, AltUp coefficients) in backend memory. */
+typedef struct {
+    int n;
+    const float *data;
+} g3n_vec;
+
+/* One layer's K/V cache of one sequence. Position p lives in slot p % cap.
+ * Sliding layers have cap >= window + n_batch - 1 (a ring); full layers cap = n_ctx. */
+typedef struct {
+    float *k, *v; /* [cap, n_head_kv * head_dim] each; NULL for layers that own none */
+    int cap;
+} g3n_kv_layer;
+
+#define G3N_KV_MAX_LAYERS 128
+typedef struct {
+    g3n_kv_layer layer[G3N_KV_MAX_LAYERS];
+} g3n_kv;
+
+/* The tokens of one forward step. Token t belongs to sequence seq[t], whose
+ * cache is kv[seq[t]], and sits at absolute position pos[t]. Within a sequence
+ * positions are consecutive and increasing. */
+typedef struct {
+    int n;
+    const int32_t *ids; /* [n] */
+    const int32_t *pos; /* [n] */
+    const int32_t *seq; /* [n] */
+    g3n_kv *const *kv;  /* [n_seq] */
+    int n_seq;
+} g3n_batch;
+
+typedef struct g3n_backend g3n_backend;
+
+struct g3n_backend {
+    const char *name;
+    void *ctx;
+    int n_threads;
+
+    /* ---- memory ---- */
+    void *(*alloc)(g3n_backend *be, size_t bytes); /* zeroed; aborts on exhaustion */
+    void (*free)(g3n_backend *be, void *p);
+    void (*write)(g3n_backend *be, void *dst, const void *src, size_t bytes); /* host -> be */
+    void (*read)(g3n_backend *be, void *dst, const void *src, size_t bytes);  /* be -> host */
+    /* Make a weight matrix usable by this backend (CPU: borrow the mapping). */
+    int (*mat_prepare)(g3n_backend *be, g3n_mat *m, char *err, size_t errlen);
+    void (*destroy)(g3n_backend *be);
+    /* Benchmark support: measured read bandwidth (bytes/s) of the memory weights
+     * live in, streaming `bytes` with this backend's threads (or kernels). */
+    double (*read_bandwidth)(g3n_backend *be, size_t bytes);
+
+    /* ---- step metadata ---- */
+    void (*batch_set)(g3n_backend *be, const g3n_batch *b);
+
+    /* ---- ops (all on the current batch's n rows unless a count is given) ---- */
+
+    /* y[r, :] = W . x[r, :] for r < rows.  y: [rows, W.rows], x: [rows, W.cols] */
+    void (*matmul)(g3n_backend *be, float *y, const g3n_mat *W, const float *x, int rows);
+
+    /* y[t, :] = W[ids[t], :] * scale for the batch's tokens; ids >= W.rows use row 0. */
+    void (*embed)(g3n_backend *be, float *y, const g3n_mat *W, float scale);
+
+    /* y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w  (w.data NULL: no weight). rows x dim. */
+    void (*rmsnorm)(g3n_backend *be, float *y, const float *x, g3n_vec w, int rows, int dim,
+                    float eps);
+
+    /* Rotate-half RoPE in place on x: [n, n_head * head_dim], batch positions. */
+    void (*rope)(g3n_backend *be, float *x, int n_head, int head_dim, float theta);
+
+    /* Store the batch's k, v rows ([n, kv_dim] each) into cache layer `layer` of
+     * each token's sequence at slot pos % cap. */
+    void (*kv_store)(g3n_backend *be, int layer, const float *k, const float *v, int kv_dim);
+
+    /* out[t] = softmax(q[t] . K^T) V over cache layer `layer` of token t's sequence,
+     * keys at positions j <= pos[t] and, if window > 0, pos[t] - j < window.
+     * Scale 1. q, out: [n, n_head * head_dim]; query head h uses KV head
+     * h / (n_head / n_head_kv). */
+    void (*attention)(g3n_backend *be, float *out, const float *q, int layer, int n_head,
+                      int n_head_kv, int head_dim, int window);
+
+    /* Elementwise over count floats. */
+    void (*add)(g3n_backend *be, float *y, const float *a, const float *b, size_t count);
+    void (*scale)(g3n_backend *be, float *y, const float *x, float s, size_t count);
+    /* y = (a + b + c) * s */
+    void (*add3_scale)(g3n_backend *be, float *y, const float *a, const float *b, const float *c,
+                       float s, size_t count);
+    /* y[r, i] = x[r, i] * w[i]  (rows x dim) */
+    void (*mul_vec)(g3n_backend *be, float *y, const float *x, g3n_vec w, int rows, int dim);
+    /* y = gelu_tanh(g) * u  (u NULL: y = gelu_tanh(g)) */
+    void (*gelu_mul)(g3n_backend *be, float *y, const float *g, const float *u, size_t count);
+    /* Per row: x = max(0, x - (mean(x) + kappa * std(x))), population std. */
+    void (*gaussian_topk)(g3n_backend *be, float *x, int rows, int dim, float kappa);
+    /* y = tanh(x) */
+    void (*tanh_)(g3n_backend *be, float *y, const float *x, size_t count);
+    /* x = cap * tanh(x / cap) */
+    void (*softcap)(g3n_backend *be, float *x, size_t count, float cap);
+
+    /* AltUp over A planes S: [A][rows][dim] (plane-major).
+     * predict: c = coefs[A*A, A] . m[r] (coefs as f32 row-major), C[i][j] = c[A*i + j],
+     *          pred[i][r] = S[i][r] + sum_j C[i][j] * S[j][r].          m: [rows, A]
+     * correct: k = coefs[A, A] . m[r] + 1, corr[i][r] = pred[i][r] + k[i] * (o[r] - pred[0][r]).
+     * (pred may not alias S; corr may alias pred.) */
+    void (*altup_predict)(g3n_backend *be, float *pred, const float *S, const float *m,
+                          g3n_vec coefs, int A, int rows, int dim);
+    void (*altup_correct)(g3n_backend *be, float *corr, const float *pred, const float *o,
+                          const float *m, g3n_vec coefs, int A, int rows, int dim);
+    /* Per-layer inputs: out[l][t][:] = (rmsnorm(proj[t][l*P:(l+1)*P] * proj_scale, norm)
+     * + z[t][l*P:(l+1)*P]) * out_scale for t < rows, l < L.  proj, z: [rows, L*P];
+     * out is layer-major [L][rows][P] so that each layer reads a contiguous block. */
+    void (*ple_combine)(g3n_backend *be, float *out, const float *proj, const float *z,
+                        g3n_vec norm, int rows, int L, int P, float proj_scale, float eps,
+                        float out_scale);
+    /* Per row: y[r] *= sqrt(mean(ref[r]^2)) / sqrt(max(mean(y[r]^2), floor)). */
+    void (*magnitude_match)(g3n_backend *be, float *y, const float *ref, int rows, int dim,
+                            float floor_ms);
+};
+
+/* Constructors. NULL + err when the backend cannot start. */
+g3n_backend *cpu_ref_backend_create(char *err, size_t errlen);
+g3n_backend *cpu_backend_create(int n_threads, char *err, size_t errlen);
+
+/* Fill every op of `be` with the reference implementation (used by backends
+ * that override only some ops). */
+void cpu_ref_fill_ops(g3n_backend *be);
+
+#endif

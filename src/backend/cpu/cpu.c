@@ -1,0 +1,542 @@
+/* cpu.c: the fast CPU backend. OpenMP threads and AVX-512 / AVX2 kernels
+ * (chosen at run time, with a portable fallback) for the ops that cost time:
+ * matrix products, attention and the row-wise norms. Every other op is the
+ * reference one from cpu_ref.c. Each op here is tested against its reference in
+ * tests/test_ops.c. Accumulation is fp32; only the order differs from cpu_ref. */
+#define _POSIX_C_SOURCE 200809L
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define G3N_X86 1
+#endif
+
+#include "backend/cpu/cpu_internal.h"
+
+/* ---- ISA selection ------------------------------------------------------------- */
+
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+static int cpu_isa = -1;
+
+static int isa_detect(void) {
+    const char *force = getenv("G3N_CPU_ISA"); /* scalar | avx2 | avx512: for tests */
+#ifdef G3N_X86
+    __builtin_cpu_init();
+    int best = ISA_SCALAR;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))
+        best = ISA_AVX2;
+    if (best == ISA_AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+        best = ISA_AVX512;
+#else
+    int best = ISA_SCALAR;
+#endif
+    if (force) {
+        int want = strcmp(force, "avx512") == 0 ? ISA_AVX512 : strcmp(force, "avx2") == 0 ? ISA_AVX2 : ISA_SCALAR;
+        if (want < best) best = want;
+    }
+    return best;
+}
+
+const char *cpu_isa_name(void) {
+    if (cpu_isa < 0) cpu_isa = isa_detect();
+    return cpu_isa == ISA_AVX512 ? "avx512" : cpu_isa == ISA_AVX2 ? "avx2" : "scalar";
+}
+
+/* ---- row conversion and dot products --------------------------------------------- */
+
+static float dot_scalar(const float *a, const float *b, int n) {
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        s0 += a[i] * b[i];
+        s1 += a[i + 1] * b[i + 1];
+        s2 += a[i + 2] * b[i + 2];
+        s3 += a[i + 3] * b[i + 3];
+    }
+    for (; i < n; i++) s0 += a[i] * b[i];
+    return (s0 + s1) + (s2 + s3);
+}
+
+/* Matrix-product kernels. Every output y[r][o] is one accumulator vector over
+ * the K inputs in steps of the vector width, reduced in a fixed order, then the
+ * tail added in order: whatever the tile shape or the number of rows, a given
+ * (row, output) is summed the same way. So a prompt evaluated in one step, in
+ * chunks or one token at a time gives bitwise the same logits (test_model.c
+ * checks it). k1x4 reads W in its stored dtype; k4x4 reads f32 tiles. */
+
+static inline float wval(int dtype, const void *w, int i) {
+    switch (dtype) {
+    case G3N_BF16: return g3n_bf16_to_f32(((const uint16_t *)w)[i]);
+    case G3N_F16: return g3n_f16_to_f32(((const uint16_t *)w)[i]);
+    default: return ((const float *)w)[i];
+    }
+}
+
+static void k1x4_scalar(int dtype, const void *const w[4], const float *x, int K, float out[4]) {
+    for (int o = 0; o < 4; o++) {
+        float s = 0;
+        for (int i = 0; i < K; i++) s += wval(dtype, w[o], i) * x[i];
+        out[o] = s;
+    }
+}
+
+static void k4x4_scalar(const float *W, size_t ldw, const float *X, size_t ldx, int K,
+                        float out[4][4]) {
+    for (int r = 0; r < 4; r++)
+        for (int o = 0; o < 4; o++) {
+            float s = 0;
+            for (int i = 0; i < K; i++) s += W[o * ldw + i] * X[r * ldx + i];
+            out[r][o] = s;
+        }
+}
+
+#ifdef G3N_X86
+__attribute__((target("avx2,fma"))) static float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const float *b, int n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float s = hsum256(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+#define LD8_BF16(p) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define LD8_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define LD8_F32(p) _mm256_loadu_ps(p)
+
+#define K1X4_AVX2(NAME, T, LOAD, DT)                                                        \
+    __attribute__((target("avx2,fma,f16c"))) static void NAME(const void *const wv[4],      \
+                                                              const float *x, int K,        \
+                                                              float out[4]) {               \
+        const T *w0 = wv[0], *w1 = wv[1], *w2 = wv[2], *w3 = wv[3];                         \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                         \
+        int i = 0;                                                                          \
+        for (; i + 8 <= K; i += 8) {                                                        \
+            __m256 xv = _mm256_loadu_ps(x + i);                                             \
+            a0 = _mm256_fmadd_ps(LOAD(w0 + i), xv, a0);                                     \
+            a1 = _mm256_fmadd_ps(LOAD(w1 + i), xv, a1);                                     \
+            a2 = _mm256_fmadd_ps(LOAD(w2 + i), xv, a2);                                     \
+            a3 = _mm256_fmadd_ps(LOAD(w3 + i), xv, a3);                                     \
+        }                                                                                   \
+        out[0] = hsum256(a0), out[1] = hsum256(a1), out[2] = hsum256(a2), out[3] = hsum256(a3); \
+        for (int o = 0; o < 4; o++)                                                         \
+            for (int j = i; j < K; j++) out[o] += wval(DT, wv[o], j) * x[j];                \
+    }
+K1X4_AVX2(k1x4_bf16_avx2, uint16_t, LD8_BF16, G3N_BF16)
+K1X4_AVX2(k1x4_f16_avx2, uint16_t, LD8_F16, G3N_F16)
+K1X4_AVX2(k1x4_f32_avx2, float, LD8_F32, G3N_F32)
+
+__attribute__((target("avx2,fma"))) static void k4x4_avx2(const float *W, size_t ldw,
+                                                          const float *X, size_t ldx, int K,
+                                                          float out[4][4]) {
+    __m256 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int o = 0; o < 4; o++) acc[r][o] = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= K; i += 8) {
+        __m256 w0 = _mm256_loadu_ps(W + i), w1 = _mm256_loadu_ps(W + ldw + i);
+        __m256 w2 = _mm256_loadu_ps(W + 2 * ldw + i), w3 = _mm256_loadu_ps(W + 3 * ldw + i);
+        for (int r = 0; r < 4; r++) {
+            __m256 xv = _mm256_loadu_ps(X + r * ldx + i);
+            acc[r][0] = _mm256_fmadd_ps(w0, xv, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(w1, xv, acc[r][1]);
+            acc[r][2] = _mm256_fmadd_ps(w2, xv, acc[r][2]);
+            acc[r][3] = _mm256_fmadd_ps(w3, xv, acc[r][3]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int o = 0; o < 4; o++) {
+            float s = hsum256(acc[r][o]);
+            for (int j = i; j < K; j++) s += W[o * ldw + j] * X[r * ldx + j];
+            out[r][o] = s;
+        }
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void cvt_avx2(int dtype, const void *src,
+                                                              float *dst, int n) {
+    int i = 0;
+    if (dtype == G3N_F32) {
+        memcpy(dst, src, (size_t)n * 4);
+        return;
+    }
+    const uint16_t *h = src;
+    if (dtype == G3N_BF16)
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, LD8_BF16(h + i));
+    else
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, LD8_F16(h + i));
+    for (; i < n; i++) dst[i] = wval(dtype, h, i);
+}
+
+#define LD16_BF16(p)                                                                         \
+    _mm512_castsi512_ps(                                                                    \
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#define LD16_F16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define LD16_F32(p) _mm512_loadu_ps(p)
+
+#define K1X4_AVX512(NAME, T, LOAD, DT)                                                      \
+    __attribute__((target("avx512f,avx512bw"))) static void NAME(const void *const wv[4],   \
+                                                                 const float *x, int K,     \
+                                                                 float out[4]) {            \
+        const T *w0 = wv[0], *w1 = wv[1], *w2 = wv[2], *w3 = wv[3];                         \
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                         \
+        int i = 0;                                                                          \
+        for (; i + 16 <= K; i += 16) {                                                      \
+            __m512 xv = _mm512_loadu_ps(x + i);                                             \
+            a0 = _mm512_fmadd_ps(LOAD(w0 + i), xv, a0);                                     \
+            a1 = _mm512_fmadd_ps(LOAD(w1 + i), xv, a1);                                     \
+            a2 = _mm512_fmadd_ps(LOAD(w2 + i), xv, a2);                                     \
+            a3 = _mm512_fmadd_ps(LOAD(w3 + i), xv, a3);                                     \
+        }                                                                                   \
+        out[0] = _mm512_reduce_add_ps(a0), out[1] = _mm512_reduce_add_ps(a1);               \
+        out[2] = _mm512_reduce_add_ps(a2), out[3] = _mm512_reduce_add_ps(a3);               \
+        for (int o = 0; o < 4; o++)                                                         \
+            for (int j = i; j < K; j++) out[o] += wval(DT, wv[o], j) * x[j];                \
+    }
+K1X4_AVX512(k1x4_bf16_avx512, uint16_t, LD16_BF16, G3N_BF16)
+K1X4_AVX512(k1x4_f16_avx512, uint16_t, LD16_F16, G3N_F16)
+K1X4_AVX512(k1x4_f32_avx512, float, LD16_F32, G3N_F32)
+
+__attribute__((target("avx512f"))) static void k4x4_avx512(const float *W, size_t ldw,
+                                                           const float *X, size_t ldx, int K,
+                                                           float out[4][4]) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int o = 0; o < 4; o++) acc[r][o] = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= K; i += 16) {
+        __m512 w0 = _mm512_loadu_ps(W + i), w1 = _mm512_loadu_ps(W + ldw + i);
+        __m512 w2 = _mm512_loadu_ps(W + 2 * ldw + i), w3 = _mm512_loadu_ps(W + 3 * ldw + i);
+        for (int r = 0; r < 4; r++) {
+            __m512 xv = _mm512_loadu_ps(X + r * ldx + i);
+            acc[r][0] = _mm512_fmadd_ps(w0, xv, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(w1, xv, acc[r][1]);
+            acc[r][2] = _mm512_fmadd_ps(w2, xv, acc[r][2]);
+            acc[r][3] = _mm512_fmadd_ps(w3, xv, acc[r][3]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int o = 0; o < 4; o++) {
+            float s = _mm512_reduce_add_ps(acc[r][o]);
+            for (int j = i; j < K; j++) s += W[o * ldw + j] * X[r * ldx + j];
+            out[r][o] = s;
+        }
+}
+
+__attribute__((target("avx512f,avx512bw"))) static void cvt_avx512(int dtype, const void *src,
+                                                                   float *dst, int n) {
+    int i = 0;
+    if (dtype == G3N_F32) {
+        memcpy(dst, src, (size_t)n * 4);
+        return;
+    }
+    const uint16_t *h = src;
+    if (dtype == G3N_BF16)
+        for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, LD16_BF16(h + i));
+    else
+        for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, LD16_F16(h + i));
+    for (; i < n; i++) dst[i] = wval(dtype, h, i);
+}
+
+__attribute__((target("avx512f"))) static float dot_avx512(const float *a, const float *b, int n) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    }
+    for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+#endif
+
+static void cvt_row(int dtype, const void *src, float *dst, int n) {
+#ifdef G3N_X86
+    if (cpu_isa == ISA_AVX512) return cvt_avx512(dtype, src, dst, n);
+    if (cpu_isa == ISA_AVX2) return cvt_avx2(dtype, src, dst, n);
+#endif
+    for (int i = 0; i < n; i++) dst[i] = wval(dtype, src, i);
+}
+
+static float dot(const float *a, const float *b, int n) {
+#ifdef G3N_X86
+    if (cpu_isa == ISA_AVX512) return dot_avx512(a, b, n);
+    if (cpu_isa == ISA_AVX2) return dot_avx2(a, b, n);
+#endif
+    return dot_scalar(a, b, n);
+}
+
+/* One x row against 4 W rows of dtype `dtype`. */
+static void k1x4(int dtype, const void *const w[4], const float *x, int K, float out[4]) {
+#ifdef G3N_X86
+    if (cpu_isa == ISA_AVX512) {
+        if (dtype == G3N_BF16) return k1x4_bf16_avx512(w, x, K, out);
+        if (dtype == G3N_F16) return k1x4_f16_avx512(w, x, K, out);
+        return k1x4_f32_avx512(w, x, K, out);
+    }
+    if (cpu_isa == ISA_AVX2) {
+        if (dtype == G3N_BF16) return k1x4_bf16_avx2(w, x, K, out);
+        if (dtype == G3N_F16) return k1x4_f16_avx2(w, x, K, out);
+        return k1x4_f32_avx2(w, x, K, out);
+    }
+#endif
+    k1x4_scalar(dtype, w, x, K, out);
+}
+
+static void k4x4(const float *W, size_t ldw, const float *X, size_t ldx, int K, float out[4][4]) {
+#ifdef G3N_X86
+    if (cpu_isa == ISA_AVX512) return k4x4_avx512(W, ldw, X, ldx, K, out);
+    if (cpu_isa == ISA_AVX2) return k4x4_avx2(W, ldw, X, ldx, K, out);
+#endif
+    k4x4_scalar(W, ldw, X, ldx, K, out);
+}
+
+/* ---- per-thread scratch ------------------------------------------------------------ */
+
+static int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* Scratch of at least count floats for the calling thread (grows once, then stays). */
+static float *tscratch(cpu_ctx *c, size_t count) {
+    int t = thread_id();
+    G3N_ASSERT(t < c->n_threads);
+    if (count > c->tscratch_n[t]) {
+        free(c->tscratch[t]);
+        void *p = NULL;
+        if (posix_memalign(&p, 64, count * sizeof(float)) != 0) abort();
+        c->tscratch[t] = p;
+        c->tscratch_n[t] = count;
+    }
+    return c->tscratch[t];
+}
+
+/* ---- matmul ------------------------------------------------------------------------- */
+
+#define MM_BLOCK 16 /* W rows converted to f32 at once in the multi-row path */
+
+static void cpu_matmul(g3n_backend *be, float *y, const g3n_mat *W, const float *x, int rows) {
+    cpu_ctx *c = be->ctx;
+    const int O = W->rows, K = W->cols;
+    const size_t esz = g3n_dtype_size((g3n_dtype)W->dtype);
+    const char *wbase = W->data;
+    if (rows < 4) {
+        /* decode: one pass over W, 4 rows at a time, read in the stored dtype */
+        const int ngrp = (O + 3) / 4;
+#pragma omp parallel for schedule(static) num_threads(c->n_threads)
+        for (int g = 0; g < ngrp; g++) {
+            const int o0 = g * 4;
+            const void *wr[4];
+            for (int j = 0; j < 4; j++) wr[j] = wbase + (size_t)G3N_MIN(o0 + j, O - 1) * K * esz;
+            for (int r = 0; r < rows; r++) {
+                float out[4];
+                k1x4(W->dtype, wr, x + (size_t)r * K, K, out);
+                for (int j = 0; j < 4 && o0 + j < O; j++) y[(size_t)r * O + o0 + j] = out[j];
+            }
+        }
+        return;
+    }
+    /* prompt: MM_BLOCK rows of W converted to f32 once, then 4x4 register tiles */
+    const int nblk = (O + MM_BLOCK - 1) / MM_BLOCK;
+#pragma omp parallel for schedule(static) num_threads(c->n_threads)
+    for (int bi = 0; bi < nblk; bi++) {
+        const int o0 = bi * MM_BLOCK, no = G3N_MIN(MM_BLOCK, O - o0);
+        float *wt = tscratch(c, (size_t)MM_BLOCK * K);
+        for (int j = 0; j < MM_BLOCK; j++) /* short blocks repeat the last row */
+            cvt_row(W->dtype, wbase + (size_t)(o0 + G3N_MIN(j, no - 1)) * K * esz, wt + (size_t)j * K, K);
+        for (int j = 0; j < no; j += 4) {
+            const float *wj = wt + (size_t)j * K;
+            int r = 0;
+            for (; r + 4 <= rows; r += 4) {
+                float out[4][4];
+                k4x4(wj, (size_t)K, x + (size_t)r * K, (size_t)K, K, out);
+                for (int a = 0; a < 4; a++)
+                    for (int b = 0; b < 4 && j + b < no; b++) y[(size_t)(r + a) * O + o0 + j + b] = out[a][b];
+            }
+            const void *wr[4] = {wj, wj + K, wj + 2 * (size_t)K, wj + 3 * (size_t)K};
+            for (; r < rows; r++) {
+                float out[4];
+                k1x4(G3N_F32, wr, x + (size_t)r * K, K, out);
+                for (int b = 0; b < 4 && j + b < no; b++) y[(size_t)r * O + o0 + j + b] = out[b];
+            }
+        }
+    }
+}
+
+/* ---- attention -------------------------------------------------------------------------- */
+
+static void cpu_attention(g3n_backend *be, float *out, const float *q, int layer, int n_head,
+                          int n_head_kv, int head_dim, int window) {
+    cpu_ctx *c = be->ctx;
+    const int group = n_head / n_head_kv, kv_dim = n_head_kv * head_dim;
+    const int n = c->batch.n;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(c->n_threads)
+    for (int th = 0; th < n * n_head; th++) {
+        const int t = th / n_head, h = th % n_head, hk = h / group;
+        const g3n_kv_layer *L = &c->batch.kv[c->batch.seq[t]]->layer[layer];
+        const int p = c->batch.pos[t];
+        const int lo = window > 0 ? G3N_MAX(0, p - window + 1) : 0;
+        const int nk = p - lo + 1;
+        G3N_ASSERT(nk <= L->cap);
+        float *sc = tscratch(c, (size_t)nk + (size_t)head_dim);
+        float *acc = sc + nk;
+        const float *qh = q + (size_t)th * head_dim;
+        float mx = -INFINITY;
+        for (int j = 0; j < nk; j++) {
+            const float *kj = L->k + (size_t)((lo + j) % L->cap) * kv_dim + hk * head_dim;
+            sc[j] = dot(qh, kj, head_dim);
+            if (sc[j] > mx) mx = sc[j];
+        }
+        float sum = 0;
+        for (int j = 0; j < nk; j++) {
+            sc[j] = expf(sc[j] - mx);
+            sum += sc[j];
+        }
+        for (int i = 0; i < head_dim; i++) acc[i] = 0;
+        for (int j = 0; j < nk; j++) {
+            const float *vj = L->v + (size_t)((lo + j) % L->cap) * kv_dim + hk * head_dim;
+            const float pj = sc[j];
+            for (int i = 0; i < head_dim; i++) acc[i] += pj * vj[i];
+        }
+        float *oh = out + (size_t)th * head_dim;
+        const float inv = 1.0f / sum;
+        for (int i = 0; i < head_dim; i++) oh[i] = acc[i] * inv;
+    }
+}
+
+/* ---- norms --------------------------------------------------------------------------------- */
+
+static void cpu_rmsnorm(g3n_backend *be, float *y, const float *x, g3n_vec w, int rows, int dim,
+                        float eps) {
+    cpu_ctx *c = be->ctx;
+#pragma omp parallel for schedule(static) num_threads(c->n_threads) if (rows >= 64)
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * dim;
+        float *yr = y + (size_t)r * dim;
+        float inv = 1.0f / sqrtf(dot(xr, xr, dim) / (float)dim + eps);
+        if (w.data)
+            for (int i = 0; i < dim; i++) yr[i] = xr[i] * inv * w.data[i];
+        else
+            for (int i = 0; i < dim; i++) yr[i] = xr[i] * inv;
+    }
+}
+
+/* ---- bandwidth ---------------------------------------------------------------------------- */
+
+#ifdef G3N_X86
+__attribute__((target("avx512f"))) static float sum_avx512(const float *p, size_t n) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (size_t i = 0; i + 64 <= n; i += 64) {
+        a0 = _mm512_add_ps(a0, _mm512_load_ps(p + i));
+        a1 = _mm512_add_ps(a1, _mm512_load_ps(p + i + 16));
+        a2 = _mm512_add_ps(a2, _mm512_load_ps(p + i + 32));
+        a3 = _mm512_add_ps(a3, _mm512_load_ps(p + i + 48));
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+__attribute__((target("avx2"))) static float sum_avx2(const float *p, size_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (size_t i = 0; i + 32 <= n; i += 32) {
+        a0 = _mm256_add_ps(a0, _mm256_load_ps(p + i));
+        a1 = _mm256_add_ps(a1, _mm256_load_ps(p + i + 8));
+        a2 = _mm256_add_ps(a2, _mm256_load_ps(p + i + 16));
+        a3 = _mm256_add_ps(a3, _mm256_load_ps(p + i + 24));
+    }
+    return hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+#endif
+
+/* Sum of n floats (n a multiple of 64, p 64-byte aligned), streaming. */
+static float sum_stream(const float *p, size_t n) {
+#ifdef G3N_X86
+    if (cpu_isa == ISA_AVX512) return sum_avx512(p, n);
+    if (cpu_isa == ISA_AVX2) return sum_avx2(p, n);
+#endif
+    float s = 0;
+    for (size_t i = 0; i < n; i++) s += p[i];
+    return s;
+}
+
+/* Stream `bytes` of memory with every thread: best of 5 passes, in bytes/s. */
+static double cpu_read_bandwidth(g3n_backend *be, size_t bytes) {
+    cpu_ctx *c = be->ctx;
+    const size_t chunk = (size_t)1 << 16; /* floats per work item */
+    const long nchunk = (long)(bytes / sizeof(float) / chunk);
+    if (nchunk <= 0) return 0;
+    float *buf = NULL;
+    if (posix_memalign((void **)&buf, 64, (size_t)nchunk * chunk * sizeof(float)) != 0) return 0;
+#pragma omp parallel for schedule(static) num_threads(c->n_threads)
+    for (long k = 0; k < nchunk; k++)
+        for (size_t i = 0; i < chunk; i++) buf[(size_t)k * chunk + i] = (float)(i & 7);
+    double best = 0;
+    volatile float sink = 0;
+    for (int pass = 0; pass < 5; pass++) {
+        double t0 = g3n_time_s();
+        float total = 0;
+#pragma omp parallel for schedule(static) num_threads(c->n_threads) reduction(+ : total)
+        for (long k = 0; k < nchunk; k++) total += sum_stream(buf + (size_t)k * chunk, chunk);
+        double dt = g3n_time_s() - t0;
+        sink += total;
+        double bw = (double)nchunk * chunk * sizeof(float) / dt;
+        if (bw > best) best = bw;
+    }
+    (void)sink;
+    free(buf);
+    return best;
+}
+
+static void cpu_destroy(g3n_backend *be) {
+    cpu_ctx *c = be->ctx;
+    for (int t = 0; t < c->n_threads; t++) free(c->tscratch[t]);
+    free(c->tscratch);
+    free(c->tscratch_n);
+    free(c->scratch);
+    free(c);
+    free(be);
+}
+
+g3n_backend *cpu_backend_create(int n_threads, char *err, size_t errlen) {
+    if (cpu_isa < 0) cpu_isa = isa_detect();
+#ifdef _OPENMP
+    if (n_threads <= 0) n_threads = omp_get_num_procs();
+#endif
+    if (n_threads <= 0) n_threads = 1;
+#ifndef _OPENMP
+    n_threads = 1;
+#endif
+    g3n_backend *be = g3n_calloc(1, sizeof(*be));
+    cpu_ctx *c = g3n_calloc(1, sizeof(cpu_ctx));
+    c->n_threads = n_threads;
+    c->tscratch = g3n_calloc((size_t)n_threads, sizeof(float *));
+    c->tscratch_n = g3n_calloc((size_t)n_threads, sizeof(size_t));
+    be->ctx = c;
+    be->name = "cpu";
+    be->n_threads = n_threads;
+    cpu_ref_fill_ops(be);
+    be->destroy = cpu_destroy;
+    be->matmul = cpu_matmul;
+    be->attention = cpu_attention;
+    be->rmsnorm = cpu_rmsnorm;
+    be->read_bandwidth = cpu_read_bandwidth;
+    return be;
+}

@@ -1,0 +1,27 @@
+/* cpu_internal.h: state and helpers shared by the two CPU backends (cpu_ref.c,
+ * the oracle, and cpu.c, the threaded SIMD one). Not part of the contract. */
+#ifndef G3N_CPU_INTERNAL_H
+#define G3N_CPU_INTERNAL_H
+
+#include "backend/backend.h"
+#include "common.h"
+
+#define G3N_CPU_MAX_ALTUP 8
+
+typedef struct {
+    g3n_batch batch; /* current step (arrays owned by the caller for the step) */
+    float *scratch;  /* single-threaded scratch for the reference ops */
+    size_t scratch_n;
+    /* fast backend */
+    float **tscratch; /* per-thread scratch */
+    size_t *tscratch_n;
+    int n_threads;
+} cpu_ctx;
+
+/* A scratch buffer of at least count floats (reference ops, one thread). */
+float *cpu_scratch(g3n_backend *be, size_t count);
+/* Row r of W converted to f32 (W.cols floats). */
+void cpu_mat_row(const g3n_mat *W, int r, float *out);
+float cpu_gelu_tanh(float z);
+
+#endif

@@ -1,0 +1,122 @@
+/* cli_bench.c: `g3n bench`, llama-bench style: prefill (pp) and decode (tg)
+ * tokens per second over repetitions, mean and standard deviation, plus the
+ * bytes one decoded token reads and that rate against the measured memory
+ * bandwidth. Tokenization and sampling are excluded; decoding feeds back the
+ * argmax and prints a checksum of the ids, so a fast but wrong build shows. */
+#define _POSIX_C_SOURCE 200809L
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/cli.h"
+
+typedef struct {
+    double mean, sd;
+} stat2;
+
+static stat2 stats(const double *v, int n) {
+    stat2 s = {0, 0};
+    for (int i = 0; i < n; i++) s.mean += v[i];
+    s.mean /= n;
+    for (int i = 0; i < n; i++) s.sd += (v[i] - s.mean) * (v[i] - s.mean);
+    s.sd = n > 1 ? sqrt(s.sd / (n - 1)) : 0;
+    return s;
+}
+
+static int32_t argmax(const float *x, int n) {
+    int32_t b = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[b]) b = i;
+    return b;
+}
+
+int cmd_bench(int argc, char **argv) {
+    model_opts mo = {0};
+    int n_prompt = 512, n_gen = 128, reps = 3, json = 0, membw = 1;
+    for (int i = 2; i < argc; i++) {
+        if (opt_model(&mo, argc, argv, &i)) continue;
+        const char *a = argv[i];
+        if (!strcmp(a, "-p") && i + 1 < argc) n_prompt = (int)parse_long(a, argv[++i], 0, 1 << 20);
+        else if (!strcmp(a, "-n") && i + 1 < argc) n_gen = (int)parse_long(a, argv[++i], 0, 1 << 20);
+        else if (!strcmp(a, "-r") && i + 1 < argc) reps = (int)parse_long(a, argv[++i], 1, 1000);
+        else if (!strcmp(a, "--json")) json = 1;
+        else if (!strcmp(a, "--no-membw")) membw = 0;
+        else die("bench: unknown or incomplete option \"%s\" (see g3n --help)", a);
+    }
+    g3n_model *m = open_model(&mo);
+    g3n_model_info mi = g3n_model_get_info(m);
+    if (mo.n_ctx == 0) mo.n_ctx = n_prompt + n_gen + 1;
+    if (mo.n_batch == 0) mo.n_batch = n_prompt > 0 ? n_prompt : 1;
+    g3n_session *s = open_session(m, &mo);
+    char err[1024];
+
+    /* deterministic prompt of text ids */
+    int32_t *prompt = malloc(sizeof(int32_t) * (size_t)(n_prompt + 1));
+    uint64_t st = 0x2545F4914F6CDD1Dull;
+    for (int i = 0; i < n_prompt; i++) {
+        st = st * 6364136223846793005ull + 1442695040888963407ull;
+        prompt[i] = (int32_t)(3 + (st >> 33) % (uint64_t)(mi.n_vocab_text - 3));
+    }
+    /* warm-up: page in the weights and grow scratch */
+    int32_t w0 = 2;
+    if (g3n_session_eval(s, &w0, 1, NULL, err, sizeof err)) die("%s", err);
+    if (g3n_session_eval(s, &w0, 1, NULL, err, sizeof err)) die("%s", err);
+
+    double *pp = calloc((size_t)reps, sizeof(double)), *tg = calloc((size_t)reps, sizeof(double));
+    uint64_t checksum = 0;
+    for (int r = 0; r < reps; r++) {
+        if (n_prompt > 0) {
+            g3n_session_reset(s);
+            double t0 = now_s();
+            if (g3n_session_eval(s, prompt, n_prompt, NULL, err, sizeof err)) die("%s", err);
+            pp[r] = n_prompt / (now_s() - t0);
+        }
+        if (n_gen > 0) {
+            g3n_session_reset(s);
+            int32_t tok = 2; /* <bos> */
+            uint64_t h = 1469598103934665603ull;
+            double t0 = now_s();
+            for (int i = 0; i < n_gen; i++) {
+                if (g3n_session_eval(s, &tok, 1, NULL, err, sizeof err)) die("%s", err);
+                tok = argmax(g3n_session_logits(s), mi.n_vocab);
+                if (tok >= mi.n_vocab_text) tok = 0;
+                h = (h ^ (uint64_t)tok) * 1099511628211ull;
+            }
+            tg[r] = n_gen / (now_s() - t0);
+            checksum = h;
+        }
+        if (!g3n_quiet && !json)
+            fprintf(stderr, "g3n: rep %d/%d: pp %.2f tok/s, tg %.2f tok/s\n", r + 1, reps, pp[r], tg[r]);
+    }
+    double bw = membw ? g3n_model_read_bandwidth(m, 0) : 0;
+    stat2 sp = stats(pp, reps), sg = stats(tg, reps);
+    double gbs = mi.decode_bytes * sg.mean / 1e9;
+    if (json) {
+        printf("{\"model\": \"%s\", \"backend\": \"%s\", \"threads\": %d, \"n_prompt\": %d, "
+               "\"n_gen\": %d, \"reps\": %d, \"pp_tok_s\": %.3f, \"pp_sd\": %.3f, "
+               "\"tg_tok_s\": %.3f, \"tg_sd\": %.3f, \"decode_bytes_per_token\": %zu, "
+               "\"decode_gb_s\": %.3f, \"read_bw_gb_s\": %.3f, \"bw_fraction\": %.4f, "
+               "\"checksum\": \"%016llx\"}\n",
+               mo.dir, mi.backend, mo.threads, n_prompt, n_gen, reps, sp.mean, sp.sd, sg.mean,
+               sg.sd, mi.decode_bytes, gbs, bw / 1e9, bw > 0 ? gbs * 1e9 / bw : 0,
+               (unsigned long long)checksum);
+    } else {
+        printf("| model | backend | test | t/s |\n|---|---|---|---|\n");
+        if (n_prompt > 0)
+            printf("| %s | %s | pp%d | %.2f ± %.2f |\n", mo.dir, mi.backend, n_prompt, sp.mean, sp.sd);
+        if (n_gen > 0)
+            printf("| %s | %s | tg%d | %.2f ± %.2f |\n", mo.dir, mi.backend, n_gen, sg.mean, sg.sd);
+        printf("\ndecode reads %.3f GB/token -> %.2f GB/s", mi.decode_bytes / 1e9, gbs);
+        if (bw > 0)
+            printf("; measured read bandwidth %.2f GB/s; %.1f%% of the bandwidth limit (%.2f tok/s)",
+                   bw / 1e9, 100.0 * gbs * 1e9 / bw, bw / mi.decode_bytes);
+        printf("\ntoken checksum %016llx\n", (unsigned long long)checksum);
+    }
+    free(pp);
+    free(tg);
+    free(prompt);
+    g3n_session_free(s);
+    g3n_model_close(m);
+    return 0;
+}

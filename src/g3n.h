@@ -1,0 +1,179 @@
+/* g3n.h: the public C API of g3n, a Gemma 3n text-decoder inference engine.
+ *
+ * Two objects carry all state:
+ *   g3n_model    weights and configuration; read-only after g3n_model_open, so one
+ *                model may serve many sessions (and threads, one session each).
+ *   g3n_session  one sequence: its KV cache, position, scratch and last logits.
+ * Plus the text side: g3n_tokenizer (tokenizer.json), the chat template, and a
+ * sampler. The CLI, the benchmark and the server use this header only.
+ *
+ * Errors: functions that can fail take (char *err, size_t errlen), fill err with
+ * one line naming the file, tensor or field, and return NULL or -1. Nothing here
+ * exits the process. */
+#ifndef G3N_H
+#define G3N_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- model ------------------------------------------------------------------- */
+
+typedef struct g3n_model g3n_model;
+
+typedef struct {
+    const char *device; /* "cpu" (default) or "cpu-ref" (plain reference ops, slow) */
+    int n_threads;      /* CPU threads; 0 = all cores */
+} g3n_model_params;
+
+/* Defaults for g3n_model_params. */
+g3n_model_params g3n_model_default_params(void);
+
+/* Open a checkpoint directory (config.json plus model.safetensors or a sharded
+ * index). The safetensors files are memory-mapped and validated; weights are used
+ * in their stored dtype. Returns NULL and fills err on any problem. */
+g3n_model *g3n_model_open(const char *dir, const g3n_model_params *params, char *err,
+                          size_t errlen);
+void g3n_model_close(g3n_model *m);
+
+typedef struct {
+    int n_vocab;           /* rows of the LM head (logit width) */
+    int n_vocab_text;      /* vocab_size_per_layer_input: ids >= this are not text */
+    int n_layer, n_embd, n_head, n_head_kv, head_dim;
+    int n_ctx_max;         /* max_position_embeddings */
+    int sliding_window;
+    int first_shared_layer; /* layers >= this reuse another layer's K/V */
+    int bos_id, eos_id, pad_id; /* from config.json (-1 when absent) */
+    size_t weight_bytes;   /* bytes of the text weights as stored */
+    size_t decode_bytes;   /* weight bytes one decoded token reads (dense) */
+    const char *layout;    /* which tensor-name layout the files use */
+    const char *backend;   /* backend in use */
+} g3n_model_info;
+
+g3n_model_info g3n_model_get_info(const g3n_model *m);
+
+/* Benchmark support: read bandwidth in bytes/s of the memory the weights live
+ * in, measured now by streaming `bytes` (0 = 1 GiB) with the model's backend.
+ * Decode is bound by it: decode_bytes / bandwidth is the fastest a token can be. */
+double g3n_model_read_bandwidth(g3n_model *m, size_t bytes);
+
+/* ---- session ----------------------------------------------------------------- */
+
+typedef struct g3n_session g3n_session;
+
+/* A session with room for n_ctx positions (0 = min(4096, max_position_embeddings)).
+ * n_batch is the most tokens one forward step processes (longer inputs are split);
+ * 0 = 256. Everything it needs is allocated here, nothing in the token loop. */
+g3n_session *g3n_session_create(g3n_model *m, int n_ctx, int n_batch, char *err, size_t errlen);
+void g3n_session_free(g3n_session *s);
+
+/* Forget the sequence: position back to 0. */
+void g3n_session_reset(g3n_session *s);
+int g3n_session_pos(const g3n_session *s);
+int g3n_session_n_ctx(const g3n_session *s);
+
+/* Append n tokens at the current position and run them through the model.
+ * If logits_out is not NULL it receives n x n_vocab soft-capped logits (row-major,
+ * one row per token); the last token's logits are always kept in the session
+ * (g3n_session_logits). Fails (leaving the session unchanged) on ids outside the
+ * text vocabulary or when the context would overflow. */
+int g3n_session_eval(g3n_session *s, const int32_t *ids, int n, float *logits_out, char *err,
+                     size_t errlen);
+
+/* Logits of the last evaluated token (n_vocab floats), NULL before any eval. */
+const float *g3n_session_logits(const g3n_session *s);
+
+/* ---- tokenizer (tokenizer.json as shipped with Gemma 3 / 3n) ------------------- */
+
+typedef struct g3n_tokenizer g3n_tokenizer;
+
+/* Load tokenizer.json. Returns NULL and fills err on failure. */
+g3n_tokenizer *g3n_tokenizer_load(const char *path, char *err, size_t errlen);
+void g3n_tokenizer_free(g3n_tokenizer *tk);
+
+int g3n_tokenizer_n_vocab(const g3n_tokenizer *tk);
+
+/* Id of the token whose piece is exactly `piece` (e.g. "<end_of_turn>"), or -1. */
+int32_t g3n_tokenizer_find(const g3n_tokenizer *tk, const char *piece);
+
+/* Encode len bytes of text as the Hugging Face `tokenizers` library does with
+ * add_special_tokens=False (special tokens written in the text are matched), and
+ * prepend <bos> when add_bos. *ids is heap memory the caller frees. Returns the
+ * number of ids, or -1 and fills err. */
+int g3n_tokenizer_encode(const g3n_tokenizer *tk, const char *text, size_t len, int add_bos,
+                         int32_t **ids, char *err, size_t errlen);
+
+/* Decode ids to text (heap string, caller frees). skip_special drops special
+ * tokens (<bos>, <end_of_turn>, ...). *len receives the byte length (the text may
+ * hold NUL bytes from byte tokens) when len is not NULL. */
+char *g3n_tokenizer_decode(const g3n_tokenizer *tk, const int32_t *ids, size_t n,
+                           int skip_special, size_t *len);
+
+/* Streaming decoder: feed one id at a time and receive the bytes that are complete
+ * UTF-8 (a character split across tokens is held back until its last byte comes).
+ * Zero-initialise the state before the first call. */
+typedef struct {
+    unsigned char pending[8];
+    int n_pending;
+    int n_tokens; /* tokens fed so far */
+} g3n_detok;
+
+/* Appends at most cap bytes to out and returns how many were written; the bytes
+ * of a token never exceed 64 + 8, so cap >= 128 always suffices. */
+size_t g3n_detok_push(const g3n_tokenizer *tk, g3n_detok *st, int32_t id, int skip_special,
+                      char *out, size_t cap);
+/* Flush what is still held back (an incomplete character at the end of the
+ * stream is emitted as U+FFFD). Returns the number of bytes written. */
+size_t g3n_detok_flush(const g3n_tokenizer *tk, g3n_detok *st, char *out, size_t cap);
+
+/* ---- chat template -------------------------------------------------------------- */
+
+typedef struct {
+    const char *role;    /* "system", "user", "assistant" (or "model") */
+    const char *content;
+} g3n_chat_msg;
+
+/* Render a conversation in the Gemma 3n chat format, exactly as the published
+ * template does:  <bos><start_of_turn>user\n...<end_of_turn>\n<start_of_turn>model\n
+ * A system message is folded into the first user turn. With add_generation_prompt,
+ * ends with "<start_of_turn>model\n". Heap string, caller frees; NULL + err on a
+ * conversation the template rejects (roles that do not alternate). */
+char *g3n_chat_format(const g3n_chat_msg *msgs, int n, int add_generation_prompt, char *err,
+                      size_t errlen);
+
+/* ---- sampler ---------------------------------------------------------------------- */
+
+typedef struct {
+    float temperature;       /* <= 0: greedy (argmax, lowest id on ties) */
+    int top_k;               /* <= 0: off */
+    float top_p;             /* >= 1: off */
+    float min_p;             /* <= 0: off */
+    float repeat_penalty;    /* 1: off (llama.cpp semantics, over the last repeat_last_n) */
+    int repeat_last_n;       /* tokens of history the penalties look at; -1 = all */
+    float presence_penalty;  /* 0: off (OpenAI semantics) */
+    float frequency_penalty; /* 0: off (OpenAI semantics) */
+    uint64_t seed;           /* same seed, same choices */
+} g3n_sampler_params;
+
+g3n_sampler_params g3n_sampler_default_params(void);
+
+typedef struct g3n_sampler g3n_sampler;
+
+/* A sampler over n_vocab logits; NULL + err on out-of-range parameters. */
+g3n_sampler *g3n_sampler_create(const g3n_sampler_params *p, int n_vocab, char *err,
+                                size_t errlen);
+void g3n_sampler_free(g3n_sampler *s);
+/* Record a token in the history the penalties see (prompt and generated ones). */
+void g3n_sampler_accept(g3n_sampler *s, int32_t id);
+/* Clear the history and re-seed. */
+void g3n_sampler_reset(g3n_sampler *s);
+/* Pick the next token from logits (n_vocab floats, not modified). */
+int32_t g3n_sampler_sample(g3n_sampler *s, const float *logits);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,247 @@
+/* forward.c: the Gemma 3n text decoder forward pass, written once, straight-line,
+ * as calls into the backend (backend.h). One function per block, in data-flow
+ * order: embeddings and per-layer inputs, AltUp init, then per layer AltUp
+ * predict, LAuReL, attention (with KV sharing), MLP (with Gaussian top-k
+ * sparsity), AltUp correct and the per-layer input injection, then the AltUp
+ * collapse, the final norm, the tied LM head and soft-capping.
+ *
+ * It works on a batch of n token rows (one sequence's prompt chunk, or one token
+ * of each of several sequences); it never touches activation memory itself and
+ * allocates nothing: the scratch comes from fwd_scratch_create. The maths follows
+ * ../shared/gemma3n/SPEC.md §3 and transformers' modeling_gemma3n.py in fp32. */
+#include <math.h>
+
+#include "model/forward.h"
+
+struct fwd_scratch {
+    int rows;     /* capacity in token rows */
+    int lm_rows;  /* rows of logits computed at once */
+    void *arena;  /* one backend allocation holding every buffer below */
+    float *e;     /* [rows, D] scaled embedding (plane 0 at init) */
+    float *z;     /* [rows, L*P] PLE table rows */
+    float *proj;  /* [rows, L*P] per-layer projection */
+    float *ple;   /* [L][rows][P] per-layer inputs */
+    float *S;     /* [A][rows][D] AltUp planes */
+    float *pred;  /* [A][rows][D] predictions, then corrections */
+    float *x;     /* [rows, D] normed active plane */
+    float *rn;    /* [rows, D] router input */
+    float *mod;   /* [rows, A] router output */
+    float *lt;    /* [rows, R] LAuReL inner */
+    float *lau;   /* [rows, D] LAuReL output */
+    float *q;     /* [rows, Hq*hd] */
+    float *k, *v; /* [rows, Hkv*hd] */
+    float *att;   /* [rows, Hq*hd] attention output */
+    float *t0;    /* [rows, D] */
+    float *s;     /* [rows, D] residual after attention + LAuReL */
+    float *u;     /* [rows, D] MLP input */
+    float *gate;  /* [rows, Imax] */
+    float *up;    /* [rows, Imax] */
+    float *o;     /* [rows, D] layer output */
+    float *pg;    /* [rows, P] per-layer gate */
+    float *logits; /* [lm_rows, V] */
+};
+
+static size_t fl(size_t n) { return (n + 15) & ~(size_t)15; } /* 64-byte alignment */
+
+fwd_scratch *fwd_scratch_create(g3n_model *m, int rows) {
+    const g3n_config *c = &m->cfg;
+    size_t R = (size_t)rows, D = (size_t)c->n_embd, LP = (size_t)c->n_layer * c->n_ple;
+    size_t A = (size_t)c->n_altup, qd = (size_t)c->n_head * c->head_dim;
+    size_t kvd = (size_t)c->n_head_kv * c->head_dim, imax = 0;
+    for (int l = 0; l < c->n_layer; l++) imax = G3N_MAX(imax, (size_t)c->n_ff[l]);
+    fwd_scratch *f = g3n_calloc(1, sizeof(*f));
+    f->rows = rows;
+    f->lm_rows = G3N_MIN(rows, 16);
+    size_t sizes[] = {R * D,    R * LP,   R * LP,   R * LP,   A * R * D, A * R * D,
+                      R * D,    R * D,    R * A,    R * c->laurel_rank,    R * D,
+                      R * qd,   R * kvd,  R * kvd,  R * qd,   R * D,     R * D,
+                      R * D,    R * imax, R * imax, R * D,    R * c->n_ple,
+                      (size_t)f->lm_rows * c->n_vocab};
+    float **dst[] = {&f->e,   &f->z,  &f->proj, &f->ple,  &f->S,    &f->pred, &f->x,
+                     &f->rn,  &f->mod, &f->lt,  &f->lau,  &f->q,    &f->k,    &f->v,
+                     &f->att, &f->t0, &f->s,    &f->u,    &f->gate, &f->up,   &f->o,
+                     &f->pg,  &f->logits};
+    size_t n = sizeof(sizes) / sizeof(sizes[0]), total = 0;
+    G3N_ASSERT(n == sizeof(dst) / sizeof(dst[0]));
+    for (size_t i = 0; i < n; i++) total += fl(sizes[i]);
+    f->arena = m->be->alloc(m->be, total * sizeof(float));
+    float *p = f->arena;
+    for (size_t i = 0; i < n; i++) {
+        *dst[i] = p;
+        p += fl(sizes[i]);
+    }
+    return f;
+}
+
+void fwd_scratch_free(g3n_model *m, fwd_scratch *f) {
+    if (!f) return;
+    m->be->free(m->be, f->arena);
+    free(f);
+}
+
+int fwd_scratch_rows(const fwd_scratch *f) { return f->rows; }
+
+/* m[r] = tanh(W_router . (rmsnorm(x[r], router_norm) / D))   (SPEC §3.0) */
+static void altup_router(g3n_model *M, fwd_scratch *f, const g3n_layer_weights *lw,
+                         const float *x, int n) {
+    g3n_backend *be = M->be;
+    const g3n_config *c = &M->cfg;
+    be->rmsnorm(be, f->rn, x, lw->altup_router_norm, n, c->n_embd, c->rms_eps);
+    be->scale(be, f->rn, f->rn, 1.0f / (float)c->n_embd, (size_t)n * c->n_embd);
+    be->matmul(be, f->mod, &lw->altup_router, f->rn, n);
+    be->tanh_(be, f->mod, f->mod, (size_t)n * c->n_altup);
+}
+
+/* Embedding, per-layer inputs and the A AltUp planes (SPEC §3.1-3.3). */
+static void embed_tokens(g3n_model *M, fwd_scratch *f, int n) {
+    g3n_backend *be = M->be;
+    const g3n_config *c = &M->cfg;
+    const g3n_weights *w = &M->w;
+    const size_t D = (size_t)c->n_embd, plane = (size_t)n * D;
+    float *S0 = f->S;
+    be->embed(be, S0, &w->embed_tokens, sqrtf((float)c->n_embd));
+    be->embed(be, f->z, &w->embed_tokens_per_layer, sqrtf((float)c->n_ple));
+    be->matmul(be, f->proj, &w->per_layer_model_projection, S0, n);
+    be->ple_combine(be, f->ple, f->proj, f->z, w->per_layer_projection_norm, n, c->n_layer,
+                    c->n_ple, (float)(1.0 / sqrt((double)c->n_embd)), c->rms_eps,
+                    (float)(1.0 / sqrt(2.0)));
+    for (int k = 1; k < c->n_altup; k++) {
+        float *Sk = f->S + (size_t)k * plane;
+        be->matmul(be, Sk, &w->altup_projections[k - 1], S0, n);
+        be->magnitude_match(be, Sk, S0, n, c->n_embd, 1e-5f);
+    }
+}
+
+/* Self-attention of layer l on the normed active plane f->x; result in f->t0,
+ * already post-attention-normed. */
+static void attention_block(g3n_model *M, fwd_scratch *f, int l, int n) {
+    g3n_backend *be = M->be;
+    const g3n_config *c = &M->cfg;
+    const g3n_layer_weights *lw = &M->w.layers[l];
+    const int hd = c->head_dim, H = c->n_head, Hkv = c->n_head_kv;
+    const float theta = c->is_sliding[l] ? c->rope_theta_sliding : c->rope_theta_full;
+    be->matmul(be, f->q, &lw->q_proj, f->x, n);
+    be->rmsnorm(be, f->q, f->q, lw->q_norm, n * H, hd, c->rms_eps);
+    be->rope(be, f->q, H, hd, theta);
+    if (c->kv_source[l] == l) { /* this layer owns its K/V */
+        g3n_vec none = {0, NULL};
+        be->matmul(be, f->k, &lw->k_proj, f->x, n);
+        be->rmsnorm(be, f->k, f->k, lw->k_norm, n * Hkv, hd, c->rms_eps);
+        be->rope(be, f->k, Hkv, hd, theta);
+        be->matmul(be, f->v, &lw->v_proj, f->x, n);
+        be->rmsnorm(be, f->v, f->v, none, n * Hkv, hd, c->rms_eps);
+        be->kv_store(be, l, f->k, f->v, Hkv * hd);
+    }
+    be->attention(be, f->att, f->q, c->kv_source[l], H, Hkv, hd,
+                  c->is_sliding[l] ? c->sliding_window : 0);
+    be->matmul(be, f->t0, &lw->o_proj, f->att, n);
+    be->rmsnorm(be, f->t0, f->t0, lw->post_attention_layernorm, n, c->n_embd, c->rms_eps);
+}
+
+/* MLP of layer l on f->u; result in f->t0 (before its post-norm). */
+static void mlp_block(g3n_model *M, fwd_scratch *f, int l, int n) {
+    g3n_backend *be = M->be;
+    const g3n_config *c = &M->cfg;
+    const g3n_layer_weights *lw = &M->w.layers[l];
+    const int I = c->n_ff[l];
+    be->matmul(be, f->gate, &lw->gate_proj, f->u, n);
+    if (c->sparsity[l] > 0) be->gaussian_topk(be, f->gate, n, I, c->kappa[l]);
+    be->matmul(be, f->up, &lw->up_proj, f->u, n);
+    be->gelu_mul(be, f->gate, f->gate, f->up, (size_t)n * I);
+    be->matmul(be, f->t0, &lw->down_proj, f->gate, n);
+}
+
+/* One decoder layer: planes f->S in, planes f->S out (SPEC §3.4). */
+static void decoder_layer(g3n_model *M, fwd_scratch *f, int l, int n) {
+    g3n_backend *be = M->be;
+    const g3n_config *c = &M->cfg;
+    const g3n_layer_weights *lw = &M->w.layers[l];
+    const int D = c->n_embd, A = c->n_altup;
+    const size_t plane = (size_t)n * D;
+
+    /* 1. AltUp predict: every plane from a router-weighted mix of all planes */
+    altup_router(M, f, lw, f->S, n);
+    be->altup_predict(be, f->pred, f->S, f->mod, lw->altup_prediction_coefs, A, n, D);
+    const float *a = f->pred; /* the active plane */
+    be->rmsnorm(be, f->x, a, lw->input_layernorm, n, D, c->rms_eps);
+
+    /* 2. LAuReL: x + norm(right . left . x) */
+    be->matmul(be, f->lt, &lw->laurel_left, f->x, n);
+    be->matmul(be, f->lau, &lw->laurel_right, f->lt, n);
+    be->rmsnorm(be, f->lau, f->lau, lw->post_laurel_norm, n, D, c->rms_eps);
+    be->add(be, f->lau, f->lau, f->x, plane);
+
+    /* 3. attention, then s = (a + attn + laurel) / sqrt(2) */
+    attention_block(M, f, l, n);
+    be->add3_scale(be, f->s, a, f->t0, f->lau, (float)(1.0 / sqrt(2.0)), plane);
+
+    /* 4. MLP: o = s + norm(down(gelu(topk(gate(u))) * up(u))) */
+    be->rmsnorm(be, f->u, f->s, lw->pre_feedforward_layernorm, n, D, c->rms_eps);
+    mlp_block(M, f, l, n);
+    be->rmsnorm(be, f->t0, f->t0, lw->post_feedforward_layernorm, n, D, c->rms_eps);
+    be->add(be, f->o, f->s, f->t0, plane);
+
+    /* 5. AltUp correct: every plane moves by its gain times (o - a) */
+    altup_router(M, f, lw, f->o, n);
+    be->altup_correct(be, f->pred, f->pred, f->o, f->mod, lw->altup_correction_coefs, A, n, D);
+
+    /* 6. per-layer input: gate the corrected active plane, inject into planes 1.. */
+    const float *c0 = f->pred;
+    if (c->altup_correct_scale) {
+        be->mul_vec(be, f->t0, c0, lw->altup_correct_output_scale, n, D);
+        c0 = f->t0;
+    }
+    be->matmul(be, f->pg, &lw->per_layer_input_gate, c0, n);
+    be->gelu_mul(be, f->pg, f->pg, f->ple + (size_t)l * n * c->n_ple, (size_t)n * c->n_ple);
+    be->matmul(be, f->o, &lw->per_layer_projection, f->pg, n);
+    be->rmsnorm(be, f->o, f->o, lw->post_per_layer_input_norm, n, D, c->rms_eps);
+    for (int k = 1; k < A; k++) be->add(be, f->pred + k * plane, f->pred + k * plane, f->o, plane);
+
+    float *tmp = f->S; /* the corrected planes become the state */
+    f->S = f->pred;
+    f->pred = tmp;
+}
+
+/* Collapse the planes of rows [r0, r0+nr) into logits (SPEC §3.7). */
+static void output_logits(g3n_model *M, fwd_scratch *f, int n, int r0, int nr, float *logits) {
+    g3n_backend *be = M->be;
+    const g3n_config *c = &M->cfg;
+    const int D = c->n_embd, A = c->n_altup;
+    const size_t plane = (size_t)n * D;
+    const float *S0 = f->S + (size_t)r0 * D;
+    float *h = f->t0; /* [nr, D] */
+    be->scale(be, h, S0, 1.0f, (size_t)nr * D);
+    for (int k = 1; k < A; k++) {
+        float *vk = f->pred + (size_t)k * plane; /* free now */
+        be->matmul(be, vk, &M->w.altup_unembed_projections[k - 1], f->S + k * plane + (size_t)r0 * D, nr);
+        be->magnitude_match(be, vk, S0, nr, D, 1e-5f);
+        be->add(be, h, h, vk, (size_t)nr * D);
+    }
+    be->scale(be, h, h, 1.0f / (float)A, (size_t)nr * D);
+    be->rmsnorm(be, h, h, M->w.norm, nr, D, c->rms_eps);
+    be->matmul(be, logits, &M->w.embed_tokens, h, nr);
+    if (c->final_softcap > 0) be->softcap(be, logits, (size_t)nr * c->n_vocab, c->final_softcap);
+}
+
+fwd_hook_fn fwd_debug_hook;
+
+void fwd_run(g3n_model *M, fwd_scratch *f, const g3n_batch *b, int out_row0, float *logits_host) {
+    g3n_backend *be = M->be;
+    const int n = b->n;
+    G3N_ASSERT(n > 0 && n <= f->rows && out_row0 >= 0 && out_row0 <= n);
+    be->batch_set(be, b);
+    float *S_orig = f->S, *pred_orig = f->pred;
+    embed_tokens(M, f, n);
+    for (int l = 0; l < M->cfg.n_layer; l++) {
+        decoder_layer(M, f, l, n);
+        if (fwd_debug_hook) fwd_debug_hook(M, l, f->S, n);
+    }
+    const size_t V = (size_t)M->cfg.n_vocab;
+    for (int r0 = out_row0; r0 < n; r0 += f->lm_rows) {
+        int nr = G3N_MIN(f->lm_rows, n - r0);
+        output_logits(M, f, n, r0, nr, f->logits);
+        be->read(be, logits_host + (size_t)(r0 - out_row0) * V, f->logits, (size_t)nr * V * sizeof(float));
+    }
+    f->S = S_orig;
+    f->pred = pred_orig;
+}

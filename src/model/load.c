@@ -1,0 +1,313 @@
+/* load.c: open a checkpoint directory and build a g3n_model.
+ *
+ * Maps tensor names to the fields of g3n_weights in all three layouts
+ * (model.language_model.* as published, model.* as Gemma3nForCausalLM saves it,
+ * language_model.model.* as mlx-community publishes it), checks every shape and
+ * dtype against the config, and hands matrices to the backend in their stored
+ * dtype. Vision and audio tensors are never touched. It computes nothing. */
+#include <sys/stat.h>
+
+#include "model/gemma3n.h"
+
+typedef struct {
+    g3n_model *m;
+    const char *prefix;
+    char *err;
+    size_t errlen;
+    void **owned; /* backend allocations made here (vectors) */
+    int n_owned;
+} loader;
+
+static const st_tensor *find(loader *L, const char *suffix, char *full, size_t fulllen) {
+    snprintf(full, fulllen, "%s%s", L->prefix, suffix);
+    return safetensors_find(L->m->st, full);
+}
+
+static int check_shape(loader *L, const st_tensor *t, const char *name, int ndim, int64_t d0,
+                       int64_t d1) {
+    int ok = t->ndim == ndim && t->shape[0] == d0 && (ndim < 2 || t->shape[1] == d1);
+    if (ok) return 0;
+    char got[128] = "[";
+    for (int i = 0; i < t->ndim; i++) {
+        char b[32];
+        snprintf(b, sizeof b, "%s%lld", i ? ", " : "", (long long)t->shape[i]);
+        strncat(got, b, sizeof(got) - strlen(got) - 2);
+    }
+    strcat(got, "]");
+    if (ndim == 1)
+        return g3n_err(L->err, L->errlen, "%s: tensor %s has shape %s, config says [%lld]",
+                       safetensors_file_path(L->m->st, t), name, got, (long long)d0);
+    return g3n_err(L->err, L->errlen, "%s: tensor %s has shape %s, config says [%lld, %lld]",
+                   safetensors_file_path(L->m->st, t), name, got, (long long)d0, (long long)d1);
+}
+
+static int check_float(loader *L, const st_tensor *t, const char *name) {
+    if (t->dtype == G3N_F32 || t->dtype == G3N_F16 || t->dtype == G3N_BF16) return 0;
+    return g3n_err(L->err, L->errlen, "%s: tensor %s has dtype %s (expected BF16, F16 or F32)",
+                   safetensors_file_path(L->m->st, t), name, t->dtype_name);
+}
+
+/* A weight matrix [rows, cols]. Absent and !required: an empty g3n_mat. */
+static int get_mat(loader *L, g3n_mat *out, const char *suffix, int rows, int cols, int required) {
+    char name[256];
+    memset(out, 0, sizeof(*out));
+    const st_tensor *t = find(L, suffix, name, sizeof name);
+    if (!t) {
+        if (!required) return 0;
+        return g3n_err(L->err, L->errlen, "%s: missing tensor %s", L->m->dir, name);
+    }
+    /* a quantized module (mlx affine) stores <path>.scales beside <path>.weight */
+    char qname[300];
+    size_t n = strlen(name);
+    if (n > 7 && strcmp(name + n - 7, ".weight") == 0) {
+        snprintf(qname, sizeof qname, "%.*s.scales", (int)(n - 7), name);
+        if (safetensors_find(L->m->st, qname))
+            return g3n_err(L->err, L->errlen,
+                           "%s: tensor %s is quantized (%s exists); quantized checkpoints are "
+                           "not supported yet",
+                           safetensors_file_path(L->m->st, t), name, qname);
+    }
+    if (check_float(L, t, name) || check_shape(L, t, name, 2, rows, cols)) return -1;
+    out->dtype = t->dtype;
+    out->rows = rows;
+    out->cols = cols;
+    out->data = t->data;
+    out->name = t->name;
+    L->m->weight_bytes += t->nbytes;
+    return L->m->be->mat_prepare(L->m->be, out, L->err, L->errlen);
+}
+
+/* A small tensor of n0 x n1 elements (n1 = 0: 1-D), converted to f32 and
+ * copied into backend memory. */
+static int get_vec(loader *L, g3n_vec *out, const char *suffix, int n0, int n1) {
+    char name[256];
+    const st_tensor *t = find(L, suffix, name, sizeof name);
+    if (!t) return g3n_err(L->err, L->errlen, "%s: missing tensor %s", L->m->dir, name);
+    if (check_float(L, t, name) || check_shape(L, t, name, n1 ? 2 : 1, n0, n1)) return -1;
+    size_t count = (size_t)n0 * (size_t)(n1 ? n1 : 1);
+    float *host = g3n_malloc(count * sizeof(float));
+    for (size_t i = 0; i < count; i++) {
+        const unsigned char *p = t->data;
+        if (t->dtype == G3N_F32) memcpy(&host[i], p + 4 * i, 4);
+        else {
+            uint16_t h;
+            memcpy(&h, p + 2 * i, 2);
+            host[i] = t->dtype == G3N_BF16 ? g3n_bf16_to_f32(h) : g3n_f16_to_f32(h);
+        }
+    }
+    g3n_backend *be = L->m->be;
+    float *dev = be->alloc(be, count * sizeof(float));
+    be->write(be, dev, host, count * sizeof(float));
+    free(host);
+    L->owned = realloc(L->owned, (size_t)(L->n_owned + 1) * sizeof(void *));
+    if (!L->owned) abort();
+    L->owned[L->n_owned++] = dev;
+    out->n = (int)count;
+    out->data = dev;
+    L->m->weight_bytes += t->nbytes;
+    return 0;
+}
+
+static const struct {
+    const char *prefix;
+    const char *layout;
+} layouts[] = {
+    {"model.language_model.", "conditional (model.language_model.*)"},
+    {"language_model.model.", "mlx (language_model.model.*)"},
+    {"model.", "causal (model.*)"},
+};
+
+int load_weights(g3n_model *m, char *err, size_t errlen) {
+    const g3n_config *c = &m->cfg;
+    loader L = {m, NULL, err, errlen, NULL, 0};
+    for (size_t i = 0; i < sizeof(layouts) / sizeof(layouts[0]); i++) {
+        char name[128];
+        snprintf(name, sizeof name, "%sembed_tokens.weight", layouts[i].prefix);
+        if (safetensors_find(m->st, name)) {
+            L.prefix = layouts[i].prefix;
+            m->layout = layouts[i].layout;
+            break;
+        }
+    }
+    if (!L.prefix)
+        return g3n_err(err, errlen,
+                       "%s: no text model found (no model.language_model.embed_tokens.weight, "
+                       "language_model.model.embed_tokens.weight or model.embed_tokens.weight)",
+                       m->dir);
+
+    g3n_weights *w = &m->w;
+    const int D = c->n_embd, LP = c->n_layer * c->n_ple, A = c->n_altup;
+    const int qd = c->n_head * c->head_dim, kvd = c->n_head_kv * c->head_dim;
+    int rc = 0;
+    rc = rc ? rc : get_mat(&L, &w->embed_tokens, "embed_tokens.weight", c->n_vocab, D, 1);
+    rc = rc ? rc : get_mat(&L, &w->embed_tokens_per_layer, "embed_tokens_per_layer.weight",
+                           c->n_vocab_ple, LP, 1);
+    rc = rc ? rc : get_mat(&L, &w->per_layer_model_projection, "per_layer_model_projection.weight",
+                           LP, D, 1);
+    rc = rc ? rc : get_vec(&L, &w->per_layer_projection_norm, "per_layer_projection_norm.weight",
+                           c->n_ple, 0);
+    rc = rc ? rc : get_vec(&L, &w->norm, "norm.weight", D, 0);
+    for (int k = 0; k < A - 1 && !rc; k++) {
+        char s[96];
+        snprintf(s, sizeof s, "altup_projections.%d.weight", k);
+        rc = get_mat(&L, &w->altup_projections[k], s, D, D, 1);
+        snprintf(s, sizeof s, "altup_unembed_projections.%d.weight", k);
+        rc = rc ? rc : get_mat(&L, &w->altup_unembed_projections[k], s, D, D, 1);
+    }
+    w->layers = g3n_calloc((size_t)c->n_layer, sizeof(g3n_layer_weights));
+    for (int l = 0; l < c->n_layer && !rc; l++) {
+        g3n_layer_weights *lw = &w->layers[l];
+        const int I = c->n_ff[l];
+        const int owns_kv = l < c->first_shared;
+        char s[160];
+#define LNAME(suffix) (snprintf(s, sizeof s, "layers.%d.%s", l, suffix), s)
+        rc = rc ? rc : get_vec(&L, &lw->input_layernorm, LNAME("input_layernorm.weight"), D, 0);
+        rc = rc ? rc : get_mat(&L, &lw->q_proj, LNAME("self_attn.q_proj.weight"), qd, D, 1);
+        /* shared layers may carry unused k/v weights (Google's files) or not
+         * (transformers 5 saves none): checked when present, never used */
+        rc = rc ? rc : get_mat(&L, &lw->k_proj, LNAME("self_attn.k_proj.weight"), kvd, D, owns_kv);
+        rc = rc ? rc : get_mat(&L, &lw->v_proj, LNAME("self_attn.v_proj.weight"), kvd, D, owns_kv);
+        rc = rc ? rc : get_mat(&L, &lw->o_proj, LNAME("self_attn.o_proj.weight"), D, qd, 1);
+        rc = rc ? rc : get_vec(&L, &lw->q_norm, LNAME("self_attn.q_norm.weight"), c->head_dim, 0);
+        if (owns_kv)
+            rc = rc ? rc : get_vec(&L, &lw->k_norm, LNAME("self_attn.k_norm.weight"), c->head_dim, 0);
+        rc = rc ? rc : get_vec(&L, &lw->post_attention_layernorm,
+                               LNAME("post_attention_layernorm.weight"), D, 0);
+        rc = rc ? rc : get_vec(&L, &lw->pre_feedforward_layernorm,
+                               LNAME("pre_feedforward_layernorm.weight"), D, 0);
+        rc = rc ? rc : get_mat(&L, &lw->gate_proj, LNAME("mlp.gate_proj.weight"), I, D, 1);
+        rc = rc ? rc : get_mat(&L, &lw->up_proj, LNAME("mlp.up_proj.weight"), I, D, 1);
+        rc = rc ? rc : get_mat(&L, &lw->down_proj, LNAME("mlp.down_proj.weight"), D, I, 1);
+        rc = rc ? rc : get_vec(&L, &lw->post_feedforward_layernorm,
+                               LNAME("post_feedforward_layernorm.weight"), D, 0);
+        rc = rc ? rc : get_vec(&L, &lw->altup_correct_output_scale,
+                               LNAME("altup.correct_output_scale"), D, 0);
+        rc = rc ? rc : get_vec(&L, &lw->altup_correction_coefs,
+                               LNAME("altup.correction_coefs.weight"), A, A);
+        rc = rc ? rc : get_vec(&L, &lw->altup_prediction_coefs,
+                               LNAME("altup.prediction_coefs.weight"), A * A, A);
+        rc = rc ? rc : get_mat(&L, &lw->altup_router, LNAME("altup.modality_router.weight"), A, D, 1);
+        rc = rc ? rc : get_vec(&L, &lw->altup_router_norm, LNAME("altup.router_norm.weight"), D, 0);
+        rc = rc ? rc : get_mat(&L, &lw->laurel_left, LNAME("laurel.linear_left.weight"),
+                               c->laurel_rank, D, 1);
+        rc = rc ? rc : get_mat(&L, &lw->laurel_right, LNAME("laurel.linear_right.weight"), D,
+                               c->laurel_rank, 1);
+        rc = rc ? rc : get_vec(&L, &lw->post_laurel_norm, LNAME("laurel.post_laurel_norm.weight"),
+                               D, 0);
+        rc = rc ? rc : get_mat(&L, &lw->per_layer_input_gate, LNAME("per_layer_input_gate.weight"),
+                               c->n_ple, D, 1);
+        rc = rc ? rc : get_mat(&L, &lw->per_layer_projection, LNAME("per_layer_projection.weight"),
+                               D, c->n_ple, 1);
+        rc = rc ? rc : get_vec(&L, &lw->post_per_layer_input_norm,
+                               LNAME("post_per_layer_input_norm.weight"), D, 0);
+#undef LNAME
+        if (!owns_kv) { /* present but unused: not part of what a token reads */
+            lw->k_proj.data = lw->v_proj.data = NULL;
+        }
+    }
+    m->owned = L.owned;
+    m->n_owned = L.n_owned;
+    if (rc) return -1;
+
+    /* bytes one decoded token reads: every layer matrix it uses, the global
+     * projections, the whole tied LM head, one embedding row and one PLE row */
+    size_t bytes = 0;
+#define MB(x) ((size_t)(x).rows * (size_t)(x).cols * g3n_dtype_size((g3n_dtype)(x).dtype))
+    for (int l = 0; l < c->n_layer; l++) {
+        const g3n_layer_weights *lw = &w->layers[l];
+        bytes += MB(lw->q_proj) + MB(lw->o_proj) + MB(lw->gate_proj) + MB(lw->up_proj) +
+                 MB(lw->down_proj) + MB(lw->altup_router) + MB(lw->laurel_left) +
+                 MB(lw->laurel_right) + MB(lw->per_layer_input_gate) +
+                 MB(lw->per_layer_projection);
+        if (lw->k_proj.data) bytes += MB(lw->k_proj) + MB(lw->v_proj);
+    }
+    for (int k = 0; k < A - 1; k++)
+        bytes += MB(w->altup_projections[k]) + MB(w->altup_unembed_projections[k]);
+    bytes += MB(w->per_layer_model_projection) + MB(w->embed_tokens);
+    bytes += MB(w->embed_tokens_per_layer) / (size_t)c->n_vocab_ple;
+    bytes += MB(w->embed_tokens) / (size_t)c->n_vocab;
+#undef MB
+    m->decode_bytes = bytes;
+    return 0;
+}
+
+g3n_model_params g3n_model_default_params(void) {
+    g3n_model_params p = {"cpu", 0};
+    return p;
+}
+
+g3n_model *g3n_model_open(const char *dir, const g3n_model_params *params, char *err,
+                          size_t errlen) {
+    g3n_model_params p = params ? *params : g3n_model_default_params();
+    struct stat sb;
+    if (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode)) {
+        g3n_err(err, errlen, "%s: no such model directory", dir);
+        return NULL;
+    }
+    g3n_model *m = g3n_calloc(1, sizeof(*m));
+    m->dir = g3n_strdup(dir);
+    char *cpath = g3n_path_join(dir, "config.json");
+    size_t clen;
+    char *ctext = g3n_read_file(cpath, &clen, 16u << 20, err, errlen);
+    int rc = ctext ? config_parse(&m->cfg, ctext, clen, cpath, err, errlen) : -1;
+    free(ctext);
+    free(cpath);
+    if (rc == 0) {
+        m->st = safetensors_open_dir(dir, err, errlen);
+        rc = m->st ? 0 : -1;
+    }
+    if (rc == 0) {
+        const char *dev = p.device ? p.device : "cpu";
+        if (strcmp(dev, "cpu") == 0) m->be = cpu_backend_create(p.n_threads, err, errlen);
+        else if (strcmp(dev, "cpu-ref") == 0) m->be = cpu_ref_backend_create(err, errlen);
+        else g3n_err(err, errlen, "unknown device \"%s\" (this build has: cpu, cpu-ref)", dev);
+        rc = m->be ? 0 : -1;
+    }
+    if (rc == 0) rc = load_weights(m, err, errlen);
+    if (rc != 0) {
+        g3n_model_close(m);
+        return NULL;
+    }
+    return m;
+}
+
+void g3n_model_close(g3n_model *m) {
+    if (!m) return;
+    if (m->be) {
+        for (int i = 0; i < m->n_owned; i++) m->be->free(m->be, m->owned[i]);
+        m->be->destroy(m->be);
+    }
+    free(m->owned);
+    free(m->w.layers);
+    safetensors_close(m->st);
+    free(m->dir);
+    free(m);
+}
+
+g3n_model_info g3n_model_get_info(const g3n_model *m) {
+    const g3n_config *c = &m->cfg;
+    g3n_model_info i;
+    memset(&i, 0, sizeof i);
+    i.n_vocab = c->n_vocab;
+    i.n_vocab_text = c->n_vocab_ple;
+    i.n_layer = c->n_layer;
+    i.n_embd = c->n_embd;
+    i.n_head = c->n_head;
+    i.n_head_kv = c->n_head_kv;
+    i.head_dim = c->head_dim;
+    i.n_ctx_max = c->n_ctx_max;
+    i.sliding_window = c->sliding_window;
+    i.first_shared_layer = c->first_shared;
+    i.bos_id = c->bos_id;
+    i.eos_id = c->eos_id;
+    i.pad_id = c->pad_id;
+    i.weight_bytes = m->weight_bytes;
+    i.decode_bytes = m->decode_bytes;
+    i.layout = m->layout;
+    i.backend = m->be ? m->be->name : "";
+    return i;
+}
+
+double g3n_model_read_bandwidth(g3n_model *m, size_t bytes) {
+    return m->be->read_bandwidth(m->be, bytes ? bytes : (size_t)1 << 30);
+}

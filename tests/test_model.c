@@ -1,0 +1,256 @@
+/* test_model.c: the whole model against transformers, on the tiny random
+ * checkpoints in tests/fixtures/tiny (tools/make_fixtures.py made them):
+ *   - logits at every prompt position within relative L2 1e-4 of transformers'
+ *     float32 logits, in all three layouts, on the fast and the reference backend;
+ *   - greedy continuation equal to transformers' up to its first near-tie, and
+ *     each cached decode step's logits within 1e-4;
+ *   - incremental decode (one token at a time, ring wrapping) and chunked prefill
+ *     equal to a one-shot prefill at every position. */
+#include "test.h"
+
+#include "g3n.h"
+
+#define FIX "tests/fixtures/tiny/"
+#define TOL 1e-4      /* relative L2 against transformers float32 */
+#define SELF_TOL 0.0 /* prefill vs decode vs chunked: bitwise equal (see cpu.c) */
+#define NEAR_TIE 1e-3 /* reference top-1 vs top-2 margin below which greedy may differ */
+
+typedef struct {
+    int n_prompt, n_gen;
+    int32_t *prompt, *gen;
+    float *logits, *margin, *dec;
+} ref_prompt;
+
+typedef struct {
+    int n_vocab, n;
+    ref_prompt p[8];
+} reference;
+
+static int rd(FILE *f, void *p, size_t n) { return fread(p, 1, n, f) == n; }
+
+/* Load reference.bin; checks the magic, version and sizes. */
+static int ref_load(reference *r, const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        printf("  %s: missing (run tools/make_fixtures.py; see tests/fixtures/README.md)\n", path);
+        return 0;
+    }
+    char magic[8];
+    uint32_t h[3];
+    int ok = rd(f, magic, 8) && memcmp(magic, "G3NREF01", 8) == 0 && rd(f, h, sizeof h) && h[0] == 1 &&
+             h[2] <= 8 && h[1] > 0 && h[1] < (1u << 20);
+    if (ok) {
+        r->n_vocab = (int)h[1];
+        r->n = (int)h[2];
+    }
+    for (int i = 0; ok && i < r->n; i++) {
+        ref_prompt *p = &r->p[i];
+        uint32_t d[2];
+        ok = rd(f, d, sizeof d) && d[0] > 0 && d[0] < 100000 && d[1] > 0 && d[1] < 100000;
+        if (!ok) break;
+        p->n_prompt = (int)d[0];
+        p->n_gen = (int)d[1];
+        size_t V = (size_t)r->n_vocab;
+        p->prompt = malloc(4 * (size_t)p->n_prompt);
+        p->logits = malloc(4 * V * (size_t)p->n_prompt);
+        p->gen = malloc(4 * (size_t)p->n_gen);
+        p->margin = malloc(4 * (size_t)p->n_gen);
+        p->dec = malloc(4 * V * (size_t)p->n_gen);
+        ok = rd(f, p->prompt, 4 * (size_t)p->n_prompt) && rd(f, p->logits, 4 * V * p->n_prompt) &&
+             rd(f, p->gen, 4 * (size_t)p->n_gen) && rd(f, p->margin, 4 * (size_t)p->n_gen) &&
+             rd(f, p->dec, 4 * V * (size_t)(p->n_gen - 1));
+    }
+    ok = ok && fgetc(f) == EOF;
+    fclose(f);
+    if (!ok) printf("  %s: malformed reference file\n", path);
+    return ok;
+}
+
+static reference REF;
+static int have_ref;
+
+static g3n_model *open_model(const char *dir, const char *device) {
+    char err[512];
+    g3n_model_params p = g3n_model_default_params();
+    p.device = device;
+    p.n_threads = 2;
+    g3n_model *m = g3n_model_open(dir, &p, err, sizeof err);
+    CHECK_MSG(m != NULL, "%s: %s", dir, err);
+    return m;
+}
+
+static float *prefill(g3n_model *m, const int32_t *ids, int n, int n_batch) {
+    char err[512];
+    g3n_session *s = g3n_session_create(m, 64, n_batch, err, sizeof err);
+    CHECK_MSG(s != NULL, "%s", err);
+    if (!s) return NULL;
+    int V = g3n_model_get_info(m).n_vocab;
+    float *out = malloc(sizeof(float) * (size_t)V * n);
+    int rc = g3n_session_eval(s, ids, n, out, err, sizeof err);
+    CHECK_MSG(rc == 0, "%s", err);
+    g3n_session_free(s);
+    return out;
+}
+
+static int argmax(const float *x, int n) {
+    int b = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[b]) b = i;
+    return b;
+}
+
+/* Prefill logits vs transformers, then greedy decode vs its continuation. */
+static void check_layout(const char *dir, const char *device) {
+    if (!have_ref) {
+        CHECK(have_ref);
+        return;
+    }
+    g3n_model *m = open_model(dir, device);
+    if (!m) return;
+    int V = g3n_model_get_info(m).n_vocab;
+    CHECK(V == REF.n_vocab);
+    for (int k = 0; k < REF.n; k++) {
+        ref_prompt *p = &REF.p[k];
+        float *lg = prefill(m, p->prompt, p->n_prompt, 16);
+        if (!lg) break;
+        double worst = 0;
+        for (int t = 0; t < p->n_prompt; t++) {
+            char what[64];
+            snprintf(what, sizeof what, "%s prompt %d pos %d", device, k, t);
+            double e = test_close(what, lg + (size_t)t * V, p->logits + (size_t)t * V, (size_t)V, TOL, 1e-3);
+            if (e > worst) worst = e;
+        }
+        printf("  %s %s prompt %d (%d tokens): worst rel L2 %.2e\n", dir + strlen(FIX), device, k,
+               p->n_prompt, worst);
+        free(lg);
+
+        /* greedy continuation through the cache */
+        char err[512];
+        g3n_session *s = g3n_session_create(m, 64, 8, err, sizeof err);
+        CHECK(g3n_session_eval(s, p->prompt, p->n_prompt, NULL, err, sizeof err) == 0);
+        int agree = 0;
+        for (int i = 0; i < p->n_gen; i++) {
+            int tok = argmax(g3n_session_logits(s), V);
+            if (tok != p->gen[i]) {
+                CHECK_MSG(p->margin[i] < NEAR_TIE, "prompt %d step %d: got %d want %d (margin %g)",
+                          k, i, tok, p->gen[i], p->margin[i]);
+                break;
+            }
+            agree++;
+            if (i == p->n_gen - 1) break;
+            CHECK(g3n_session_eval(s, &tok, 1, NULL, err, sizeof err) == 0);
+            char what[64];
+            snprintf(what, sizeof what, "%s prompt %d decode %d", device, k, i);
+            test_close(what, g3n_session_logits(s), p->dec + (size_t)i * V, (size_t)V, TOL, 1e-3);
+            if (p->margin[i] < NEAR_TIE) break;
+        }
+        printf("  %s %s prompt %d: greedy agrees for %d of %d tokens\n", dir + strlen(FIX), device, k,
+               agree, p->n_gen);
+        g3n_session_free(s);
+    }
+    g3n_model_close(m);
+}
+
+TEST(conditional_cpu) { check_layout(FIX "conditional", "cpu"); }
+TEST(causal_cpu) { check_layout(FIX "causal", "cpu"); }
+TEST(mlx_cpu) { check_layout(FIX "mlx", "cpu"); }
+TEST(conditional_cpu_ref) { check_layout(FIX "conditional", "cpu-ref"); }
+
+/* One token at a time (ring of exactly the window), chunks of 3 and of 5, and a
+ * single step must all give the same logits at every position. */
+TEST(decode_equals_prefill) {
+    g3n_model *m = open_model(FIX "conditional", "cpu");
+    if (!m) return;
+    int V = g3n_model_get_info(m).n_vocab;
+    int n = 41;
+    int32_t ids[41];
+    test_seed(7);
+    for (int i = 0; i < n; i++) ids[i] = (int32_t)(3 + test_rand_u64() % 380);
+    float *full = prefill(m, ids, n, 64);
+    int batches[] = {1, 3, 5};
+    for (int b = 0; b < 3 && full; b++) {
+        char err[512];
+        g3n_session *s = g3n_session_create(m, 64, batches[b], err, sizeof err);
+        float *row = malloc(sizeof(float) * (size_t)V * 8);
+        int pos = 0;
+        while (pos < n) {
+            int k = G3N_TEST_MIN(batches[b] + (pos % 2), n - pos); /* uneven steps too */
+            CHECK(g3n_session_eval(s, ids + pos, k, row, err, sizeof err) == 0);
+            for (int j = 0; j < k; j++) {
+                char what[64];
+                snprintf(what, sizeof what, "batch %d pos %d", batches[b], pos + j);
+                test_close(what, row + (size_t)j * V, full + (size_t)(pos + j) * V, (size_t)V, SELF_TOL, 1e-5);
+            }
+            pos += k;
+        }
+        CHECK(g3n_session_pos(s) == n);
+        free(row);
+        g3n_session_free(s);
+    }
+    free(full);
+    g3n_model_close(m);
+}
+
+/* The three layouts hold the same values in bf16, f32 and f16. */
+TEST(layouts_agree) {
+    const char *dirs[3] = {FIX "conditional", FIX "causal", FIX "mlx"};
+    float *lg[3] = {0};
+    int32_t ids[13] = {2, 17, 300, 45, 9, 123, 77, 200, 5, 301, 88, 12, 250};
+    int V = 0;
+    for (int i = 0; i < 3; i++) {
+        g3n_model *m = open_model(dirs[i], "cpu");
+        if (!m) return;
+        V = g3n_model_get_info(m).n_vocab;
+        lg[i] = prefill(m, ids, 13, 16);
+        g3n_model_close(m);
+    }
+    for (int i = 1; i < 3; i++)
+        if (lg[0] && lg[i]) test_close(dirs[i], lg[i], lg[0], (size_t)V * 13, SELF_TOL, 1e-5);
+    for (int i = 0; i < 3; i++) free(lg[i]);
+}
+
+/* Session bookkeeping: overflow, bad ids and reset leave a usable session. */
+TEST(session_errors) {
+    g3n_model *m = open_model(FIX "causal", "cpu");
+    if (!m) return;
+    char err[512];
+    g3n_session *s = g3n_session_create(m, 10, 4, err, sizeof err);
+    int32_t ids[12] = {2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13};
+    CHECK(g3n_session_eval(s, ids, 11, NULL, err, sizeof err) != 0 && strstr(err, "context"));
+    CHECK(g3n_session_pos(s) == 0);
+    int32_t bad[2] = {5, 390}; /* 390 >= vocab_size_per_layer_input */
+    CHECK(g3n_session_eval(s, bad, 2, NULL, err, sizeof err) != 0 && strstr(err, "390"));
+    int32_t neg = -1;
+    CHECK(g3n_session_eval(s, &neg, 1, NULL, err, sizeof err) != 0);
+    CHECK(g3n_session_eval(s, ids, 0, NULL, err, sizeof err) != 0);
+    CHECK(g3n_session_logits(s) == NULL);
+    CHECK(g3n_session_eval(s, ids, 10, NULL, err, sizeof err) == 0);
+    CHECK(g3n_session_pos(s) == 10 && g3n_session_logits(s) != NULL);
+    CHECK(g3n_session_eval(s, ids, 1, NULL, err, sizeof err) != 0);
+    g3n_session_reset(s);
+    CHECK(g3n_session_pos(s) == 0 && g3n_session_logits(s) == NULL);
+    CHECK(g3n_session_eval(s, ids, 3, NULL, err, sizeof err) == 0);
+    g3n_session_free(s);
+    CHECK(g3n_session_create(m, 100000, 4, err, sizeof err) == NULL && strstr(err, "max_position"));
+    g3n_model_close(m);
+}
+
+int main(int argc, char **argv) {
+    test_init(argc, argv);
+    have_ref = ref_load(&REF, FIX "reference.bin");
+    RUN(conditional_cpu);
+    RUN(causal_cpu);
+    RUN(mlx_cpu);
+    RUN(conditional_cpu_ref);
+    RUN(decode_equals_prefill);
+    RUN(layouts_agree);
+    RUN(session_errors);
+    for (int i = 0; i < REF.n; i++) {
+        free(REF.p[i].prompt);
+        free(REF.p[i].logits);
+        free(REF.p[i].gen);
+        free(REF.p[i].margin);
+        free(REF.p[i].dec);
+    }
+    return test_summary();
+}
