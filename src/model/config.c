@@ -69,8 +69,18 @@ static float normal_icdf(float p) {
     return (float)(x * sqrt(2.0));
 }
 
+/* JSON allows repeated keys; Python keeps the last, cJSON finds the first. */
+static const char *duplicate_key(const cJSON *o) {
+    for (const cJSON *a = o->child; a; a = a->next)
+        for (const cJSON *b = a->next; b; b = b->next)
+            if (a->string && b->string && strcmp(a->string, b->string) == 0) return a->string;
+    return NULL;
+}
+
 static int parse_text(cfg_ctx *c, g3n_config *g, const cJSON *t) {
     int rc = 0;
+    const char *dup = duplicate_key(t);
+    if (dup) return field_err(c, dup, "appears twice");
     rc |= get_int(c, t, "vocab_size", 1, 1, 1 << 24, &g->n_vocab);
     if (!rc) rc |= get_int(c, t, "vocab_size_per_layer_input", 1, 1, 1 << 24, &g->n_vocab_ple);
     if (!rc) rc |= get_int(c, t, "hidden_size", 1, 1, 65536, &g->n_embd);

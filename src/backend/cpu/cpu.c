@@ -40,6 +40,14 @@ static int isa_detect(void) {
     return best;
 }
 
+int cpu_set_isa(const char *name) {
+    int best = isa_detect();
+    int want = strcmp(name, "avx512") == 0 ? ISA_AVX512 : strcmp(name, "avx2") == 0 ? ISA_AVX2 : ISA_SCALAR;
+    if (want > best) return -1;
+    cpu_isa = want;
+    return 0;
+}
+
 const char *cpu_isa_name(void) {
     if (cpu_isa < 0) cpu_isa = isa_detect();
     return cpu_isa == ISA_AVX512 ? "avx512" : cpu_isa == ISA_AVX2 ? "avx2" : "scalar";

@@ -1,0 +1,95 @@
+#!/bin/sh
+# cli_model.sh: the g3n command line on the tiny fixtures: `logits` writes what
+# transformers computed, `generate --temp 0 --print-ids` reproduces its greedy
+# continuation, `bench` runs, and every error is one line on stderr with exit 1.
+# Run by tests/run.sh with G3N_BIN set; prints "N passed, N failed".
+set -u
+BIN=${G3N_BIN:-./g3n}
+FIX=tests/fixtures/tiny
+T=$(mktemp -d)
+trap 'rm -rf "$T"' EXIT
+pass=0
+fail=0
+ok() { pass=$((pass + 1)); echo "ok   $1"; }
+bad() { fail=$((fail + 1)); echo "FAIL $1"; [ -n "${2:-}" ] && printf '     %s\n' "$2"; }
+
+# reference.bin: "G3NREF01" u32 ver u32 V u32 n | u32 n_prompt u32 n_gen | i32 prompt[n_prompt] ...
+i32s() { od -An -v -t d4 -j "$2" -N $((4 * $3)) "$1" | tr -s ' \n' ' ' | sed 's/^ //; s/ $//'; }
+V=$(i32s $FIX/reference.bin 12 1)
+NP=$(i32s $FIX/reference.bin 20 1)
+NG=$(i32s $FIX/reference.bin 24 1)
+PROMPT=$(i32s $FIX/reference.bin 28 "$NP" | tr ' ' ',')
+LOFF=$((28 + 4 * NP))
+GOFF=$((LOFF + 4 * NP * V))
+GEN=$(i32s $FIX/reference.bin $GOFF "$NG" | tr ' ' ',')
+
+# 1. logits of every position, against transformers (relative L2 per row <= 1e-4)
+if "$BIN" logits -q -m $FIX/causal --ids "$PROMPT" --out "$T/l.bin" 2>"$T/err"; then
+    size=$(wc -c <"$T/l.bin")
+    if [ "$size" -ne $((4 * NP * V)) ]; then
+        bad logits_size "got $size bytes, want $((4 * NP * V))"
+    else
+        od -An -v -t f4 -w4 "$T/l.bin" | tr -d ' ' >"$T/got"
+        od -An -v -t f4 -w4 -j $LOFF -N $((4 * NP * V)) $FIX/reference.bin | tr -d ' ' >"$T/want"
+        worst=$(paste "$T/got" "$T/want" | awk -v V="$V" '
+            { d = $1 - $2; num += d * d; den += $2 * $2 }
+            NR % V == 0 { r = sqrt(num / den); if (r > w) w = r; num = 0; den = 0 }
+            END { printf "%.3g", w }')
+        if awk -v w="$worst" 'BEGIN { exit !(w <= 1e-4) }'; then ok "logits (worst row rel L2 $worst)"
+        else bad logits "worst row rel L2 $worst"; fi
+    fi
+else
+    bad logits "$(cat "$T/err")"
+fi
+
+# 2. greedy generation reproduces transformers' continuation
+out=$("$BIN" generate -q -m $FIX/conditional --ids "$PROMPT" -n "$NG" --temp 0 --print-ids 2>"$T/err")
+last=$(printf '%s\n' "$out" | tail -n 1)
+if [ "$last" = "$GEN" ]; then ok "generate greedy ($NG tokens)"
+else bad generate_greedy "got [$last] want [$GEN] $(cat "$T/err")"; fi
+
+# same seed, same sampled output; -n respected
+a=$("$BIN" generate -q -m $FIX/mlx --ids 2,5,9 -n 6 --temp 1.0 --seed 42 --print-ids 2>/dev/null | tail -n 1)
+b=$("$BIN" generate -q -m $FIX/mlx --ids 2,5,9 -n 6 --temp 1.0 --seed 42 --print-ids 2>/dev/null | tail -n 1)
+n=$(printf '%s' "$a" | tr ',' '\n' | grep -c .)
+if [ -n "$a" ] && [ "$a" = "$b" ] && [ "$n" -le 6 ]; then ok "generate seeded"; else bad generate_seeded "[$a] vs [$b]"; fi
+
+# 3. bench runs and reports
+if "$BIN" bench -q -m $FIX/causal -p 16 -n 4 -r 2 --json --no-membw >"$T/bench" 2>"$T/err" &&
+    grep -q '"tg_tok_s"' "$T/bench" && grep -q '"pp_tok_s"' "$T/bench"; then ok bench
+else bad bench "$(cat "$T/bench" "$T/err")"; fi
+
+# 4. errors: one line on stderr, exit status 1, never a crash
+expect_error() { # name, expected text, command...
+    name=$1; want=$2; shift 2
+    "$@" >"$T/out" 2>"$T/err"
+    rc=$?
+    lines=$(wc -l <"$T/err")
+    if [ "$rc" -eq 1 ] && [ "$lines" -eq 1 ] && grep -q -- "$want" "$T/err"; then ok "error: $name"
+    else bad "error: $name" "rc $rc, $lines lines: $(head -c 300 "$T/err")"; fi
+}
+expect_error no-model-dir "no such model directory" "$BIN" logits -m "$T/nope" --ids 1 --out "$T/x"
+expect_error no-model-flag "no model" "$BIN" logits --ids 1 --out "$T/x"
+expect_error bad-ids "not a comma-separated list" "$BIN" logits -m $FIX/causal --ids 1,x,3 --out "$T/x"
+expect_error trailing-comma "trailing comma" "$BIN" logits -m $FIX/causal --ids 1,2, --out "$T/x"
+expect_error no-out "out FILE" "$BIN" logits -m $FIX/causal --ids 1
+expect_error non-text-id "outside the text vocabulary" "$BIN" logits -q -m $FIX/causal --ids 2,390 --out "$T/x"
+expect_error context "do not fit" "$BIN" logits -q -m $FIX/causal -c 4 --ids 2,3,4,5,6 --out "$T/x"
+expect_error unwritable-out "$T/no/dir/x" "$BIN" logits -q -m $FIX/causal --ids 2 --out "$T/no/dir/x"
+expect_error unknown-option "unknown or incomplete option" "$BIN" generate -m $FIX/causal --ids 2 --bogus
+expect_error bad-number "not a number" "$BIN" generate -m $FIX/causal --ids 2 --temp hot
+expect_error unknown-command "unknown command" "$BIN" frobnicate
+expect_error bad-device "unknown device" "$BIN" logits -m $FIX/causal --device tpu --ids 2 --out "$T/x"
+mkdir -p "$T/m"; cp $FIX/causal/model.safetensors "$T/m/"
+expect_error missing-config "config.json" "$BIN" logits -m "$T/m" --ids 2 --out "$T/x"
+printf '{"model_type": "gemma3n_text", "hidden_size": 6' >"$T/m/config.json"
+expect_error truncated-config "not valid JSON" "$BIN" logits -m "$T/m" --ids 2 --out "$T/x"
+head -c 100000 $FIX/causal/model.safetensors >"$T/m/model.safetensors"
+cp $FIX/causal/config.json "$T/m/"
+expect_error truncated-weights "past the end of the file" "$BIN" logits -m "$T/m" --ids 2 --out "$T/x"
+head -c 5000 $FIX/causal/model.safetensors >"$T/m/model.safetensors"
+expect_error truncated-header "truncated: header length" "$BIN" logits -m "$T/m" --ids 2 --out "$T/x"
+expect_error generate-no-tokenizer "tokenizer.json" "$BIN" generate -q -m $FIX/causal -p "hello"
+
+echo "$pass passed, $fail failed"
+[ "$fail" -eq 0 ]
