@@ -146,18 +146,21 @@ char *g3n_chat_format(const g3n_chat_msg *msgs, int n, int add_generation_prompt
 
 /* ---- sampler ---------------------------------------------------------------------- */
 
+/* The chain: penalties -> (greedy at temperature 0) -> top-k -> top-p -> min-p ->
+ * temperature -> one draw. top-p and min-p see the untempered distribution. */
 typedef struct {
-    float temperature;       /* <= 0: greedy (argmax, lowest id on ties) */
+    float temperature;       /* 0: greedy (argmax, lowest id on ties); must be >= 0 */
     int top_k;               /* <= 0: off */
-    float top_p;             /* >= 1: off */
-    float min_p;             /* <= 0: off */
-    float repeat_penalty;    /* 1: off (llama.cpp semantics, over the last repeat_last_n) */
-    int repeat_last_n;       /* tokens of history the penalties look at; -1 = all */
+    float top_p;             /* (0, 1]; 1: off */
+    float min_p;             /* [0, 1]; 0: off */
+    float repeat_penalty;    /* > 0; 1: off (llama.cpp semantics, over the last repeat_last_n) */
+    int repeat_last_n;       /* tokens of history the penalties look at; -1 = all, 0 = none */
     float presence_penalty;  /* 0: off (OpenAI semantics) */
     float frequency_penalty; /* 0: off (OpenAI semantics) */
     uint64_t seed;           /* same seed, same choices */
 } g3n_sampler_params;
 
+/* Gemma's recommended sampling: temperature 1, top-k 64, top-p 0.95; penalties off. */
 g3n_sampler_params g3n_sampler_default_params(void);
 
 typedef struct g3n_sampler g3n_sampler;
@@ -170,8 +173,13 @@ void g3n_sampler_free(g3n_sampler *s);
 void g3n_sampler_accept(g3n_sampler *s, int32_t id);
 /* Clear the history and re-seed. */
 void g3n_sampler_reset(g3n_sampler *s);
-/* Pick the next token from logits (n_vocab floats, not modified). */
+/* Pick the next token from logits (n_vocab floats, not modified); -1 when every
+ * logit is -inf or NaN. A sampler created with n_vocab = the text vocabulary
+ * reads only that prefix of a logits row, so it never picks a non-text id. */
 int32_t g3n_sampler_sample(g3n_sampler *s, const float *logits);
+/* The distribution sample() would draw from (n_vocab floats into probs), with no
+ * random draw. Returns the number of tokens with non-zero probability. */
+int g3n_sampler_probs(g3n_sampler *s, const float *logits, float *probs);
 
 #ifdef __cplusplus
 }

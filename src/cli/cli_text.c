@@ -138,7 +138,6 @@ typedef struct {
  * stop token, if sampled, is not evaluated and not printed. */
 static int generate(gen_state *g, const int32_t *ids, int n, int n_predict) {
     char err[1024];
-    g3n_model_info mi = g3n_model_get_info(g->m);
     if (n > g3n_session_n_ctx(g->s) - g3n_session_pos(g->s))
         die("the prompt (%d tokens) is longer than the context left (%d of %d); use -c to enlarge it",
             n, g3n_session_n_ctx(g->s) - g3n_session_pos(g->s), g3n_session_n_ctx(g->s));
@@ -154,6 +153,7 @@ static int generate(gen_state *g, const int32_t *ids, int n, int n_predict) {
     t0 = now_s();
     while (n_predict < 0 || made < n_predict) {
         int32_t tok = g3n_sampler_sample(g->smp, g3n_session_logits(g->s));
+        if (tok < 0) die("every logit is -inf or NaN: the model produced no usable distribution");
         if (g->n_out == g->cap_out) {
             g->cap_out = g->cap_out ? 2 * g->cap_out : 256;
             g->out = realloc(g->out, sizeof(int32_t) * (size_t)g->cap_out);
@@ -168,7 +168,6 @@ static int generate(gen_state *g, const int32_t *ids, int n, int n_predict) {
             fwrite(buf, 1, k, stdout);
             fflush(stdout);
         }
-        if (tok >= mi.n_vocab_text) break; /* a non-text id cannot be fed back */
         if (g3n_session_pos(g->s) >= g3n_session_n_ctx(g->s)) break;
         if (n_predict >= 0 && made == n_predict) break;
         if (g3n_session_eval(g->s, &tok, 1, NULL, err, sizeof err)) die("%s", err);
@@ -188,7 +187,8 @@ static void gen_state_init(gen_state *g, const gen_opts *o, int need_tokenizer) 
     g->m = open_model(&o->mo);
     g->s = open_session(g->m, &o->mo);
     char err[1024];
-    g->smp = g3n_sampler_create(&o->sp, g3n_model_get_info(g->m).n_vocab, err, sizeof err);
+    /* over the text vocabulary only: the vision/audio ids after it cannot be fed back */
+    g->smp = g3n_sampler_create(&o->sp, g3n_model_get_info(g->m).n_vocab_text, err, sizeof err);
     if (!g->smp) die("%s", err);
     stops_init(&g->stops, g->m, g->tk);
 }
