@@ -1,15 +1,23 @@
 # g3n: Gemma 3n inference in C.
 #
 #   make              build ./g3n (CPU backend only)
+#   make CUDA=1       build ./g3n with the CUDA backend too (nvcc)
 #   make test         build and run every test: release build, then ASan + UBSan build
+#   make test-cuda    (CUDA=1 implied) the op and model tests on the GPU as well
 #   make debug        build ./g3n-debug with ASan + UBSan
 #   make help         this list
 #
-# Variables: CC (gcc), OPT (-O2), THREADS=0 to build without OpenMP.
+# Variables: CC (gcc), OPT (-O2), THREADS=0 to build without OpenMP,
+# CUDA_HOME (/usr/local/cuda), CUDA_ARCH (sm_90a + sm_90 + sm_80 + PTX).
 
 CC      ?= gcc
 OPT     ?= -O2
 THREADS ?= 1
+CUDA    ?= 0
+CUDA_HOME ?= /usr/local/cuda
+NVCC    ?= $(CUDA_HOME)/bin/nvcc
+CUDA_ARCH ?= -gencode arch=compute_90a,code=sm_90a -gencode arch=compute_90,code=sm_90 \
+             -gencode arch=compute_80,code=sm_80 -gencode arch=compute_80,code=compute_80
 
 CFLAGS_BASE = -std=c11 -Wall -Wextra -Wno-unused-parameter -Wshadow -Wvla -g -ffp-contract=off \
               -D_FILE_OFFSET_BITS=64 -Isrc -Isrc/core
@@ -30,8 +38,17 @@ HDRS    = $(wildcard src/*.h src/*/*.h src/backend/*/*.h tests/*.h)
 
 REL = build/release
 DBG = build/debug
+CU_OBJ =
+ifeq ($(CUDA),1)
+  REL = build/release-cuda
+  CFLAGS_BASE += -DG3N_CUDA
+  CU_SRC = $(sort $(wildcard src/backend/cuda/*.cu))
+  CU_OBJ = $(CU_SRC:%.cu=$(REL)/%.o)
+  LIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart_static -lcublasLt -lcublas -ldl -lrt -lstdc++
+  NVFLAGS = -O3 -std=c++17 $(CUDA_ARCH) -Isrc -Isrc/core -Xcompiler -Wall -lineinfo
+endif
 
-.PHONY: all debug test test-release test-debug help clean fixtures-check
+.PHONY: all debug test test-release test-debug test-cuda help clean
 all: g3n
 
 help:
@@ -40,6 +57,8 @@ help:
 	@echo "make test-release only the optimized build's tests"
 	@echo "make test-debug   only the ASan + UBSan build's tests"
 	@echo "make debug        build ./g3n-debug with ASan + UBSan"
+	@echo "make CUDA=1       build ./g3n with the CUDA backend (needs nvcc; $(NVCC))"
+	@echo "make test-cuda    CUDA build: op and model tests on the GPU too (run on the GPU machine)"
 	@echo "make clean        remove build outputs"
 
 # ---- objects ---------------------------------------------------------------------
@@ -51,7 +70,11 @@ $(DBG)/%.o: %.c $(HDRS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_BASE) -O1 $(SAN) -c $< -o $@
 
-$(REL)/libg3n.a: $(LIB_SRC:%.c=$(REL)/%.o)
+$(REL)/%.o: %.cu $(HDRS) $(wildcard src/backend/cuda/*.cuh)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVFLAGS) -c $< -o $@
+
+$(REL)/libg3n.a: $(LIB_SRC:%.c=$(REL)/%.o) $(CU_OBJ)
 	@rm -f $@; ar rcs $@ $^
 
 $(DBG)/libg3n.a: $(LIB_SRC:%.c=$(DBG)/%.o)
@@ -85,6 +108,12 @@ test-release: g3n $(TESTS:%=$(REL)/tests/%)
 test-debug: g3n-debug $(TESTS:%=$(DBG)/tests/%)
 	@ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
 	 G3N_BIN=./g3n-debug TEST_DIR=$(DBG)/tests G3N_SANITIZED=1 sh tests/run.sh
+
+# On the GPU machine: the same suite from the CUDA build; test_ops and test_model
+# add the CUDA backend when a GPU is present.
+test-cuda:
+	$(MAKE) CUDA=1 g3n $(TESTS:%=build/release-cuda/tests/%)
+	@G3N_BIN=./g3n TEST_DIR=build/release-cuda/tests G3N_REQUIRE_CUDA=1 sh tests/run.sh
 
 clean:
 	rm -rf build g3n g3n-debug

@@ -25,8 +25,13 @@ extern "C" {
 typedef struct g3n_model g3n_model;
 
 typedef struct {
-    const char *device; /* "cpu" (default) or "cpu-ref" (plain reference ops, slow) */
+    const char *device; /* "cuda", "cpu" or "cpu-ref" (plain reference ops, slow);
+                           NULL: cuda when built in and a GPU is present, else cpu */
     int n_threads;      /* CPU threads; 0 = all cores */
+    int ple_on_gpu;     /* cuda: keep the per-layer-embedding table on the GPU too
+                           (default: in host memory, one row per token is copied) */
+    int no_graph;       /* cuda: issue every op each step instead of replaying a
+                           recorded step (for debugging and comparison) */
 } g3n_model_params;
 
 /* Defaults for g3n_model_params. */

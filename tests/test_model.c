@@ -8,6 +8,7 @@
  *     equal to a one-shot prefill at every position. */
 #include "test.h"
 
+#include "backend/backend.h"
 #include "g3n.h"
 
 #define FIX "tests/fixtures/tiny/"
@@ -69,11 +70,15 @@ static int ref_load(reference *r, const char *path) {
 static reference REF;
 static int have_ref;
 
+static int NO_GRAPH, PLE_ON_GPU; /* cuda variants */
+
 static g3n_model *open_model(const char *dir, const char *device) {
     char err[512];
     g3n_model_params p = g3n_model_default_params();
     p.device = device;
     p.n_threads = 2;
+    p.no_graph = NO_GRAPH;
+    p.ple_on_gpu = PLE_ON_GPU;
     g3n_model *m = g3n_model_open(dir, &p, err, sizeof err);
     CHECK_MSG(m != NULL, "%s: %s", dir, err);
     return m;
@@ -155,11 +160,17 @@ TEST(conditional_cpu) { check_layout(FIX "conditional", "cpu"); }
 TEST(causal_cpu) { check_layout(FIX "causal", "cpu"); }
 TEST(mlx_cpu) { check_layout(FIX "mlx", "cpu"); }
 TEST(conditional_cpu_ref) { check_layout(FIX "conditional", "cpu-ref"); }
+#ifdef G3N_CUDA
+TEST(conditional_cuda) { check_layout(FIX "conditional", "cuda"); }
+TEST(causal_cuda) { check_layout(FIX "causal", "cuda"); }
+TEST(mlx_cuda) { check_layout(FIX "mlx", "cuda"); }
+#endif
 
 /* One token at a time (ring of exactly the window), chunks of 3 and of 5, and a
  * single step must all give the same logits at every position. */
+static const char *DEVICE = "cpu";
 TEST(decode_equals_prefill) {
-    g3n_model *m = open_model(FIX "conditional", "cpu");
+    g3n_model *m = open_model(FIX "conditional", DEVICE);
     if (!m) return;
     int V = g3n_model_get_info(m).n_vocab;
     int n = 41;
@@ -198,7 +209,7 @@ TEST(layouts_agree) {
     int32_t ids[13] = {2, 17, 300, 45, 9, 123, 77, 200, 5, 301, 88, 12, 250};
     int V = 0;
     for (int i = 0; i < 3; i++) {
-        g3n_model *m = open_model(dirs[i], "cpu");
+        g3n_model *m = open_model(dirs[i], DEVICE);
         if (!m) return;
         V = g3n_model_get_info(m).n_vocab;
         lg[i] = prefill(m, ids, 13, 16);
@@ -245,6 +256,24 @@ int main(int argc, char **argv) {
     RUN(decode_equals_prefill);
     RUN(layouts_agree);
     RUN(session_errors);
+#ifdef G3N_CUDA
+    if (cuda_available()) {
+        DEVICE = "cuda";
+        printf("-- cuda (recorded steps, PLE table in host memory)\n");
+        RUN(conditional_cuda);
+        RUN(causal_cuda);
+        RUN(mlx_cuda);
+        RUN(decode_equals_prefill);
+        RUN(layouts_agree);
+        printf("-- cuda (no graphs, PLE table on the GPU)\n");
+        NO_GRAPH = PLE_ON_GPU = 1;
+        RUN(conditional_cuda);
+        RUN(decode_equals_prefill);
+    } else {
+        printf("(no GPU: the model is not tested on CUDA)\n");
+        CHECK(getenv("G3N_REQUIRE_CUDA") == NULL);
+    }
+#endif
     for (int i = 0; i < REF.n; i++) {
         free(REF.p[i].prompt);
         free(REF.p[i].logits);

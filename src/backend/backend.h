@@ -22,6 +22,8 @@ typedef struct {
     int rows, cols;
     const void *data;  /* backend-visible; NULL when the tensor is absent */
     const char *name;  /* tensor name, for messages */
+    int host_gather;   /* only rows are ever gathered (embed): a GPU backend may keep
+                          it in host memory and copy the rows a step needs */
 } g3n_mat;
 
 /* A small f32 vector (norm weights, scales, AltUp coefficients) in backend memory. */
@@ -75,6 +77,17 @@ struct g3n_backend {
 
     /* ---- step metadata ---- */
     void (*batch_set)(g3n_backend *be, const g3n_batch *b);
+
+    /* ---- optional: record a step once, replay it (NULL where unsupported) ----
+     * graph_begin(key) returns 1 if it replayed the step recorded for `key` (the
+     * caller then issues no ops), 0 if the caller should issue the ops, which are
+     * recorded until graph_end and then run. Everything a recorded step touches
+     * must sit at the same addresses on every replay; the per-step metadata of
+     * batch_set is read from backend memory, so it may change. */
+    int (*graph_begin)(g3n_backend *be, uint64_t key);
+    void (*graph_end)(g3n_backend *be);
+    /* Wait for queued work (timing). NULL: ops are synchronous. */
+    void (*sync)(g3n_backend *be);
 
     /* ---- ops (all on the current batch's n rows unless a count is given) ---- */
 
@@ -142,6 +155,15 @@ struct g3n_backend {
 /* Constructors. NULL + err when the backend cannot start. */
 g3n_backend *cpu_ref_backend_create(char *err, size_t errlen);
 g3n_backend *cpu_backend_create(int n_threads, char *err, size_t errlen);
+/* CUDA (built with `make CUDA=1`): device index, options. */
+typedef struct {
+    int device;
+    int ple_on_gpu; /* keep host_gather matrices on the GPU too */
+    int no_graph;   /* issue ops every step instead of replaying a recorded one */
+} g3n_cuda_opts;
+g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, size_t errlen);
+/* 1 if this build has the CUDA backend and a GPU is usable. */
+int cuda_available(void);
 
 /* Fill every op of `be` with the reference implementation (used by backends
  * that override only some ops). */

@@ -13,6 +13,7 @@ typedef struct {
     int threads;
     int n_ctx;
     int n_batch;
+    int ple_on_gpu, no_graph;
 } model_opts;
 
 extern int g3n_quiet;

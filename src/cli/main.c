@@ -88,6 +88,10 @@ int opt_model(model_opts *o, int argc, char **argv, int *i) {
     } else if (!strcmp(a, "-b") || !strcmp(a, "--batch-size")) {
         NEED();
         o->n_batch = (int)parse_long(a, argv[++*i], 1, 65536);
+    } else if (!strcmp(a, "--ple-on-gpu")) {
+        o->ple_on_gpu = 1;
+    } else if (!strcmp(a, "--no-graph")) {
+        o->no_graph = 1;
     } else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) {
         g3n_quiet = 1;
     } else {
@@ -104,6 +108,8 @@ g3n_model *open_model(const model_opts *o) {
     g3n_model_params p = g3n_model_default_params();
     if (o->device) p.device = o->device;
     p.n_threads = o->threads;
+    p.ple_on_gpu = o->ple_on_gpu;
+    p.no_graph = o->no_graph;
     char err[1024];
     double t0 = now_s();
     g3n_model *m = g3n_model_open(o->dir, &p, err, sizeof err);
@@ -186,7 +192,11 @@ static void usage(FILE *f) {
             "\n"
             "model options (all commands):\n"
             "  -m, --model DIR        checkpoint directory (config.json + safetensors)\n"
-            "  --device NAME          cpu (default) or cpu-ref (reference ops, slow)\n"
+            "  --device NAME          cuda, cpu or cpu-ref (reference ops, slow); default: cuda\n"
+            "                         when built with CUDA and a GPU is present, else cpu\n"
+            "  --ple-on-gpu           cuda: keep the per-layer-embedding table on the GPU\n"
+            "                         (default: host memory; one row per token is copied)\n"
+            "  --no-graph             cuda: launch every kernel each step (no CUDA graph)\n"
             "  -t, --threads N        CPU threads (default: all cores)\n"
             "  -c, --ctx-size N       context length (default: 4096 or the model's maximum)\n"
             "  -b, --batch-size N     tokens per forward step (default 256)\n"

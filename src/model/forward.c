@@ -225,18 +225,50 @@ static void output_logits(g3n_model *M, fwd_scratch *f, int n, int r0, int nr, f
 
 fwd_hook_fn fwd_debug_hook;
 
+/* Everything a recorded step depends on besides the per-step metadata. */
+static uint64_t step_key(const fwd_scratch *f, const g3n_batch *b, int out_row0) {
+    uint64_t h = 1469598103934665603ull;
+#define MIX(v) (h = (h ^ (uint64_t)(v)) * 1099511628211ull)
+    MIX((uintptr_t)f);
+    MIX(b->n);
+    MIX(out_row0);
+    MIX(b->n_seq);
+    for (int i = 0; i < b->n_seq; i++) MIX((uintptr_t)b->kv[i]);
+#undef MIX
+    return h;
+}
+
 void fwd_run(g3n_model *M, fwd_scratch *f, const g3n_batch *b, int out_row0, float *logits_host) {
     g3n_backend *be = M->be;
     const int n = b->n;
     G3N_ASSERT(n > 0 && n <= f->rows && out_row0 >= 0 && out_row0 <= n);
     be->batch_set(be, b);
     float *S_orig = f->S, *pred_orig = f->pred;
+    const size_t V = (size_t)M->cfg.n_vocab;
+    const int n_out = n - out_row0;
+    if (n_out <= f->lm_rows) {
+        /* one step, one block of logits: recordable and replayable */
+        int replayed = 0, recording = be->graph_begin && !fwd_debug_hook;
+        if (recording) replayed = be->graph_begin(be, step_key(f, b, out_row0));
+        if (!replayed) {
+            embed_tokens(M, f, n);
+            for (int l = 0; l < M->cfg.n_layer; l++) {
+                decoder_layer(M, f, l, n);
+                if (fwd_debug_hook) fwd_debug_hook(M, l, f->S, n);
+            }
+            if (n_out > 0) output_logits(M, f, n, out_row0, n_out, f->logits);
+            f->S = S_orig;
+            f->pred = pred_orig;
+            if (recording) be->graph_end(be);
+        }
+        if (n_out > 0) be->read(be, logits_host, f->logits, (size_t)n_out * V * sizeof(float));
+        return;
+    }
     embed_tokens(M, f, n);
     for (int l = 0; l < M->cfg.n_layer; l++) {
         decoder_layer(M, f, l, n);
         if (fwd_debug_hook) fwd_debug_hook(M, l, f->S, n);
     }
-    const size_t V = (size_t)M->cfg.n_vocab;
     for (int r0 = out_row0; r0 < n; r0 += f->lm_rows) {
         int nr = G3N_MIN(f->lm_rows, n - r0);
         output_logits(M, f, n, r0, nr, f->logits);

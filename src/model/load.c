@@ -50,7 +50,9 @@ static int check_float(loader *L, const st_tensor *t, const char *name) {
 /* A weight matrix [rows, cols]. Absent and !required: an empty g3n_mat. */
 static int get_mat(loader *L, g3n_mat *out, const char *suffix, int rows, int cols, int required) {
     char name[256];
+    int host_gather = out->host_gather;
     memset(out, 0, sizeof(*out));
+    out->host_gather = host_gather;
     const st_tensor *t = find(L, suffix, name, sizeof name);
     if (!t) {
         if (!required) return 0;
@@ -140,6 +142,7 @@ int load_weights(g3n_model *m, char *err, size_t errlen) {
     const int qd = c->n_head * c->head_dim, kvd = c->n_head_kv * c->head_dim;
     int rc = 0;
     rc = rc ? rc : get_mat(&L, &w->embed_tokens, "embed_tokens.weight", c->n_vocab, D, 1);
+    w->embed_tokens_per_layer.host_gather = 1; /* one row per token is ever read */
     rc = rc ? rc : get_mat(&L, &w->embed_tokens_per_layer, "embed_tokens_per_layer.weight",
                            c->n_vocab_ple, LP, 1);
     rc = rc ? rc : get_mat(&L, &w->per_layer_model_projection, "per_layer_model_projection.weight",
@@ -232,7 +235,8 @@ int load_weights(g3n_model *m, char *err, size_t errlen) {
 }
 
 g3n_model_params g3n_model_default_params(void) {
-    g3n_model_params p = {"cpu", 0};
+    g3n_model_params p;
+    memset(&p, 0, sizeof p);
     return p;
 }
 
@@ -257,10 +261,23 @@ g3n_model *g3n_model_open(const char *dir, const g3n_model_params *params, char 
         rc = m->st ? 0 : -1;
     }
     if (rc == 0) {
-        const char *dev = p.device ? p.device : "cpu";
-        if (strcmp(dev, "cpu") == 0) m->be = cpu_backend_create(p.n_threads, err, errlen);
+        const char *dev = p.device;
+#ifdef G3N_CUDA
+        if (!dev) dev = cuda_available() ? "cuda" : "cpu";
+        if (strcmp(dev, "cuda") == 0) {
+            g3n_cuda_opts co = {0, p.ple_on_gpu, p.no_graph};
+            m->be = cuda_backend_create(&co, err, errlen);
+        } else
+#endif
+        if (!dev || strcmp(dev, "cpu") == 0) m->be = cpu_backend_create(p.n_threads, err, errlen);
         else if (strcmp(dev, "cpu-ref") == 0) m->be = cpu_ref_backend_create(err, errlen);
+#ifdef G3N_CUDA
+        else g3n_err(err, errlen, "unknown device \"%s\" (this build has: cuda, cpu, cpu-ref)", dev);
+#else
+        else if (strcmp(dev, "cuda") == 0)
+            g3n_err(err, errlen, "this g3n was built without CUDA (build with: make CUDA=1)");
         else g3n_err(err, errlen, "unknown device \"%s\" (this build has: cpu, cpu-ref)", dev);
+#endif
         rc = m->be ? 0 : -1;
     }
     if (rc == 0) rc = load_weights(m, err, errlen);

@@ -1,0 +1,258 @@
+/* cuda.cu: the CUDA backend's host side: device and stream, memory, weight
+ * upload (stored dtype, once), per-step metadata in fixed device buffers, the
+ * host-resident gather tables (the PLE table stays in host memory; a step copies
+ * only its rows), and recorded steps (CUDA graphs) replayed by key.
+ * The kernels live in ops.cu, gemv.cu and attention.cu. */
+#include "cuda_common.cuh"
+
+#include <string.h>
+
+/* ---- memory ---------------------------------------------------------------------- */
+
+static void *cu_alloc(g3n_backend *be, size_t bytes) {
+    void *p = NULL;
+    cudaError_t e = cudaMalloc(&p, bytes ? bytes : 256);
+    if (e != cudaSuccess) {
+        size_t fr = 0, tot = 0;
+        cudaMemGetInfo(&fr, &tot);
+        fprintf(stderr, "g3n: out of GPU memory allocating %.2f GB (%.2f GB free of %.2f GB)\n",
+                bytes / 1e9, fr / 1e9, tot / 1e9);
+        abort();
+    }
+    CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, CTX(be)->stream));
+    return p;
+}
+
+static void cu_free(g3n_backend *be, void *p) {
+    if (p) CUDA_CHECK(cudaFree(p));
+}
+
+static void cu_write(g3n_backend *be, void *dst, const void *src, size_t bytes) {
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, CTX(be)->stream));
+    CUDA_CHECK(cudaStreamSynchronize(CTX(be)->stream));
+}
+
+static void cu_read(g3n_backend *be, void *dst, const void *src, size_t bytes) {
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, CTX(be)->stream));
+    CUDA_CHECK(cudaStreamSynchronize(CTX(be)->stream));
+}
+
+static void cu_sync(g3n_backend *be) { CUDA_CHECK(cudaStreamSynchronize(CTX(be)->stream)); }
+
+static int cu_mat_prepare(g3n_backend *be, g3n_mat *m, char *err, size_t errlen) {
+    cuda_ctx *c = CTX(be);
+    if (m->dtype != G3N_F32 && m->dtype != G3N_F16 && m->dtype != G3N_BF16)
+        return g3n_err(err, errlen, "%s: dtype %s is not supported by the CUDA backend",
+                       m->name ? m->name : "?", g3n_dtype_name((g3n_dtype)m->dtype));
+    if (!m->data) return 0;
+    size_t bytes = (size_t)m->rows * m->cols * g3n_dtype_size((g3n_dtype)m->dtype);
+    if (m->host_gather && !c->ple_on_gpu) {
+        if (c->n_tables == CUDA_MAX_HOST_GATHER)
+            return g3n_err(err, errlen, "%s: too many host-resident tables", m->name);
+        cuda_host_table *t = &c->tables[c->n_tables++];
+        memset(t, 0, sizeof(*t));
+        t->host = m->data;
+        t->dtype = m->dtype;
+        t->cols = m->cols;
+        t->rows = m->rows;
+        t->row_bytes = (size_t)m->cols * g3n_dtype_size((g3n_dtype)m->dtype);
+        return 0; /* m->data stays the host pointer: embed finds the table by it */
+    }
+    void *d = NULL;
+    if (cudaMalloc(&d, bytes) != cudaSuccess) {
+        size_t fr = 0, tot = 0;
+        cudaMemGetInfo(&fr, &tot);
+        return g3n_err(err, errlen, "%s: out of GPU memory (%.2f GB needed, %.2f GB free)",
+                       m->name ? m->name : "?", bytes / 1e9, fr / 1e9);
+    }
+    CUDA_CHECK(cudaMemcpy(d, m->data, bytes, cudaMemcpyHostToDevice));
+    c->owned = (void **)realloc(c->owned, sizeof(void *) * (size_t)(c->n_owned + 1));
+    if (!c->owned) abort();
+    c->owned[c->n_owned++] = d;
+    m->data = d;
+    return 0;
+}
+
+/* ---- recorded steps -------------------------------------------------------------------- */
+
+static void graphs_clear(cuda_ctx *c) {
+    for (int i = 0; i < c->n_graphs; i++) CUDA_CHECK(cudaGraphExecDestroy(c->graph_exec[i]));
+    c->n_graphs = 0;
+    c->next_evict = 0;
+}
+
+static int cu_graph_begin(g3n_backend *be, uint64_t key) {
+    cuda_ctx *c = CTX(be);
+    if (c->no_graph) return 0;
+    for (int i = 0; i < c->n_graphs; i++)
+        if (c->graph_key[i] == key) {
+            CUDA_CHECK(cudaGraphLaunch(c->graph_exec[i], c->stream));
+            return 1;
+        }
+    CUDA_CHECK(cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal));
+    c->capturing = 1;
+    c->capture_key = key;
+    return 0;
+}
+
+static void cu_graph_end(g3n_backend *be) {
+    cuda_ctx *c = CTX(be);
+    if (!c->capturing) return;
+    cudaGraph_t g;
+    CUDA_CHECK(cudaStreamEndCapture(c->stream, &g));
+    c->capturing = 0;
+    cudaGraphExec_t exec;
+    CUDA_CHECK(cudaGraphInstantiate(&exec, g, 0));
+    CUDA_CHECK(cudaGraphDestroy(g));
+    int slot;
+    if (c->n_graphs < CUDA_MAX_GRAPHS) {
+        slot = c->n_graphs++;
+    } else {
+        slot = c->next_evict;
+        c->next_evict = (c->next_evict + 1) % CUDA_MAX_GRAPHS;
+        CUDA_CHECK(cudaGraphExecDestroy(c->graph_exec[slot]));
+    }
+    c->graph_key[slot] = c->capture_key;
+    c->graph_exec[slot] = exec;
+    CUDA_CHECK(cudaGraphLaunch(exec, c->stream));
+}
+
+/* ---- step metadata ---------------------------------------------------------------------- */
+
+static void cu_batch_set(g3n_backend *be, const g3n_batch *b) {
+    cuda_ctx *c = CTX(be);
+    G3N_ASSERT(!c->capturing);
+    if (b->n > c->cap_tokens || b->n_seq > c->cap_seq) {
+        /* addresses change: every recorded step is stale */
+        CUDA_CHECK(cudaStreamSynchronize(c->stream));
+        graphs_clear(c);
+        c->cap_tokens = G3N_MAX(b->n, G3N_MAX(2 * c->cap_tokens, 64));
+        c->cap_seq = G3N_MAX(b->n_seq, G3N_MAX(c->cap_seq, 8));
+        if (c->d_meta) CUDA_CHECK(cudaFree(c->d_meta));
+        if (c->h_meta) CUDA_CHECK(cudaFreeHost(c->h_meta));
+        if (c->d_kv) CUDA_CHECK(cudaFree(c->d_kv));
+        if (c->h_kv) CUDA_CHECK(cudaFreeHost(c->h_kv));
+        CUDA_CHECK(cudaMalloc((void **)&c->d_meta, sizeof(int32_t) * 3 * (size_t)c->cap_tokens));
+        CUDA_CHECK(cudaMallocHost((void **)&c->h_meta, sizeof(int32_t) * 3 * (size_t)c->cap_tokens));
+        size_t kvn = (size_t)c->cap_seq * G3N_KV_MAX_LAYERS;
+        CUDA_CHECK(cudaMalloc((void **)&c->d_kv, sizeof(g3n_kv_layer) * kvn));
+        CUDA_CHECK(cudaMallocHost((void **)&c->h_kv, sizeof(g3n_kv_layer) * kvn));
+        for (int i = 0; i < c->n_tables; i++) {
+            cuda_host_table *t = &c->tables[i];
+            if (t->d_stage) CUDA_CHECK(cudaFree(t->d_stage));
+            if (t->h_stage) CUDA_CHECK(cudaFreeHost(t->h_stage));
+            t->cap_rows = c->cap_tokens;
+            CUDA_CHECK(cudaMalloc(&t->d_stage, t->row_bytes * (size_t)t->cap_rows));
+            CUDA_CHECK(cudaMallocHost(&t->h_stage, t->row_bytes * (size_t)t->cap_rows));
+        }
+    } else {
+        /* the pinned staging may still feed the previous step's copies */
+        CUDA_CHECK(cudaStreamSynchronize(c->stream));
+    }
+    c->n_tokens = b->n;
+    c->n_seq = b->n_seq;
+    int32_t *h = c->h_meta;
+    memcpy(h, b->ids, sizeof(int32_t) * (size_t)b->n);
+    memcpy(h + c->cap_tokens, b->pos, sizeof(int32_t) * (size_t)b->n);
+    memcpy(h + 2 * c->cap_tokens, b->seq, sizeof(int32_t) * (size_t)b->n);
+    CUDA_CHECK(cudaMemcpyAsync(c->d_meta, h, sizeof(int32_t) * 3 * (size_t)c->cap_tokens,
+                               cudaMemcpyHostToDevice, c->stream));
+    if (b->kv) {
+        for (int s = 0; s < b->n_seq; s++)
+            memcpy(c->h_kv + (size_t)s * G3N_KV_MAX_LAYERS, b->kv[s]->layer, sizeof(b->kv[s]->layer));
+        CUDA_CHECK(cudaMemcpyAsync(c->d_kv, c->h_kv, sizeof(g3n_kv_layer) * G3N_KV_MAX_LAYERS * (size_t)b->n_seq,
+                                   cudaMemcpyHostToDevice, c->stream));
+    }
+    /* host-resident tables: gather this step's rows, one copy each */
+    for (int i = 0; i < c->n_tables; i++) {
+        cuda_host_table *t = &c->tables[i];
+        for (int k = 0; k < b->n; k++) {
+            int id = b->ids[k];
+            if (id < 0 || id >= t->rows) id = 0;
+            memcpy((char *)t->h_stage + (size_t)k * t->row_bytes,
+                   (const char *)t->host + (size_t)id * t->row_bytes, t->row_bytes);
+        }
+        CUDA_CHECK(cudaMemcpyAsync(t->d_stage, t->h_stage, t->row_bytes * (size_t)b->n,
+                                   cudaMemcpyHostToDevice, c->stream));
+    }
+}
+
+/* ---- construction ------------------------------------------------------------------------- */
+
+static void cu_destroy(g3n_backend *be) {
+    cuda_ctx *c = CTX(be);
+    cudaStreamSynchronize(c->stream);
+    graphs_clear(c);
+    for (int i = 0; i < c->n_owned; i++) cudaFree(c->owned[i]);
+    free(c->owned);
+    for (int i = 0; i < c->n_tables; i++) {
+        if (c->tables[i].d_stage) cudaFree(c->tables[i].d_stage);
+        if (c->tables[i].h_stage) cudaFreeHost(c->tables[i].h_stage);
+    }
+    if (c->d_meta) cudaFree(c->d_meta);
+    if (c->h_meta) cudaFreeHost(c->h_meta);
+    if (c->d_kv) cudaFree(c->d_kv);
+    if (c->h_kv) cudaFreeHost(c->h_kv);
+    cudaStreamDestroy(c->stream);
+    free(c);
+    free(be);
+}
+
+extern "C" int cuda_available(void) {
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, size_t errlen) {
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0) {
+        g3n_err(err, errlen, "no CUDA device (%s)", e != cudaSuccess ? cudaGetErrorString(e) : "none found");
+        return NULL;
+    }
+    int dev = o ? o->device : 0;
+    if (dev < 0 || dev >= n) {
+        g3n_err(err, errlen, "CUDA device %d does not exist (%d found)", dev, n);
+        return NULL;
+    }
+    CUDA_CHECK(cudaSetDevice(dev));
+    g3n_backend *be = (g3n_backend *)g3n_calloc(1, sizeof(*be));
+    cuda_ctx *c = (cuda_ctx *)g3n_calloc(1, sizeof(cuda_ctx));
+    c->device = dev;
+    c->no_graph = o ? o->no_graph : 0;
+    c->ple_on_gpu = o ? o->ple_on_gpu : 0;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+    be->ctx = c;
+    be->name = "cuda";
+    be->n_threads = 1;
+    be->alloc = cu_alloc;
+    be->free = cu_free;
+    be->write = cu_write;
+    be->read = cu_read;
+    be->mat_prepare = cu_mat_prepare;
+    be->destroy = cu_destroy;
+    be->read_bandwidth = cuda_read_bandwidth;
+    be->batch_set = cu_batch_set;
+    be->graph_begin = cu_graph_begin;
+    be->graph_end = cu_graph_end;
+    be->sync = cu_sync;
+    be->matmul = cuda_op_matmul;
+    be->embed = cuda_op_embed;
+    be->rmsnorm = cuda_op_rmsnorm;
+    be->rope = cuda_op_rope;
+    be->kv_store = cuda_op_kv_store;
+    be->attention = cuda_op_attention;
+    be->add = cuda_op_add;
+    be->scale = cuda_op_scale;
+    be->add3_scale = cuda_op_add3_scale;
+    be->mul_vec = cuda_op_mul_vec;
+    be->gelu_mul = cuda_op_gelu_mul;
+    be->gaussian_topk = cuda_op_gaussian_topk;
+    be->tanh_ = cuda_op_tanh;
+    be->softcap = cuda_op_softcap;
+    be->altup_predict = cuda_op_altup_predict;
+    be->altup_correct = cuda_op_altup_correct;
+    be->magnitude_match = cuda_op_magnitude_match;
+    be->ple_combine = cuda_op_ple_combine;
+    return be;
+}

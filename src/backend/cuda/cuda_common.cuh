@@ -1,0 +1,142 @@
+/* cuda_common.cuh: what every CUDA file of the backend shares: the backend's
+ * state, CUDA_CHECK, warp/block reductions, dtype loads, and the launchers the
+ * op files export to cuda.cu. Compiled as C++ by nvcc but written C-like: no STL,
+ * no classes; entry points the C side calls are extern "C". */
+#ifndef G3N_CUDA_COMMON_CUH
+#define G3N_CUDA_COMMON_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+extern "C" {
+#include "backend/backend.h"
+#include "common.h"
+}
+
+#define CUDA_CHECK(x)                                                                   \
+    do {                                                                                \
+        cudaError_t e_ = (x);                                                           \
+        if (e_ != cudaSuccess) {                                                        \
+            fprintf(stderr, "g3n: CUDA error: %s (%s:%d: %s)\n", cudaGetErrorString(e_), \
+                    __FILE__, __LINE__, #x);                                            \
+            abort();                                                                    \
+        }                                                                               \
+    } while (0)
+
+/* After a launch: catch bad configurations at once (not inside graph capture,
+ * where errors surface at instantiation). */
+#define CUDA_LAUNCHED() CUDA_CHECK(cudaPeekAtLastError())
+
+#define CUDA_MAX_GRAPHS 32
+#define CUDA_MAX_HOST_GATHER 4
+#define CUDA_MAX_HEAD_DIM 256
+
+typedef struct {
+    const void *host;  /* the matrix in host memory (the mmap) */
+    int dtype, rows, cols;
+    size_t row_bytes;
+    void *h_stage;     /* pinned: the rows of the current step */
+    void *d_stage;     /* device copy of h_stage */
+    int cap_rows;
+} cuda_host_table;
+
+typedef struct {
+    int device;
+    cudaStream_t stream;
+    int no_graph, ple_on_gpu;
+    /* current step */
+    int n_tokens, n_seq;
+    int cap_tokens, cap_seq;
+    int32_t *d_meta;       /* [3][cap_tokens]: ids, pos, seq */
+    int32_t *h_meta;       /* pinned staging of the same */
+    g3n_kv_layer *d_kv;    /* [cap_seq][G3N_KV_MAX_LAYERS] */
+    g3n_kv_layer *h_kv;    /* pinned staging */
+    cuda_host_table tables[CUDA_MAX_HOST_GATHER];
+    int n_tables;
+    /* weights uploaded by mat_prepare */
+    void **owned;
+    int n_owned;
+    /* recorded steps */
+    uint64_t graph_key[CUDA_MAX_GRAPHS];
+    cudaGraphExec_t graph_exec[CUDA_MAX_GRAPHS];
+    int n_graphs, next_evict;
+    int capturing;
+    uint64_t capture_key;
+} cuda_ctx;
+
+static inline cuda_ctx *CTX(g3n_backend *be) { return (cuda_ctx *)be->ctx; }
+static inline const int32_t *d_ids(cuda_ctx *c) { return c->d_meta; }
+static inline const int32_t *d_pos(cuda_ctx *c) { return c->d_meta + c->cap_tokens; }
+static inline const int32_t *d_seq(cuda_ctx *c) { return c->d_meta + 2 * c->cap_tokens; }
+
+/* ---- device helpers ---------------------------------------------------------------- */
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread
+ * gets the result. `sh` holds at least 32 floats. */
+__device__ __forceinline__ float block_sum(float v, float *sh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads(); /* sh may still be read from a previous call */
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+__device__ __forceinline__ float load_w(const void *w, int dtype, size_t i) {
+    if (dtype == G3N_BF16) return __bfloat162float(((const __nv_bfloat16 *)w)[i]);
+    if (dtype == G3N_F16) return __half2float(((const __half *)w)[i]);
+    return ((const float *)w)[i];
+}
+
+__device__ __forceinline__ float gelu_tanh_d(float z) {
+    const float k = 0.7978845608028654f;
+    return 0.5f * z * (1.0f + tanhf(k * (z + 0.044715f * z * z * z)));
+}
+
+/* ---- launchers (ops.cu, gemv.cu, attention.cu) ---------------------------------------- */
+
+void cuda_op_matmul(g3n_backend *be, float *y, const g3n_mat *W, const float *x, int rows);
+void cuda_op_embed(g3n_backend *be, float *y, const g3n_mat *W, float scale);
+void cuda_op_rmsnorm(g3n_backend *be, float *y, const float *x, g3n_vec w, int rows, int dim, float eps);
+void cuda_op_rope(g3n_backend *be, float *x, int n_head, int head_dim, float theta);
+void cuda_op_kv_store(g3n_backend *be, int layer, const float *k, const float *v, int kv_dim);
+void cuda_op_attention(g3n_backend *be, float *out, const float *q, int layer, int n_head,
+                       int n_head_kv, int head_dim, int window);
+void cuda_op_add(g3n_backend *be, float *y, const float *a, const float *b, size_t n);
+void cuda_op_scale(g3n_backend *be, float *y, const float *x, float s, size_t n);
+void cuda_op_add3_scale(g3n_backend *be, float *y, const float *a, const float *b, const float *c,
+                        float s, size_t n);
+void cuda_op_mul_vec(g3n_backend *be, float *y, const float *x, g3n_vec w, int rows, int dim);
+void cuda_op_gelu_mul(g3n_backend *be, float *y, const float *g, const float *u, size_t n);
+void cuda_op_gaussian_topk(g3n_backend *be, float *x, int rows, int dim, float kappa);
+void cuda_op_tanh(g3n_backend *be, float *y, const float *x, size_t n);
+void cuda_op_softcap(g3n_backend *be, float *x, size_t n, float cap);
+void cuda_op_altup_predict(g3n_backend *be, float *pred, const float *S, const float *m,
+                           g3n_vec coefs, int A, int rows, int dim);
+void cuda_op_altup_correct(g3n_backend *be, float *corr, const float *pred, const float *o,
+                           const float *m, g3n_vec coefs, int A, int rows, int dim);
+void cuda_op_magnitude_match(g3n_backend *be, float *y, const float *ref, int rows, int dim,
+                             float floor_ms);
+void cuda_op_ple_combine(g3n_backend *be, float *out, const float *proj, const float *z,
+                         g3n_vec norm, int rows, int L, int P, float proj_scale, float eps,
+                         float out_scale);
+double cuda_read_bandwidth(g3n_backend *be, size_t bytes);
+
+#endif
