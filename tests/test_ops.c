@@ -369,6 +369,108 @@ TEST(small_ops) {
     for (size_t i = 0; i < sizeof dev_ptrs / sizeof *dev_ptrs; i++) B->free(B, dev_ptrs[i]);
 }
 
+/* The fused ops against the reference's definition (sequences of basic ops). */
+static float *vdev(float *h, int n) { return dev(h, (size_t)n); }
+
+TEST(fused_ops) {
+    const int A = 4, R = 2, D = 96, H = 4, Hkv = 2, hd = 32, cap = 16;
+    const size_t pn = (size_t)A * R * D, n = (size_t)R * D;
+    float *S = rnd(pn, 1.0f), *rn = rnd(D, 1.0f), *pc = rnd(64, 0.3f), *cc = rnd(16, 0.3f), *inn = rnd(D, 1.0f);
+    for (int i = 0; i < D; i++) rn[i] += 1.5f, inn[i] += 1.5f;
+    tmat router = make_mat(G3N_BF16, A, D, 0);
+    float *dS = dev(S, pn), *drn = vdev(rn, D), *dpc = vdev(pc, 64), *dcc = vdev(cc, 16), *dinn = vdev(inn, D);
+    /* altup_predict_fused */
+    float *pred = malloc(4 * pn), *x = malloc(4 * n);
+    REF->altup_predict_fused(REF, pred, x, S, &router.ref, (g3n_vec){D, rn}, (g3n_vec){64, pc}, (g3n_vec){D, inn}, A, R,
+                             D, 1e-6f);
+    float *dpred = dev_nan(pn), *dx = dev_nan(n);
+    B->altup_predict_fused(B, dpred, dx, dS, &router.b, (g3n_vec){D, drn}, (g3n_vec){64, dpc}, (g3n_vec){D, dinn}, A,
+                           R, D, 1e-6f);
+    float *hp = host(dpred, pn);
+    test_close("altup_predict_fused pred", hp, pred, pn, 1e-5, 1e-5);
+    cmp("altup_predict_fused x", dx, x, n, 1e-5, 1e-5);
+    /* matmul_multi: two products with different inputs and one shared */
+    tmat W1 = make_mat(G3N_BF16, 40, D, 0), W2 = make_mat(G3N_BF16, 24, 64, 0), W3 = make_mat(G3N_BF16, 8, D, 0);
+    float *x2 = rnd((size_t)R * 64, 1.0f), *dx2 = dev(x2, (size_t)R * 64), *dxx = dev(x, n);
+    float y1[80], y2[48], y3[16];
+    const g3n_mat *Wr[3] = {&W1.ref, &W2.ref, &W3.ref}, *Wb[3] = {&W1.b, &W2.b, &W3.b};
+    float *yr[3] = {y1, y2, y3};
+    const float *xr[3] = {x, x2, x};
+    REF->matmul_multi(REF, 3, Wr, yr, xr, R);
+    float *dy1 = dev_nan(80), *dy2 = dev_nan(48), *dy3 = dev_nan(16);
+    float *yb[3] = {dy1, dy2, dy3};
+    const float *xb[3] = {dxx, dx2, dxx};
+    B->matmul_multi(B, 3, Wb, yb, xb, R);
+    cmp("matmul_multi 0", dy1, y1, 80, 1e-5, 1e-5);
+    cmp("matmul_multi 1", dy2, y2, 48, 1e-5, 1e-5);
+    cmp("matmul_multi 2", dy3, y3, 16, 1e-5, 1e-5);
+    /* qkv_post with a cache store, two tokens at positions 3 and 20 */
+    float *q = rnd((size_t)R * H * hd, 1.0f), *k = rnd((size_t)R * Hkv * hd, 1.0f), *v = rnd((size_t)R * Hkv * hd, 1.0f);
+    float *qn = rnd(hd, 1.0f), *kn = rnd(hd, 1.0f);
+    float *cache = calloc((size_t)2 * cap * Hkv * hd, 4), *dcache = dev(cache, (size_t)2 * cap * Hkv * hd);
+    g3n_kv kvr, kvb;
+    memset(&kvr, 0, sizeof kvr);
+    memset(&kvb, 0, sizeof kvb);
+    kvr.layer[2] = (g3n_kv_layer){cache, cache + cap * Hkv * hd, cap};
+    kvb.layer[2] = (g3n_kv_layer){dcache, dcache + cap * Hkv * hd, cap};
+    g3n_kv *pr[1] = {&kvr}, *pb[1] = {&kvb};
+    int32_t ids[2] = {0, 0}, pos[2] = {3, 20}, seq[2] = {0, 0};
+    g3n_batch br = {R, ids, pos, seq, pr, 1}, bb = {R, ids, pos, seq, pb, 1};
+    REF->batch_set(REF, &br);
+    B->batch_set(B, &bb);
+    float *dq = dev(q, (size_t)R * H * hd), *dk = dev(k, (size_t)R * Hkv * hd), *dv = dev(v, (size_t)R * Hkv * hd);
+    float *dqn = vdev(qn, hd), *dkn = vdev(kn, hd);
+    REF->qkv_post(REF, q, k, v, (g3n_vec){hd, qn}, (g3n_vec){hd, kn}, 2, H, Hkv, hd, 10000.0f, 1e-6f);
+    B->qkv_post(B, dq, dk, dv, (g3n_vec){hd, dqn}, (g3n_vec){hd, dkn}, 2, H, Hkv, hd, 10000.0f, 1e-6f);
+    cmp("qkv_post q", dq, q, (size_t)R * H * hd, 1e-5, 1e-5);
+    cmp("qkv_post cache", dcache, cache, (size_t)2 * cap * Hkv * hd, 1e-5, 1e-5);
+    /* attn_residual */
+    float *att = rnd(n, 2.0f), *lau = rnd(n, 2.0f), *a = rnd(n, 1.0f), *w3 = rnd(3 * D, 1.0f), s_[200], u_[200];
+    float *datt = dev(att, n), *dlau = dev(lau, n), *da = dev(a, n), *dw3 = vdev(w3, 3 * D);
+    REF->attn_residual(REF, s_, u_, att, lau, x, a, (g3n_vec){D, w3}, (g3n_vec){D, w3 + D}, (g3n_vec){D, w3 + 2 * D}, R,
+                       D, 1e-6f, 0.7071f);
+    float *ds = dev_nan(n), *du = dev_nan(n);
+    B->attn_residual(B, ds, du, datt, dlau, dxx, da, (g3n_vec){D, dw3}, (g3n_vec){D, dw3 + D},
+                     (g3n_vec){D, dw3 + 2 * D}, R, D, 1e-6f, 0.7071f);
+    cmp("attn_residual s", ds, s_, n, 1e-5, 1e-5);
+    cmp("attn_residual u", du, u_, n, 1e-5, 1e-5);
+    /* mlp_act, with and without top-k, over odd widths */
+    int ffs[2] = {333, 1031};
+    for (int i = 0; i < 2; i++)
+        for (int tk = 0; tk < 2; tk++) {
+            size_t m = (size_t)R * ffs[i];
+            float *g = rnd(m, 2.0f), *up = rnd(m, 2.0f), *dg = dev(g, m), *dup = dev(up, m);
+            REF->mlp_act(REF, g, up, R, ffs[i], tk ? 1.6448533535f : 0.0f);
+            B->mlp_act(B, dg, dup, R, ffs[i], tk ? 1.6448533535f : 0.0f);
+            cmp(tk ? "mlp_act top-k" : "mlp_act", dg, g, m, 1e-5, 1e-5);
+            free(g), free(up), B->free(B, dup);
+        }
+    /* altup_correct_fused (with and without the output scale) */
+    for (int sc = 0; sc < 2; sc++) {
+        float *f = rnd(n, 2.0f), *sres = rnd(n, 1.0f), *p2 = malloc(4 * pn), qs[200];
+        memcpy(p2, pred, 4 * pn);
+        float *df = dev(f, n), *dsres = dev(sres, n), *dp2 = dev(pred, pn), *dqs = dev_nan(n);
+        REF->altup_correct_fused(REF, p2, qs, f, sres, (g3n_vec){D, w3}, &router.ref, (g3n_vec){D, rn},
+                                 (g3n_vec){16, cc}, (g3n_vec){D, sc ? inn : NULL}, A, R, D, 1e-6f);
+        B->altup_correct_fused(B, dp2, dqs, df, dsres, (g3n_vec){D, dw3}, &router.b, (g3n_vec){D, drn},
+                               (g3n_vec){16, dcc}, (g3n_vec){D, sc ? dinn : NULL}, A, R, D, 1e-6f);
+        cmp("altup_correct_fused pred", dp2, p2, pn, 1e-5, 1e-5);
+        cmp("altup_correct_fused qs", dqs, qs, n, 1e-5, 1e-5);
+        free(f), free(sres), free(p2), B->free(B, df), B->free(B, dsres);
+    }
+    /* ple_add */
+    float *proj = rnd(n, 3.0f), *dproj = dev(proj, n), *p3 = malloc(4 * pn), *dp3 = dev(pred, pn);
+    memcpy(p3, pred, 4 * pn);
+    REF->ple_add(REF, p3, proj, (g3n_vec){D, inn}, A, R, D, 1e-6f);
+    B->ple_add(B, dp3, dproj, (g3n_vec){D, dinn}, A, R, D, 1e-6f);
+    cmp("ple_add", dp3, p3, pn, 1e-5, 1e-5);
+    free(S), free(rn), free(pc), free(cc), free(inn), free(pred), free(x), free(hp), free(x2), free(q), free(k);
+    free(v), free(qn), free(kn), free(cache), free(att), free(lau), free(a), free(w3), free(proj), free(p3);
+    free(router.mem), free(W1.mem), free(W2.mem), free(W3.mem);
+    void *d[] = {dS, drn, dpc, dcc, dinn, dx2, dxx, dk, dv, dqn, dkn, datt, dlau, da, dw3, dproj, dpred};
+    for (size_t i = 0; i < sizeof d / sizeof *d; i++) B->free(B, d[i]);
+}
+
 /* Shared ops checked against values computed here (the oracle itself). */
 TEST(ref_ops_exact) {
     float x[7] = {-3, -0.5f, 0, 0.25f, 1, 2.5f, 10};
@@ -438,12 +540,18 @@ TEST(ref_ops_exact) {
 }
 
 static void run_backend(void) {
+    /* a wide step first: lets a GPU backend size its prompt-product scratch, so
+     * the products of more than a few rows take that path */
+    static int32_t z[64];
+    g3n_batch wide = {64, z, z, z, NULL, 1};
+    B->batch_set(B, &wide);
     RUN(matmul);
     RUN(matmul_large);
     RUN(rmsnorm);
     RUN(attention);
     RUN(batch_ops);
     RUN(small_ops);
+    RUN(fused_ops);
 }
 
 int main(int argc, char **argv) {

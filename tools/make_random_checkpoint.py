@@ -81,13 +81,50 @@ def bf16_bits(x):
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def blocks(shape, kind, rng, D):
+_POOLS = {}
+
+
+def pooled(kind, fan_in, n, rng, D):
+    """n bf16 values cut at a random offset from a 2^24-value pool drawn once per
+    (kind, fan_in): statistically the same as fresh draws for timing, and fast."""
+    key = (kind, fan_in)
+    if key not in _POOLS:
+        _POOLS[key] = bf16_bits(np.asarray(draw(kind, fan_in, (1 << 24) + (1 << 20), rng, D), np.float32))
+    pool = _POOLS[key]
+    total = int(np.prod(n))
+    out = np.empty(total, np.uint16)
+    k = 0
+    while k < total:
+        off = int(rng.integers(0, 1 << 20))
+        m = min(total - k, (1 << 24))
+        out[k:k + m] = pool[off:off + m]
+        k += m
+    return out
+
+
+def draw(kind, fan_in, n, rng, D):
+    if kind == "norm":
+        return rng.uniform(0.5, 1.5, n)
+    if kind == "qknorm":
+        return rng.uniform(0.25, 0.75, n)
+    if kind == "coef":
+        return rng.normal(0, 0.2, n)
+    if kind == "router":
+        return rng.normal(0, np.sqrt(D), n)
+    return rng.standard_normal(n, dtype=np.float32) * np.float32(1 / np.sqrt(fan_in))
+
+
+def blocks(shape, kind, rng, D, fast=False):
     """Yield the tensor's bf16 bytes in row blocks of about 16M values."""
     rows = shape[0]
     cols = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     step = max(1, (1 << 24) // cols)
+    fan_in = cols if kind == "lin" else D if kind == "embed" else 256
     for r0 in range(0, rows, step):
         n = (min(rows, r0 + step) - r0, cols) if len(shape) > 1 else (rows,)
+        if fast and kind in ("lin", "embed", "ple"):
+            yield pooled(kind, fan_in, n, rng, D).tobytes()
+            continue
         if kind == "norm":
             v = rng.uniform(0.5, 1.5, n)
         elif kind == "qknorm":
@@ -108,6 +145,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-gb", type=float, default=4.0)
+    ap.add_argument("--fast", action="store_true",
+                    help="cut large tensors from a pool of random values (quick; for timing only)")
     a = ap.parse_args()
     c = text_config(a.shape)
     os.makedirs(a.out, exist_ok=True)
@@ -139,7 +178,7 @@ def main():
             f.write(struct.pack("<Q", len(h)))
             f.write(h)
             for name, shape, kind in group:
-                for b in blocks(shape, kind, rng, c["hidden_size"]):
+                for b in blocks(shape, kind, rng, c["hidden_size"], a.fast):
                     f.write(b)
         total += off
         print(f"wrote {fname}: {len(group)} tensors, {off / 1e9:.2f} GB", flush=True)

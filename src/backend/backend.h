@@ -60,6 +60,7 @@ typedef struct g3n_backend g3n_backend;
 
 struct g3n_backend {
     const char *name;
+    char device_name[96]; /* the hardware, for reports and the decode-path cache */
     void *ctx;
     int n_threads;
 
@@ -68,6 +69,10 @@ struct g3n_backend {
     void (*free)(g3n_backend *be, void *p);
     void (*write)(g3n_backend *be, void *dst, const void *src, size_t bytes); /* host -> be */
     void (*read)(g3n_backend *be, void *dst, const void *src, size_t bytes);  /* be -> host */
+    /* Host memory the backend copies to and from fastest (pinned on a GPU);
+     * NULL: plain malloc/free. */
+    void *(*host_alloc)(g3n_backend *be, size_t bytes);
+    void (*host_free)(g3n_backend *be, void *p);
     /* Make a weight matrix usable by this backend (CPU: borrow the mapping). */
     int (*mat_prepare)(g3n_backend *be, g3n_mat *m, char *err, size_t errlen);
     void (*destroy)(g3n_backend *be);
@@ -150,6 +155,45 @@ struct g3n_backend {
     /* Per row: y[r] *= sqrt(mean(ref[r]^2)) / sqrt(max(mean(y[r]^2), floor)). */
     void (*magnitude_match)(g3n_backend *be, float *y, const float *ref, int rows, int dim,
                             float floor_ms);
+
+    /* ---- fused ops: the decode step in fewer passes. Each is defined as the
+     * sequence of basic ops written in cpu_ref.c (cpu_ref_fused_*), which is
+     * what the CPU backends run; a GPU backend implements them as single kernels
+     * where it pays. forward.c uses them on the "fused" decode path. ---- */
+
+    /* Several products in one pass: y[i] = W[i] . x[i] (rows each). */
+    void (*matmul_multi)(g3n_backend *be, int n, const g3n_mat *const *W, float *const *y,
+                         const float *const *x, int rows);
+    /* AltUp predict with its router and the input norm:
+     *   m = tanh(router . (rmsnorm(S[0], router_norm) / dim)),  pred = predict(S, m, coefs),
+     *   x = rmsnorm(pred[0], in_norm). */
+    void (*altup_predict_fused)(g3n_backend *be, float *pred, float *x, const float *S,
+                                const g3n_mat *router, g3n_vec router_norm, g3n_vec coefs,
+                                g3n_vec in_norm, int A, int rows, int dim, float eps);
+    /* q: per-head rmsnorm (q_norm) then RoPE, in place. If layer >= 0 also k
+     * (k_norm, RoPE) and v (norm without weight), stored into cache `layer`. */
+    void (*qkv_post)(g3n_backend *be, float *q, float *k, float *v, g3n_vec q_norm,
+                     g3n_vec k_norm, int layer, int n_head, int n_head_kv, int head_dim,
+                     float theta, float eps);
+    /* After attention and LAuReL:  att_n = rmsnorm(att, post_att),
+     * lau = rmsnorm(lau_raw, post_laurel) + x,  s = (a + att_n + lau) * res_scale,
+     * u = rmsnorm(s, pre_ff).  att and lau_raw are overwritten (scratch). */
+    void (*attn_residual)(g3n_backend *be, float *s, float *u, float *att, float *lau_raw,
+                          const float *x, const float *a, g3n_vec post_att, g3n_vec post_laurel,
+                          g3n_vec pre_ff, int rows, int dim, float eps, float res_scale);
+    /* MLP activation: gate = gelu_tanh(topk(gate)) * up  (kappa 0: no top-k). */
+    void (*mlp_act)(g3n_backend *be, float *gate, const float *up, int rows, int n_ff,
+                    float kappa);
+    /* After the MLP:  o = s + rmsnorm(f, post_ff) (into f),  m = router(o),
+     * corr = correct(pred, o, m) in place in pred,  qs = pred[0] * out_scale
+     * (out_scale.data NULL: qs = pred[0]). */
+    void (*altup_correct_fused)(g3n_backend *be, float *pred, float *qs, float *f, const float *s,
+                                g3n_vec post_ff, const g3n_mat *router, g3n_vec router_norm,
+                                g3n_vec coefs, g3n_vec out_scale, int A, int rows, int dim,
+                                float eps);
+    /* Per-layer input: planes 1..A-1 of pred += rmsnorm(proj, post_norm). */
+    void (*ple_add)(g3n_backend *be, float *pred, float *proj, g3n_vec post_norm, int A, int rows,
+                    int dim, float eps);
 };
 
 /* Constructors. NULL + err when the backend cannot start. */

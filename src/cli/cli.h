@@ -14,6 +14,7 @@ typedef struct {
     int n_ctx;
     int n_batch;
     int ple_on_gpu, no_graph;
+    const char *decode_path;
 } model_opts;
 
 extern int g3n_quiet;

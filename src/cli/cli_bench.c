@@ -58,13 +58,21 @@ int cmd_bench(int argc, char **argv) {
         st = st * 6364136223846793005ull + 1442695040888963407ull;
         prompt[i] = (int32_t)(3 + (st >> 33) % (uint64_t)(mi.n_vocab_text - 3));
     }
-    /* warm-up: page in the weights and grow scratch */
+    /* warm-up: page in the weights, grow scratch, let libraries pick kernels */
     int32_t w0 = 2;
     if (g3n_session_eval(s, &w0, 1, NULL, err, sizeof err)) die("%s", err);
     if (g3n_session_eval(s, &w0, 1, NULL, err, sizeof err)) die("%s", err);
+    if (n_prompt > 0) {
+        g3n_session_reset(s);
+        if (g3n_session_eval(s, prompt, n_prompt, NULL, err, sizeof err)) die("%s", err);
+    }
 
-    double *pp = calloc((size_t)reps, sizeof(double)), *tg = calloc((size_t)reps, sizeof(double));
-    uint64_t checksum = 0;
+    /* decode is timed on both paths where they differ (GPU); the model's own
+     * choice first */
+    const char *paths[2] = {mi.decode_path, strcmp(mi.decode_path, "fused") ? "fused" : "split"};
+    int n_paths = strncmp(mi.backend, "cpu", 3) == 0 || n_gen == 0 ? 1 : 2;
+    double *pp = calloc((size_t)reps, sizeof(double)), *tg = calloc((size_t)reps * 2, sizeof(double));
+    uint64_t checksum[2] = {0, 0};
     for (int r = 0; r < reps; r++) {
         if (n_prompt > 0) {
             g3n_session_reset(s);
@@ -72,46 +80,60 @@ int cmd_bench(int argc, char **argv) {
             if (g3n_session_eval(s, prompt, n_prompt, NULL, err, sizeof err)) die("%s", err);
             pp[r] = n_prompt / (now_s() - t0);
         }
-        if (n_gen > 0) {
+        for (int pi = 0; pi < n_paths && n_gen > 0; pi++) {
+            g3n_model_set_decode_path(m, paths[pi]);
             g3n_session_reset(s);
             int32_t tok = 2; /* <bos> */
             uint64_t h = 1469598103934665603ull;
-            double t0 = now_s();
-            for (int i = 0; i < n_gen; i++) {
+            if (r == 0) { /* record this path's step before timing it */
                 if (g3n_session_eval(s, &tok, 1, NULL, err, sizeof err)) die("%s", err);
-                tok = argmax(g3n_session_logits(s), mi.n_vocab);
-                if (tok >= mi.n_vocab_text) tok = 0;
+                g3n_session_reset(s);
+            }
+            double spent = 0; /* model time only: picking the next id is excluded */
+            for (int i = 0; i < n_gen; i++) {
+                double t0 = now_s();
+                if (g3n_session_eval(s, &tok, 1, NULL, err, sizeof err)) die("%s", err);
+                spent += now_s() - t0;
+                tok = argmax(g3n_session_logits(s), mi.n_vocab_text);
                 h = (h ^ (uint64_t)tok) * 1099511628211ull;
             }
-            tg[r] = n_gen / (now_s() - t0);
-            checksum = h;
+            tg[pi * reps + r] = n_gen / spent;
+            checksum[pi] = h;
         }
+        g3n_model_set_decode_path(m, paths[0]);
         if (!g3n_quiet && !json)
-            fprintf(stderr, "g3n: rep %d/%d: pp %.2f tok/s, tg %.2f tok/s\n", r + 1, reps, pp[r], tg[r]);
+            fprintf(stderr, "g3n: rep %d/%d: pp %.2f tok/s, tg %.2f tok/s (%s)%s\n", r + 1, reps, pp[r], tg[r],
+                    paths[0], n_paths > 1 ? "" : "");
     }
     double bw = membw ? g3n_model_read_bandwidth(m, 0) : 0;
-    stat2 sp = stats(pp, reps), sg = stats(tg, reps);
+    stat2 sp = stats(pp, reps), sg = stats(tg, reps), sg2 = stats(tg + reps, reps);
     double gbs = mi.decode_bytes * sg.mean / 1e9;
     if (json) {
-        printf("{\"model\": \"%s\", \"backend\": \"%s\", \"threads\": %d, \"n_prompt\": %d, "
-               "\"n_gen\": %d, \"reps\": %d, \"pp_tok_s\": %.3f, \"pp_sd\": %.3f, "
-               "\"tg_tok_s\": %.3f, \"tg_sd\": %.3f, \"decode_bytes_per_token\": %zu, "
-               "\"decode_gb_s\": %.3f, \"read_bw_gb_s\": %.3f, \"bw_fraction\": %.4f, "
-               "\"checksum\": \"%016llx\"}\n",
-               mo.dir, mi.backend, mo.threads, n_prompt, n_gen, reps, sp.mean, sp.sd, sg.mean,
-               sg.sd, mi.decode_bytes, gbs, bw / 1e9, bw > 0 ? gbs * 1e9 / bw : 0,
-               (unsigned long long)checksum);
+        printf("{\"model\": \"%s\", \"backend\": \"%s\", \"device\": \"%s\", \"threads\": %d, "
+               "\"n_prompt\": %d, \"n_gen\": %d, \"reps\": %d, \"pp_tok_s\": %.3f, \"pp_sd\": %.3f, "
+               "\"decode_path\": \"%s\", \"tg_tok_s\": %.3f, \"tg_sd\": %.3f, ",
+               mo.dir, mi.backend, mi.device_name, mo.threads, n_prompt, n_gen, reps, sp.mean, sp.sd, paths[0],
+               sg.mean, sg.sd);
+        if (n_paths > 1)
+            printf("\"tg_%s_tok_s\": %.3f, \"tg_%s_sd\": %.3f, ", paths[1], sg2.mean, paths[1], sg2.sd);
+        printf("\"decode_bytes_per_token\": %zu, \"decode_gb_s\": %.3f, \"read_bw_gb_s\": %.3f, "
+               "\"bw_fraction\": %.4f, \"checksum\": \"%016llx\"}\n",
+               mi.decode_bytes, gbs, bw / 1e9, bw > 0 ? gbs * 1e9 / bw : 0, (unsigned long long)checksum[0]);
     } else {
         printf("| model | backend | test | t/s |\n|---|---|---|---|\n");
         if (n_prompt > 0)
             printf("| %s | %s | pp%d | %.2f ± %.2f |\n", mo.dir, mi.backend, n_prompt, sp.mean, sp.sd);
         if (n_gen > 0)
-            printf("| %s | %s | tg%d | %.2f ± %.2f |\n", mo.dir, mi.backend, n_gen, sg.mean, sg.sd);
-        printf("\ndecode reads %.3f GB/token -> %.2f GB/s", mi.decode_bytes / 1e9, gbs);
+            printf("| %s | %s (%s) | tg%d | %.2f ± %.2f |\n", mo.dir, mi.backend, paths[0], n_gen, sg.mean, sg.sd);
+        if (n_paths > 1)
+            printf("| %s | %s (%s) | tg%d | %.2f ± %.2f |\n", mo.dir, mi.backend, paths[1], n_gen, sg2.mean, sg2.sd);
+        printf("\ndevice %s; decode reads %.3f GB/token -> %.2f GB/s", mi.device_name, mi.decode_bytes / 1e9, gbs);
         if (bw > 0)
             printf("; measured read bandwidth %.2f GB/s; %.1f%% of the bandwidth limit (%.2f tok/s)",
                    bw / 1e9, 100.0 * gbs * 1e9 / bw, bw / mi.decode_bytes);
-        printf("\ntoken checksum %016llx\n", (unsigned long long)checksum);
+        printf("\ntoken checksum %016llx", (unsigned long long)checksum[0]);
+        if (n_paths > 1) printf(" (%s: %016llx)", paths[1], (unsigned long long)checksum[1]);
+        printf("\n");
     }
     free(pp);
     free(tg);

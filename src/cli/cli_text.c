@@ -67,6 +67,8 @@ static void gen_opts_parse(gen_opts *o, int argc, char **argv, const char *cmd) 
  * and !required. */
 static g3n_tokenizer *open_tokenizer(const char *file, const char *dir, int required) {
     char path[4096];
+    struct stat sd;
+    if (!file && dir && (stat(dir, &sd) != 0 || !S_ISDIR(sd.st_mode))) die("%s: no such model directory", dir);
     if (file) snprintf(path, sizeof path, "%s", file);
     else if (dir) snprintf(path, sizeof path, "%s/tokenizer.json", dir);
     else die("no tokenizer: give -m DIR or --tokenizer FILE");

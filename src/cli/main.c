@@ -88,6 +88,9 @@ int opt_model(model_opts *o, int argc, char **argv, int *i) {
     } else if (!strcmp(a, "-b") || !strcmp(a, "--batch-size")) {
         NEED();
         o->n_batch = (int)parse_long(a, argv[++*i], 1, 65536);
+    } else if (!strcmp(a, "--decode-path")) {
+        NEED();
+        o->decode_path = argv[++*i];
     } else if (!strcmp(a, "--ple-on-gpu")) {
         o->ple_on_gpu = 1;
     } else if (!strcmp(a, "--no-graph")) {
@@ -110,14 +113,17 @@ g3n_model *open_model(const model_opts *o) {
     p.n_threads = o->threads;
     p.ple_on_gpu = o->ple_on_gpu;
     p.no_graph = o->no_graph;
+    p.decode_path = o->decode_path;
     char err[1024];
     double t0 = now_s();
     g3n_model *m = g3n_model_open(o->dir, &p, err, sizeof err);
     if (!m) die("%s", err);
     g3n_model_info mi = g3n_model_get_info(m);
     if (!g3n_quiet)
-        fprintf(stderr, "g3n: loaded %s (%s, %d layers, %.2f GB of text weights) on %s in %.2f s\n",
-                o->dir, mi.layout, mi.n_layer, mi.weight_bytes / 1e9, mi.backend, now_s() - t0);
+        fprintf(stderr, "g3n: loaded %s (%s, %d layers, %.2f GB of text weights) on %s in %.2f s; "
+                "decode path %s (%s)\n",
+                o->dir, mi.layout, mi.n_layer, mi.weight_bytes / 1e9, mi.backend, now_s() - t0,
+                mi.decode_path, mi.decode_path_why);
     return m;
 }
 
@@ -197,6 +203,7 @@ static void usage(FILE *f) {
             "  --ple-on-gpu           cuda: keep the per-layer-embedding table on the GPU\n"
             "                         (default: host memory; one row per token is copied)\n"
             "  --no-graph             cuda: launch every kernel each step (no CUDA graph)\n"
+            "  --decode-path P        fused, split or auto (default: auto, measured per device)\n"
             "  -t, --threads N        CPU threads (default: all cores)\n"
             "  -c, --ctx-size N       context length (default: 4096 or the model's maximum)\n"
             "  -b, --batch-size N     tokens per forward step (default 256)\n"

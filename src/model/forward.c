@@ -202,6 +202,55 @@ static void decoder_layer(g3n_model *M, fwd_scratch *f, int l, int n) {
     f->pred = tmp;
 }
 
+/* The same layer through the backend's fused ops (backend.h defines each as a
+ * sequence of the basic ops above, in the same order): fewer passes over the
+ * activations and fewer kernel launches on a GPU. */
+static void decoder_layer_fused(g3n_model *M, fwd_scratch *f, int l, int n) {
+    g3n_backend *be = M->be;
+    const g3n_config *c = &M->cfg;
+    const g3n_layer_weights *lw = &M->w.layers[l];
+    const int D = c->n_embd, A = c->n_altup, owns = c->kv_source[l] == l;
+    const float eps = c->rms_eps;
+    const float theta = c->is_sliding[l] ? c->rope_theta_sliding : c->rope_theta_full;
+
+    be->altup_predict_fused(be, f->pred, f->x, f->S, &lw->altup_router, lw->altup_router_norm,
+                            lw->altup_prediction_coefs, lw->input_layernorm, A, n, D, eps);
+    const g3n_mat *W1[4] = {&lw->q_proj, &lw->laurel_left, &lw->k_proj, &lw->v_proj};
+    float *y1[4] = {f->q, f->lt, f->k, f->v};
+    const float *x1[4] = {f->x, f->x, f->x, f->x};
+    be->matmul_multi(be, owns ? 4 : 2, W1, y1, x1, n);
+    be->qkv_post(be, f->q, f->k, f->v, lw->q_norm, lw->k_norm, owns ? l : -1, c->n_head,
+                 c->n_head_kv, c->head_dim, theta, eps);
+    be->attention(be, f->att, f->q, c->kv_source[l], c->n_head, c->n_head_kv, c->head_dim,
+                  c->is_sliding[l] ? c->sliding_window : 0);
+    const g3n_mat *W2[2] = {&lw->o_proj, &lw->laurel_right};
+    float *y2[2] = {f->t0, f->lau};
+    const float *x2[2] = {f->att, f->lt};
+    be->matmul_multi(be, 2, W2, y2, x2, n);
+    be->attn_residual(be, f->s, f->u, f->t0, f->lau, f->x, f->pred, lw->post_attention_layernorm,
+                      lw->post_laurel_norm, lw->pre_feedforward_layernorm, n, D, eps,
+                      (float)(1.0 / sqrt(2.0)));
+    const g3n_mat *W3[2] = {&lw->gate_proj, &lw->up_proj};
+    float *y3[2] = {f->gate, f->up};
+    const float *x3[2] = {f->u, f->u};
+    be->matmul_multi(be, 2, W3, y3, x3, n);
+    be->mlp_act(be, f->gate, f->up, n, c->n_ff[l], c->sparsity[l] > 0 ? c->kappa[l] : 0.0f);
+    be->matmul(be, f->t0, &lw->down_proj, f->gate, n);
+    g3n_vec none = {0, NULL};
+    be->altup_correct_fused(be, f->pred, f->o, f->t0, f->s, lw->post_feedforward_layernorm,
+                            &lw->altup_router, lw->altup_router_norm, lw->altup_correction_coefs,
+                            c->altup_correct_scale ? lw->altup_correct_output_scale : none, A, n,
+                            D, eps);
+    be->matmul(be, f->pg, &lw->per_layer_input_gate, f->o, n);
+    be->gelu_mul(be, f->pg, f->pg, f->ple + (size_t)l * n * c->n_ple, (size_t)n * c->n_ple);
+    be->matmul(be, f->t0, &lw->per_layer_projection, f->pg, n);
+    be->ple_add(be, f->pred, f->t0, lw->post_per_layer_input_norm, A, n, D, eps);
+
+    float *tmp = f->S;
+    f->S = f->pred;
+    f->pred = tmp;
+}
+
 /* Collapse the planes of rows [r0, r0+nr) into logits (SPEC §3.7). */
 static void output_logits(g3n_model *M, fwd_scratch *f, int n, int r0, int nr, float *logits) {
     g3n_backend *be = M->be;
@@ -226,13 +275,14 @@ static void output_logits(g3n_model *M, fwd_scratch *f, int n, int r0, int nr, f
 fwd_hook_fn fwd_debug_hook;
 
 /* Everything a recorded step depends on besides the per-step metadata. */
-static uint64_t step_key(const fwd_scratch *f, const g3n_batch *b, int out_row0) {
+static uint64_t step_key(const fwd_scratch *f, const g3n_batch *b, int out_row0, int fused) {
     uint64_t h = 1469598103934665603ull;
 #define MIX(v) (h = (h ^ (uint64_t)(v)) * 1099511628211ull)
     MIX((uintptr_t)f);
     MIX(b->n);
     MIX(out_row0);
     MIX(b->n_seq);
+    MIX(fused);
     for (int i = 0; i < b->n_seq; i++) MIX((uintptr_t)b->kv[i]);
 #undef MIX
     return h;
@@ -249,11 +299,12 @@ void fwd_run(g3n_model *M, fwd_scratch *f, const g3n_batch *b, int out_row0, flo
     if (n_out <= f->lm_rows) {
         /* one step, one block of logits: recordable and replayable */
         int replayed = 0, recording = be->graph_begin && !fwd_debug_hook;
-        if (recording) replayed = be->graph_begin(be, step_key(f, b, out_row0));
+        if (recording) replayed = be->graph_begin(be, step_key(f, b, out_row0, M->fused));
         if (!replayed) {
             embed_tokens(M, f, n);
             for (int l = 0; l < M->cfg.n_layer; l++) {
-                decoder_layer(M, f, l, n);
+                if (M->fused) decoder_layer_fused(M, f, l, n);
+                else decoder_layer(M, f, l, n);
                 if (fwd_debug_hook) fwd_debug_hook(M, l, f->S, n);
             }
             if (n_out > 0) output_logits(M, f, n, out_row0, n_out, f->logits);
@@ -266,7 +317,8 @@ void fwd_run(g3n_model *M, fwd_scratch *f, const g3n_batch *b, int out_row0, flo
     }
     embed_tokens(M, f, n);
     for (int l = 0; l < M->cfg.n_layer; l++) {
-        decoder_layer(M, f, l, n);
+        if (M->fused) decoder_layer_fused(M, f, l, n);
+        else decoder_layer(M, f, l, n);
         if (fwd_debug_hook) fwd_debug_hook(M, l, f->S, n);
     }
     for (int r0 = out_row0; r0 < n; r0 += f->lm_rows) {

@@ -19,6 +19,10 @@ int fwd_scratch_rows(const fwd_scratch *f);
  * logits_host ((n - out_row0) x n_vocab floats). Ids must already be validated. */
 void fwd_run(g3n_model *m, fwd_scratch *f, const g3n_batch *b, int out_row0, float *logits_host);
 
+/* Set m->fused from "fused", "split" or NULL/"auto" (measure on this device,
+ * cached per device and model shape). Called once at load. */
+void decode_path_choose(g3n_model *m, const char *want);
+
 /* Debugging aid (tests, tools): called after every layer with the planes
  * [A][n][D] in backend memory. NULL in normal use. */
 typedef void (*fwd_hook_fn)(g3n_model *m, int layer, const float *S, int n);

@@ -97,6 +97,8 @@ struct g3n_model {
     size_t weight_bytes; /* text weights as stored */
     size_t decode_bytes; /* weights read per decoded token (dense) */
     void **owned;        /* backend allocations made by the loader (vectors) */
+    int fused;           /* decode through the backend's fused ops (forward.c) */
+    const char *path_why; /* how the decode path was chosen */
     int n_owned;
 };
 

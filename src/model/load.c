@@ -7,7 +7,7 @@
  * dtype. Vision and audio tensors are never touched. It computes nothing. */
 #include <sys/stat.h>
 
-#include "model/gemma3n.h"
+#include "model/forward.h"
 
 typedef struct {
     g3n_model *m;
@@ -281,6 +281,10 @@ g3n_model *g3n_model_open(const char *dir, const g3n_model_params *params, char 
         rc = m->be ? 0 : -1;
     }
     if (rc == 0) rc = load_weights(m, err, errlen);
+    if (rc == 0 && p.decode_path && strcmp(p.decode_path, "fused") && strcmp(p.decode_path, "split") &&
+        strcmp(p.decode_path, "auto"))
+        rc = g3n_err(err, errlen, "decode path \"%s\": expected fused, split or auto", p.decode_path);
+    if (rc == 0) decode_path_choose(m, p.decode_path);
     if (rc != 0) {
         g3n_model_close(m);
         return NULL;
@@ -322,6 +326,9 @@ g3n_model_info g3n_model_get_info(const g3n_model *m) {
     i.decode_bytes = m->decode_bytes;
     i.layout = m->layout;
     i.backend = m->be ? m->be->name : "";
+    i.device_name = m->be ? m->be->device_name : "";
+    i.decode_path = m->fused ? "fused" : "split";
+    i.decode_path_why = m->path_why ? m->path_why : "";
     return i;
 }
 

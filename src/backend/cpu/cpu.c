@@ -539,6 +539,7 @@ g3n_backend *cpu_backend_create(int n_threads, char *err, size_t errlen) {
     c->tscratch_n = g3n_calloc((size_t)n_threads, sizeof(size_t));
     be->ctx = c;
     be->name = "cpu";
+    snprintf(be->device_name, sizeof be->device_name, "cpu (%s, %d threads)", cpu_isa_name(), n_threads);
     be->n_threads = n_threads;
     cpu_ref_fill_ops(be);
     be->destroy = cpu_destroy;

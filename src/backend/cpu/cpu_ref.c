@@ -314,6 +314,91 @@ static double ref_read_bandwidth(g3n_backend *be, size_t bytes) {
     return best;
 }
 
+/* ---- fused ops: by definition, these sequences of basic ops (through the
+ * vtable, so a backend that overrides the basic ops runs them here too) ---- */
+
+static void fused_matmul_multi(g3n_backend *be, int n, const g3n_mat *const *W, float *const *y,
+                               const float *const *x, int rows) {
+    for (int i = 0; i < n; i++) be->matmul(be, y[i], W[i], x[i], rows);
+}
+
+/* m[rows, A] = tanh(router . (rmsnorm(x, router_norm) / dim)); rows <= 64.
+ * (The reference allocates its temporary; the engine's CPU path is the split one.) */
+static void fused_router(g3n_backend *be, float *m, const float *x, const g3n_mat *router,
+                         g3n_vec router_norm, int A, int rows, int dim, float eps) {
+    float *rn = g3n_malloc(sizeof(float) * (size_t)rows * dim);
+    be->rmsnorm(be, rn, x, router_norm, rows, dim, eps);
+    be->scale(be, rn, rn, 1.0f / (float)dim, (size_t)rows * dim);
+    float mm[64 * G3N_CPU_MAX_ALTUP];
+    G3N_ASSERT(rows <= 64 && A <= G3N_CPU_MAX_ALTUP);
+    be->matmul(be, mm, router, rn, rows);
+    be->tanh_(be, m, mm, (size_t)rows * A);
+    free(rn);
+}
+
+static void fused_altup_predict(g3n_backend *be, float *pred, float *x, const float *S,
+                                const g3n_mat *router, g3n_vec router_norm, g3n_vec coefs,
+                                g3n_vec in_norm, int A, int rows, int dim, float eps) {
+    float m[64 * G3N_CPU_MAX_ALTUP];
+    fused_router(be, m, S, router, router_norm, A, rows, dim, eps);
+    be->altup_predict(be, pred, S, m, coefs, A, rows, dim);
+    be->rmsnorm(be, x, pred, in_norm, rows, dim, eps);
+}
+
+static void fused_qkv_post(g3n_backend *be, float *q, float *k, float *v, g3n_vec q_norm,
+                           g3n_vec k_norm, int layer, int n_head, int n_head_kv, int head_dim,
+                           float theta, float eps) {
+    cpu_ctx *c = be->ctx;
+    const int n = c->batch.n;
+    be->rmsnorm(be, q, q, q_norm, n * n_head, head_dim, eps);
+    be->rope(be, q, n_head, head_dim, theta);
+    if (layer < 0) return;
+    g3n_vec none = {0, NULL};
+    be->rmsnorm(be, k, k, k_norm, n * n_head_kv, head_dim, eps);
+    be->rope(be, k, n_head_kv, head_dim, theta);
+    be->rmsnorm(be, v, v, none, n * n_head_kv, head_dim, eps);
+    be->kv_store(be, layer, k, v, n_head_kv * head_dim);
+}
+
+static void fused_attn_residual(g3n_backend *be, float *s, float *u, float *att, float *lau_raw,
+                                const float *x, const float *a, g3n_vec post_att,
+                                g3n_vec post_laurel, g3n_vec pre_ff, int rows, int dim, float eps,
+                                float res_scale) {
+    const size_t n = (size_t)rows * dim;
+    be->rmsnorm(be, lau_raw, lau_raw, post_laurel, rows, dim, eps);
+    be->add(be, lau_raw, lau_raw, x, n);
+    be->rmsnorm(be, att, att, post_att, rows, dim, eps);
+    be->add3_scale(be, s, a, att, lau_raw, res_scale, n);
+    be->rmsnorm(be, u, s, pre_ff, rows, dim, eps);
+}
+
+static void fused_mlp_act(g3n_backend *be, float *gate, const float *up, int rows, int n_ff,
+                          float kappa) {
+    if (kappa > 0) be->gaussian_topk(be, gate, rows, n_ff, kappa);
+    be->gelu_mul(be, gate, gate, up, (size_t)rows * n_ff);
+}
+
+static void fused_altup_correct(g3n_backend *be, float *pred, float *qs, float *f, const float *s,
+                                g3n_vec post_ff, const g3n_mat *router, g3n_vec router_norm,
+                                g3n_vec coefs, g3n_vec out_scale, int A, int rows, int dim,
+                                float eps) {
+    const size_t n = (size_t)rows * dim;
+    be->rmsnorm(be, f, f, post_ff, rows, dim, eps);
+    be->add(be, f, s, f, n);
+    float m[64 * G3N_CPU_MAX_ALTUP];
+    fused_router(be, m, f, router, router_norm, A, rows, dim, eps);
+    be->altup_correct(be, pred, pred, f, m, coefs, A, rows, dim);
+    if (out_scale.data) be->mul_vec(be, qs, pred, out_scale, rows, dim);
+    else be->scale(be, qs, pred, 1.0f, n);
+}
+
+static void fused_ple_add(g3n_backend *be, float *pred, float *proj, g3n_vec post_norm, int A,
+                          int rows, int dim, float eps) {
+    const size_t n = (size_t)rows * dim;
+    be->rmsnorm(be, proj, proj, post_norm, rows, dim, eps);
+    for (int k = 1; k < A; k++) be->add(be, pred + k * n, pred + k * n, proj, n);
+}
+
 /* ---- construction ------------------------------------------------------------------ */
 
 void cpu_ref_fill_ops(g3n_backend *be) {
@@ -343,11 +428,19 @@ void cpu_ref_fill_ops(g3n_backend *be) {
     be->magnitude_match = ref_magnitude_match;
     be->ple_combine = ref_ple_combine;
     be->read_bandwidth = ref_read_bandwidth;
+    be->matmul_multi = fused_matmul_multi;
+    be->altup_predict_fused = fused_altup_predict;
+    be->qkv_post = fused_qkv_post;
+    be->attn_residual = fused_attn_residual;
+    be->mlp_act = fused_mlp_act;
+    be->altup_correct_fused = fused_altup_correct;
+    be->ple_add = fused_ple_add;
 }
 
 g3n_backend *cpu_ref_backend_create(char *err, size_t errlen) {
     g3n_backend *be = g3n_calloc(1, sizeof(*be));
     be->name = "cpu-ref";
+    snprintf(be->device_name, sizeof be->device_name, "cpu");
     be->ctx = g3n_calloc(1, sizeof(cpu_ctx));
     be->n_threads = 1;
     cpu_ref_fill_ops(be);

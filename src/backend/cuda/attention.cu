@@ -12,6 +12,7 @@
 __global__ void __launch_bounds__(ATT_WARPS * 32)
     k_attention(float *out, const float *q, const g3n_kv_layer *kv, int layer, const int32_t *pos,
                 const int32_t *seq, int n_head, int n_head_kv, int hd, int window) {
+    KERNEL_BEGIN();
     __shared__ float s_m[ATT_WARPS], s_l[ATT_WARPS], s_acc[ATT_WARPS][CUDA_MAX_HEAD_DIM];
     const int t = blockIdx.x / n_head, h = blockIdx.x % n_head;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -77,7 +78,9 @@ void cuda_op_attention(g3n_backend *be, float *out, const float *q, int layer, i
                        int head_dim, int window) {
     cuda_ctx *c = CTX(be);
     G3N_ASSERT(head_dim <= CUDA_MAX_HEAD_DIM);
-    k_attention<<<c->n_tokens * n_head, ATT_WARPS * 32, 0, c->stream>>>(out, q, c->d_kv, layer, d_pos(c), d_seq(c),
+    PROF_BEGIN(c);
+    launch(c, k_attention, dim3(c->n_tokens * n_head), dim3(ATT_WARPS * 32), 0, out, q, c->d_kv, layer, d_pos(c), d_seq(c),
                                                                         n_head, n_head_kv, head_dim, window);
     CUDA_LAUNCHED();
+    PROF_END(c, window > 0 ? "attention (sliding)" : "attention (full)", 0);
 }

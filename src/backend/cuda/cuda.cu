@@ -37,6 +37,16 @@ static void cu_read(g3n_backend *be, void *dst, const void *src, size_t bytes) {
     CUDA_CHECK(cudaStreamSynchronize(CTX(be)->stream));
 }
 
+static void *cu_host_alloc(g3n_backend *be, size_t bytes) {
+    void *p = NULL;
+    CUDA_CHECK(cudaMallocHost(&p, bytes ? bytes : 64));
+    return p;
+}
+
+static void cu_host_free(g3n_backend *be, void *p) {
+    if (p) CUDA_CHECK(cudaFreeHost(p));
+}
+
 static void cu_sync(g3n_backend *be) { CUDA_CHECK(cudaStreamSynchronize(CTX(be)->stream)); }
 
 static int cu_mat_prepare(g3n_backend *be, g3n_mat *m, char *err, size_t errlen) {
@@ -58,6 +68,7 @@ static int cu_mat_prepare(g3n_backend *be, g3n_mat *m, char *err, size_t errlen)
         t->row_bytes = (size_t)m->cols * g3n_dtype_size((g3n_dtype)m->dtype);
         return 0; /* m->data stays the host pointer: embed finds the table by it */
     }
+    if (m->cols > c->max_cols) c->max_cols = m->cols;
     void *d = NULL;
     if (cudaMalloc(&d, bytes) != cudaSuccess) {
         size_t fr = 0, tot = 0;
@@ -71,6 +82,45 @@ static int cu_mat_prepare(g3n_backend *be, g3n_mat *m, char *err, size_t errlen)
     c->owned[c->n_owned++] = d;
     m->data = d;
     return 0;
+}
+
+/* ---- profiling -------------------------------------------------------------------------- */
+
+void cuda_prof_end(cuda_ctx *c, const char *name, double bytes) {
+    CUDA_CHECK(cudaEventRecord(c->ev1, c->stream));
+    CUDA_CHECK(cudaEventSynchronize(c->ev1));
+    float ms = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, c->ev0, c->ev1));
+    int i = 0;
+    while (i < c->n_prof && strcmp(c->prof[i].name, name) != 0) i++;
+    if (i == c->n_prof) {
+        if (c->n_prof == CUDA_MAX_PROF) return;
+        snprintf(c->prof[c->n_prof++].name, sizeof c->prof[0].name, "%s", name);
+    }
+    c->prof[i].ms += ms;
+    c->prof[i].bytes += bytes;
+    c->prof[i].calls++;
+}
+
+static void prof_print(cuda_ctx *c) {
+    double total = 0;
+    for (int i = 0; i < c->n_prof; i++) total += c->prof[i].ms;
+    /* sort by time, largest first */
+    for (int i = 0; i < c->n_prof; i++)
+        for (int j = i + 1; j < c->n_prof; j++)
+            if (c->prof[j].ms > c->prof[i].ms) {
+                cuda_prof t = c->prof[i];
+                c->prof[i] = c->prof[j];
+                c->prof[j] = t;
+            }
+    fprintf(stderr, "\ng3n: CUDA op profile (events around each op, graphs off)\n");
+    fprintf(stderr, "%-40s %8s %10s %7s %9s %8s\n", "op", "calls", "ms", "%", "us/call", "GB/s");
+    for (int i = 0; i < c->n_prof; i++) {
+        const cuda_prof *p = &c->prof[i];
+        fprintf(stderr, "%-40s %8ld %10.2f %6.1f%% %9.2f %8.0f\n", p->name, p->calls, p->ms, 100 * p->ms / total,
+                1e3 * p->ms / p->calls, p->bytes > 0 ? p->bytes / (p->ms * 1e-3) / 1e9 : 0.0);
+    }
+    fprintf(stderr, "%-40s %8s %10.2f\n", "total", "", total);
 }
 
 /* ---- recorded steps -------------------------------------------------------------------- */
@@ -149,6 +199,16 @@ static void cu_batch_set(g3n_backend *be, const g3n_batch *b) {
         /* the pinned staging may still feed the previous step's copies */
         CUDA_CHECK(cudaStreamSynchronize(c->stream));
     }
+    /* activation conversion scratch for cuBLAS products: sized before any
+     * recording so a recorded step never allocates */
+    size_t need = (size_t)3 * 2 * (size_t)c->cap_tokens * (size_t)G3N_MAX(c->max_cols, 16384);
+    if (b->n > 8 && need > c->xconv_bytes) {
+        CUDA_CHECK(cudaStreamSynchronize(c->stream));
+        graphs_clear(c);
+        if (c->xconv) CUDA_CHECK(cudaFree(c->xconv));
+        CUDA_CHECK(cudaMalloc(&c->xconv, need));
+        c->xconv_bytes = need;
+    }
     c->n_tokens = b->n;
     c->n_seq = b->n_seq;
     int32_t *h = c->h_meta;
@@ -182,6 +242,11 @@ static void cu_batch_set(g3n_backend *be, const g3n_batch *b) {
 static void cu_destroy(g3n_backend *be) {
     cuda_ctx *c = CTX(be);
     cudaStreamSynchronize(c->stream);
+    if (c->profile) {
+        prof_print(c);
+        cudaEventDestroy(c->ev0);
+        cudaEventDestroy(c->ev1);
+    }
     graphs_clear(c);
     for (int i = 0; i < c->n_owned; i++) cudaFree(c->owned[i]);
     free(c->owned);
@@ -191,6 +256,9 @@ static void cu_destroy(g3n_backend *be) {
     }
     if (c->d_meta) cudaFree(c->d_meta);
     if (c->h_meta) cudaFreeHost(c->h_meta);
+    if (c->xconv) cudaFree(c->xconv);
+    if (c->blas) cublasDestroy(c->blas);
+    if (c->blas_ws) cudaFree(c->blas_ws);
     if (c->d_kv) cudaFree(c->d_kv);
     if (c->h_kv) cudaFreeHost(c->h_kv);
     cudaStreamDestroy(c->stream);
@@ -216,19 +284,45 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
         return NULL;
     }
     CUDA_CHECK(cudaSetDevice(dev));
+    cudaDeviceProp prop;
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
     g3n_backend *be = (g3n_backend *)g3n_calloc(1, sizeof(*be));
     cuda_ctx *c = (cuda_ctx *)g3n_calloc(1, sizeof(cuda_ctx));
     c->device = dev;
     c->no_graph = o ? o->no_graph : 0;
     c->ple_on_gpu = o ? o->ple_on_gpu : 0;
     CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+    if (cublasCreate(&c->blas) != CUBLAS_STATUS_SUCCESS) {
+        g3n_err(err, errlen, "cuBLAS could not start");
+        cudaStreamDestroy(c->stream);
+        free(c);
+        free(be);
+        return NULL;
+    }
+    const size_t ws = (size_t)32 << 20; /* fixed workspace: recordable in graphs */
+    CUDA_CHECK(cudaMalloc(&c->blas_ws, ws));
+    cublasSetStream(c->blas, c->stream);
+    cublasSetWorkspace(c->blas, c->blas_ws, ws);
+    cublasSetMathMode(c->blas, CUBLAS_DEFAULT_MATH); /* no TF32 */
+    const char *pdl = getenv("G3N_CUDA_PDL");
+    c->pdl = prop.major >= 9 && !(pdl && strcmp(pdl, "0") == 0);
+    const char *pe = getenv("G3N_CUDA_PROFILE");
+    if (pe && *pe && strcmp(pe, "0") != 0) {
+        c->profile = 1;
+        c->no_graph = 1;
+        CUDA_CHECK(cudaEventCreate(&c->ev0));
+        CUDA_CHECK(cudaEventCreate(&c->ev1));
+    }
     be->ctx = c;
     be->name = "cuda";
+    snprintf(be->device_name, sizeof be->device_name, "%.95s", prop.name);
     be->n_threads = 1;
     be->alloc = cu_alloc;
     be->free = cu_free;
     be->write = cu_write;
     be->read = cu_read;
+    be->host_alloc = cu_host_alloc;
+    be->host_free = cu_host_free;
     be->mat_prepare = cu_mat_prepare;
     be->destroy = cu_destroy;
     be->read_bandwidth = cuda_read_bandwidth;
@@ -254,5 +348,12 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     be->altup_correct = cuda_op_altup_correct;
     be->magnitude_match = cuda_op_magnitude_match;
     be->ple_combine = cuda_op_ple_combine;
+    be->matmul_multi = cuda_op_matmul_multi;
+    be->altup_predict_fused = cuda_op_altup_predict_fused;
+    be->qkv_post = cuda_op_qkv_post;
+    be->attn_residual = cuda_op_attn_residual;
+    be->mlp_act = cuda_op_mlp_act;
+    be->altup_correct_fused = cuda_op_altup_correct_fused;
+    be->ple_add = cuda_op_ple_add;
     return be;
 }

@@ -5,12 +5,14 @@
 #ifndef G3N_CUDA_COMMON_CUH
 #define G3N_CUDA_COMMON_CUH
 
+#include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 extern "C" {
 #include "backend/backend.h"
@@ -44,9 +46,24 @@ typedef struct {
     int cap_rows;
 } cuda_host_table;
 
+#define CUDA_MAX_PROF 96
+
+typedef struct {
+    char name[48];
+    double ms, bytes;
+    long calls;
+} cuda_prof;
+
 typedef struct {
     int device;
     cudaStream_t stream;
+    int pdl; /* launch with programmatic dependent launch (sm_90+; G3N_CUDA_PDL=0 turns off) */
+    /* G3N_CUDA_PROFILE=1: time every op with events (no graphs) and print a
+     * table at exit: where a step's time goes */
+    int profile;
+    cudaEvent_t ev0, ev1;
+    cuda_prof prof[CUDA_MAX_PROF];
+    int n_prof;
     int no_graph, ple_on_gpu;
     /* current step */
     int n_tokens, n_seq;
@@ -60,6 +77,12 @@ typedef struct {
     /* weights uploaded by mat_prepare */
     void **owned;
     int n_owned;
+    int max_cols;          /* widest matrix: sizes the activation-conversion scratch */
+    /* prompt-sized products: cuBLAS on activations split into bf16/f16 hi + lo */
+    cublasHandle_t blas;
+    void *blas_ws;
+    void *xconv;           /* [2][cap_tokens * max_cols] 16-bit halves */
+    size_t xconv_bytes;
     /* recorded steps */
     uint64_t graph_key[CUDA_MAX_GRAPHS];
     cudaGraphExec_t graph_exec[CUDA_MAX_GRAPHS];
@@ -69,9 +92,52 @@ typedef struct {
 } cuda_ctx;
 
 static inline cuda_ctx *CTX(g3n_backend *be) { return (cuda_ctx *)be->ctx; }
+
+/* Profiling: PROF_BEGIN before an op's launches, PROF_END(name, bytes) after. */
+void cuda_prof_end(cuda_ctx *c, const char *name, double bytes);
+#define PROF_BEGIN(c) \
+    do { if ((c)->profile) CUDA_CHECK(cudaEventRecord((c)->ev0, (c)->stream)); } while (0)
+#define PROF_END(c, name, bytes) \
+    do { if ((c)->profile) cuda_prof_end((c), (name), (double)(bytes)); } while (0)
 static inline const int32_t *d_ids(cuda_ctx *c) { return c->d_meta; }
 static inline const int32_t *d_pos(cuda_ctx *c) { return c->d_meta + c->cap_tokens; }
 static inline const int32_t *d_seq(cuda_ctx *c) { return c->d_meta + 2 * c->cap_tokens; }
+
+/* ---- launching ---------------------------------------------------------------------- */
+
+/* Every kernel starts with KERNEL_BEGIN (or calls pdl_wait before its first read
+ * of data an earlier kernel wrote): with programmatic dependent launch a kernel
+ * may start while the previous one still runs, and griddepcontrol.wait is where
+ * it waits for that one's results. launch_dependents lets the next kernel start
+ * launching at once. Both are no-ops without PDL. */
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+#define KERNEL_BEGIN() \
+    do { pdl_trigger(); pdl_wait(); } while (0)
+
+/* kernel<<<grid, block, smem, stream>>>(args), with PDL when the context allows. */
+template <typename... KArgs, typename... Args>
+static inline void launch(cuda_ctx *c, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = c->stream;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = c->pdl;
+    cfg.attrs = at;
+    cfg.numAttrs = 1;
+    CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, (KArgs)args...));
+}
 
 /* ---- device helpers ---------------------------------------------------------------- */
 
@@ -85,6 +151,22 @@ __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
+}
+
+/* N sums over the block at once (one pair of barriers); every thread gets them.
+ * `sh` holds at least 32 * N floats. */
+template <int N>
+__device__ __forceinline__ void block_sum_n(float v[N], float *sh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int k = 0; k < N; k++) v[k] = warp_sum(v[k]);
+    __syncthreads();
+    if (lane == 0)
+#pragma unroll
+        for (int k = 0; k < N; k++) sh[warp * N + k] = v[k];
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < N; k++) v[k] = warp_sum(lane < nw ? sh[lane * N + k] : 0.0f);
 }
 
 /* Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread
@@ -138,5 +220,22 @@ void cuda_op_ple_combine(g3n_backend *be, float *out, const float *proj, const f
                          g3n_vec norm, int rows, int L, int P, float proj_scale, float eps,
                          float out_scale);
 double cuda_read_bandwidth(g3n_backend *be, size_t bytes);
+void cuda_op_matmul_multi(g3n_backend *be, int n, const g3n_mat *const *W, float *const *y,
+                          const float *const *x, int rows);
+void cuda_op_altup_predict_fused(g3n_backend *be, float *pred, float *x, const float *S,
+                                 const g3n_mat *router, g3n_vec router_norm, g3n_vec coefs,
+                                 g3n_vec in_norm, int A, int rows, int dim, float eps);
+void cuda_op_qkv_post(g3n_backend *be, float *q, float *k, float *v, g3n_vec q_norm, g3n_vec k_norm,
+                      int layer, int n_head, int n_head_kv, int head_dim, float theta, float eps);
+void cuda_op_attn_residual(g3n_backend *be, float *s, float *u, float *att, float *lau_raw,
+                           const float *x, const float *a, g3n_vec post_att, g3n_vec post_laurel,
+                           g3n_vec pre_ff, int rows, int dim, float eps, float res_scale);
+void cuda_op_mlp_act(g3n_backend *be, float *gate, const float *up, int rows, int n_ff, float kappa);
+void cuda_op_altup_correct_fused(g3n_backend *be, float *pred, float *qs, float *f, const float *s,
+                                 g3n_vec post_ff, const g3n_mat *router, g3n_vec router_norm,
+                                 g3n_vec coefs, g3n_vec out_scale, int A, int rows, int dim,
+                                 float eps);
+void cuda_op_ple_add(g3n_backend *be, float *pred, float *proj, g3n_vec post_norm, int A, int rows,
+                     int dim, float eps);
 
 #endif

@@ -1,10 +1,28 @@
-/* gemv.cu: y[r] = W . x[r] on the GPU with W in its stored dtype (bf16, f16,
- * f32) and f32 activations. One warp per output row; each lane streams 16-byte
- * chunks of the row (8 weights) with several loads in flight; up to 8 input rows
- * share each pass over W, so a decode step reads every weight once. Rows that
- * are not multiples of 8 weights take a scalar path. Prompt-sized products
- * repeat the pass per 8 rows (a cuBLAS path belongs here for prefill). */
+/* gemv.cu: y[r] = W . x[r] on the GPU, W in its stored dtype (bf16, f16, f32)
+ * and f32 activations; also several products in one launch (matmul_multi).
+ *
+ * Decode (up to 8 rows): one kernel for one or many products. Each output row
+ * is read by `wpr` warps (1-8, more for long rows or few rows so the whole GPU
+ * streams); each lane loads 16-byte chunks (8 weights), four in flight, and up
+ * to 8 input rows share each pass, so a step reads every weight once. Weights
+ * are loaded before the kernel waits for the previous one (PDL): the stream of
+ * weights starts while the previous kernel finishes. The partial sums of a row's
+ * warps are added in a fixed order, so results do not depend on timing.
+ * Prompt-sized products (more than 8 rows) go to cuBLAS on the tensor cores,
+ * with the f32 activations split into 16-bit parts that sum to ~24 bits. */
 #include "cuda_common.cuh"
+
+#define MULTI_MAX 8
+
+typedef struct {
+    const void *W[MULTI_MAX];
+    float *y[MULTI_MAX];
+    const float *x[MULTI_MAX];
+    int O[MULTI_MAX], K[MULTI_MAX];
+    int row0[MULTI_MAX + 1]; /* first global row of each product */
+    int n;
+    int wpr; /* warps per output row: 1, 2, 4 or 8 */
+} multi_args;
 
 __device__ __forceinline__ void load8(const __nv_bfloat16 *p, float f[8]) {
     const uint4 u = __ldcs((const uint4 *)p); /* weights: streamed once, not cached */
@@ -45,42 +63,79 @@ __device__ __forceinline__ void fma8(float acc[R], const float wf[8], const floa
     }
 }
 
-/* K % 8 == 0: warp per output row, 4 chunks of 8 weights in flight per lane */
+/* K % 8 == 0 for every product. Block = 8 warps = 8 / wpr output rows. */
 template <typename T, int R>
-__global__ void __launch_bounds__(256) k_gemv(float *y, const T *W, const float *x, int O, int K) {
-    const int row = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
-    if (row >= O) return;
-    const T *w = W + (size_t)row * K;
+__global__ void __launch_bounds__(256) k_gemv(multi_args a) {
+    __shared__ float part[8][R];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpr = a.wpr;
+    const int grow = blockIdx.x * (8 / wpr) + warp / wpr, sub = warp % wpr;
+    const int total = a.row0[a.n];
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = 0;
-    const int nc = K / 8;
-    int c = lane;
-    for (; c + 96 < nc; c += 128) {
-        float w0[8], w1[8], w2[8], w3[8];
-        load8(w + (size_t)c * 8, w0);
-        load8(w + (size_t)(c + 32) * 8, w1);
-        load8(w + (size_t)(c + 64) * 8, w2);
-        load8(w + (size_t)(c + 96) * 8, w3);
-        fma8<R>(acc, w0, x, K, c);
-        fma8<R>(acc, w1, x, K, c + 32);
-        fma8<R>(acc, w2, x, K, c + 64);
-        fma8<R>(acc, w3, x, K, c + 96);
+    int s = 0, row = 0, K = 0;
+    if (grow < total) {
+        while (grow >= a.row0[s + 1]) s++;
+        row = grow - a.row0[s];
+        K = a.K[s];
     }
-    for (; c < nc; c += 32) {
-        float w0[8];
+    const T *w = (const T *)a.W[s] + (size_t)row * K;
+    const float *x = a.x[s];
+    const int nc = K / 8, step = 32 * wpr;
+    int c = sub * 32 + lane;
+    /* the first weights do not depend on the previous kernel: load, then wait */
+    float w0[8], w1[8], w2[8], w3[8];
+    const int pre = c + 3 * step < nc;
+    if (pre) {
+        load8(w + (size_t)c * 8, w0);
+        load8(w + (size_t)(c + step) * 8, w1);
+        load8(w + (size_t)(c + 2 * step) * 8, w2);
+        load8(w + (size_t)(c + 3 * step) * 8, w3);
+    }
+    KERNEL_BEGIN();
+    if (pre) {
+        fma8<R>(acc, w0, x, K, c);
+        fma8<R>(acc, w1, x, K, c + step);
+        fma8<R>(acc, w2, x, K, c + 2 * step);
+        fma8<R>(acc, w3, x, K, c + 3 * step);
+        c += 4 * step;
+    }
+    for (; c + 3 * step < nc; c += 4 * step) {
+        load8(w + (size_t)c * 8, w0);
+        load8(w + (size_t)(c + step) * 8, w1);
+        load8(w + (size_t)(c + 2 * step) * 8, w2);
+        load8(w + (size_t)(c + 3 * step) * 8, w3);
+        fma8<R>(acc, w0, x, K, c);
+        fma8<R>(acc, w1, x, K, c + step);
+        fma8<R>(acc, w2, x, K, c + 2 * step);
+        fma8<R>(acc, w3, x, K, c + 3 * step);
+    }
+    for (; c < nc; c += step) {
         load8(w + (size_t)c * 8, w0);
         fma8<R>(acc, w0, x, K, c);
     }
 #pragma unroll
-    for (int r = 0; r < R; r++) {
-        const float s = warp_sum(acc[r]);
-        if (lane == 0) y[(size_t)r * O + row] = s;
+    for (int r = 0; r < R; r++) acc[r] = warp_sum(acc[r]);
+    if (wpr == 1) {
+        if (lane == 0 && grow < total)
+#pragma unroll
+            for (int r = 0; r < R; r++) a.y[s][(size_t)r * a.O[s] + row] = acc[r];
+        return;
+    }
+    if (lane == 0)
+#pragma unroll
+        for (int r = 0; r < R; r++) part[warp][r] = acc[r];
+    __syncthreads();
+    if (sub == 0 && lane < R && grow < total) {
+        float v = 0;
+        for (int k = 0; k < wpr; k++) v += part[warp + k][lane];
+        a.y[s][(size_t)lane * a.O[s] + row] = v;
     }
 }
 
-/* any K: warp per output row, one weight per lane step */
+/* any K: one warp per output row, one weight per lane step */
 __global__ void k_gemv_scalar(float *y, const void *W, int dtype, const float *x, int O, int K, int rows) {
+    KERNEL_BEGIN();
     const int row = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
     if (row >= O) return;
     for (int r = 0; r < rows; r++) {
@@ -92,36 +147,155 @@ __global__ void k_gemv_scalar(float *y, const void *W, int dtype, const float *x
 }
 
 template <typename T>
-static void gemv_rows(cudaStream_t st, float *y, const T *W, const float *x, int O, int K, int R) {
-    const unsigned grid = (unsigned)(((size_t)O * 32 + 255) / 256);
+static void gemv_launch(cuda_ctx *c, const multi_args &a, int R) {
+    const int rows_per_block = 8 / a.wpr;
+    const dim3 grid((unsigned)((a.row0[a.n] + rows_per_block - 1) / rows_per_block));
     switch (R) {
-    case 1: k_gemv<T, 1><<<grid, 256, 0, st>>>(y, W, x, O, K); break;
-    case 2: k_gemv<T, 2><<<grid, 256, 0, st>>>(y, W, x, O, K); break;
-    case 3: k_gemv<T, 3><<<grid, 256, 0, st>>>(y, W, x, O, K); break;
-    case 4: k_gemv<T, 4><<<grid, 256, 0, st>>>(y, W, x, O, K); break;
-    case 5: k_gemv<T, 5><<<grid, 256, 0, st>>>(y, W, x, O, K); break;
-    case 6: k_gemv<T, 6><<<grid, 256, 0, st>>>(y, W, x, O, K); break;
-    case 7: k_gemv<T, 7><<<grid, 256, 0, st>>>(y, W, x, O, K); break;
-    default: k_gemv<T, 8><<<grid, 256, 0, st>>>(y, W, x, O, K); break;
+    case 1: launch(c, k_gemv<T, 1>, grid, 256, 0, a); break;
+    case 2: launch(c, k_gemv<T, 2>, grid, 256, 0, a); break;
+    case 3: launch(c, k_gemv<T, 3>, grid, 256, 0, a); break;
+    case 4: launch(c, k_gemv<T, 4>, grid, 256, 0, a); break;
+    case 5: launch(c, k_gemv<T, 5>, grid, 256, 0, a); break;
+    case 6: launch(c, k_gemv<T, 6>, grid, 256, 0, a); break;
+    case 7: launch(c, k_gemv<T, 7>, grid, 256, 0, a); break;
+    default: launch(c, k_gemv<T, 8>, grid, 256, 0, a); break;
     }
-    CUDA_LAUNCHED();
+}
+
+/* Warps per row: enough warps in flight to fill the GPU (about 8K), but each
+ * warp keeps at least 32 chunks of its row. */
+static int pick_wpr(int total_rows, int min_k) {
+    int wpr = 1;
+    while (wpr < 8 && (size_t)total_rows * wpr < 8192 && min_k / 8 / (wpr * 2) >= 32) wpr *= 2;
+    return wpr;
+}
+
+/* ---- prompt-sized products: cuBLAS --------------------------------------------------- */
+
+/* x (f32) -> parts in the weights' 16-bit type whose sum is x to ~24 bits:
+ * three bf16 parts (8 bits each) or two f16 parts (11 bits each). The products
+ * W.part, summed in f32 on the tensor cores, match the f32 product to float
+ * rounding (products of a bf16 weight and a bf16 part are exact in f32). */
+__global__ void k_split_bf16(__nv_bfloat16 *p0, __nv_bfloat16 *p1, __nv_bfloat16 *p2, const float *x, size_t n) {
+    KERNEL_BEGIN();
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const __nv_bfloat16 a = __float2bfloat16_rn(x[i]);
+        const float r = x[i] - __bfloat162float(a);
+        const __nv_bfloat16 b = __float2bfloat16_rn(r);
+        p0[i] = a;
+        p1[i] = b;
+        p2[i] = __float2bfloat16_rn(r - __bfloat162float(b));
+    }
+}
+__global__ void k_split_f16(__half *hi, __half *lo, const float *x, size_t n) {
+    KERNEL_BEGIN();
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const __half h = __float2half_rn(x[i]);
+        hi[i] = h;
+        lo[i] = __float2half_rn(x[i] - __half2float(h));
+    }
+}
+
+#define BLAS_CHECK(x)                                                                          \
+    do {                                                                                       \
+        cublasStatus_t s_ = (x);                                                               \
+        if (s_ != CUBLAS_STATUS_SUCCESS) {                                                     \
+            fprintf(stderr, "g3n: cuBLAS error %d (%s:%d: %s)\n", (int)s_, __FILE__, __LINE__, #x); \
+            abort();                                                                           \
+        }                                                                                      \
+    } while (0)
+
+/* y[rows, O] = x[rows, K] . W^T with cuBLAS (column-major: y^T = W^T' x^T). */
+static void matmul_blas(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows) {
+    const int O = W->rows, K = W->cols;
+    const float one = 1.0f, zero = 0.0f;
+    if (W->dtype == G3N_F32) {
+        BLAS_CHECK(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, O, rows, K, &one, W->data, CUDA_R_32F, K, x,
+                                CUDA_R_32F, K, &zero, y, CUDA_R_32F, O, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        return;
+    }
+    const size_t n = (size_t)rows * K;
+    const int parts = W->dtype == G3N_BF16 ? 3 : 2;
+    G3N_ASSERT(c->xconv && parts * n * 2 <= c->xconv_bytes);
+    char *p = (char *)c->xconv;
+    const dim3 grid((unsigned)G3N_MIN((n + 255) / 256, (size_t)4096));
+    const cudaDataType_t t = W->dtype == G3N_BF16 ? CUDA_R_16BF : CUDA_R_16F;
+    if (W->dtype == G3N_BF16)
+        launch(c, k_split_bf16, grid, 256, 0, (__nv_bfloat16 *)p, (__nv_bfloat16 *)(p + 2 * n),
+               (__nv_bfloat16 *)(p + 4 * n), x, n);
+    else
+        launch(c, k_split_f16, grid, 256, 0, (__half *)p, (__half *)(p + 2 * n), x, n);
+    for (int k = 0; k < parts; k++)
+        BLAS_CHECK(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, O, rows, K, &one, W->data, t, K, p + 2 * n * k, t,
+                                K, k ? &one : &zero, y, CUDA_R_32F, O, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+/* ---- entry points -------------------------------------------------------------------- */
+
+static void multi_run(cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y, const float *const *x,
+                      int rows) {
+    multi_args a;
+    memset(&a, 0, sizeof a);
+    a.n = n;
+    int min_k = 1 << 30;
+    for (int i = 0; i < n; i++) {
+        a.W[i] = W[i]->data, a.y[i] = y[i], a.x[i] = x[i], a.O[i] = W[i]->rows, a.K[i] = W[i]->cols;
+        a.row0[i + 1] = a.row0[i] + W[i]->rows;
+        min_k = G3N_MIN(min_k, W[i]->cols);
+    }
+    a.wpr = pick_wpr(a.row0[n], min_k);
+    if (W[0]->dtype == G3N_BF16) gemv_launch<__nv_bfloat16>(c, a, rows);
+    else if (W[0]->dtype == G3N_F16) gemv_launch<__half>(c, a, rows);
+    else gemv_launch<float>(c, a, rows);
+}
+
+static void matmul_one(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows) {
+    const int O = W->rows, K = W->cols;
+    if (rows <= 0 || O <= 0) return;
+    if (rows > 8 && c->xconv && (size_t)rows * K * 6 <= c->xconv_bytes) { /* prompt-sized: tensor cores */
+        matmul_blas(c, y, W, x, rows);
+        return;
+    }
+    if (K % 8 != 0) {
+        launch(c, k_gemv_scalar, dim3((unsigned)(((size_t)O * 32 + 255) / 256)), 256, 0, y, W->data, W->dtype, x, O,
+               K, rows);
+        return;
+    }
+    for (int r0 = 0; r0 < rows; r0 += 8)
+        multi_run(c, 1, &W, &y, &x, G3N_MIN(rows - r0, 8)), y += (size_t)8 * O, x += (size_t)8 * K;
+}
+
+static double mat_bytes(const g3n_mat *W) {
+    return (double)W->rows * W->cols * g3n_dtype_size((g3n_dtype)W->dtype);
 }
 
 void cuda_op_matmul(g3n_backend *be, float *y, const g3n_mat *W, const float *x, int rows) {
-    cudaStream_t st = CTX(be)->stream;
-    const int O = W->rows, K = W->cols;
-    if (rows <= 0 || O <= 0) return;
-    if (K % 8 != 0) {
-        k_gemv_scalar<<<(unsigned)(((size_t)O * 32 + 255) / 256), 256, 0, st>>>(y, W->data, W->dtype, x, O, K, rows);
-        CUDA_LAUNCHED();
+    cuda_ctx *c = CTX(be);
+    PROF_BEGIN(c);
+    matmul_one(c, y, W, x, rows);
+    if (c->profile) {
+        char name[48];
+        snprintf(name, sizeof name, "matmul %dx%d r%d", W->rows, W->cols, rows);
+        PROF_END(c, name, mat_bytes(W));
+    }
+}
+
+void cuda_op_matmul_multi(g3n_backend *be, int n, const g3n_mat *const *W, float *const *y,
+                          const float *const *x, int rows) {
+    cuda_ctx *c = CTX(be);
+    int ok = n <= MULTI_MAX && rows <= 8;
+    for (int i = 0; i < n && ok; i++) ok = W[i]->cols % 8 == 0 && W[i]->dtype == W[0]->dtype;
+    if (!ok) { /* prompt-sized or unusual: one product at a time */
+        for (int i = 0; i < n; i++) cuda_op_matmul(be, y[i], W[i], x[i], rows);
         return;
     }
-    for (int r0 = 0; r0 < rows; r0 += 8) {
-        const int R = rows - r0 < 8 ? rows - r0 : 8;
-        float *yr = y + (size_t)r0 * O;
-        const float *xr = x + (size_t)r0 * K;
-        if (W->dtype == G3N_BF16) gemv_rows(st, yr, (const __nv_bfloat16 *)W->data, xr, O, K, R);
-        else if (W->dtype == G3N_F16) gemv_rows(st, yr, (const __half *)W->data, xr, O, K, R);
-        else gemv_rows(st, yr, (const float *)W->data, xr, O, K, R);
+    PROF_BEGIN(c);
+    multi_run(c, n, W, y, x, rows);
+    if (c->profile) {
+        char name[48];
+        double bytes = 0;
+        for (int i = 0; i < n; i++) bytes += mat_bytes(W[i]);
+        snprintf(name, sizeof name, "matmul_multi x%d %dx%d.. r%d", n, W[0]->rows, W[0]->cols, rows);
+        PROF_END(c, name, bytes);
     }
 }

@@ -11,6 +11,7 @@ static inline unsigned nblk(size_t n, int t) { return (unsigned)((n + (size_t)t 
 
 __global__ void k_embed(float *y, const void *W, int dtype, int rows, int cols, const int32_t *ids,
                         float scale) {
+    KERNEL_BEGIN();
     const int t = blockIdx.y;
     int id = ids[t];
     if (id < 0 || id >= rows) id = 0;
@@ -20,6 +21,7 @@ __global__ void k_embed(float *y, const void *W, int dtype, int rows, int cols, 
 
 /* rows already gathered into the staging buffer, in batch order */
 __global__ void k_embed_staged(float *y, const void *stage, int dtype, int cols, float scale) {
+    KERNEL_BEGIN();
     const int t = blockIdx.y;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < cols; i += gridDim.x * blockDim.x)
         y[(size_t)t * cols + i] = load_w(stage, dtype, (size_t)t * cols + i) * scale;
@@ -28,19 +30,23 @@ __global__ void k_embed_staged(float *y, const void *stage, int dtype, int cols,
 void cuda_op_embed(g3n_backend *be, float *y, const g3n_mat *W, float scale) {
     cuda_ctx *c = CTX(be);
     dim3 grid(nblk((size_t)W->cols, 256) > 64 ? 64 : nblk((size_t)W->cols, 256), c->n_tokens);
+    PROF_BEGIN(c);
     for (int i = 0; i < c->n_tables; i++)
         if (c->tables[i].host == W->data) {
-            k_embed_staged<<<grid, 256, 0, c->stream>>>(y, c->tables[i].d_stage, W->dtype, W->cols, scale);
+            launch(c, k_embed_staged, dim3(grid), dim3(256), 0, y, c->tables[i].d_stage, W->dtype, W->cols, scale);
             CUDA_LAUNCHED();
+            PROF_END(c, "embed (host table)", 0);
             return;
         }
-    k_embed<<<grid, 256, 0, c->stream>>>(y, W->data, W->dtype, W->rows, W->cols, d_ids(c), scale);
+    launch(c, k_embed, dim3(grid), dim3(256), 0, y, W->data, W->dtype, W->rows, W->cols, d_ids(c), scale);
     CUDA_LAUNCHED();
+    PROF_END(c, "embed", 0);
 }
 
 /* ---- RMSNorm: one block per row --------------------------------------------------------- */
 
 __global__ void k_rmsnorm(float *y, const float *x, const float *w, int dim, float eps) {
+    KERNEL_BEGIN();
     __shared__ float sh[32];
     const float *xr = x + (size_t)blockIdx.x * dim;
     float *yr = y + (size_t)blockIdx.x * dim;
@@ -56,13 +62,16 @@ static int threads_for(int dim) { return dim >= 1024 ? 256 : dim >= 256 ? 128 : 
 void cuda_op_rmsnorm(g3n_backend *be, float *y, const float *x, g3n_vec w, int rows, int dim,
                      float eps) {
     if (rows <= 0) return;
-    k_rmsnorm<<<rows, threads_for(dim), 0, CTX(be)->stream>>>(y, x, w.data, dim, eps);
+    PROF_BEGIN(CTX(be));
+    launch(CTX(be), k_rmsnorm, dim3(rows), dim3(threads_for(dim)), 0, y, x, w.data, dim, eps);
     CUDA_LAUNCHED();
+    PROF_END(CTX(be), "rmsnorm", 0);
 }
 
 /* ---- RoPE ---------------------------------------------------------------------------------- */
 
 __global__ void k_rope(float *x, const int32_t *pos, int n_head, int head_dim, float theta) {
+    KERNEL_BEGIN();
     const int t = blockIdx.x, half = head_dim / 2;
     const float p = (float)pos[t];
     for (int k = threadIdx.x; k < n_head * half; k += blockDim.x) {
@@ -79,14 +88,17 @@ __global__ void k_rope(float *x, const int32_t *pos, int n_head, int head_dim, f
 
 void cuda_op_rope(g3n_backend *be, float *x, int n_head, int head_dim, float theta) {
     cuda_ctx *c = CTX(be);
-    k_rope<<<c->n_tokens, 128, 0, c->stream>>>(x, d_pos(c), n_head, head_dim, theta);
+    PROF_BEGIN(c);
+    launch(c, k_rope, dim3(c->n_tokens), dim3(128), 0, x, d_pos(c), n_head, head_dim, theta);
     CUDA_LAUNCHED();
+    PROF_END(c, "rope", 0);
 }
 
 /* ---- K/V store ----------------------------------------------------------------------------- */
 
 __global__ void k_kv_store(const g3n_kv_layer *kv, int layer, const int32_t *pos, const int32_t *seq,
                            const float *k, const float *v, int kv_dim) {
+    KERNEL_BEGIN();
     const int t = blockIdx.x;
     const g3n_kv_layer L = kv[(size_t)seq[t] * G3N_KV_MAX_LAYERS + layer];
     const size_t slot = (size_t)(pos[t] % L.cap);
@@ -98,37 +110,46 @@ __global__ void k_kv_store(const g3n_kv_layer *kv, int layer, const int32_t *pos
 
 void cuda_op_kv_store(g3n_backend *be, int layer, const float *k, const float *v, int kv_dim) {
     cuda_ctx *c = CTX(be);
-    k_kv_store<<<c->n_tokens, 128, 0, c->stream>>>(c->d_kv, layer, d_pos(c), d_seq(c), k, v, kv_dim);
+    PROF_BEGIN(c);
+    launch(c, k_kv_store, dim3(c->n_tokens), dim3(128), 0, c->d_kv, layer, d_pos(c), d_seq(c), k, v, kv_dim);
     CUDA_LAUNCHED();
+    PROF_END(c, "kv_store", 0);
 }
 
 /* ---- elementwise ------------------------------------------------------------------------------ */
 
 __global__ void k_add(float *y, const float *a, const float *b, size_t n) {
+    KERNEL_BEGIN();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         y[i] = a[i] + b[i];
 }
 __global__ void k_scale(float *y, const float *x, float s, size_t n) {
+    KERNEL_BEGIN();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         y[i] = x[i] * s;
 }
 __global__ void k_add3_scale(float *y, const float *a, const float *b, const float *c, float s, size_t n) {
+    KERNEL_BEGIN();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         y[i] = (a[i] + b[i] + c[i]) * s;
 }
 __global__ void k_mul_vec(float *y, const float *x, const float *w, int dim, size_t n) {
+    KERNEL_BEGIN();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         y[i] = x[i] * w[i % dim];
 }
 __global__ void k_gelu_mul(float *y, const float *g, const float *u, size_t n) {
+    KERNEL_BEGIN();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         y[i] = gelu_tanh_d(g[i]) * (u ? u[i] : 1.0f);
 }
 __global__ void k_tanh(float *y, const float *x, size_t n) {
+    KERNEL_BEGIN();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         y[i] = tanhf(x[i]);
 }
 __global__ void k_softcap(float *x, size_t n, float cap) {
+    KERNEL_BEGIN();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         x[i] = cap * tanhf(x[i] / cap);
 }
@@ -139,39 +160,54 @@ static unsigned grid_for(size_t n) {
 }
 
 void cuda_op_add(g3n_backend *be, float *y, const float *a, const float *b, size_t n) {
-    k_add<<<grid_for(n), 256, 0, CTX(be)->stream>>>(y, a, b, n);
+    PROF_BEGIN(CTX(be));
+    launch(CTX(be), k_add, dim3(grid_for(n)), dim3(256), 0, y, a, b, n);
     CUDA_LAUNCHED();
+    PROF_END(CTX(be), "add", 0);
 }
 void cuda_op_scale(g3n_backend *be, float *y, const float *x, float s, size_t n) {
-    k_scale<<<grid_for(n), 256, 0, CTX(be)->stream>>>(y, x, s, n);
+    PROF_BEGIN(CTX(be));
+    launch(CTX(be), k_scale, dim3(grid_for(n)), dim3(256), 0, y, x, s, n);
     CUDA_LAUNCHED();
+    PROF_END(CTX(be), "scale", 0);
 }
 void cuda_op_add3_scale(g3n_backend *be, float *y, const float *a, const float *b, const float *c,
                         float s, size_t n) {
-    k_add3_scale<<<grid_for(n), 256, 0, CTX(be)->stream>>>(y, a, b, c, s, n);
+    PROF_BEGIN(CTX(be));
+    launch(CTX(be), k_add3_scale, dim3(grid_for(n)), dim3(256), 0, y, a, b, c, s, n);
     CUDA_LAUNCHED();
+    PROF_END(CTX(be), "add3_scale", 0);
 }
 void cuda_op_mul_vec(g3n_backend *be, float *y, const float *x, g3n_vec w, int rows, int dim) {
     size_t n = (size_t)rows * dim;
-    k_mul_vec<<<grid_for(n), 256, 0, CTX(be)->stream>>>(y, x, w.data, dim, n);
+    PROF_BEGIN(CTX(be));
+    launch(CTX(be), k_mul_vec, dim3(grid_for(n)), dim3(256), 0, y, x, w.data, dim, n);
     CUDA_LAUNCHED();
+    PROF_END(CTX(be), "mul_vec", 0);
 }
 void cuda_op_gelu_mul(g3n_backend *be, float *y, const float *g, const float *u, size_t n) {
-    k_gelu_mul<<<grid_for(n), 256, 0, CTX(be)->stream>>>(y, g, u, n);
+    PROF_BEGIN(CTX(be));
+    launch(CTX(be), k_gelu_mul, dim3(grid_for(n)), dim3(256), 0, y, g, u, n);
     CUDA_LAUNCHED();
+    PROF_END(CTX(be), "gelu_mul", 0);
 }
 void cuda_op_tanh(g3n_backend *be, float *y, const float *x, size_t n) {
-    k_tanh<<<grid_for(n), 256, 0, CTX(be)->stream>>>(y, x, n);
+    PROF_BEGIN(CTX(be));
+    launch(CTX(be), k_tanh, dim3(grid_for(n)), dim3(256), 0, y, x, n);
     CUDA_LAUNCHED();
+    PROF_END(CTX(be), "tanh", 0);
 }
 void cuda_op_softcap(g3n_backend *be, float *x, size_t n, float cap) {
-    k_softcap<<<grid_for(n), 256, 0, CTX(be)->stream>>>(x, n, cap);
+    PROF_BEGIN(CTX(be));
+    launch(CTX(be), k_softcap, dim3(grid_for(n)), dim3(256), 0, x, n, cap);
     CUDA_LAUNCHED();
+    PROF_END(CTX(be), "softcap", 0);
 }
 
 /* ---- Gaussian top-k: one block per row ---------------------------------------------------------- */
 
 __global__ void k_gaussian_topk(float *x, int dim, float kappa) {
+    KERNEL_BEGIN();
     __shared__ float sh[32];
     float *xr = x + (size_t)blockIdx.x * dim;
     float s = 0;
@@ -185,8 +221,10 @@ __global__ void k_gaussian_topk(float *x, int dim, float kappa) {
 }
 
 void cuda_op_gaussian_topk(g3n_backend *be, float *x, int rows, int dim, float kappa) {
-    k_gaussian_topk<<<rows, 1024, 0, CTX(be)->stream>>>(x, dim, kappa);
+    PROF_BEGIN(CTX(be));
+    launch(CTX(be), k_gaussian_topk, dim3(rows), dim3(1024), 0, x, dim, kappa);
     CUDA_LAUNCHED();
+    PROF_END(CTX(be), "gaussian_topk", 0);
 }
 
 /* ---- AltUp ---------------------------------------------------------------------------------------- */
@@ -196,6 +234,7 @@ void cuda_op_gaussian_topk(g3n_backend *be, float *x, int rows, int dim, float k
 /* one block per row: the A x A mix from the router output, then every plane */
 __global__ void k_altup_predict(float *pred, const float *S, const float *m, const float *coefs, int A,
                                 int rows, int dim) {
+    KERNEL_BEGIN();
     __shared__ float C[MAXA * MAXA];
     const int r = blockIdx.x;
     if (threadIdx.x < A * A) {
@@ -219,6 +258,7 @@ __global__ void k_altup_predict(float *pred, const float *S, const float *m, con
 
 __global__ void k_altup_correct(float *corr, const float *pred, const float *o, const float *m,
                                 const float *coefs, int A, int rows, int dim) {
+    KERNEL_BEGIN();
     __shared__ float kk[MAXA];
     const int r = blockIdx.x;
     if (threadIdx.x < A) {
@@ -238,18 +278,23 @@ __global__ void k_altup_correct(float *corr, const float *pred, const float *o, 
 void cuda_op_altup_predict(g3n_backend *be, float *pred, const float *S, const float *m, g3n_vec coefs,
                            int A, int rows, int dim) {
     G3N_ASSERT(A <= MAXA);
-    k_altup_predict<<<rows, 256, 0, CTX(be)->stream>>>(pred, S, m, coefs.data, A, rows, dim);
+    PROF_BEGIN(CTX(be));
+    launch(CTX(be), k_altup_predict, dim3(rows), dim3(256), 0, pred, S, m, coefs.data, A, rows, dim);
     CUDA_LAUNCHED();
+    PROF_END(CTX(be), "altup_predict", 0);
 }
 
 void cuda_op_altup_correct(g3n_backend *be, float *corr, const float *pred, const float *o, const float *m,
                            g3n_vec coefs, int A, int rows, int dim) {
     G3N_ASSERT(A <= MAXA);
-    k_altup_correct<<<rows, 256, 0, CTX(be)->stream>>>(corr, pred, o, m, coefs.data, A, rows, dim);
+    PROF_BEGIN(CTX(be));
+    launch(CTX(be), k_altup_correct, dim3(rows), dim3(256), 0, corr, pred, o, m, coefs.data, A, rows, dim);
     CUDA_LAUNCHED();
+    PROF_END(CTX(be), "altup_correct", 0);
 }
 
 __global__ void k_magnitude_match(float *y, const float *ref, int dim, float floor_ms) {
+    KERNEL_BEGIN();
     __shared__ float sh[32];
     float *yr = y + (size_t)blockIdx.x * dim;
     const float *rr = ref + (size_t)blockIdx.x * dim;
@@ -267,14 +312,17 @@ __global__ void k_magnitude_match(float *y, const float *ref, int dim, float flo
 }
 
 void cuda_op_magnitude_match(g3n_backend *be, float *y, const float *ref, int rows, int dim, float floor_ms) {
-    k_magnitude_match<<<rows, threads_for(dim), 0, CTX(be)->stream>>>(y, ref, dim, floor_ms);
+    PROF_BEGIN(CTX(be));
+    launch(CTX(be), k_magnitude_match, dim3(rows), dim3(threads_for(dim)), 0, y, ref, dim, floor_ms);
     CUDA_LAUNCHED();
+    PROF_END(CTX(be), "magnitude_match", 0);
 }
 
 /* ---- per-layer inputs: one block per (token, layer) ------------------------------------------------ */
 
 __global__ void k_ple_combine(float *out, const float *proj, const float *z, const float *norm, int rows,
                               int L, int P, float proj_scale, float eps, float out_scale) {
+    KERNEL_BEGIN();
     __shared__ float sh[32];
     const int t = blockIdx.x / L, l = blockIdx.x % L;
     const float *pr = proj + ((size_t)t * L + l) * P;
@@ -293,23 +341,31 @@ __global__ void k_ple_combine(float *out, const float *proj, const float *z, con
 
 void cuda_op_ple_combine(g3n_backend *be, float *out, const float *proj, const float *z, g3n_vec norm,
                          int rows, int L, int P, float proj_scale, float eps, float out_scale) {
-    k_ple_combine<<<rows * L, threads_for(P), 0, CTX(be)->stream>>>(out, proj, z, norm.data, rows, L, P,
+    PROF_BEGIN(CTX(be));
+    launch(CTX(be), k_ple_combine, dim3(rows * L), dim3(threads_for(P)), 0, out, proj, z, norm.data, rows, L, P,
                                                                      proj_scale, eps, out_scale);
     CUDA_LAUNCHED();
+    PROF_END(CTX(be), "ple_combine", 0);
 }
 
 /* ---- bandwidth probe --------------------------------------------------------------------------------- */
 
 __global__ void k_read(const float4 *p, size_t n, float *sink) {
+    KERNEL_BEGIN();
     float acc = 0;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const float4 v = __ldcs(p + i);
-        acc += v.x + v.y + v.z + v.w;
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    for (; i + 3 * stride < n; i += 4 * stride) { /* four 16-byte loads in flight */
+        const float4 a = __ldcs(p + i), b = __ldcs(p + i + stride), c = __ldcs(p + i + 2 * stride),
+                     d = __ldcs(p + i + 3 * stride);
+        acc += a.x + b.y + c.z + d.w;
     }
+    for (; i < n; i += stride) acc += __ldcs(p + i).x;
     if (acc == 123.456f) *sink = acc; /* keep the loads */
 }
 
 __global__ void k_copy(float4 *dst, const float4 *src, size_t n) {
+    KERNEL_BEGIN();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         dst[i] = __ldcs(src + i);
 }
@@ -334,13 +390,13 @@ double cuda_read_bandwidth(g3n_backend *be, size_t bytes) {
     for (int it = 0; it < 12; it++) {
         float ms;
         CUDA_CHECK(cudaEventRecord(e0, c->stream));
-        k_read<<<sms * 8, 512, 0, c->stream>>>(a, n, sink);
+        launch(c, k_read, dim3(sms * 4), dim3(1024), 0, a, n, sink);
         CUDA_CHECK(cudaEventRecord(e1, c->stream));
         CUDA_CHECK(cudaEventSynchronize(e1));
         CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
         if (it >= 2 && n * sizeof(float4) / (ms * 1e-3) > best_read) best_read = n * sizeof(float4) / (ms * 1e-3);
         CUDA_CHECK(cudaEventRecord(e0, c->stream));
-        k_copy<<<sms * 8, 512, 0, c->stream>>>(b, a, n);
+        launch(c, k_copy, dim3(sms * 8), dim3(512), 0, b, a, n);
         CUDA_CHECK(cudaEventRecord(e1, c->stream));
         CUDA_CHECK(cudaEventSynchronize(e1));
         CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));

@@ -1,0 +1,293 @@
+/* fused.cu: the fused decode ops of backend.h as single CUDA kernels: several
+ * matrix products in one launch, and the row-wise chains around them (AltUp
+ * predict with its router and input norm; q/k/v norms + RoPE + cache store; the
+ * attention/LAuReL residual with its norms; the MLP activation with Gaussian
+ * top-k; the post-MLP norm + AltUp correct; the per-layer-input add). Each is
+ * defined by its reference in cpu_ref.c (a sequence of basic ops) and tested
+ * against it in tests/test_ops.c. Row-wise kernels run one block per token row.
+ * (Several products in one launch, matmul_multi, live in gemv.cu.) */
+#include "cuda_common.cuh"
+
+#define MAXA 8
+#define ROW_THREADS 1024
+
+/* ---- AltUp predict with router and input norm ----------------------------------------------- */
+
+/* router: m[a] = tanh(sum_i R[a, i] * v[i]) for a < A, v in shared memory (dim);
+ * all A sums reduced together */
+__device__ void router_tanh(float *m_sh, const void *R, int rdtype, const float *v, int A, int dim,
+                            float *red) {
+    float acc[MAXA];
+#pragma unroll
+    for (int a = 0; a < MAXA; a++) acc[a] = 0;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        const float vi = v[i];
+#pragma unroll
+        for (int a = 0; a < MAXA; a++)
+            if (a < A) acc[a] += load_w(R, rdtype, (size_t)a * dim + i) * vi;
+    }
+    block_sum_n<MAXA>(acc, red);
+    if (threadIdx.x < A) {
+#pragma unroll
+        for (int a = 0; a < MAXA; a++)
+            if (a == (int)threadIdx.x) m_sh[a] = tanhf(acc[a]);
+    }
+    __syncthreads();
+}
+
+__global__ void __launch_bounds__(ROW_THREADS)
+    k_altup_predict_fused(float *pred, float *x, const float *S, const void *R, int rdtype,
+                          const float *rnorm, const float *coefs, const float *innorm, int A, int rows,
+                          int dim, float eps) {
+    KERNEL_BEGIN();
+    extern __shared__ float v[]; /* dim */
+    __shared__ float red[32 * MAXA], m[MAXA], C[MAXA * MAXA];
+    const int r = blockIdx.x;
+    const size_t plane = (size_t)rows * dim;
+    const float *s0 = S + (size_t)r * dim;
+    float ss = 0;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += s0[i] * s0[i];
+    const float inv = rsqrtf(block_sum(ss, red) / (float)dim + eps);
+    const float inv_dim = 1.0f / (float)dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) v[i] = s0[i] * inv * rnorm[i] * inv_dim;
+    __syncthreads();
+    router_tanh(m, R, rdtype, v, A, dim, red);
+    if (threadIdx.x < A * A) {
+        float acc = 0;
+        for (int j = 0; j < A; j++) acc += coefs[threadIdx.x * A + j] * m[j];
+        C[threadIdx.x] = acc;
+    }
+    __syncthreads();
+    float ss0 = 0;
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+        const size_t o = (size_t)r * dim + d;
+        float sv[MAXA];
+        for (int j = 0; j < A; j++) sv[j] = S[j * plane + o];
+        for (int i = 0; i < A; i++) {
+            float acc = sv[i];
+            for (int j = 0; j < A; j++) acc += C[i * A + j] * sv[j];
+            pred[i * plane + o] = acc;
+            if (i == 0) {
+                v[d] = acc;
+                ss0 += acc * acc;
+            }
+        }
+    }
+    const float inv0 = rsqrtf(block_sum(ss0, red) / (float)dim + eps);
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) x[(size_t)r * dim + d] = v[d] * inv0 * innorm[d];
+}
+
+void cuda_op_altup_predict_fused(g3n_backend *be, float *pred, float *x, const float *S, const g3n_mat *router,
+                                 g3n_vec router_norm, g3n_vec coefs, g3n_vec in_norm, int A, int rows, int dim,
+                                 float eps) {
+    cuda_ctx *c = CTX(be);
+    G3N_ASSERT(A <= MAXA);
+    PROF_BEGIN(c);
+    launch(c, k_altup_predict_fused, dim3(rows), dim3(ROW_THREADS), sizeof(float) * dim, 
+        pred, x, S, router->data, router->dtype, router_norm.data, coefs.data, in_norm.data, A, rows, dim, eps);
+    CUDA_LAUNCHED();
+    PROF_END(c, "altup_predict_fused", 0);
+}
+
+/* ---- q/k/v norms, RoPE, cache store: block per (token, head slot) ----------------------------- */
+
+__global__ void k_qkv_post(float *q, float *k, float *v, const float *qn, const float *kn, const g3n_kv_layer *kv,
+                           int layer, const int32_t *pos, const int32_t *seq, int H, int Hkv, int hd, float theta,
+                           float eps) {
+    KERNEL_BEGIN();
+    __shared__ float red[32];
+    const int t = blockIdx.x, slot = blockIdx.y; /* 0..H-1 q, then k heads, then v heads */
+    float *vec;
+    const float *w = NULL;
+    int rope = 1;
+    if (slot < H) {
+        vec = q + ((size_t)t * H + slot) * hd;
+        w = qn;
+    } else if (slot < H + Hkv) {
+        vec = k + ((size_t)t * Hkv + (slot - H)) * hd;
+        w = kn;
+    } else {
+        vec = v + ((size_t)t * Hkv + (slot - H - Hkv)) * hd;
+        rope = 0;
+    }
+    float ss = 0;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) ss += vec[i] * vec[i];
+    const float inv = rsqrtf(block_sum(ss, red) / (float)hd + eps);
+    const int half = hd / 2;
+    const float p = (float)pos[t];
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float a = vec[i] * inv, b = vec[i + half] * inv;
+        if (w) a *= w[i], b *= w[i + half];
+        if (rope) {
+            const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
+            float sn, cs;
+            sincosf(inv_freq * p, &sn, &cs);
+            const float a2 = a * cs - b * sn, b2 = b * cs + a * sn;
+            a = a2, b = b2;
+        }
+        vec[i] = a;
+        vec[i + half] = b;
+    }
+    if (slot < H) return;
+    __syncthreads();
+    const g3n_kv_layer L = kv[(size_t)seq[t] * G3N_KV_MAX_LAYERS + layer];
+    const int kvd = Hkv * hd;
+    const size_t cs_ = (size_t)(pos[t] % L.cap) * kvd;
+    float *dst = slot < H + Hkv ? L.k + cs_ + (size_t)(slot - H) * hd : L.v + cs_ + (size_t)(slot - H - Hkv) * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = vec[i];
+}
+
+void cuda_op_qkv_post(g3n_backend *be, float *q, float *k, float *v, g3n_vec q_norm, g3n_vec k_norm, int layer,
+                      int n_head, int n_head_kv, int head_dim, float theta, float eps) {
+    cuda_ctx *c = CTX(be);
+    PROF_BEGIN(c);
+    dim3 grid(c->n_tokens, n_head + (layer >= 0 ? 2 * n_head_kv : 0));
+    launch(c, k_qkv_post, dim3(grid), dim3(128), 0, q, k, v, q_norm.data, k_norm.data, c->d_kv, layer, d_pos(c), d_seq(c),
+                                            n_head, n_head_kv, head_dim, theta, eps);
+    CUDA_LAUNCHED();
+    PROF_END(c, "qkv_post", 0);
+}
+
+/* ---- attention + LAuReL residual ------------------------------------------------------------- */
+
+__global__ void __launch_bounds__(ROW_THREADS)
+    k_attn_residual(float *s, float *u, const float *att, const float *lau, const float *x, const float *a,
+                    const float *w_att, const float *w_lau, const float *w_ff, int dim, float eps, float rs) {
+    KERNEL_BEGIN();
+    __shared__ float red[32];
+    const size_t o = (size_t)blockIdx.x * dim;
+    float s1 = 0, s2 = 0;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        s1 += att[o + i] * att[o + i];
+        s2 += lau[o + i] * lau[o + i];
+    }
+    const float i1 = rsqrtf(block_sum(s1, red) / (float)dim + eps);
+    const float i2 = rsqrtf(block_sum(s2, red) / (float)dim + eps);
+    float s3 = 0;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        const float la = lau[o + i] * i2 * w_lau[i] + x[o + i];
+        const float at = att[o + i] * i1 * w_att[i];
+        const float sv = (a[o + i] + at + la) * rs;
+        s[o + i] = sv;
+        s3 += sv * sv;
+    }
+    const float i3 = rsqrtf(block_sum(s3, red) / (float)dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) u[o + i] = s[o + i] * i3 * w_ff[i];
+}
+
+void cuda_op_attn_residual(g3n_backend *be, float *s, float *u, float *att, float *lau_raw, const float *x,
+                           const float *a, g3n_vec post_att, g3n_vec post_laurel, g3n_vec pre_ff, int rows, int dim,
+                           float eps, float res_scale) {
+    cuda_ctx *c = CTX(be);
+    PROF_BEGIN(c);
+    launch(c, k_attn_residual, dim3(rows), dim3(ROW_THREADS), 0, s, u, att, lau_raw, x, a, post_att.data, post_laurel.data,
+                                                         pre_ff.data, dim, eps, res_scale);
+    CUDA_LAUNCHED();
+    PROF_END(c, "attn_residual", 0);
+}
+
+/* ---- MLP activation ---------------------------------------------------------------------------------- */
+
+__global__ void __launch_bounds__(ROW_THREADS) k_mlp_act(float *g, const float *up, int n, float kappa) {
+    KERNEL_BEGIN();
+    __shared__ float red[32];
+    float *gr = g + (size_t)blockIdx.x * n;
+    const float *ur = up + (size_t)blockIdx.x * n;
+    float cutoff = -INFINITY;
+    if (kappa > 0) {
+        float sm = 0;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) sm += gr[i];
+        const float mean = block_sum(sm, red) / (float)n;
+        float vv = 0;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) vv += (gr[i] - mean) * (gr[i] - mean);
+        cutoff = mean + sqrtf(block_sum(vv, red) / (float)n) * kappa;
+    }
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float z = gr[i];
+        if (kappa > 0) z = z > cutoff ? z - cutoff : 0.0f;
+        gr[i] = gelu_tanh_d(z) * ur[i];
+    }
+}
+
+void cuda_op_mlp_act(g3n_backend *be, float *gate, const float *up, int rows, int n_ff, float kappa) {
+    cuda_ctx *c = CTX(be);
+    PROF_BEGIN(c);
+    launch(c, k_mlp_act, dim3(rows), dim3(ROW_THREADS), 0, gate, up, n_ff, kappa);
+    CUDA_LAUNCHED();
+    PROF_END(c, kappa > 0 ? "mlp_act (top-k)" : "mlp_act", 0);
+}
+
+/* ---- post-MLP norm + AltUp correct --------------------------------------------------------------------- */
+
+__global__ void __launch_bounds__(ROW_THREADS)
+    k_altup_correct_fused(float *pred, float *qs, float *f, const float *s, const float *w_ff, const void *R,
+                          int rdtype, const float *rnorm, const float *coefs, const float *oscale, int A, int rows,
+                          int dim, float eps) {
+    KERNEL_BEGIN();
+    extern __shared__ float v[]; /* dim */
+    __shared__ float red[32 * MAXA], m[MAXA], kk[MAXA];
+    const int r = blockIdx.x;
+    const size_t o = (size_t)r * dim, plane = (size_t)rows * dim;
+    float s1 = 0;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) s1 += f[o + i] * f[o + i];
+    const float i1 = rsqrtf(block_sum(s1, red) / (float)dim + eps);
+    float s2 = 0;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        const float ov = s[o + i] + f[o + i] * i1 * w_ff[i];
+        f[o + i] = ov;
+        s2 += ov * ov;
+    }
+    const float i2 = rsqrtf(block_sum(s2, red) / (float)dim + eps);
+    const float inv_dim = 1.0f / (float)dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) v[i] = f[o + i] * i2 * rnorm[i] * inv_dim;
+    __syncthreads();
+    router_tanh(m, R, rdtype, v, A, dim, red);
+    if (threadIdx.x < A) {
+        float acc = 0;
+        for (int j = 0; j < A; j++) acc += coefs[threadIdx.x * A + j] * m[j];
+        kk[threadIdx.x] = acc + 1.0f;
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+        const float delta = f[o + d] - pred[o + d];
+        for (int i = 0; i < A; i++) pred[i * plane + o + d] += kk[i] * delta;
+        qs[o + d] = oscale ? pred[o + d] * oscale[d] : pred[o + d];
+    }
+}
+
+void cuda_op_altup_correct_fused(g3n_backend *be, float *pred, float *qs, float *f, const float *s, g3n_vec post_ff,
+                                 const g3n_mat *router, g3n_vec router_norm, g3n_vec coefs, g3n_vec out_scale, int A,
+                                 int rows, int dim, float eps) {
+    cuda_ctx *c = CTX(be);
+    G3N_ASSERT(A <= MAXA);
+    PROF_BEGIN(c);
+    launch(c, k_altup_correct_fused, dim3(rows), dim3(ROW_THREADS), sizeof(float) * dim, 
+        pred, qs, f, s, post_ff.data, router->data, router->dtype, router_norm.data, coefs.data, out_scale.data, A,
+        rows, dim, eps);
+    CUDA_LAUNCHED();
+    PROF_END(c, "altup_correct_fused", 0);
+}
+
+/* ---- per-layer input add --------------------------------------------------------------------------------- */
+
+__global__ void __launch_bounds__(ROW_THREADS)
+    k_ple_add(float *pred, const float *proj, const float *w, int A, int rows, int dim, float eps) {
+    KERNEL_BEGIN();
+    __shared__ float red[32];
+    const size_t o = (size_t)blockIdx.x * dim, plane = (size_t)rows * dim;
+    float ss = 0;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += proj[o + i] * proj[o + i];
+    const float inv = rsqrtf(block_sum(ss, red) / (float)dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        const float g = proj[o + i] * inv * w[i];
+        for (int k = 1; k < A; k++) pred[k * plane + o + i] += g;
+    }
+}
+
+void cuda_op_ple_add(g3n_backend *be, float *pred, float *proj, g3n_vec post_norm, int A, int rows, int dim, float eps) {
+    cuda_ctx *c = CTX(be);
+    PROF_BEGIN(c);
+    launch(c, k_ple_add, dim3(rows), dim3(ROW_THREADS), 0, pred, proj, post_norm.data, A, rows, dim, eps);
+    CUDA_LAUNCHED();
+    PROF_END(c, "ple_add", 0);
+}
