@@ -76,6 +76,9 @@ int g3n_model_set_decode_path(g3n_model *m, const char *path);
  * Decode is bound by it: decode_bytes / bandwidth is the fastest a token can be. */
 double g3n_model_read_bandwidth(g3n_model *m, size_t bytes);
 
+/* Bytes of device memory in use on the model's GPU (0 on the CPU backends). */
+size_t g3n_model_device_memory(g3n_model *m);
+
 /* ---- session ----------------------------------------------------------------- */
 
 typedef struct g3n_session g3n_session;

@@ -264,7 +264,7 @@ int main(int argc, char **argv) {
 #ifdef G3N_CUDA
     if (cuda_available()) {
         DEVICE = "cuda";
-        SELF_TOL = 3e-5;
+        SELF_TOL = 5e-5; /* two fp32 orders (GEMV vs tensor cores), half the transformers bound */
         printf("-- cuda, split path (recorded steps, PLE table in host memory)\n");
         PATH = "split";
         RUN(conditional_cuda);

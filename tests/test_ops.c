@@ -44,6 +44,30 @@ static float *host(const float *d, size_t n) {
     return h;
 }
 
+/* Dot-product results: each |got - ref| within tol * sum_k |W[o,k] x[r,k]| (the
+ * scale of float rounding in a sum), so outputs that cancel to near zero are
+ * judged by the size of their terms, not by their own size; NaN never passes. */
+static void check_dots(const char *what, const float *got, const float *ref, const g3n_mat *W,
+                       const float *x, int R, double tol) {
+    float *row = malloc(sizeof(float) * (size_t)(W->cols ? W->cols : 1));
+    int bad = 0;
+    for (int o = 0; o < W->rows; o++) {
+        cpu_mat_row(W, o, row);
+        for (int r = 0; r < R; r++) {
+            double scale = 0;
+            for (int k = 0; k < W->cols; k++) scale += fabs((double)row[k] * x[(size_t)r * W->cols + k]);
+            double d = fabs((double)got[(size_t)r * W->rows + o] - ref[(size_t)r * W->rows + o]);
+            if (!(d <= tol * scale + 1e-30)) {
+                if (bad++ < 3)
+                    printf("  %s [r%d o%d]: got %.9g want %.9g (term scale %.3g)\n", what, r, o,
+                           got[(size_t)r * W->rows + o], ref[(size_t)r * W->rows + o], scale);
+            }
+        }
+    }
+    if (bad) test_cur_failed = 1;
+    free(row);
+}
+
 /* Compare B's result (device d) with the reference (host ref); frees d. */
 static void cmp(const char *what, float *d, const float *ref, size_t n, double tol, double abs_tol) {
     float *h = host(d, n);
@@ -95,7 +119,7 @@ TEST(matmul) {
                     char what[96];
                     snprintf(what, sizeof what, "matmul %s R%d O%d K%d", g3n_dtype_name(DTYPES[d]), R, O, K);
                     float *y1 = host(dy, (size_t)R * O);
-                    test_close(what, y1, y0, (size_t)R * O, TOL + 2e-7 * sqrt(K), 1e-5 * sqrt(K));
+                    check_dots(what, y1, y0, &W.ref, x, R, 2e-6);
                     if (B_IS_CPU) { /* a row alone == the same row inside the block, bit for bit */
                         float *y2 = malloc(4 * (size_t)O);
                         B->matmul(B, y2, &W.b, x + (size_t)(R - 1) * K, 1);
@@ -119,7 +143,10 @@ TEST(matmul_large) {
         B->matmul(B, dy, &W.b, dx, 1);
         char what[64];
         snprintf(what, sizeof what, "matmul bf16 %dx%d", O, K);
-        cmp(what, dy, y0, (size_t)O, TOL + 2e-7 * sqrt(K), 1e-5 * sqrt(K));
+        float *y1 = host(dy, (size_t)O);
+        check_dots(what, y1, y0, &W.ref, x, 1, 2e-6);
+        free(y1);
+        B->free(B, dy);
         B->free(B, dx), free(W.mem), free(x), free(y0);
     }
 }
@@ -381,14 +408,28 @@ TEST(fused_ops) {
     float *dS = dev(S, pn), *drn = vdev(rn, D), *dpc = vdev(pc, 64), *dcc = vdev(cc, 16), *dinn = vdev(inn, D);
     /* altup_predict_fused */
     float *pred = malloc(4 * pn), *x = malloc(4 * n);
-    REF->altup_predict_fused(REF, pred, x, S, &router.ref, (g3n_vec){D, rn}, (g3n_vec){64, pc}, (g3n_vec){D, inn}, A, R,
-                             D, 1e-6f);
+    g3n_vec none = {0, NULL};
+    REF->altup_predict_fused(REF, pred, x, S, NULL, none, &router.ref, (g3n_vec){D, rn}, (g3n_vec){64, pc},
+                             (g3n_vec){D, inn}, A, R, D, 1e-6f);
     float *dpred = dev_nan(pn), *dx = dev_nan(n);
-    B->altup_predict_fused(B, dpred, dx, dS, &router.b, (g3n_vec){D, drn}, (g3n_vec){64, dpc}, (g3n_vec){D, dinn}, A,
-                           R, D, 1e-6f);
+    B->altup_predict_fused(B, dpred, dx, dS, NULL, none, &router.b, (g3n_vec){D, drn}, (g3n_vec){64, dpc},
+                           (g3n_vec){D, dinn}, A, R, D, 1e-6f);
     float *hp = host(dpred, pn);
     test_close("altup_predict_fused pred", hp, pred, pn, 1e-5, 1e-5);
     cmp("altup_predict_fused x", dx, x, n, 1e-5, 1e-5);
+    { /* with the previous layer's per-layer input added to S first */
+        float *S2 = malloc(4 * pn), *pp = rnd(n, 3.0f), *pred2 = malloc(4 * pn), x2r[200];
+        memcpy(S2, S, 4 * pn);
+        float *dS2 = dev(S, pn), *dpp = dev(pp, n), *dpred2 = dev_nan(pn), *dx2r = dev_nan(n);
+        REF->altup_predict_fused(REF, pred2, x2r, S2, pp, (g3n_vec){D, inn}, &router.ref, (g3n_vec){D, rn},
+                                 (g3n_vec){64, pc}, (g3n_vec){D, inn}, A, R, D, 1e-6f);
+        B->altup_predict_fused(B, dpred2, dx2r, dS2, dpp, (g3n_vec){D, dinn}, &router.b, (g3n_vec){D, drn},
+                               (g3n_vec){64, dpc}, (g3n_vec){D, dinn}, A, R, D, 1e-6f);
+        cmp("altup_predict_fused+ple S", dS2, S2, pn, 1e-5, 1e-5);
+        cmp("altup_predict_fused+ple pred", dpred2, pred2, pn, 1e-5, 1e-5);
+        cmp("altup_predict_fused+ple x", dx2r, x2r, n, 1e-5, 1e-5);
+        free(S2), free(pp), free(pred2), B->free(B, dpp);
+    }
     /* matmul_multi: two products with different inputs and one shared */
     tmat W1 = make_mat(G3N_BF16, 40, D, 0), W2 = make_mat(G3N_BF16, 24, 64, 0), W3 = make_mat(G3N_BF16, 8, D, 0);
     float *x2 = rnd((size_t)R * 64, 1.0f), *dx2 = dev(x2, (size_t)R * 64), *dxx = dev(x, n);
@@ -404,6 +445,19 @@ TEST(fused_ops) {
     cmp("matmul_multi 0", dy1, y1, 80, 1e-5, 1e-5);
     cmp("matmul_multi 1", dy2, y2, 48, 1e-5, 1e-5);
     cmp("matmul_multi 2", dy3, y3, 16, 1e-5, 1e-5);
+    /* the GEMV epilogues: gelu(W.x) * m, and gelu(Wg.x) * (Wu.x) */
+    {
+        tmat Wg = make_mat(G3N_BF16, 37, D, 0), Wu = make_mat(G3N_BF16, 37, D, 0);
+        float *mm = rnd((size_t)R * 37, 1.0f), *dmm = dev(mm, (size_t)R * 37), y0[80], up[80];
+        REF->matmul_gelu_mul(REF, y0, &Wg.ref, x, mm, R);
+        float *dy = dev_nan((size_t)R * 37), *dup = dev_nan((size_t)R * 37);
+        B->matmul_gelu_mul(B, dy, &Wg.b, dxx, dmm, R);
+        cmp("matmul_gelu_mul", dy, y0, (size_t)R * 37, 1e-5, 1e-5);
+        REF->matmul_gate_up(REF, y0, up, &Wg.ref, &Wu.ref, x, R);
+        B->matmul_gate_up(B, dy = dev_nan((size_t)R * 37), dup, &Wg.b, &Wu.b, dxx, R);
+        cmp("matmul_gate_up", dy, y0, (size_t)R * 37, 1e-5, 1e-5);
+        free(Wg.mem), free(Wu.mem), free(mm), B->free(B, dmm), B->free(B, dup);
+    }
     /* qkv_post with a cache store, two tokens at positions 3 and 20 */
     float *q = rnd((size_t)R * H * hd, 1.0f), *k = rnd((size_t)R * Hkv * hd, 1.0f), *v = rnd((size_t)R * Hkv * hd, 1.0f);
     float *qn = rnd(hd, 1.0f), *kn = rnd(hd, 1.0f);

@@ -31,3 +31,11 @@ for s in $shapes; do
         head -30 "$OUT/profile-pp-$s.txt"
     fi
 done
+# NCU=1: per-kernel durations of decode steps (graphs on, fused path) for the first shape
+if [ -n "${NCU:-}" ]; then
+    s=$(echo $shapes | cut -d' ' -f1)
+    ncu --metrics gpu__time_duration.sum --csv --print-units base --launch-skip ${NCU_SKIP:-1500} \
+        --launch-count ${NCU_COUNT:-450} $BIN bench -m /tmp/g3n-$s -p 0 -n 8 -r 1 --no-membw \
+        --decode-path fused >"$OUT/ncu-$s.csv" 2>"$OUT/ncu-$s.err"
+    echo "ncu: $(grep -c gpu__time_duration "$OUT/ncu-$s.csv") kernels profiled"
+fi

@@ -79,6 +79,9 @@ struct g3n_backend {
     /* Benchmark support: measured read bandwidth (bytes/s) of the memory weights
      * live in, streaming `bytes` with this backend's threads (or kernels). */
     double (*read_bandwidth)(g3n_backend *be, size_t bytes);
+    /* Device memory in use now (the whole device, this process's share
+     * included); NULL where it does not apply (CPU). */
+    size_t (*device_memory_used)(g3n_backend *be);
 
     /* ---- step metadata ---- */
     void (*batch_set)(g3n_backend *be, const g3n_batch *b);
@@ -164,12 +167,22 @@ struct g3n_backend {
     /* Several products in one pass: y[i] = W[i] . x[i] (rows each). */
     void (*matmul_multi)(g3n_backend *be, int n, const g3n_mat *const *W, float *const *y,
                          const float *const *x, int rows);
-    /* AltUp predict with its router and the input norm:
+    /* y = gelu_tanh(W . x) * m   (m: [rows, W.rows]) */
+    void (*matmul_gelu_mul)(g3n_backend *be, float *y, const g3n_mat *W, const float *x,
+                            const float *m, int rows);
+    /* act = gelu_tanh(Wg . x) * (Wu . x): a dense MLP's first half (Wg, Wu same
+     * shape); up is scratch of act's size that a backend may use. */
+    void (*matmul_gate_up)(g3n_backend *be, float *act, float *up, const g3n_mat *Wg,
+                           const g3n_mat *Wu, const float *x, int rows);
+    /* AltUp predict with its router and the input norm, after the previous layer's
+     * per-layer input when ple_proj is not NULL:
+     *   ple_add(S, ple_proj, ple_norm)   (planes 1.. of S += rmsnorm(ple_proj), in place)
      *   m = tanh(router . (rmsnorm(S[0], router_norm) / dim)),  pred = predict(S, m, coefs),
      *   x = rmsnorm(pred[0], in_norm). */
-    void (*altup_predict_fused)(g3n_backend *be, float *pred, float *x, const float *S,
-                                const g3n_mat *router, g3n_vec router_norm, g3n_vec coefs,
-                                g3n_vec in_norm, int A, int rows, int dim, float eps);
+    void (*altup_predict_fused)(g3n_backend *be, float *pred, float *x, float *S,
+                                float *ple_proj, g3n_vec ple_norm, const g3n_mat *router,
+                                g3n_vec router_norm, g3n_vec coefs, g3n_vec in_norm, int A,
+                                int rows, int dim, float eps);
     /* q: per-head rmsnorm (q_norm) then RoPE, in place. If layer >= 0 also k
      * (k_norm, RoPE) and v (norm without weight), stored into cache `layer`. */
     void (*qkv_post)(g3n_backend *be, float *q, float *k, float *v, g3n_vec q_norm,

@@ -105,6 +105,7 @@ int cmd_bench(int argc, char **argv) {
             fprintf(stderr, "g3n: rep %d/%d: pp %.2f tok/s, tg %.2f tok/s (%s)%s\n", r + 1, reps, pp[r], tg[r],
                     paths[0], n_paths > 1 ? "" : "");
     }
+    const size_t dev_mem = g3n_model_device_memory(m); /* everything is allocated by now */
     double bw = membw ? g3n_model_read_bandwidth(m, 0) : 0;
     stat2 sp = stats(pp, reps), sg = stats(tg, reps), sg2 = stats(tg + reps, reps);
     double gbs = mi.decode_bytes * sg.mean / 1e9;
@@ -117,8 +118,9 @@ int cmd_bench(int argc, char **argv) {
         if (n_paths > 1)
             printf("\"tg_%s_tok_s\": %.3f, \"tg_%s_sd\": %.3f, ", paths[1], sg2.mean, paths[1], sg2.sd);
         printf("\"decode_bytes_per_token\": %zu, \"decode_gb_s\": %.3f, \"read_bw_gb_s\": %.3f, "
-               "\"bw_fraction\": %.4f, \"checksum\": \"%016llx\"}\n",
-               mi.decode_bytes, gbs, bw / 1e9, bw > 0 ? gbs * 1e9 / bw : 0, (unsigned long long)checksum[0]);
+               "\"bw_fraction\": %.4f, \"device_memory_gb\": %.3f, \"checksum\": \"%016llx\"}\n",
+               mi.decode_bytes, gbs, bw / 1e9, bw > 0 ? gbs * 1e9 / bw : 0, dev_mem / 1e9,
+               (unsigned long long)checksum[0]);
     } else {
         printf("| model | backend | test | t/s |\n|---|---|---|---|\n");
         if (n_prompt > 0)
@@ -131,6 +133,7 @@ int cmd_bench(int argc, char **argv) {
         if (bw > 0)
             printf("; measured read bandwidth %.2f GB/s; %.1f%% of the bandwidth limit (%.2f tok/s)",
                    bw / 1e9, 100.0 * gbs * 1e9 / bw, bw / mi.decode_bytes);
+        if (dev_mem) printf("\ndevice memory in use: %.2f GB", dev_mem / 1e9);
         printf("\ntoken checksum %016llx", (unsigned long long)checksum[0]);
         if (n_paths > 1) printf(" (%s: %016llx)", paths[1], (unsigned long long)checksum[1]);
         printf("\n");

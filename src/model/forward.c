@@ -38,6 +38,7 @@ struct fwd_scratch {
     float *up;    /* [rows, Imax] */
     float *o;     /* [rows, D] layer output */
     float *pg;    /* [rows, P] per-layer gate */
+    float *ple_out; /* [rows, D] per-layer input projection (fused path: added by the next layer) */
     float *logits; /* [lm_rows, V] */
 };
 
@@ -56,11 +57,11 @@ fwd_scratch *fwd_scratch_create(g3n_model *m, int rows) {
                       R * D,    R * D,    R * A,    R * c->laurel_rank,    R * D,
                       R * qd,   R * kvd,  R * kvd,  R * qd,   R * D,     R * D,
                       R * D,    R * imax, R * imax, R * D,    R * c->n_ple,
-                      (size_t)f->lm_rows * c->n_vocab};
+                      (size_t)f->lm_rows * c->n_vocab, R * D};
     float **dst[] = {&f->e,   &f->z,  &f->proj, &f->ple,  &f->S,    &f->pred, &f->x,
                      &f->rn,  &f->mod, &f->lt,  &f->lau,  &f->q,    &f->k,    &f->v,
                      &f->att, &f->t0, &f->s,    &f->u,    &f->gate, &f->up,   &f->o,
-                     &f->pg,  &f->logits};
+                     &f->pg,  &f->logits, &f->ple_out};
     size_t n = sizeof(sizes) / sizeof(sizes[0]), total = 0;
     G3N_ASSERT(n == sizeof(dst) / sizeof(dst[0]));
     for (size_t i = 0; i < n; i++) total += fl(sizes[i]);
@@ -213,8 +214,12 @@ static void decoder_layer_fused(g3n_model *M, fwd_scratch *f, int l, int n) {
     const float eps = c->rms_eps;
     const float theta = c->is_sliding[l] ? c->rope_theta_sliding : c->rope_theta_full;
 
-    be->altup_predict_fused(be, f->pred, f->x, f->S, &lw->altup_router, lw->altup_router_norm,
-                            lw->altup_prediction_coefs, lw->input_layernorm, A, n, D, eps);
+    /* the previous layer's per-layer input (in f->ple_out) is added here */
+    float *ple_prev = l > 0 ? f->ple_out : NULL;
+    g3n_vec ple_norm = l > 0 ? M->w.layers[l - 1].post_per_layer_input_norm : (g3n_vec){0, NULL};
+    be->altup_predict_fused(be, f->pred, f->x, f->S, ple_prev, ple_norm, &lw->altup_router,
+                            lw->altup_router_norm, lw->altup_prediction_coefs, lw->input_layernorm,
+                            A, n, D, eps);
     const g3n_mat *W1[4] = {&lw->q_proj, &lw->laurel_left, &lw->k_proj, &lw->v_proj};
     float *y1[4] = {f->q, f->lt, f->k, f->v};
     const float *x1[4] = {f->x, f->x, f->x, f->x};
@@ -230,21 +235,25 @@ static void decoder_layer_fused(g3n_model *M, fwd_scratch *f, int l, int n) {
     be->attn_residual(be, f->s, f->u, f->t0, f->lau, f->x, f->pred, lw->post_attention_layernorm,
                       lw->post_laurel_norm, lw->pre_feedforward_layernorm, n, D, eps,
                       (float)(1.0 / sqrt(2.0)));
-    const g3n_mat *W3[2] = {&lw->gate_proj, &lw->up_proj};
-    float *y3[2] = {f->gate, f->up};
-    const float *x3[2] = {f->u, f->u};
-    be->matmul_multi(be, 2, W3, y3, x3, n);
-    be->mlp_act(be, f->gate, f->up, n, c->n_ff[l], c->sparsity[l] > 0 ? c->kappa[l] : 0.0f);
+    if (c->sparsity[l] > 0) { /* top-k needs the whole gate row first */
+        const g3n_mat *W3[2] = {&lw->gate_proj, &lw->up_proj};
+        float *y3[2] = {f->gate, f->up};
+        const float *x3[2] = {f->u, f->u};
+        be->matmul_multi(be, 2, W3, y3, x3, n);
+        be->mlp_act(be, f->gate, f->up, n, c->n_ff[l], c->kappa[l]);
+    } else {
+        be->matmul_gate_up(be, f->gate, f->up, &lw->gate_proj, &lw->up_proj, f->u, n);
+    }
     be->matmul(be, f->t0, &lw->down_proj, f->gate, n);
     g3n_vec none = {0, NULL};
     be->altup_correct_fused(be, f->pred, f->o, f->t0, f->s, lw->post_feedforward_layernorm,
                             &lw->altup_router, lw->altup_router_norm, lw->altup_correction_coefs,
                             c->altup_correct_scale ? lw->altup_correct_output_scale : none, A, n,
                             D, eps);
-    be->matmul(be, f->pg, &lw->per_layer_input_gate, f->o, n);
-    be->gelu_mul(be, f->pg, f->pg, f->ple + (size_t)l * n * c->n_ple, (size_t)n * c->n_ple);
-    be->matmul(be, f->t0, &lw->per_layer_projection, f->pg, n);
-    be->ple_add(be, f->pred, f->t0, lw->post_per_layer_input_norm, A, n, D, eps);
+    be->matmul_gelu_mul(be, f->pg, &lw->per_layer_input_gate, f->o, f->ple + (size_t)l * n * c->n_ple,
+                        n);
+    be->matmul(be, f->ple_out, &lw->per_layer_projection, f->pg, n);
+    if (l == c->n_layer - 1) be->ple_add(be, f->pred, f->ple_out, lw->post_per_layer_input_norm, A, n, D, eps);
 
     float *tmp = f->S;
     f->S = f->pred;

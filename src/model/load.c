@@ -335,3 +335,7 @@ g3n_model_info g3n_model_get_info(const g3n_model *m) {
 double g3n_model_read_bandwidth(g3n_model *m, size_t bytes) {
     return m->be->read_bandwidth(m->be, bytes ? bytes : (size_t)1 << 30);
 }
+
+size_t g3n_model_device_memory(g3n_model *m) {
+    return m->be->device_memory_used ? m->be->device_memory_used(m->be) : 0;
+}

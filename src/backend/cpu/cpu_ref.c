@@ -336,13 +336,31 @@ static void fused_router(g3n_backend *be, float *m, const float *x, const g3n_ma
     free(rn);
 }
 
-static void fused_altup_predict(g3n_backend *be, float *pred, float *x, const float *S,
-                                const g3n_mat *router, g3n_vec router_norm, g3n_vec coefs,
-                                g3n_vec in_norm, int A, int rows, int dim, float eps) {
+static void fused_ple_add(g3n_backend *be, float *pred, float *proj, g3n_vec post_norm, int A,
+                          int rows, int dim, float eps);
+
+static void fused_altup_predict(g3n_backend *be, float *pred, float *x, float *S, float *ple_proj,
+                                g3n_vec ple_norm, const g3n_mat *router, g3n_vec router_norm,
+                                g3n_vec coefs, g3n_vec in_norm, int A, int rows, int dim,
+                                float eps) {
+    if (ple_proj) fused_ple_add(be, S, ple_proj, ple_norm, A, rows, dim, eps);
     float m[64 * G3N_CPU_MAX_ALTUP];
     fused_router(be, m, S, router, router_norm, A, rows, dim, eps);
     be->altup_predict(be, pred, S, m, coefs, A, rows, dim);
     be->rmsnorm(be, x, pred, in_norm, rows, dim, eps);
+}
+
+static void fused_matmul_gelu_mul(g3n_backend *be, float *y, const g3n_mat *W, const float *x,
+                                  const float *m, int rows) {
+    be->matmul(be, y, W, x, rows);
+    be->gelu_mul(be, y, y, m, (size_t)rows * W->rows);
+}
+
+static void fused_matmul_gate_up(g3n_backend *be, float *act, float *up, const g3n_mat *Wg,
+                                 const g3n_mat *Wu, const float *x, int rows) {
+    be->matmul(be, act, Wg, x, rows);
+    be->matmul(be, up, Wu, x, rows);
+    be->gelu_mul(be, act, act, up, (size_t)rows * Wg->rows);
 }
 
 static void fused_qkv_post(g3n_backend *be, float *q, float *k, float *v, g3n_vec q_norm,
@@ -430,6 +448,8 @@ void cpu_ref_fill_ops(g3n_backend *be) {
     be->read_bandwidth = ref_read_bandwidth;
     be->matmul_multi = fused_matmul_multi;
     be->altup_predict_fused = fused_altup_predict;
+    be->matmul_gelu_mul = fused_matmul_gelu_mul;
+    be->matmul_gate_up = fused_matmul_gate_up;
     be->qkv_post = fused_qkv_post;
     be->attn_residual = fused_attn_residual;
     be->mlp_act = fused_mlp_act;

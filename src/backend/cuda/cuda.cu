@@ -47,6 +47,12 @@ static void cu_host_free(g3n_backend *be, void *p) {
     if (p) CUDA_CHECK(cudaFreeHost(p));
 }
 
+static size_t cu_memory_used(g3n_backend *be) {
+    size_t fr = 0, tot = 0;
+    if (cudaMemGetInfo(&fr, &tot) != cudaSuccess) return 0;
+    return tot - fr;
+}
+
 static void cu_sync(g3n_backend *be) { CUDA_CHECK(cudaStreamSynchronize(CTX(be)->stream)); }
 
 static int cu_mat_prepare(g3n_backend *be, g3n_mat *m, char *err, size_t errlen) {
@@ -330,6 +336,7 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     be->graph_begin = cu_graph_begin;
     be->graph_end = cu_graph_end;
     be->sync = cu_sync;
+    be->device_memory_used = cu_memory_used;
     be->matmul = cuda_op_matmul;
     be->embed = cuda_op_embed;
     be->rmsnorm = cuda_op_rmsnorm;
@@ -350,6 +357,8 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     be->ple_combine = cuda_op_ple_combine;
     be->matmul_multi = cuda_op_matmul_multi;
     be->altup_predict_fused = cuda_op_altup_predict_fused;
+    be->matmul_gelu_mul = cuda_op_matmul_gelu_mul;
+    be->matmul_gate_up = cuda_op_matmul_gate_up;
     be->qkv_post = cuda_op_qkv_post;
     be->attn_residual = cuda_op_attn_residual;
     be->mlp_act = cuda_op_mlp_act;

@@ -222,9 +222,13 @@ void cuda_op_ple_combine(g3n_backend *be, float *out, const float *proj, const f
 double cuda_read_bandwidth(g3n_backend *be, size_t bytes);
 void cuda_op_matmul_multi(g3n_backend *be, int n, const g3n_mat *const *W, float *const *y,
                           const float *const *x, int rows);
-void cuda_op_altup_predict_fused(g3n_backend *be, float *pred, float *x, const float *S,
-                                 const g3n_mat *router, g3n_vec router_norm, g3n_vec coefs,
-                                 g3n_vec in_norm, int A, int rows, int dim, float eps);
+void cuda_op_altup_predict_fused(g3n_backend *be, float *pred, float *x, float *S, float *ple_proj,
+                                 g3n_vec ple_norm, const g3n_mat *router, g3n_vec router_norm,
+                                 g3n_vec coefs, g3n_vec in_norm, int A, int rows, int dim, float eps);
+void cuda_op_matmul_gelu_mul(g3n_backend *be, float *y, const g3n_mat *W, const float *x, const float *m,
+                             int rows);
+void cuda_op_matmul_gate_up(g3n_backend *be, float *act, float *up, const g3n_mat *Wg,
+                            const g3n_mat *Wu, const float *x, int rows);
 void cuda_op_qkv_post(g3n_backend *be, float *q, float *k, float *v, g3n_vec q_norm, g3n_vec k_norm,
                       int layer, int n_head, int n_head_kv, int head_dim, float theta, float eps);
 void cuda_op_attn_residual(g3n_backend *be, float *s, float *u, float *att, float *lau_raw,

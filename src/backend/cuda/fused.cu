@@ -11,6 +11,17 @@
 #define MAXA 8
 #define ROW_THREADS 1024
 
+int cuda_fast_predict(cuda_ctx *c, float *pred, float *x, float *S, const float *ple, const float *ple_w,
+                      const g3n_mat *router, const float *rnorm, const float *coefs, const float *innorm, int A,
+                      int rows, int dim, float eps);
+int cuda_fast_correct(cuda_ctx *c, float *pred, float *qs, float *f, const float *s, const float *w_ff,
+                      const g3n_mat *router, const float *rnorm, const float *coefs, const float *oscale, int A,
+                      int rows, int dim, float eps);
+template <int EPT> __global__ void k_mlp_act_reg(float *g, const float *up, int n, float kappa);
+__global__ void k_attn_residual_reg(float *s, float *u, const float *att, const float *lau, const float *x,
+                                    const float *a, const float *w_att, const float *w_lau, const float *w_ff, int dim,
+                                    float eps, float rs);
+
 /* ---- AltUp predict with router and input norm ----------------------------------------------- */
 
 /* router: m[a] = tanh(sum_i R[a, i] * v[i]) for a < A, v in shared memory (dim);
@@ -36,8 +47,8 @@ __device__ void router_tanh(float *m_sh, const void *R, int rdtype, const float 
 }
 
 __global__ void __launch_bounds__(ROW_THREADS)
-    k_altup_predict_fused(float *pred, float *x, const float *S, const void *R, int rdtype,
-                          const float *rnorm, const float *coefs, const float *innorm, int A, int rows,
+    k_altup_predict_fused(float *pred, float *x, float *S, const float *ple, const float *ple_w, const void *R,
+                          int rdtype, const float *rnorm, const float *coefs, const float *innorm, int A, int rows,
                           int dim, float eps) {
     KERNEL_BEGIN();
     extern __shared__ float v[]; /* dim */
@@ -45,9 +56,14 @@ __global__ void __launch_bounds__(ROW_THREADS)
     const int r = blockIdx.x;
     const size_t plane = (size_t)rows * dim;
     const float *s0 = S + (size_t)r * dim;
-    float ss = 0;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += s0[i] * s0[i];
-    const float inv = rsqrtf(block_sum(ss, red) / (float)dim + eps);
+    float sums[2] = {0, 0}; /* |S0|^2, |ple|^2 */
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        sums[0] += s0[i] * s0[i];
+        if (ple) sums[1] += ple[(size_t)r * dim + i] * ple[(size_t)r * dim + i];
+    }
+    block_sum_n<2>(sums, red);
+    const float inv = rsqrtf(sums[0] / (float)dim + eps);
+    const float inv_ple = rsqrtf(sums[1] / (float)dim + eps);
     const float inv_dim = 1.0f / (float)dim;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) v[i] = s0[i] * inv * rnorm[i] * inv_dim;
     __syncthreads();
@@ -62,7 +78,14 @@ __global__ void __launch_bounds__(ROW_THREADS)
     for (int d = threadIdx.x; d < dim; d += blockDim.x) {
         const size_t o = (size_t)r * dim + d;
         float sv[MAXA];
-        for (int j = 0; j < A; j++) sv[j] = S[j * plane + o];
+        const float g = ple ? ple[o] * inv_ple * ple_w[d] : 0.0f;
+        for (int j = 0; j < A; j++) {
+            sv[j] = S[j * plane + o];
+            if (ple && j > 0) { /* the previous layer's per-layer input, into the state */
+                sv[j] += g;
+                S[j * plane + o] = sv[j];
+            }
+        }
         for (int i = 0; i < A; i++) {
             float acc = sv[i];
             for (int j = 0; j < A; j++) acc += C[i * A + j] * sv[j];
@@ -77,16 +100,18 @@ __global__ void __launch_bounds__(ROW_THREADS)
     for (int d = threadIdx.x; d < dim; d += blockDim.x) x[(size_t)r * dim + d] = v[d] * inv0 * innorm[d];
 }
 
-void cuda_op_altup_predict_fused(g3n_backend *be, float *pred, float *x, const float *S, const g3n_mat *router,
-                                 g3n_vec router_norm, g3n_vec coefs, g3n_vec in_norm, int A, int rows, int dim,
-                                 float eps) {
+void cuda_op_altup_predict_fused(g3n_backend *be, float *pred, float *x, float *S, float *ple_proj, g3n_vec ple_norm,
+                                 const g3n_mat *router, g3n_vec router_norm, g3n_vec coefs, g3n_vec in_norm, int A,
+                                 int rows, int dim, float eps) {
     cuda_ctx *c = CTX(be);
     G3N_ASSERT(A <= MAXA);
     PROF_BEGIN(c);
-    launch(c, k_altup_predict_fused, dim3(rows), dim3(ROW_THREADS), sizeof(float) * dim, 
-        pred, x, S, router->data, router->dtype, router_norm.data, coefs.data, in_norm.data, A, rows, dim, eps);
-    CUDA_LAUNCHED();
-    PROF_END(c, "altup_predict_fused", 0);
+    if (!cuda_fast_predict(c, pred, x, S, ple_proj, ple_norm.data, router, router_norm.data, coefs.data, in_norm.data,
+                           A, rows, dim, eps))
+    launch(c, k_altup_predict_fused, dim3(rows), dim3(ROW_THREADS), sizeof(float) * dim, pred, x, S,
+           (const float *)ple_proj, ple_norm.data, router->data, router->dtype, router_norm.data, coefs.data,
+           in_norm.data, A, rows, dim, eps);
+    PROF_END(c, ple_proj ? "altup_predict_fused (+ple)" : "altup_predict_fused", 0);
 }
 
 /* ---- q/k/v norms, RoPE, cache store: block per (token, head slot) ----------------------------- */
@@ -180,6 +205,10 @@ void cuda_op_attn_residual(g3n_backend *be, float *s, float *u, float *att, floa
                            float eps, float res_scale) {
     cuda_ctx *c = CTX(be);
     PROF_BEGIN(c);
+    if (dim % 64 == 0 && dim <= 2048)
+        launch(c, k_attn_residual_reg, dim3(rows), dim3(dim / 2), 0, s, u, (const float *)att, (const float *)lau_raw, x,
+               a, post_att.data, post_laurel.data, pre_ff.data, dim, eps, res_scale);
+    else
     launch(c, k_attn_residual, dim3(rows), dim3(ROW_THREADS), 0, s, u, att, lau_raw, x, a, post_att.data, post_laurel.data,
                                                          pre_ff.data, dim, eps, res_scale);
     CUDA_LAUNCHED();
@@ -212,7 +241,11 @@ __global__ void __launch_bounds__(ROW_THREADS) k_mlp_act(float *g, const float *
 void cuda_op_mlp_act(g3n_backend *be, float *gate, const float *up, int rows, int n_ff, float kappa) {
     cuda_ctx *c = CTX(be);
     PROF_BEGIN(c);
-    launch(c, k_mlp_act, dim3(rows), dim3(ROW_THREADS), 0, gate, up, n_ff, kappa);
+    if (n_ff == 4 * 1024) launch(c, k_mlp_act_reg<4>, dim3(rows), dim3(1024), 0, gate, up, n_ff, kappa);
+    else if (n_ff == 8 * 1024) launch(c, k_mlp_act_reg<8>, dim3(rows), dim3(1024), 0, gate, up, n_ff, kappa);
+    else if (n_ff == 16 * 1024) launch(c, k_mlp_act_reg<16>, dim3(rows), dim3(1024), 0, gate, up, n_ff, kappa);
+    else if (n_ff == 32 * 1024) launch(c, k_mlp_act_reg<32>, dim3(rows), dim3(1024), 0, gate, up, n_ff, kappa);
+    else launch(c, k_mlp_act, dim3(rows), dim3(ROW_THREADS), 0, gate, up, n_ff, kappa);
     CUDA_LAUNCHED();
     PROF_END(c, kappa > 0 ? "mlp_act (top-k)" : "mlp_act", 0);
 }
@@ -261,6 +294,8 @@ void cuda_op_altup_correct_fused(g3n_backend *be, float *pred, float *qs, float 
     cuda_ctx *c = CTX(be);
     G3N_ASSERT(A <= MAXA);
     PROF_BEGIN(c);
+    if (!cuda_fast_correct(c, pred, qs, f, s, post_ff.data, router, router_norm.data, coefs.data, out_scale.data, A,
+                           rows, dim, eps))
     launch(c, k_altup_correct_fused, dim3(rows), dim3(ROW_THREADS), sizeof(float) * dim, 
         pred, qs, f, s, post_ff.data, router->data, router->dtype, router_norm.data, coefs.data, out_scale.data, A,
         rows, dim, eps);
@@ -290,4 +325,191 @@ void cuda_op_ple_add(g3n_backend *be, float *pred, float *proj, g3n_vec post_nor
     launch(c, k_ple_add, dim3(rows), dim3(ROW_THREADS), 0, pred, proj, post_norm.data, A, rows, dim, eps);
     CUDA_LAUNCHED();
     PROF_END(c, "ple_add", 0);
+}
+
+/* ---- register-resident row kernels ----------------------------------------------------------
+ * The same ops for the common shapes (dim a multiple of 64 up to 2048, one block
+ * of dim/2 threads, two adjacent elements per thread; A known at compile time):
+ * every global load is issued at the start (weights before the PDL wait), the
+ * values stay in registers, and only the block reductions remain as steps. A
+ * single block is latency-bound, so the fewer dependent steps, the faster. */
+
+__device__ __forceinline__ float2 ld2(const float *p, int d) { return *(const float2 *)(p + d); }
+__device__ __forceinline__ void st2(float *p, int d, float2 v) { *(float2 *)(p + d) = v; }
+
+template <int A>
+__global__ void __launch_bounds__(1024)
+    k_predict_reg(float *pred, float *x, float *S, const float *ple, const float *ple_w, const void *R, int rdtype,
+                  const float *rnorm, const float *coefs, const float *innorm, int rows, int dim, float eps) {
+    __shared__ float red[32 * (A > 2 ? A : 2)];
+    const int r = blockIdx.x, d = 2 * threadIdx.x;
+    const size_t plane = (size_t)rows * dim, o = (size_t)r * dim + d;
+    /* weights first: they do not depend on the previous kernel */
+    float2 wr[A];
+#pragma unroll
+    for (int a = 0; a < A; a++) wr[a] = make_float2(load_w(R, rdtype, (size_t)a * dim + d), load_w(R, rdtype, (size_t)a * dim + d + 1));
+    const float2 rn = ld2(rnorm, d), inn = ld2(innorm, d), pw = ple ? ld2(ple_w, d) : make_float2(0, 0);
+    KERNEL_BEGIN();
+    float2 s[A];
+#pragma unroll
+    for (int j = 0; j < A; j++) s[j] = ld2(S + j * plane, (int)o);
+    const float2 p = ple ? ld2(ple + (size_t)r * dim, d) : make_float2(0, 0);
+    float sums[2] = {s[0].x * s[0].x + s[0].y * s[0].y, p.x * p.x + p.y * p.y};
+    block_sum_n<2>(sums, red);
+    if (ple) { /* the previous layer's per-layer input joins planes 1.. of the state */
+        const float ip = rsqrtf(sums[1] / (float)dim + eps);
+        const float gx = p.x * ip * pw.x, gy = p.y * ip * pw.y;
+#pragma unroll
+        for (int j = 1; j < A; j++) {
+            s[j].x += gx, s[j].y += gy;
+            st2(S + j * plane, (int)o, s[j]);
+        }
+    }
+    const float inv = rsqrtf(sums[0] / (float)dim + eps), inv_dim = 1.0f / (float)dim;
+    const float vx = s[0].x * inv * rn.x * inv_dim, vy = s[0].y * inv * rn.y * inv_dim;
+    float m[A];
+#pragma unroll
+    for (int a = 0; a < A; a++) m[a] = wr[a].x * vx + wr[a].y * vy;
+    block_sum_n<A>(m, red);
+#pragma unroll
+    for (int a = 0; a < A; a++) m[a] = tanhf(m[a]);
+    float2 p0;
+    float ss0 = 0;
+#pragma unroll
+    for (int i = 0; i < A; i++) {
+        float2 acc = s[i];
+#pragma unroll
+        for (int j = 0; j < A; j++) {
+            float cij = 0;
+#pragma unroll
+            for (int k = 0; k < A; k++) cij += __ldg(coefs + (i * A + j) * A + k) * m[k];
+            acc.x += cij * s[j].x, acc.y += cij * s[j].y;
+        }
+        st2(pred + i * plane, (int)o, acc);
+        if (i == 0) p0 = acc, ss0 = acc.x * acc.x + acc.y * acc.y;
+    }
+    const float inv0 = rsqrtf(block_sum(ss0, red) / (float)dim + eps);
+    st2(x, (int)o, make_float2(p0.x * inv0 * inn.x, p0.y * inv0 * inn.y));
+}
+
+template <int A>
+__global__ void __launch_bounds__(1024)
+    k_correct_reg(float *pred, float *qs, float *f, const float *s, const float *w_ff, const void *R, int rdtype,
+                  const float *rnorm, const float *coefs, const float *oscale, int rows, int dim, float eps) {
+    __shared__ float red[32 * (A > 2 ? A : 2)];
+    const int r = blockIdx.x, d = 2 * threadIdx.x;
+    const size_t plane = (size_t)rows * dim, o = (size_t)r * dim + d;
+    float2 wr[A];
+#pragma unroll
+    for (int a = 0; a < A; a++) wr[a] = make_float2(load_w(R, rdtype, (size_t)a * dim + d), load_w(R, rdtype, (size_t)a * dim + d + 1));
+    const float2 wf = ld2(w_ff, d), rn = ld2(rnorm, d), os = oscale ? ld2(oscale, d) : make_float2(1, 1);
+    float cf[A * A];
+#pragma unroll
+    for (int k = 0; k < A * A; k++) cf[k] = coefs[k];
+    KERNEL_BEGIN();
+    float2 fv = ld2(f, (int)o), sv = ld2(s, (int)o), pv[A];
+#pragma unroll
+    for (int j = 0; j < A; j++) pv[j] = ld2(pred + j * plane, (int)o);
+    const float i1 = rsqrtf(block_sum(fv.x * fv.x + fv.y * fv.y, red) / (float)dim + eps);
+    const float2 ov = make_float2(sv.x + fv.x * i1 * wf.x, sv.y + fv.y * i1 * wf.y);
+    st2(f, (int)o, ov);
+    const float i2 = rsqrtf(block_sum(ov.x * ov.x + ov.y * ov.y, red) / (float)dim + eps);
+    const float inv_dim = 1.0f / (float)dim;
+    const float vx = ov.x * i2 * rn.x * inv_dim, vy = ov.y * i2 * rn.y * inv_dim;
+    float m[A];
+#pragma unroll
+    for (int a = 0; a < A; a++) m[a] = wr[a].x * vx + wr[a].y * vy;
+    block_sum_n<A>(m, red);
+#pragma unroll
+    for (int a = 0; a < A; a++) m[a] = tanhf(m[a]);
+    const float dx = ov.x - pv[0].x, dy = ov.y - pv[0].y;
+#pragma unroll
+    for (int i = 0; i < A; i++) {
+        float k = 0;
+#pragma unroll
+        for (int j = 0; j < A; j++) k += cf[i * A + j] * m[j];
+        k += 1.0f;
+        pv[i].x += k * dx, pv[i].y += k * dy;
+        st2(pred + i * plane, (int)o, pv[i]);
+    }
+    st2(qs, (int)o, make_float2(pv[0].x * os.x, pv[0].y * os.y));
+}
+
+__global__ void __launch_bounds__(1024)
+    k_attn_residual_reg(float *s, float *u, const float *att, const float *lau, const float *x, const float *a,
+                        const float *w_att, const float *w_lau, const float *w_ff, int dim, float eps, float rs) {
+    __shared__ float red[64];
+    const int d = 2 * threadIdx.x;
+    const size_t o = (size_t)blockIdx.x * dim + d;
+    const float2 wa = ld2(w_att, d), wl = ld2(w_lau, d), wf = ld2(w_ff, d);
+    KERNEL_BEGIN();
+    const float2 at = ld2(att, (int)o), la = ld2(lau, (int)o), xv = ld2(x, (int)o), av = ld2(a, (int)o);
+    float sums[2] = {at.x * at.x + at.y * at.y, la.x * la.x + la.y * la.y};
+    block_sum_n<2>(sums, red);
+    const float i1 = rsqrtf(sums[0] / (float)dim + eps), i2 = rsqrtf(sums[1] / (float)dim + eps);
+    const float lx = la.x * i2 * wl.x + xv.x, ly = la.y * i2 * wl.y + xv.y;
+    const float2 sv = make_float2((av.x + at.x * i1 * wa.x + lx) * rs, (av.y + at.y * i1 * wa.y + ly) * rs);
+    st2(s, (int)o, sv);
+    const float i3 = rsqrtf(block_sum(sv.x * sv.x + sv.y * sv.y, red) / (float)dim + eps);
+    st2(u, (int)o, make_float2(sv.x * i3 * wf.x, sv.y * i3 * wf.y));
+}
+
+/* top-k + gelu * up for n = EPT * 1024: EPT values per thread in registers */
+template <int EPT>
+__global__ void __launch_bounds__(1024) k_mlp_act_reg(float *g, const float *up, int n, float kappa) {
+    KERNEL_BEGIN();
+    __shared__ float red[32];
+    float *gr = g + (size_t)blockIdx.x * n;
+    const float *ur = up + (size_t)blockIdx.x * n;
+    float v[EPT], uv[EPT];
+#pragma unroll
+    for (int k = 0; k < EPT / 4; k++) {
+        const int i = (k * blockDim.x + threadIdx.x) * 4;
+        const float4 a = *(const float4 *)(gr + i), b = *(const float4 *)(ur + i);
+        v[4 * k] = a.x, v[4 * k + 1] = a.y, v[4 * k + 2] = a.z, v[4 * k + 3] = a.w;
+        uv[4 * k] = b.x, uv[4 * k + 1] = b.y, uv[4 * k + 2] = b.z, uv[4 * k + 3] = b.w;
+    }
+    float cutoff = -INFINITY;
+    if (kappa > 0) {
+        float sm = 0;
+#pragma unroll
+        for (int k = 0; k < EPT; k++) sm += v[k];
+        const float mean = block_sum(sm, red) / (float)n;
+        float vv = 0;
+#pragma unroll
+        for (int k = 0; k < EPT; k++) vv += (v[k] - mean) * (v[k] - mean);
+        cutoff = mean + sqrtf(block_sum(vv, red) / (float)n) * kappa;
+    }
+#pragma unroll
+    for (int k = 0; k < EPT / 4; k++) {
+        float r4[4];
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            float z = v[4 * k + q];
+            if (kappa > 0) z = z > cutoff ? z - cutoff : 0.0f;
+            r4[q] = gelu_tanh_d(z) * uv[4 * k + q];
+        }
+        *(float4 *)(gr + (k * blockDim.x + threadIdx.x) * 4) = make_float4(r4[0], r4[1], r4[2], r4[3]);
+    }
+}
+
+/* Dispatch: 1 when a register-resident kernel took the op. */
+static int reg_shape_ok(int dim) { return dim % 64 == 0 && dim <= 2048; }
+
+int cuda_fast_predict(cuda_ctx *c, float *pred, float *x, float *S, const float *ple, const float *ple_w,
+                      const g3n_mat *router, const float *rnorm, const float *coefs, const float *innorm, int A,
+                      int rows, int dim, float eps) {
+    if (A != 4 || !reg_shape_ok(dim)) return 0;
+    launch(c, k_predict_reg<4>, dim3(rows), dim3(dim / 2), 0, pred, x, S, ple, ple_w, router->data, router->dtype,
+           rnorm, coefs, innorm, rows, dim, eps);
+    return 1;
+}
+
+int cuda_fast_correct(cuda_ctx *c, float *pred, float *qs, float *f, const float *s, const float *w_ff,
+                      const g3n_mat *router, const float *rnorm, const float *coefs, const float *oscale, int A,
+                      int rows, int dim, float eps) {
+    if (A != 4 || !reg_shape_ok(dim)) return 0;
+    launch(c, k_correct_reg<4>, dim3(rows), dim3(dim / 2), 0, pred, qs, f, s, w_ff, router->data, router->dtype,
+           rnorm, coefs, oscale, rows, dim, eps);
+    return 1;
 }

@@ -21,22 +21,36 @@ typedef struct {
     int O[MULTI_MAX], K[MULTI_MAX];
     int row0[MULTI_MAX + 1]; /* first global row of each product */
     int n;
-    int wpr; /* warps per output row: 1, 2, 4 or 8 */
+    int wpr;  /* warps per output row: 1, 2, 4 or 8 */
+    int mode; /* GEMV_PLAIN, GEMV_GELU_MUL (y = gelu(W.x) * m), GEMV_GATE_UP (two
+                 products of equal shape, y = gelu(first) * second, into y[0]) */
+    const float *m;
 } multi_args;
 
-__device__ __forceinline__ void load8(const __nv_bfloat16 *p, float f[8]) {
-    const uint4 u = __ldcs((const uint4 *)p); /* weights: streamed once, not cached */
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+enum { GEMV_PLAIN = 0, GEMV_GELU_MUL = 1, GEMV_GATE_UP = 2 };
+
+/* A chunk of 8 weights as loaded (16 bytes for bf16/f16, 32 for f32): loads are
+ * issued for several chunks before any is converted, so they are in flight together. */
+template <typename T> struct raw8 { uint4 u; };
+template <> struct raw8<float> { float4 a, b; };
+
+__device__ __forceinline__ void ldraw(raw8<__nv_bfloat16> &r, const __nv_bfloat16 *p) { r.u = __ldcs((const uint4 *)p); }
+__device__ __forceinline__ void ldraw(raw8<__half> &r, const __half *p) { r.u = __ldcs((const uint4 *)p); }
+__device__ __forceinline__ void ldraw(raw8<float> &r, const float *p) {
+    r.a = __ldcs((const float4 *)p);
+    r.b = __ldcs((const float4 *)p + 1);
+}
+
+__device__ __forceinline__ void cvt8(const raw8<__nv_bfloat16> &r, float f[8]) {
+    const uint32_t w[4] = {r.u.x, r.u.y, r.u.z, r.u.w};
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         f[2 * i] = __uint_as_float(w[i] << 16);
         f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
 }
-
-__device__ __forceinline__ void load8(const __half *p, float f[8]) {
-    const uint4 u = __ldcs((const uint4 *)p);
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+__device__ __forceinline__ void cvt8(const raw8<__half> &r, float f[8]) {
+    const uint32_t w[4] = {r.u.x, r.u.y, r.u.z, r.u.w};
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         __half2 h;
@@ -46,10 +60,8 @@ __device__ __forceinline__ void load8(const __half *p, float f[8]) {
         f[2 * i + 1] = v.y;
     }
 }
-
-__device__ __forceinline__ void load8(const float *p, float f[8]) {
-    const float4 a = __ldcs((const float4 *)p), b = __ldcs((const float4 *)p + 1);
-    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+__device__ __forceinline__ void cvt8(const raw8<float> &r, float f[8]) {
+    f[0] = r.a.x, f[1] = r.a.y, f[2] = r.a.z, f[3] = r.a.w, f[4] = r.b.x, f[5] = r.b.y, f[6] = r.b.z, f[7] = r.b.w;
 }
 
 template <int R>
@@ -68,8 +80,11 @@ template <typename T, int R>
 __global__ void __launch_bounds__(256) k_gemv(multi_args a) {
     __shared__ float part[8][R];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpr = a.wpr;
-    const int grow = blockIdx.x * (8 / wpr) + warp / wpr, sub = warp % wpr;
+    int grow = blockIdx.x * (8 / wpr) + warp / wpr;
+    const int sub = warp % wpr;
     const int total = a.row0[a.n];
+    if (a.mode == GEMV_GATE_UP) /* wpr 1: warps 0-3 gate rows i..i+3, warps 4-7 the same up rows */
+        grow = (warp < 4 ? 0 : a.row0[1]) + blockIdx.x * 4 + (warp & 3);
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = 0;
@@ -83,43 +98,46 @@ __global__ void __launch_bounds__(256) k_gemv(multi_args a) {
     const float *x = a.x[s];
     const int nc = K / 8, step = 32 * wpr;
     int c = sub * 32 + lane;
-    /* the first weights do not depend on the previous kernel: load, then wait */
-    float w0[8], w1[8], w2[8], w3[8];
-    const int pre = c + 3 * step < nc;
-    if (pre) {
-        load8(w + (size_t)c * 8, w0);
-        load8(w + (size_t)(c + step) * 8, w1);
-        load8(w + (size_t)(c + 2 * step) * 8, w2);
-        load8(w + (size_t)(c + 3 * step) * 8, w3);
-    }
+    /* UNROLL chunks in flight per lane; the first batch of weights does not
+     * depend on the previous kernel, so it is loaded before the PDL wait */
+    constexpr int U = 8;
+    raw8<T> q[U];
+#pragma unroll
+    for (int u = 0; u < U; u++)
+        if (c + u * step < nc) ldraw(q[u], w + (size_t)(c + u * step) * 8);
     KERNEL_BEGIN();
-    if (pre) {
-        fma8<R>(acc, w0, x, K, c);
-        fma8<R>(acc, w1, x, K, c + step);
-        fma8<R>(acc, w2, x, K, c + 2 * step);
-        fma8<R>(acc, w3, x, K, c + 3 * step);
-        c += 4 * step;
-    }
-    for (; c + 3 * step < nc; c += 4 * step) {
-        load8(w + (size_t)c * 8, w0);
-        load8(w + (size_t)(c + step) * 8, w1);
-        load8(w + (size_t)(c + 2 * step) * 8, w2);
-        load8(w + (size_t)(c + 3 * step) * 8, w3);
-        fma8<R>(acc, w0, x, K, c);
-        fma8<R>(acc, w1, x, K, c + step);
-        fma8<R>(acc, w2, x, K, c + 2 * step);
-        fma8<R>(acc, w3, x, K, c + 3 * step);
-    }
-    for (; c < nc; c += step) {
-        load8(w + (size_t)c * 8, w0);
-        fma8<R>(acc, w0, x, K, c);
+    for (;;) {
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (c + u * step < nc) {
+                float f[8];
+                cvt8(q[u], f);
+                fma8<R>(acc, f, x, K, c + u * step);
+            }
+        c += U * step;
+        if (c >= nc) break;
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (c + u * step < nc) ldraw(q[u], w + (size_t)(c + u * step) * 8);
     }
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = warp_sum(acc[r]);
+    if (a.mode == GEMV_GATE_UP) {
+        if (lane == 0)
+#pragma unroll
+            for (int r = 0; r < R; r++) part[warp][r] = acc[r];
+        __syncthreads();
+        if (warp < 4 && lane < R && grow < a.row0[1])
+            a.y[0][(size_t)lane * a.O[0] + row] = gelu_tanh_d(part[warp][lane]) * part[warp + 4][lane];
+        return;
+    }
     if (wpr == 1) {
         if (lane == 0 && grow < total)
 #pragma unroll
-            for (int r = 0; r < R; r++) a.y[s][(size_t)r * a.O[s] + row] = acc[r];
+            for (int r = 0; r < R; r++) {
+                const size_t o = (size_t)r * a.O[s] + row;
+                a.y[s][o] = a.mode == GEMV_GELU_MUL ? gelu_tanh_d(acc[r]) * a.m[o] : acc[r];
+            }
         return;
     }
     if (lane == 0)
@@ -129,7 +147,8 @@ __global__ void __launch_bounds__(256) k_gemv(multi_args a) {
     if (sub == 0 && lane < R && grow < total) {
         float v = 0;
         for (int k = 0; k < wpr; k++) v += part[warp + k][lane];
-        a.y[s][(size_t)lane * a.O[s] + row] = v;
+        const size_t o = (size_t)lane * a.O[s] + row;
+        a.y[s][o] = a.mode == GEMV_GELU_MUL ? gelu_tanh_d(v) * a.m[o] : v;
     }
 }
 
@@ -149,7 +168,8 @@ __global__ void k_gemv_scalar(float *y, const void *W, int dtype, const float *x
 template <typename T>
 static void gemv_launch(cuda_ctx *c, const multi_args &a, int R) {
     const int rows_per_block = 8 / a.wpr;
-    const dim3 grid((unsigned)((a.row0[a.n] + rows_per_block - 1) / rows_per_block));
+    const dim3 grid(a.mode == GEMV_GATE_UP ? (unsigned)((a.O[0] + 3) / 4)
+                                           : (unsigned)((a.row0[a.n] + rows_per_block - 1) / rows_per_block));
     switch (R) {
     case 1: launch(c, k_gemv<T, 1>, grid, 256, 0, a); break;
     case 2: launch(c, k_gemv<T, 2>, grid, 256, 0, a); break;
@@ -166,7 +186,7 @@ static void gemv_launch(cuda_ctx *c, const multi_args &a, int R) {
  * warp keeps at least 32 chunks of its row. */
 static int pick_wpr(int total_rows, int min_k) {
     int wpr = 1;
-    while (wpr < 8 && (size_t)total_rows * wpr < 8192 && min_k / 8 / (wpr * 2) >= 32) wpr *= 2;
+    while (wpr < 8 && (size_t)total_rows * wpr < 8192 && min_k / 8 / (wpr * 2) >= 64) wpr *= 2;
     return wpr;
 }
 
@@ -233,17 +253,19 @@ static void matmul_blas(cuda_ctx *c, float *y, const g3n_mat *W, const float *x,
 /* ---- entry points -------------------------------------------------------------------- */
 
 static void multi_run(cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y, const float *const *x,
-                      int rows) {
+                      int rows, int mode = GEMV_PLAIN, const float *m = NULL) {
     multi_args a;
     memset(&a, 0, sizeof a);
     a.n = n;
+    a.mode = mode;
+    a.m = m;
     int min_k = 1 << 30;
     for (int i = 0; i < n; i++) {
         a.W[i] = W[i]->data, a.y[i] = y[i], a.x[i] = x[i], a.O[i] = W[i]->rows, a.K[i] = W[i]->cols;
         a.row0[i + 1] = a.row0[i] + W[i]->rows;
         min_k = G3N_MIN(min_k, W[i]->cols);
     }
-    a.wpr = pick_wpr(a.row0[n], min_k);
+    a.wpr = mode == GEMV_GATE_UP ? 1 : pick_wpr(a.row0[n], min_k);
     if (W[0]->dtype == G3N_BF16) gemv_launch<__nv_bfloat16>(c, a, rows);
     else if (W[0]->dtype == G3N_F16) gemv_launch<__half>(c, a, rows);
     else gemv_launch<float>(c, a, rows);
@@ -297,5 +319,53 @@ void cuda_op_matmul_multi(g3n_backend *be, int n, const g3n_mat *const *W, float
         for (int i = 0; i < n; i++) bytes += mat_bytes(W[i]);
         snprintf(name, sizeof name, "matmul_multi x%d %dx%d.. r%d", n, W[0]->rows, W[0]->cols, rows);
         PROF_END(c, name, bytes);
+    }
+}
+
+/* The fused epilogues: one pass over the weights, the activation applied at the
+ * end. Prompt-sized or unusual shapes fall back to the sequence of basic ops. */
+__global__ void k_gelu_mul_ip(float *y, const float *m, size_t n) {
+    KERNEL_BEGIN();
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        y[i] = gelu_tanh_d(y[i]) * m[i];
+}
+
+void cuda_op_matmul_gelu_mul(g3n_backend *be, float *y, const g3n_mat *W, const float *x, const float *m, int rows) {
+    cuda_ctx *c = CTX(be);
+    if (rows > 8 || W->cols % 8 != 0) {
+        cuda_op_matmul(be, y, W, x, rows);
+        const size_t n = (size_t)rows * W->rows;
+        launch(c, k_gelu_mul_ip, dim3((unsigned)G3N_MIN((n + 255) / 256, (size_t)4096)), dim3(256), 0, y, m, n);
+        return;
+    }
+    PROF_BEGIN(c);
+    multi_run(c, 1, &W, &y, &x, rows, GEMV_GELU_MUL, m);
+    if (c->profile) {
+        char name[48];
+        snprintf(name, sizeof name, "matmul_gelu_mul %dx%d r%d", W->rows, W->cols, rows);
+        PROF_END(c, name, mat_bytes(W));
+    }
+}
+
+void cuda_op_matmul_gate_up(g3n_backend *be, float *act, float *up, const g3n_mat *Wg, const g3n_mat *Wu,
+                            const float *x, int rows) {
+    cuda_ctx *c = CTX(be);
+    if (rows > 8 || Wg->cols % 8 != 0 || Wg->dtype != Wu->dtype || Wg->rows != Wu->rows || Wg->cols != Wu->cols) {
+        const size_t n = (size_t)rows * Wg->rows;
+        cuda_op_matmul(be, act, Wg, x, rows);
+        cuda_op_matmul(be, up, Wu, x, rows);
+        launch(c, k_gelu_mul_ip, dim3((unsigned)G3N_MIN((n + 255) / 256, (size_t)4096)), dim3(256), 0, act,
+               (const float *)up, n);
+        return;
+    }
+    PROF_BEGIN(c);
+    const g3n_mat *W[2] = {Wg, Wu};
+    float *y[2] = {act, NULL};
+    const float *xs[2] = {x, x};
+    multi_run(c, 2, W, y, xs, rows, GEMV_GATE_UP, NULL);
+    if (c->profile) {
+        char name[48];
+        snprintf(name, sizeof name, "matmul_gate_up %dx%d r%d", Wg->rows, Wg->cols, rows);
+        PROF_END(c, name, 2 * mat_bytes(Wg));
     }
 }
