@@ -14,6 +14,9 @@
 #include "model/forward.h"
 
 struct fwd_scratch {
+    uint64_t id;  /* unique per scratch ever made: recorded steps are keyed by it,
+                     since a new scratch may reuse a freed one's address with
+                     another layout */
     int rows;     /* capacity in token rows */
     int lm_rows;  /* rows of logits computed at once */
     void *arena;  /* one backend allocation holding every buffer below */
@@ -50,7 +53,9 @@ fwd_scratch *fwd_scratch_create(g3n_model *m, int rows) {
     size_t A = (size_t)c->n_altup, qd = (size_t)c->n_head * c->head_dim;
     size_t kvd = (size_t)c->n_head_kv * c->head_dim, imax = 0;
     for (int l = 0; l < c->n_layer; l++) imax = G3N_MAX(imax, (size_t)c->n_ff[l]);
+    static uint64_t next_id;
     fwd_scratch *f = g3n_calloc(1, sizeof(*f));
+    f->id = __atomic_add_fetch(&next_id, 1, __ATOMIC_RELAXED);
     f->rows = rows;
     f->lm_rows = G3N_MIN(rows, 16);
     size_t sizes[] = {R * D,    R * LP,   R * LP,   R * LP,   A * R * D, A * R * D,
@@ -287,7 +292,7 @@ fwd_hook_fn fwd_debug_hook;
 static uint64_t step_key(const fwd_scratch *f, const g3n_batch *b, int out_row0, int fused) {
     uint64_t h = 1469598103934665603ull;
 #define MIX(v) (h = (h ^ (uint64_t)(v)) * 1099511628211ull)
-    MIX((uintptr_t)f);
+    MIX(f->id);
     MIX(b->n);
     MIX(out_row0);
     MIX(b->n_seq);

@@ -98,7 +98,7 @@ struct g3n_model {
     size_t decode_bytes; /* weights read per decoded token (dense) */
     void **owned;        /* backend allocations made by the loader (vectors) */
     int fused;           /* decode through the backend's fused ops (forward.c) */
-    const char *path_why; /* how the decode path was chosen */
+    char path_why[256];  /* how the decode path was chosen */
     int n_owned;
 };
 

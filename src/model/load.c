@@ -328,7 +328,7 @@ g3n_model_info g3n_model_get_info(const g3n_model *m) {
     i.backend = m->be ? m->be->name : "";
     i.device_name = m->be ? m->be->device_name : "";
     i.decode_path = m->fused ? "fused" : "split";
-    i.decode_path_why = m->path_why ? m->path_why : "";
+    i.decode_path_why = m->path_why;
     return i;
 }
 

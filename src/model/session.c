@@ -153,21 +153,20 @@ static char *cache_path(void) {
 }
 
 void decode_path_choose(g3n_model *m, const char *want) {
-    static char why[256];
-    m->path_why = why;
+    char *why = m->path_why;
     if (want && strcmp(want, "fused") == 0) {
         m->fused = 1;
-        snprintf(why, sizeof why, "asked for");
+        snprintf(why, sizeof m->path_why, "asked for");
         return;
     }
     if (want && strcmp(want, "split") == 0) {
         m->fused = 0;
-        snprintf(why, sizeof why, "asked for");
+        snprintf(why, sizeof m->path_why, "asked for");
         return;
     }
     if (!m->be->graph_begin) { /* CPU: the fused ops are the split ops in sequence */
         m->fused = 0;
-        snprintf(why, sizeof why, "the CPU backend runs the fused ops as the split ones");
+        snprintf(why, sizeof m->path_why, "the CPU backend runs the fused ops as the split ones");
         return;
     }
     /* auto on a GPU: cached measurement for this device and model shape, else measure */
@@ -186,7 +185,7 @@ void decode_path_choose(g3n_model *m, const char *want) {
             char k[600], v[32];
             if (sscanf(line, "%599s %31s", k, v) == 2 && strcmp(k, key) == 0) {
                 m->fused = strcmp(v, "fused") == 0;
-                snprintf(why, sizeof why, "measured earlier on this device (%.200s)", file);
+                snprintf(why, sizeof m->path_why, "measured earlier on this device (%.200s)", file);
                 fclose(f);
                 free(dir);
                 return;
@@ -196,7 +195,7 @@ void decode_path_choose(g3n_model *m, const char *want) {
     }
     double tf = time_decode(m, 1), ts = time_decode(m, 0);
     m->fused = tf <= ts;
-    snprintf(why, sizeof why, "measured at load: fused %.3f ms, split %.3f ms per step", tf * 1e3,
+    snprintf(why, sizeof m->path_why, "measured at load: fused %.3f ms, split %.3f ms per step", tf * 1e3,
              ts * 1e3);
     if (dir) {
         char cmd[1200];

@@ -36,31 +36,15 @@ static size_t py_strip(const char *s, size_t n, size_t *start) {
     return hi - lo;
 }
 
-typedef struct {
-    char *p;
-    size_t n, cap;
-} sbuf;
-
 /* Append s[0..n) to b, keeping it NUL-terminated (aborts when out of memory). */
-static void put(sbuf *b, const char *s, size_t n) {
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (cap < b->n + n + 1) cap *= 2;
-        char *p = realloc(b->p, cap);
-        if (!p) {
-            fprintf(stderr, "g3n: out of memory (%zu bytes)\n", cap);
-            abort();
-        }
-        b->p = p;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
+static void put(bbuf *b, const char *s, size_t n) {
+    bbuf_reserve(b, n + 1);
+    bbuf_put(b, s, n);
     b->p[b->n] = 0;
 }
 
 /* Append the C string s to b. */
-static void puts_(sbuf *b, const char *s) { put(b, s, strlen(s)); }
+static void puts_(bbuf *b, const char *s) { put(b, s, strlen(s)); }
 
 /* The template, for string contents:
  *   "<bos>"; if messages[0] is "system": prefix = its content (NOT trimmed) + "\n\n"
@@ -104,7 +88,7 @@ char *g3n_chat_format(const g3n_chat_msg *msgs, int n, int add_generation_prompt
             return NULL;
         }
     }
-    sbuf b = {0};
+    bbuf b = {0};
     puts_(&b, "<bos>");
     for (int i = first; i < n; i++) {
         const char *role = msgs[i].role;

@@ -135,14 +135,10 @@ static const char *find_bytes(const char *s, size_t n, const char *pat, size_t n
     return NULL;
 }
 
-/* Growable buffers. */
-typedef struct {
-    char *p;
-    size_t n, cap;
-} bbuf;
+/* Growable buffers (bbuf is declared in tokenizer.h; chat.c uses it too). */
 
 /* Room for `extra` more bytes in b (doubling; aborts when the heap is exhausted). */
-static void bbuf_reserve(bbuf *b, size_t extra) {
+void bbuf_reserve(bbuf *b, size_t extra) {
     if (b->n + extra <= b->cap) return;
     size_t cap = b->cap ? b->cap : 64;
     while (cap < b->n + extra) cap *= 2;
@@ -156,7 +152,7 @@ static void bbuf_reserve(bbuf *b, size_t extra) {
 }
 
 /* Append s[0..n) to b. */
-static void bbuf_put(bbuf *b, const void *s, size_t n) {
+void bbuf_put(bbuf *b, const void *s, size_t n) {
     bbuf_reserve(b, n);
     if (n) memcpy(b->p + b->n, s, n);
     b->n += n;

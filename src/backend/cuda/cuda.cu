@@ -193,14 +193,6 @@ static void cu_batch_set(g3n_backend *be, const g3n_batch *b) {
         size_t kvn = (size_t)c->cap_seq * G3N_KV_MAX_LAYERS;
         CUDA_CHECK(cudaMalloc((void **)&c->d_kv, sizeof(g3n_kv_layer) * kvn));
         CUDA_CHECK(cudaMallocHost((void **)&c->h_kv, sizeof(g3n_kv_layer) * kvn));
-        for (int i = 0; i < c->n_tables; i++) {
-            cuda_host_table *t = &c->tables[i];
-            if (t->d_stage) CUDA_CHECK(cudaFree(t->d_stage));
-            if (t->h_stage) CUDA_CHECK(cudaFreeHost(t->h_stage));
-            t->cap_rows = c->cap_tokens;
-            CUDA_CHECK(cudaMalloc(&t->d_stage, t->row_bytes * (size_t)t->cap_rows));
-            CUDA_CHECK(cudaMallocHost(&t->h_stage, t->row_bytes * (size_t)t->cap_rows));
-        }
     } else {
         /* the pinned staging may still feed the previous step's copies */
         CUDA_CHECK(cudaStreamSynchronize(c->stream));
@@ -229,9 +221,19 @@ static void cu_batch_set(g3n_backend *be, const g3n_batch *b) {
         CUDA_CHECK(cudaMemcpyAsync(c->d_kv, c->h_kv, sizeof(g3n_kv_layer) * G3N_KV_MAX_LAYERS * (size_t)b->n_seq,
                                    cudaMemcpyHostToDevice, c->stream));
     }
-    /* host-resident tables: gather this step's rows, one copy each */
+    /* host-resident tables: gather this step's rows, one copy each (a table
+     * registered after the staging was sized gets its own now) */
     for (int i = 0; i < c->n_tables; i++) {
         cuda_host_table *t = &c->tables[i];
+        if (t->cap_rows < c->cap_tokens) {
+            CUDA_CHECK(cudaStreamSynchronize(c->stream));
+            graphs_clear(c);
+            if (t->d_stage) CUDA_CHECK(cudaFree(t->d_stage));
+            if (t->h_stage) CUDA_CHECK(cudaFreeHost(t->h_stage));
+            t->cap_rows = c->cap_tokens;
+            CUDA_CHECK(cudaMalloc(&t->d_stage, t->row_bytes * (size_t)t->cap_rows));
+            CUDA_CHECK(cudaMallocHost(&t->h_stage, t->row_bytes * (size_t)t->cap_rows));
+        }
         for (int k = 0; k < b->n; k++) {
             int id = b->ids[k];
             if (id < 0 || id >= t->rows) id = 0;
