@@ -5,14 +5,8 @@
 # /bye and end of input end it), one-shot run, streaming generate, tokenize, and
 # the text-side errors. Run by tests/run.sh with G3N_BIN set.
 set -u
-BIN=${G3N_BIN:-./g3n}
 M=tests/fixtures/tiny/conditional
-T=$(mktemp -d)
-trap 'rm -rf "$T"' EXIT
-pass=0
-fail=0
-ok() { pass=$((pass + 1)); echo "ok   $1"; }
-bad() { fail=$((fail + 1)); echo "FAIL $1"; [ -n "${2:-}" ] && printf '     %s\n' "$2"; }
+. tests/lib_cli.sh
 chat() { "$BIN" run -q -m $M --temp 0 -n 8 "$@"; }
 
 # 1. /clear: the same first message gives the same answer before and after it
@@ -62,14 +56,6 @@ printf 'Hello there' >"$T/f.txt"
 if [ "$("$BIN" tokenize -q -m $M --file "$T/f.txt")" = "$out" ]; then ok "tokenize --file"; else bad "tokenize --file"; fi
 
 # 8. errors: one line, exit 1
-expect_error() {
-    name=$1; want=$2; shift 2
-    "$@" >"$T/o" 2>"$T/e" </dev/null
-    rc=$?
-    lines=$(wc -l <"$T/e")
-    if [ "$rc" -eq 1 ] && [ "$lines" -eq 1 ] && grep -q -- "$want" "$T/e"; then ok "error: $name"
-    else bad "error: $name" "rc $rc, $lines lines: $(head -c 300 "$T/e")"; fi
-}
 expect_error no-tokenizer "tokenizer.json" "$BIN" run -m tests/fixtures/tiny/causal -p hi
 expect_error bad-tokenizer-file "nope.json" "$BIN" tokenize --tokenizer "$T/nope.json" "hi"
 expect_error prompt-too-long "longer than the context" "$BIN" run -q -m $M -c 8 -p "Hello there, this is a long prompt for a tiny context"
@@ -77,5 +63,4 @@ expect_error generate-too-long "longer than the context" "$BIN" generate -q -m $
 expect_error no-dir "no such model directory" "$BIN" run -m "$T/none" -p hi
 expect_error no-text "give the text" "$BIN" tokenize -m $M
 
-echo "$pass passed, $fail failed"
-[ "$fail" -eq 0 ]
+summary

@@ -4,14 +4,8 @@
 # continuation, `bench` runs, and every error is one line on stderr with exit 1.
 # Run by tests/run.sh with G3N_BIN set; prints "N passed, N failed".
 set -u
-BIN=${G3N_BIN:-./g3n}
 FIX=tests/fixtures/tiny
-T=$(mktemp -d)
-trap 'rm -rf "$T"' EXIT
-pass=0
-fail=0
-ok() { pass=$((pass + 1)); echo "ok   $1"; }
-bad() { fail=$((fail + 1)); echo "FAIL $1"; [ -n "${2:-}" ] && printf '     %s\n' "$2"; }
+. tests/lib_cli.sh
 
 # reference.bin: "G3NREF01" u32 ver u32 V u32 n | u32 n_prompt u32 n_gen | i32 prompt[n_prompt] ...
 i32s() { od -An -v -t d4 -j "$2" -N $((4 * $3)) "$1" | tr -s ' \n' ' ' | sed 's/^ //; s/ $//'; }
@@ -60,14 +54,6 @@ if "$BIN" bench -q -m $FIX/causal -p 16 -n 4 -r 2 --json --no-membw >"$T/bench" 
 else bad bench "$(cat "$T/bench" "$T/err")"; fi
 
 # 4. errors: one line on stderr, exit status 1, never a crash
-expect_error() { # name, expected text, command...
-    name=$1; want=$2; shift 2
-    "$@" >"$T/out" 2>"$T/err"
-    rc=$?
-    lines=$(wc -l <"$T/err")
-    if [ "$rc" -eq 1 ] && [ "$lines" -eq 1 ] && grep -q -- "$want" "$T/err"; then ok "error: $name"
-    else bad "error: $name" "rc $rc, $lines lines: $(head -c 300 "$T/err")"; fi
-}
 expect_error no-model-dir "no such model directory" "$BIN" logits -m "$T/nope" --ids 1 --out "$T/x"
 expect_error no-model-flag "no model" "$BIN" logits --ids 1 --out "$T/x"
 expect_error bad-ids "not a comma-separated list" "$BIN" logits -m $FIX/causal --ids 1,x,3 --out "$T/x"
@@ -91,5 +77,4 @@ head -c 5000 $FIX/causal/model.safetensors >"$T/m/model.safetensors"
 expect_error truncated-header "truncated: header length" "$BIN" logits -m "$T/m" --ids 2 --out "$T/x"
 expect_error generate-no-tokenizer "tokenizer.json" "$BIN" generate -q -m $FIX/causal -p "hello"
 
-echo "$pass passed, $fail failed"
-[ "$fail" -eq 0 ]
+summary
