@@ -32,6 +32,10 @@ typedef struct {
                            (default: in host memory, one row per token is copied) */
     int no_graph;       /* cuda: issue every op each step instead of replaying a
                            recorded step (for debugging and comparison) */
+    int sparse;         /* cuda: exact activation sparsity in the layers with a
+                           top-k target (read only the surviving up rows and down
+                           columns; down matrices stored transposed). Off by default
+                           until its gather kernels beat the dense ones everywhere. */
     const char *decode_path; /* "fused", "split" or "auto" (NULL = auto): the
                            per-op path or the fused one; auto times a few decode
                            steps of each on this device at load and keeps the

@@ -73,7 +73,7 @@ static int ref_load(reference *r, const char *path) {
 static reference REF;
 static int have_ref;
 
-static int NO_GRAPH, PLE_ON_GPU; /* cuda variants */
+static int NO_GRAPH, PLE_ON_GPU, SPARSE; /* cuda variants */
 static const char *PATH = NULL;   /* decode path: NULL = the model's choice */
 
 static g3n_model *open_model(const char *dir, const char *device) {
@@ -84,6 +84,7 @@ static g3n_model *open_model(const char *dir, const char *device) {
     p.no_graph = NO_GRAPH;
     p.ple_on_gpu = PLE_ON_GPU;
     p.decode_path = PATH;
+    p.sparse = SPARSE;
     g3n_model *m = g3n_model_open(dir, &p, err, sizeof err);
     CHECK_MSG(m != NULL, "%s: %s", dir, err);
     return m;
@@ -280,6 +281,14 @@ int main(int argc, char **argv) {
         NO_GRAPH = PLE_ON_GPU = 1;
         RUN(conditional_cuda);
         RUN(decode_equals_prefill);
+        printf("-- cuda, fused path with exact sparsity (down matrices transposed)\n");
+        NO_GRAPH = PLE_ON_GPU = 0;
+        SPARSE = 1;
+        RUN(conditional_cuda);
+        RUN(mlx_cuda);
+        RUN(decode_equals_prefill);
+        PATH = "split";
+        RUN(causal_cuda);
     } else {
         printf("(no GPU: the model is not tested on CUDA)\n");
         CHECK(getenv("G3N_REQUIRE_CUDA") == NULL);

@@ -82,7 +82,13 @@ typedef struct {
     void *mem;
 } tmat;
 
+static tmat make_mat_ex(int dtype, int rows, int cols, int host_gather, int sparse_cols);
 static tmat make_mat(int dtype, int rows, int cols, int host_gather) {
+    return make_mat_ex(dtype, rows, cols, host_gather, 0);
+}
+
+/* sparse_cols: the backend may store it transposed (exact sparsity) */
+static tmat make_mat_ex(int dtype, int rows, int cols, int host_gather, int sparse_cols) {
     size_t n = (size_t)rows * cols;
     tmat t;
     if (dtype == G3N_F32) {
@@ -93,7 +99,7 @@ static tmat make_mat(int dtype, int rows, int cols, int host_gather) {
             p[i] = dtype == G3N_BF16 ? g3n_f32_to_bf16(test_randf()) : g3n_f32_to_f16(test_randf());
         t.mem = p;
     }
-    g3n_mat m = {dtype, rows, cols, t.mem, "test", host_gather};
+    g3n_mat m = {dtype, rows, cols, t.mem, "test", host_gather, sparse_cols, 0};
     t.ref = t.b = m;
     char err[256];
     CHECK(B->mat_prepare(B, &t.b, err, sizeof err) == 0);
@@ -166,7 +172,7 @@ TEST(matmul_large) {
 TEST(matmul_ref_exact) {
     void *mem = malloc(2 * 5 * 37);
     for (int i = 0; i < 5 * 37; i++) ((uint16_t *)mem)[i] = g3n_f32_to_bf16(test_randf());
-    g3n_mat W = {G3N_BF16, 5, 37, mem, "w", 0};
+    g3n_mat W = {G3N_BF16, 5, 37, mem, "w", 0, 0, 0};
     float *x = rnd(2 * 37, 1.0f), y[10];
     REF->matmul(REF, y, &W, x, 2);
     for (int r = 0; r < 2; r++)
@@ -471,6 +477,44 @@ TEST(fused_ops) {
         B->matmul_gate_up(B, dy = dev_nan((size_t)R * 37), dup, &Wg.b, &Wu.b, dxx, R);
         cmp("matmul_gate_up", dy, y0, (size_t)R * 37, 1e-5, 1e-5);
         free(Wg.mem), free(Wu.mem), free(mm), B->free(B, dmm), B->free(B, dup);
+    }
+    /* exact sparsity: products with a matrix the backend may store transposed,
+     * and the whole sparse MLP (one row: the gather path; three: dense) */
+    {
+        for (int d = 0; d < 3; d++) {
+            tmat Wt = make_mat_ex(DTYPES[d], 64, 200, 0, 1);
+            int rs[3] = {1, 5, 9};
+            for (int k = 0; k < 3; k++) {
+                float *xt = rnd((size_t)rs[k] * 200, 1.0f), *dxt = dev(xt, (size_t)rs[k] * 200);
+                float yt[9 * 64], *dyt = dev_nan((size_t)rs[k] * 64);
+                REF->matmul(REF, yt, &Wt.ref, xt, rs[k]);
+                B->matmul(B, dyt, &Wt.b, dxt, rs[k]);
+                float *hy = host(dyt, (size_t)rs[k] * 64);
+                char what[64];
+                snprintf(what, sizeof what, "matmul (sparse_cols) %s R%d", g3n_dtype_name(DTYPES[d]), rs[k]);
+                check_dots(what, hy, yt, &Wt.ref, xt, rs[k], 2e-6);
+                free(hy), free(xt), B->free(B, dyt), B->free(B, dxt);
+            }
+            free(Wt.mem);
+        }
+        const int I = 4096, DD = 64;
+        tmat Wg = make_mat(G3N_BF16, I, DD, 0), Wu = make_mat(G3N_BF16, I, DD, 0);
+        tmat Wd = make_mat_ex(G3N_BF16, DD, I, 0, 1);
+        for (int rows = 1; rows <= 3; rows += 2) {
+            float *u = rnd((size_t)rows * DD, 1.0f), *du = dev(u, (size_t)rows * DD);
+            float *g = malloc(4 * (size_t)rows * I), *up = malloc(4 * (size_t)rows * I), ys[3 * 64];
+            float *dg = dev_nan((size_t)rows * I), *dup = dev_nan((size_t)rows * I), *dy = dev_nan((size_t)rows * DD);
+            REF->mlp_sparse(REF, ys, g, up, &Wg.ref, &Wu.ref, &Wd.ref, u, rows, 1.6448533535f);
+            B->mlp_sparse(B, dy, dg, dup, &Wg.b, &Wu.b, &Wd.b, du, rows, 1.6448533535f);
+            char what[64];
+            snprintf(what, sizeof what, "mlp_sparse rows %d", rows);
+            cmp(what, dy, ys, (size_t)rows * DD, 1e-5, 1e-5);
+            int nz = 0;
+            for (int i = 0; i < I; i++) nz += g[i] != 0;
+            CHECK_MSG(nz > I / 50 && nz < I / 8, "top-k kept %d of %d", nz, I);
+            free(u), free(g), free(up), B->free(B, du), B->free(B, dg), B->free(B, dup);
+        }
+        free(Wg.mem), free(Wu.mem), free(Wd.mem);
     }
     /* qkv_post with a cache store, two tokens at positions 3 and 20 */
     float *q = rnd((size_t)R * H * hd, 1.0f), *k = rnd((size_t)R * Hkv * hd, 1.0f), *v = rnd((size_t)R * Hkv * hd, 1.0f);

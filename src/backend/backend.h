@@ -24,6 +24,10 @@ typedef struct {
     const char *name;  /* tensor name, for messages */
     int host_gather;   /* only rows are ever gathered (embed): a GPU backend may keep
                           it in host memory and copy the rows a step needs */
+    int sparse_cols;   /* the input of products with this matrix is mostly exact
+                          zeros (a down projection after Gaussian top-k): a backend
+                          may store it transposed to read only the needed columns */
+    int transposed;    /* set by the backend: data holds W^T [cols, rows] */
 } g3n_mat;
 
 /* A small f32 vector (norm weights, scales, AltUp coefficients) in backend memory. */
@@ -194,6 +198,14 @@ struct g3n_backend {
     void (*attn_residual)(g3n_backend *be, float *s, float *u, float *att, float *lau_raw,
                           const float *x, const float *a, g3n_vec post_att, g3n_vec post_laurel,
                           g3n_vec pre_ff, int rows, int dim, float eps, float res_scale);
+    /* The whole MLP of a layer with a sparsity target, reading only the up rows
+     * and down columns whose activation survives the top-k cutoff:
+     *   gate = Wg . u,  up = Wu . u,  act = gelu_tanh(topk(gate, kappa)) * up,
+     *   y = Wd . act   (gate, up: scratch [rows, I]).
+     * Skipped terms are exact zeros, so only the order of the sums differs. */
+    void (*mlp_sparse)(g3n_backend *be, float *y, float *gate, float *up, const g3n_mat *Wg,
+                       const g3n_mat *Wu, const g3n_mat *Wd, const float *u, int rows,
+                       float kappa);
     /* MLP activation: gate = gelu_tanh(topk(gate)) * up  (kappa 0: no top-k). */
     void (*mlp_act)(g3n_backend *be, float *gate, const float *up, int rows, int n_ff,
                     float kappa);

@@ -13,7 +13,7 @@ typedef struct {
     int threads;
     int n_ctx;
     int n_batch;
-    int ple_on_gpu, no_graph;
+    int ple_on_gpu, no_graph, sparse;
     const char *decode_path;
 } model_opts;
 

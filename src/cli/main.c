@@ -93,6 +93,8 @@ int opt_model(model_opts *o, int argc, char **argv, int *i) {
         o->decode_path = argv[++*i];
     } else if (!strcmp(a, "--ple-on-gpu")) {
         o->ple_on_gpu = 1;
+    } else if (!strcmp(a, "--sparse")) {
+        o->sparse = 1;
     } else if (!strcmp(a, "--no-graph")) {
         o->no_graph = 1;
     } else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) {
@@ -114,6 +116,7 @@ g3n_model *open_model(const model_opts *o) {
     p.ple_on_gpu = o->ple_on_gpu;
     p.no_graph = o->no_graph;
     p.decode_path = o->decode_path;
+    p.sparse = o->sparse;
     char err[1024];
     double t0 = now_s();
     g3n_model *m = g3n_model_open(o->dir, &p, err, sizeof err);
@@ -204,6 +207,8 @@ static void usage(FILE *f) {
             "                         (default: host memory; one row per token is copied)\n"
             "  --no-graph             cuda: launch every kernel each step (no CUDA graph)\n"
             "  --decode-path P        fused, split or auto (default: auto, measured per device)\n"
+            "  --sparse               cuda: exact activation sparsity in the top-k layers\n"
+            "                         (reads ~5%% of their up/down weights; off by default)\n"
             "  -t, --threads N        CPU threads (default: all cores)\n"
             "  -c, --ctx-size N       context length (default: 4096 or the model's maximum)\n"
             "  -b, --batch-size N     tokens per forward step (default 256)\n"

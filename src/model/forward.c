@@ -240,16 +240,20 @@ static void decoder_layer_fused(g3n_model *M, fwd_scratch *f, int l, int n) {
     be->attn_residual(be, f->s, f->u, f->t0, f->lau, f->x, f->pred, lw->post_attention_layernorm,
                       lw->post_laurel_norm, lw->pre_feedforward_layernorm, n, D, eps,
                       (float)(1.0 / sqrt(2.0)));
-    if (c->sparsity[l] > 0) { /* top-k needs the whole gate row first */
+    if (c->sparsity[l] > 0 && M->sparse) { /* read only the surviving rows/columns */
+        be->mlp_sparse(be, f->t0, f->gate, f->up, &lw->gate_proj, &lw->up_proj, &lw->down_proj, f->u,
+                       n, c->kappa[l]);
+    } else if (c->sparsity[l] > 0) { /* top-k needs the whole gate row first */
         const g3n_mat *W3[2] = {&lw->gate_proj, &lw->up_proj};
         float *y3[2] = {f->gate, f->up};
         const float *x3[2] = {f->u, f->u};
         be->matmul_multi(be, 2, W3, y3, x3, n);
         be->mlp_act(be, f->gate, f->up, n, c->n_ff[l], c->kappa[l]);
+        be->matmul(be, f->t0, &lw->down_proj, f->gate, n);
     } else {
         be->matmul_gate_up(be, f->gate, f->up, &lw->gate_proj, &lw->up_proj, f->u, n);
+        be->matmul(be, f->t0, &lw->down_proj, f->gate, n);
     }
-    be->matmul(be, f->t0, &lw->down_proj, f->gate, n);
     g3n_vec none = {0, NULL};
     be->altup_correct_fused(be, f->pred, f->o, f->t0, f->s, lw->post_feedforward_layernorm,
                             &lw->altup_router, lw->altup_router_norm, lw->altup_correction_coefs,

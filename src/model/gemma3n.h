@@ -98,6 +98,7 @@ struct g3n_model {
     size_t decode_bytes; /* weights read per decoded token (dense) */
     void **owned;        /* backend allocations made by the loader (vectors) */
     int fused;           /* decode through the backend's fused ops (forward.c) */
+    int sparse;          /* fused path: exact sparsity in the top-k layers */
     char path_why[256];  /* how the decode path was chosen */
     int n_owned;
 };

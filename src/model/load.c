@@ -50,9 +50,10 @@ static int check_float(loader *L, const st_tensor *t, const char *name) {
 /* A weight matrix [rows, cols]. Absent and !required: an empty g3n_mat. */
 static int get_mat(loader *L, g3n_mat *out, const char *suffix, int rows, int cols, int required) {
     char name[256];
-    int host_gather = out->host_gather;
+    const int host_gather = out->host_gather, sparse_cols = out->sparse_cols;
     memset(out, 0, sizeof(*out));
     out->host_gather = host_gather;
+    out->sparse_cols = sparse_cols;
     const st_tensor *t = find(L, suffix, name, sizeof name);
     if (!t) {
         if (!required) return 0;
@@ -180,6 +181,7 @@ int load_weights(g3n_model *m, char *err, size_t errlen) {
                                LNAME("pre_feedforward_layernorm.weight"), D, 0);
         rc = rc ? rc : get_mat(&L, &lw->gate_proj, LNAME("mlp.gate_proj.weight"), I, D, 1);
         rc = rc ? rc : get_mat(&L, &lw->up_proj, LNAME("mlp.up_proj.weight"), I, D, 1);
+        lw->down_proj.sparse_cols = m->sparse && c->sparsity[l] > 0; /* input mostly zeros */
         rc = rc ? rc : get_mat(&L, &lw->down_proj, LNAME("mlp.down_proj.weight"), D, I, 1);
         rc = rc ? rc : get_vec(&L, &lw->post_feedforward_layernorm,
                                LNAME("post_feedforward_layernorm.weight"), D, 0);
@@ -250,6 +252,7 @@ g3n_model *g3n_model_open(const char *dir, const g3n_model_params *params, char 
     }
     g3n_model *m = g3n_calloc(1, sizeof(*m));
     m->dir = g3n_strdup(dir);
+    m->sparse = p.sparse;
     char *cpath = g3n_path_join(dir, "config.json");
     size_t clen;
     char *ctext = g3n_read_file(cpath, &clen, 16u << 20, err, errlen);

@@ -396,6 +396,18 @@ static void fused_mlp_act(g3n_backend *be, float *gate, const float *up, int row
     be->gelu_mul(be, gate, gate, up, (size_t)rows * n_ff);
 }
 
+static void fused_mlp_act(g3n_backend *be, float *gate, const float *up, int rows, int n_ff,
+                          float kappa);
+
+static void fused_mlp_sparse(g3n_backend *be, float *y, float *gate, float *up, const g3n_mat *Wg,
+                             const g3n_mat *Wu, const g3n_mat *Wd, const float *u, int rows,
+                             float kappa) {
+    be->matmul(be, gate, Wg, u, rows);
+    be->matmul(be, up, Wu, u, rows);
+    fused_mlp_act(be, gate, up, rows, Wg->rows, kappa);
+    be->matmul(be, y, Wd, gate, rows);
+}
+
 static void fused_altup_correct(g3n_backend *be, float *pred, float *qs, float *f, const float *s,
                                 g3n_vec post_ff, const g3n_mat *router, g3n_vec router_norm,
                                 g3n_vec coefs, g3n_vec out_scale, int A, int rows, int dim,
@@ -453,6 +465,7 @@ void cpu_ref_fill_ops(g3n_backend *be) {
     be->qkv_post = fused_qkv_post;
     be->attn_residual = fused_attn_residual;
     be->mlp_act = fused_mlp_act;
+    be->mlp_sparse = fused_mlp_sparse;
     be->altup_correct_fused = fused_altup_correct;
     be->ple_add = fused_ple_add;
 }

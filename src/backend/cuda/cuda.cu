@@ -83,6 +83,28 @@ static int cu_mat_prepare(g3n_backend *be, g3n_mat *m, char *err, size_t errlen)
                        m->name ? m->name : "?", bytes / 1e9, fr / 1e9);
     }
     CUDA_CHECK(cudaMemcpy(d, m->data, bytes, cudaMemcpyHostToDevice));
+    if (m->sparse_cols && m->rows % 8 == 0) {
+        /* read by columns (exact sparsity): keep W^T so a column is one row */
+        void *t = cuda_transpose_matrix(c, d, m->rows, m->cols, g3n_dtype_size((g3n_dtype)m->dtype));
+        CUDA_CHECK(cudaFree(d));
+        d = t;
+        m->transposed = 1;
+        const size_t n = (size_t)m->cols;
+        const size_t part = G3N_MAX((n + 15) / 16 * (size_t)m->rows, (n + 127) / 128 * (size_t)m->rows * 8);
+        if (n > c->sp_n) {
+            cudaFree(c->sp_idx), cudaFree(c->sp_val), cudaFree(c->sp_act), cudaFree(c->sp_nnz);
+            CUDA_CHECK(cudaMalloc((void **)&c->sp_idx, n * sizeof(int32_t)));
+            CUDA_CHECK(cudaMalloc((void **)&c->sp_val, n * sizeof(float)));
+            CUDA_CHECK(cudaMalloc((void **)&c->sp_act, n * sizeof(float)));
+            CUDA_CHECK(cudaMalloc((void **)&c->sp_nnz, sizeof(int32_t)));
+            c->sp_n = n;
+        }
+        if (part > c->sp_part_n) {
+            cudaFree(c->sp_part);
+            CUDA_CHECK(cudaMalloc((void **)&c->sp_part, part * sizeof(float)));
+            c->sp_part_n = part;
+        }
+    }
     c->owned = (void **)realloc(c->owned, sizeof(void *) * (size_t)(c->n_owned + 1));
     if (!c->owned) abort();
     c->owned[c->n_owned++] = d;
@@ -265,6 +287,7 @@ static void cu_destroy(g3n_backend *be) {
     if (c->d_meta) cudaFree(c->d_meta);
     if (c->h_meta) cudaFreeHost(c->h_meta);
     if (c->xconv) cudaFree(c->xconv);
+    cudaFree(c->sp_idx), cudaFree(c->sp_val), cudaFree(c->sp_act), cudaFree(c->sp_nnz), cudaFree(c->sp_part);
     if (c->blas) cublasDestroy(c->blas);
     if (c->blas_ws) cudaFree(c->blas_ws);
     if (c->d_kv) cudaFree(c->d_kv);
@@ -364,6 +387,7 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     be->qkv_post = cuda_op_qkv_post;
     be->attn_residual = cuda_op_attn_residual;
     be->mlp_act = cuda_op_mlp_act;
+    be->mlp_sparse = cuda_op_mlp_sparse;
     be->altup_correct_fused = cuda_op_altup_correct_fused;
     be->ple_add = cuda_op_ple_add;
     return be;

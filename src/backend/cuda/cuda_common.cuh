@@ -83,6 +83,10 @@ typedef struct {
     void *blas_ws;
     void *xconv;           /* [2][cap_tokens * max_cols] 16-bit halves */
     size_t xconv_bytes;
+    /* exact sparsity (sparse.cu): sized at load by the transposed matrices */
+    int32_t *sp_idx, *sp_nnz;
+    float *sp_val, *sp_act, *sp_part;
+    size_t sp_n, sp_part_n;
     /* recorded steps */
     uint64_t graph_key[CUDA_MAX_GRAPHS];
     cudaGraphExec_t graph_exec[CUDA_MAX_GRAPHS];
@@ -220,6 +224,12 @@ void cuda_op_ple_combine(g3n_backend *be, float *out, const float *proj, const f
                          g3n_vec norm, int rows, int L, int P, float proj_scale, float eps,
                          float out_scale);
 double cuda_read_bandwidth(g3n_backend *be, size_t bytes);
+void *cuda_transpose_matrix(cuda_ctx *c, const void *w, int rows, int cols, size_t esize);
+void cuda_matmul_transposed(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows);
+int cuda_mlp_sparse_row(cuda_ctx *c, float *y, float *gate, const g3n_mat *Wu, const g3n_mat *Wd,
+                        const float *u, float kappa);
+void cuda_op_mlp_sparse(g3n_backend *be, float *y, float *gate, float *up, const g3n_mat *Wg,
+                        const g3n_mat *Wu, const g3n_mat *Wd, const float *u, int rows, float kappa);
 void cuda_op_matmul_multi(g3n_backend *be, int n, const g3n_mat *const *W, float *const *y,
                           const float *const *x, int rows);
 void cuda_op_altup_predict_fused(g3n_backend *be, float *pred, float *x, float *S, float *ple_proj,

@@ -207,12 +207,15 @@ __global__ void k_split_bf16(__nv_bfloat16 *p0, __nv_bfloat16 *p1, __nv_bfloat16
         p2[i] = __float2bfloat16_rn(r - __bfloat162float(b));
     }
 }
+/* f16: the low part is scaled by 2^11 so it does not underflow into f16's
+ * subnormals; its product is scaled back by alpha = 2^-11. */
+#define F16_LO_SCALE 2048.0f
 __global__ void k_split_f16(__half *hi, __half *lo, const float *x, size_t n) {
     KERNEL_BEGIN();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const __half h = __float2half_rn(x[i]);
         hi[i] = h;
-        lo[i] = __float2half_rn(x[i] - __half2float(h));
+        lo[i] = __float2half_rn((x[i] - __half2float(h)) * F16_LO_SCALE);
     }
 }
 
@@ -230,10 +233,14 @@ static void matmul_blas(cuda_ctx *c, float *y, const g3n_mat *W, const float *x,
     const int O = W->rows, K = W->cols;
     const float one = 1.0f, zero = 0.0f;
     if (W->dtype == G3N_F32) {
-        BLAS_CHECK(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, O, rows, K, &one, W->data, CUDA_R_32F, K, x,
-                                CUDA_R_32F, K, &zero, y, CUDA_R_32F, O, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        BLAS_CHECK(cublasGemmEx(c->blas, W->transposed ? CUBLAS_OP_N : CUBLAS_OP_T, CUBLAS_OP_N, O, rows, K, &one,
+                                W->data, CUDA_R_32F, W->transposed ? O : K, x, CUDA_R_32F, K, &zero, y, CUDA_R_32F, O,
+                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         return;
     }
+    /* a transposed matrix (W^T [K, O] row-major = W in column-major) needs no transpose op */
+    const cublasOperation_t opA = W->transposed ? CUBLAS_OP_N : CUBLAS_OP_T;
+    const int lda = W->transposed ? O : K;
     const size_t n = (size_t)rows * K;
     const int parts = W->dtype == G3N_BF16 ? 3 : 2;
     G3N_ASSERT(c->xconv && parts * n * 2 <= c->xconv_bytes);
@@ -245,9 +252,11 @@ static void matmul_blas(cuda_ctx *c, float *y, const g3n_mat *W, const float *x,
                (__nv_bfloat16 *)(p + 4 * n), x, n);
     else
         launch(c, k_split_f16, grid, 256, 0, (__half *)p, (__half *)(p + 2 * n), x, n);
+    const float lo_alpha = 1.0f / F16_LO_SCALE;
     for (int k = 0; k < parts; k++)
-        BLAS_CHECK(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, O, rows, K, &one, W->data, t, K, p + 2 * n * k, t,
-                                K, k ? &one : &zero, y, CUDA_R_32F, O, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        BLAS_CHECK(cublasGemmEx(c->blas, opA, CUBLAS_OP_N, O, rows, K,
+                                W->dtype == G3N_F16 && k ? &lo_alpha : &one, W->data, t, lda, p + 2 * n * k, t, K,
+                                k ? &one : &zero, y, CUDA_R_32F, O, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 /* ---- entry points -------------------------------------------------------------------- */
@@ -278,6 +287,11 @@ static void matmul_one(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, 
         matmul_blas(c, y, W, x, rows);
         return;
     }
+    if (W->transposed) { /* stored W^T (exact sparsity); 8 rows at a time */
+        for (int r0 = 0; r0 < rows; r0 += 8)
+            cuda_matmul_transposed(c, y + (size_t)r0 * O, W, x + (size_t)r0 * K, G3N_MIN(rows - r0, 8));
+        return;
+    }
     if (K % 8 != 0) {
         launch(c, k_gemv_scalar, dim3((unsigned)(((size_t)O * 32 + 255) / 256)), 256, 0, y, W->data, W->dtype, x, O,
                K, rows);
@@ -306,7 +320,7 @@ void cuda_op_matmul_multi(g3n_backend *be, int n, const g3n_mat *const *W, float
                           const float *const *x, int rows) {
     cuda_ctx *c = CTX(be);
     int ok = n <= MULTI_MAX && rows <= 8;
-    for (int i = 0; i < n && ok; i++) ok = W[i]->cols % 8 == 0 && W[i]->dtype == W[0]->dtype;
+    for (int i = 0; i < n && ok; i++) ok = W[i]->cols % 8 == 0 && W[i]->dtype == W[0]->dtype && !W[i]->transposed;
     if (!ok) { /* prompt-sized or unusual: one product at a time */
         for (int i = 0; i < n; i++) cuda_op_matmul(be, y[i], W[i], x[i], rows);
         return;
@@ -368,4 +382,24 @@ void cuda_op_matmul_gate_up(g3n_backend *be, float *act, float *up, const g3n_ma
         snprintf(name, sizeof name, "matmul_gate_up %dx%d r%d", Wg->rows, Wg->cols, rows);
         PROF_END(c, name, 2 * mat_bytes(Wg));
     }
+}
+
+void cuda_op_mlp_sparse(g3n_backend *be, float *y, float *gate, float *up, const g3n_mat *Wg, const g3n_mat *Wu,
+                        const g3n_mat *Wd, const float *u, int rows, float kappa) {
+    cuda_ctx *c = CTX(be);
+    if (rows == 1 && Wd->transposed && Wg->cols % 8 == 0 && !Wg->transposed) {
+        PROF_BEGIN(c);
+        multi_run(c, 1, &Wg, &gate, &u, 1);
+        const int done = cuda_mlp_sparse_row(c, y, gate, Wu, Wd, u, kappa);
+        PROF_END(c, done ? "mlp_sparse (gate, select, up, down)" : "mlp_sparse gate", mat_bytes(Wg));
+        if (done) return;
+        cuda_op_matmul(be, up, Wu, u, rows);
+    } else {
+        const g3n_mat *W[2] = {Wg, Wu};
+        float *ys[2] = {gate, up};
+        const float *xs[2] = {u, u};
+        cuda_op_matmul_multi(be, 2, W, ys, xs, rows);
+    }
+    cuda_op_mlp_act(be, gate, up, rows, Wg->rows, kappa);
+    cuda_op_matmul(be, y, Wd, gate, rows);
 }
