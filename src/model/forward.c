@@ -85,7 +85,6 @@ void fwd_scratch_free(g3n_model *m, fwd_scratch *f) {
     free(f);
 }
 
-int fwd_scratch_rows(const fwd_scratch *f) { return f->rows; }
 
 /* m[r] = tanh(W_router . (rmsnorm(x[r], router_norm) / D))   (SPEC §3.0) */
 static void altup_router(g3n_model *M, fwd_scratch *f, const g3n_layer_weights *lw,

@@ -12,7 +12,6 @@ typedef struct fwd_scratch fwd_scratch;
  * fwd_scratch_free. */
 fwd_scratch *fwd_scratch_create(g3n_model *m, int rows);
 void fwd_scratch_free(g3n_model *m, fwd_scratch *f);
-int fwd_scratch_rows(const fwd_scratch *f);
 
 /* Run batch b (b->n <= rows) through the model, writing K/V into the caches the
  * batch names, and copy the soft-capped logits of rows [out_row0, n) into

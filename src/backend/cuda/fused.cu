@@ -469,17 +469,7 @@ __global__ void __launch_bounds__(1024) k_mlp_act_reg(float *g, const float *up,
         v[4 * k] = a.x, v[4 * k + 1] = a.y, v[4 * k + 2] = a.z, v[4 * k + 3] = a.w;
         uv[4 * k] = b.x, uv[4 * k + 1] = b.y, uv[4 * k + 2] = b.z, uv[4 * k + 3] = b.w;
     }
-    float cutoff = -INFINITY;
-    if (kappa > 0) {
-        float sm = 0;
-#pragma unroll
-        for (int k = 0; k < EPT; k++) sm += v[k];
-        const float mean = block_sum(sm, red) / (float)n;
-        float vv = 0;
-#pragma unroll
-        for (int k = 0; k < EPT; k++) vv += (v[k] - mean) * (v[k] - mean);
-        cutoff = mean + sqrtf(block_sum(vv, red) / (float)n) * kappa;
-    }
+    const float cutoff = kappa > 0 ? topk_cutoff<EPT>(v, n, kappa, red) : -INFINITY;
 #pragma unroll
     for (int k = 0; k < EPT / 4; k++) {
         float r4[4];

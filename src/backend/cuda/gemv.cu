@@ -29,41 +29,6 @@ typedef struct {
 
 enum { GEMV_PLAIN = 0, GEMV_GELU_MUL = 1, GEMV_GATE_UP = 2 };
 
-/* A chunk of 8 weights as loaded (16 bytes for bf16/f16, 32 for f32): loads are
- * issued for several chunks before any is converted, so they are in flight together. */
-template <typename T> struct raw8 { uint4 u; };
-template <> struct raw8<float> { float4 a, b; };
-
-__device__ __forceinline__ void ldraw(raw8<__nv_bfloat16> &r, const __nv_bfloat16 *p) { r.u = __ldcs((const uint4 *)p); }
-__device__ __forceinline__ void ldraw(raw8<__half> &r, const __half *p) { r.u = __ldcs((const uint4 *)p); }
-__device__ __forceinline__ void ldraw(raw8<float> &r, const float *p) {
-    r.a = __ldcs((const float4 *)p);
-    r.b = __ldcs((const float4 *)p + 1);
-}
-
-__device__ __forceinline__ void cvt8(const raw8<__nv_bfloat16> &r, float f[8]) {
-    const uint32_t w[4] = {r.u.x, r.u.y, r.u.z, r.u.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        f[2 * i] = __uint_as_float(w[i] << 16);
-        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-}
-__device__ __forceinline__ void cvt8(const raw8<__half> &r, float f[8]) {
-    const uint32_t w[4] = {r.u.x, r.u.y, r.u.z, r.u.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        __half2 h;
-        memcpy(&h, &w[i], 4);
-        const float2 v = __half22float2(h);
-        f[2 * i] = v.x;
-        f[2 * i + 1] = v.y;
-    }
-}
-__device__ __forceinline__ void cvt8(const raw8<float> &r, float f[8]) {
-    f[0] = r.a.x, f[1] = r.a.y, f[2] = r.a.z, f[3] = r.a.w, f[4] = r.b.x, f[5] = r.b.y, f[6] = r.b.z, f[7] = r.b.w;
-}
-
 template <int R>
 __device__ __forceinline__ void fma8(float acc[R], const float wf[8], const float *x, int K, int c) {
 #pragma unroll

@@ -59,14 +59,7 @@ __global__ void __launch_bounds__(SEL_THREADS)
         const float4 a = *(const float4 *)(g + (size_t)t * EPT + 4 * k);
         v[4 * k] = a.x, v[4 * k + 1] = a.y, v[4 * k + 2] = a.z, v[4 * k + 3] = a.w;
     }
-    float sm = 0;
-#pragma unroll
-    for (int k = 0; k < EPT; k++) sm += v[k];
-    const float mean = block_sum(sm, red) / (float)n;
-    float vv = 0;
-#pragma unroll
-    for (int k = 0; k < EPT; k++) vv += (v[k] - mean) * (v[k] - mean);
-    const float cutoff = mean + sqrtf(block_sum(vv, red) / (float)n) * kappa;
+    const float cutoff = topk_cutoff<EPT>(v, n, kappa, red);
     int cnt = 0;
 #pragma unroll
     for (int k = 0; k < EPT; k++) cnt += v[k] > cutoff;
@@ -121,28 +114,6 @@ __global__ void __launch_bounds__(256)
 
 /* ---- products with a transposed matrix: partials per chunk, then a fixed-order sum ---------- */
 
-__device__ __forceinline__ void cvt_w8(const __nv_bfloat16 *p, float f[8]) {
-    const uint4 u = __ldcs((const uint4 *)p);
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) f[2 * i] = __uint_as_float(w[i] << 16), f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-}
-__device__ __forceinline__ void cvt_w8(const __half *p, float f[8]) {
-    const uint4 u = __ldcs((const uint4 *)p);
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        __half2 h;
-        memcpy(&h, &w[i], 4);
-        const float2 v = __half22float2(h);
-        f[2 * i] = v.x, f[2 * i + 1] = v.y;
-    }
-}
-__device__ __forceinline__ void cvt_w8(const float *p, float f[8]) {
-    const float4 a = __ldcs((const float4 *)p), b = __ldcs((const float4 *)p + 1);
-    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
-}
-
 /* Block b sums entries k in [b*CH, (b+1)*CH) of n (n = *nnz with a list, else K):
  * partial[b][r][o] = sum_k x_k[r] * WT[row_k][o], row_k = idx ? idx[k] : k,
  * x_k[r] = idx ? xs[k] (one row) : x[r*K + k]. O % 8 == 0. */
@@ -163,8 +134,10 @@ __global__ void __launch_bounds__(256)
             for (int j = 0; j < 8; j++) acc[r][j] = 0;
         for (int k = k0; k < k1; k++) {
             const int row = idx ? idx[k] : k;
+            raw8<T> rw;
             float w[8];
-            cvt_w8(WT + (size_t)row * O + o, w);
+            ldraw(rw, WT + (size_t)row * O + o);
+            cvt8(rw, w);
 #pragma unroll
             for (int r = 0; r < 8; r++) {
                 if (r >= rows) break;
