@@ -258,6 +258,68 @@ TEST(attention) {
     attention_case(4, 4, 7, 1, 3, 5, 9);     /* window of one: only itself */
 }
 
+/* qkv_attention (q/k/v norms, RoPE, cache store, attention in one op) against
+ * the reference's qkv_post + attention. Tokens of `n_seq` sequences; one token
+ * per sequence is a decode step (a GPU's one-kernel path), more is a prompt. */
+static void qkv_attention_case(int H, int Hkv, int hd, int window, int cap, int n_seq, int per_seq, int pos0,
+                               int owns) {
+    const int kvd = Hkv * hd, n = n_seq * per_seq;
+    const size_t cn = (size_t)2 * cap * kvd;
+    g3n_kv kv_ref[4], kv_b[4];
+    memset(kv_ref, 0, sizeof kv_ref);
+    memset(kv_b, 0, sizeof kv_b);
+    float *mem[4], *dmem[4];
+    for (int s = 0; s < n_seq; s++) {
+        mem[s] = rnd(cn, 1.5f);
+        dmem[s] = dev(mem[s], cn);
+        kv_ref[s].layer[5] = (g3n_kv_layer){mem[s], mem[s] + (size_t)cap * kvd, cap};
+        kv_b[s].layer[5] = (g3n_kv_layer){dmem[s], dmem[s] + (size_t)cap * kvd, cap};
+    }
+    g3n_kv *kr[4] = {&kv_ref[0], &kv_ref[1], &kv_ref[2], &kv_ref[3]};
+    g3n_kv *kb[4] = {&kv_b[0], &kv_b[1], &kv_b[2], &kv_b[3]};
+    int32_t pos[64], seq[64], ids[64] = {0};
+    for (int t = 0; t < n; t++) { /* sequences at different positions */
+        seq[t] = t / per_seq;
+        pos[t] = pos0 + 37 * seq[t] + t % per_seq;
+    }
+    g3n_batch br = {n, ids, pos, seq, kr, n_seq}, bb = {n, ids, pos, seq, kb, n_seq};
+    REF->batch_set(REF, &br);
+    B->batch_set(B, &bb);
+    const size_t qn = (size_t)n * H * hd, kn_ = (size_t)n * kvd;
+    float *q = rnd(qn, 1.0f), *k = rnd(kn_, 1.0f), *v = rnd(kn_, 1.0f), *wq = rnd(hd, 1.0f), *wk = rnd(hd, 1.0f);
+    float *dq = dev(q, qn), *dk = dev(k, kn_), *dv = dev(v, kn_), *dwq = dev(wq, hd), *dwk = dev(wk, hd);
+    float *o0 = malloc(4 * qn), *dout = dev_nan(qn);
+    const int store = owns ? 5 : -1;
+    REF->qkv_attention(REF, o0, q, k, v, (g3n_vec){hd, wq}, (g3n_vec){hd, wk}, store, 5, H, Hkv, hd, 10000.0f,
+                       1e-6f, window);
+    B->qkv_attention(B, dout, dq, dk, dv, (g3n_vec){hd, dwq}, (g3n_vec){hd, dwk}, store, 5, H, Hkv, hd, 10000.0f,
+                     1e-6f, window);
+    char what[128];
+    snprintf(what, sizeof what, "qkv_attention H%d/%d hd%d win%d cap%d seqs%d x%d pos%d owns%d", H, Hkv, hd, window,
+             cap, n_seq, per_seq, pos0, owns);
+    cmp(what, dout, o0, qn, TOL * 5, 1e-5);
+    for (int s = 0; s < n_seq; s++) {
+        snprintf(what, sizeof what, "qkv_attention cache of seq %d (H%d/%d hd%d cap%d)", s, H, Hkv, hd, cap);
+        cmp(what, dmem[s], mem[s], cn, 1e-5, 1e-5);
+        free(mem[s]);
+    }
+    free(q), free(k), free(v), free(wq), free(wk), free(o0);
+    B->free(B, dq), B->free(B, dk), B->free(B, dv), B->free(B, dwq), B->free(B, dwk);
+}
+
+TEST(qkv_attention) {
+    qkv_attention_case(8, 2, 256, 512, 515, 1, 1, 700, 1);  /* E4B sliding layer, decode */
+    qkv_attention_case(8, 2, 256, 0, 4096, 1, 1, 3000, 1);  /* full layer, long context: 8 shares */
+    qkv_attention_case(8, 2, 256, 0, 4096, 1, 1, 3000, 0);  /* a KV-shared layer reads the cache only */
+    qkv_attention_case(4, 2, 32, 8, 12, 3, 1, 5, 1);        /* three sequences, ring of window + 4 */
+    qkv_attention_case(4, 4, 64, 0, 300, 4, 1, 0, 1);       /* G = 1; a sequence at position 0 */
+    qkv_attention_case(4, 1, 128, 0, 200, 2, 1, 70, 1);     /* G = 4, hd 128 */
+    qkv_attention_case(6, 3, 48, 0, 100, 2, 1, 20, 1);      /* hd not a multiple of 32 */
+    qkv_attention_case(8, 1, 32, 0, 100, 1, 1, 50, 1);      /* G = 8 */
+    qkv_attention_case(4, 2, 32, 8, 15, 2, 5, 30, 1);       /* prompt chunks of two sequences */
+    qkv_attention_case(4, 2, 32, 0, 64, 1, 1, 63, 1);       /* the last slot of the cache */
+}
+
 /* The reference attention against a direct softmax computed here. */
 TEST(attention_ref_exact) {
     int hd = 8, cap = 6, p = 9, window = 4; /* keys 6..9 live in slots 0,1,2,3 */
@@ -661,6 +723,7 @@ static void run_backend(void) {
     RUN(matmul_large);
     RUN(rmsnorm);
     RUN(attention);
+    RUN(qkv_attention);
     RUN(batch_ops);
     RUN(small_ops);
     RUN(fused_ops);

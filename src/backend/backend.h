@@ -60,6 +60,16 @@ typedef struct {
     int n_seq;
 } g3n_batch;
 
+/* 1 when no two tokens of the batch belong to the same sequence: a decode step
+ * of one or several sequences (seq values are < n_seq, so n > n_seq never is). */
+static inline int batch_one_per_seq(const g3n_batch *b) {
+    if (b->n > b->n_seq) return 0;
+    for (int t = 0; t < b->n; t++)
+        for (int u = 0; u < t; u++)
+            if (b->seq[u] == b->seq[t]) return 0;
+    return 1;
+}
+
 typedef struct g3n_backend g3n_backend;
 
 struct g3n_backend {
@@ -192,6 +202,12 @@ struct g3n_backend {
     void (*qkv_post)(g3n_backend *be, float *q, float *k, float *v, g3n_vec q_norm,
                      g3n_vec k_norm, int layer, int n_head, int n_head_kv, int head_dim,
                      float theta, float eps);
+    /* qkv_post(q, k, v, ..., layer) then attention(out, q, attn_layer, ..., window):
+     * the whole attention of a layer after its q/k/v products. q, k and v are
+     * scratch afterwards. */
+    void (*qkv_attention)(g3n_backend *be, float *out, float *q, float *k, float *v,
+                          g3n_vec q_norm, g3n_vec k_norm, int layer, int attn_layer, int n_head,
+                          int n_head_kv, int head_dim, float theta, float eps, int window);
     /* After attention and LAuReL:  att_n = rmsnorm(att, post_att),
      * lau = rmsnorm(lau_raw, post_laurel) + x,  s = (a + att_n + lau) * res_scale,
      * u = rmsnorm(s, pre_ff).  att and lau_raw are overwritten (scratch). */

@@ -228,10 +228,9 @@ static void decoder_layer_fused(g3n_model *M, fwd_scratch *f, int l, int n) {
     float *y1[4] = {f->q, f->lt, f->k, f->v};
     const float *x1[4] = {f->x, f->x, f->x, f->x};
     be->matmul_multi(be, owns ? 4 : 2, W1, y1, x1, n);
-    be->qkv_post(be, f->q, f->k, f->v, lw->q_norm, lw->k_norm, owns ? l : -1, c->n_head,
-                 c->n_head_kv, c->head_dim, theta, eps);
-    be->attention(be, f->att, f->q, c->kv_source[l], c->n_head, c->n_head_kv, c->head_dim,
-                  c->is_sliding[l] ? c->sliding_window : 0);
+    be->qkv_attention(be, f->att, f->q, f->k, f->v, lw->q_norm, lw->k_norm, owns ? l : -1,
+                      c->kv_source[l], c->n_head, c->n_head_kv, c->head_dim, theta, eps,
+                      c->is_sliding[l] ? c->sliding_window : 0);
     const g3n_mat *W2[2] = {&lw->o_proj, &lw->laurel_right};
     float *y2[2] = {f->t0, f->lau};
     const float *x2[2] = {f->att, f->lt};
@@ -300,6 +299,7 @@ static uint64_t step_key(const fwd_scratch *f, const g3n_batch *b, int out_row0,
     MIX(out_row0);
     MIX(b->n_seq);
     MIX(fused);
+    MIX(batch_one_per_seq(b)); /* a backend may take another path for decode steps */
     for (int i = 0; i < b->n_seq; i++) MIX((uintptr_t)b->kv[i]);
 #undef MIX
     return h;

@@ -378,6 +378,14 @@ static void fused_qkv_post(g3n_backend *be, float *q, float *k, float *v, g3n_ve
     be->kv_store(be, layer, k, v, n_head_kv * head_dim);
 }
 
+static void fused_qkv_attention(g3n_backend *be, float *out, float *q, float *k, float *v,
+                                g3n_vec q_norm, g3n_vec k_norm, int layer, int attn_layer,
+                                int n_head, int n_head_kv, int head_dim, float theta, float eps,
+                                int window) {
+    be->qkv_post(be, q, k, v, q_norm, k_norm, layer, n_head, n_head_kv, head_dim, theta, eps);
+    be->attention(be, out, q, attn_layer, n_head, n_head_kv, head_dim, window);
+}
+
 static void fused_attn_residual(g3n_backend *be, float *s, float *u, float *att, float *lau_raw,
                                 const float *x, const float *a, g3n_vec post_att,
                                 g3n_vec post_laurel, g3n_vec pre_ff, int rows, int dim, float eps,
@@ -463,6 +471,7 @@ void cpu_ref_fill_ops(g3n_backend *be) {
     be->matmul_gelu_mul = fused_matmul_gelu_mul;
     be->matmul_gate_up = fused_matmul_gate_up;
     be->qkv_post = fused_qkv_post;
+    be->qkv_attention = fused_qkv_attention;
     be->attn_residual = fused_attn_residual;
     be->mlp_act = fused_mlp_act;
     be->mlp_sparse = fused_mlp_sparse;

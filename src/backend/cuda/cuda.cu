@@ -231,6 +231,7 @@ static void cu_batch_set(g3n_backend *be, const g3n_batch *b) {
     }
     c->n_tokens = b->n;
     c->n_seq = b->n_seq;
+    c->one_per_seq = batch_one_per_seq(b);
     int32_t *h = c->h_meta;
     memcpy(h, b->ids, sizeof(int32_t) * (size_t)b->n);
     memcpy(h + c->cap_tokens, b->pos, sizeof(int32_t) * (size_t)b->n);
@@ -336,7 +337,11 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     cublasSetWorkspace(c->blas, c->blas_ws, ws);
     cublasSetMathMode(c->blas, CUBLAS_DEFAULT_MATH); /* no TF32 */
     const char *pdl = getenv("G3N_CUDA_PDL");
+    c->n_sm = prop.multiProcessorCount;
+    c->cluster_ok = prop.major >= 9;
     c->pdl = prop.major >= 9 && !(pdl && strcmp(pdl, "0") == 0);
+    const char *sk = getenv("G3N_CUDA_SKIP");
+    if (sk) snprintf(c->skip, sizeof c->skip, "%s", sk);
     const char *pe = getenv("G3N_CUDA_PROFILE");
     if (pe && *pe && strcmp(pe, "0") != 0) {
         c->profile = 1;
@@ -385,10 +390,21 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     be->matmul_gelu_mul = cuda_op_matmul_gelu_mul;
     be->matmul_gate_up = cuda_op_matmul_gate_up;
     be->qkv_post = cuda_op_qkv_post;
+    be->qkv_attention = cuda_op_qkv_attention;
     be->attn_residual = cuda_op_attn_residual;
     be->mlp_act = cuda_op_mlp_act;
     be->mlp_sparse = cuda_op_mlp_sparse;
     be->altup_correct_fused = cuda_op_altup_correct_fused;
     be->ple_add = cuda_op_ple_add;
     return be;
+}
+
+int cuda_skipped(cuda_ctx *c, const void *kernel) {
+    const char *name = NULL;
+    if (cudaFuncGetName(&name, kernel) != cudaSuccess || !name) return 0;
+    char list[sizeof c->skip];
+    memcpy(list, c->skip, sizeof list);
+    for (char *save = NULL, *t = strtok_r(list, ",", &save); t; t = strtok_r(NULL, ",", &save))
+        if (*t && strstr(name, t)) return 1;
+    return 0;
 }

@@ -56,6 +56,7 @@ typedef struct {
 
 typedef struct {
     int device;
+    int n_sm; /* multiprocessors */
     cudaStream_t stream;
     int pdl; /* launch with programmatic dependent launch (sm_90+; G3N_CUDA_PDL=0 turns off) */
     /* G3N_CUDA_PROFILE=1: time every op with events (no graphs) and print a
@@ -65,8 +66,13 @@ typedef struct {
     cuda_prof prof[CUDA_MAX_PROF];
     int n_prof;
     int no_graph, ple_on_gpu;
+    /* G3N_CUDA_SKIP=name,name: kernels whose (mangled) name contains one of these
+     * are not launched. Wrong results; for timing what the rest of a step costs. */
+    char skip[256];
+    int cluster_ok; /* thread-block clusters (sm_90+) */
     /* current step */
     int n_tokens, n_seq;
+    int one_per_seq; /* every token of the step is its own sequence's only one (decode) */
     int cap_tokens, cap_seq;
     int32_t *d_meta;       /* [3][cap_tokens]: ids, pos, seq */
     int32_t *h_meta;       /* pinned staging of the same */
@@ -127,20 +133,35 @@ __device__ __forceinline__ void pdl_trigger() {
 #define KERNEL_BEGIN() \
     do { pdl_trigger(); pdl_wait(); } while (0)
 
-/* kernel<<<grid, block, smem, stream>>>(args), with PDL when the context allows. */
+/* kernel<<<grid, block, smem, stream>>>(args), with PDL when the context allows;
+ * launch_cluster also groups `cluster` consecutive blocks into a thread-block
+ * cluster (sm_90: they share their shared memory). */
+int cuda_skipped(cuda_ctx *c, const void *kernel);
+
 template <typename... KArgs, typename... Args>
-static inline void launch(cuda_ctx *c, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args... args) {
+static inline void launch_cluster(cuda_ctx *c, unsigned cluster, void (*kernel)(KArgs...), dim3 grid, dim3 block,
+                                  size_t smem, Args... args) {
+    if (c->skip[0] && cuda_skipped(c, (const void *)kernel)) return;
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
     cfg.stream = c->stream;
-    cudaLaunchAttribute at[1];
+    cudaLaunchAttribute at[2];
     at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     at[0].val.programmaticStreamSerializationAllowed = c->pdl;
+    at[1].id = cudaLaunchAttributeClusterDimension;
+    at[1].val.clusterDim.x = cluster;
+    at[1].val.clusterDim.y = 1;
+    at[1].val.clusterDim.z = 1;
     cfg.attrs = at;
-    cfg.numAttrs = 1;
+    cfg.numAttrs = cluster > 1 ? 2 : 1;
     CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, (KArgs)args...));
+}
+
+template <typename... KArgs, typename... Args>
+static inline void launch(cuda_ctx *c, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args... args) {
+    launch_cluster(c, 1, kernel, grid, block, smem, args...);
 }
 
 /* ---- device helpers ---------------------------------------------------------------- */
@@ -288,6 +309,9 @@ void cuda_op_matmul_gelu_mul(g3n_backend *be, float *y, const g3n_mat *W, const 
                              int rows);
 void cuda_op_matmul_gate_up(g3n_backend *be, float *act, float *up, const g3n_mat *Wg,
                             const g3n_mat *Wu, const float *x, int rows);
+void cuda_op_qkv_attention(g3n_backend *be, float *out, float *q, float *k, float *v, g3n_vec q_norm,
+                           g3n_vec k_norm, int layer, int attn_layer, int n_head, int n_head_kv, int head_dim,
+                           float theta, float eps, int window);
 void cuda_op_qkv_post(g3n_backend *be, float *q, float *k, float *v, g3n_vec q_norm, g3n_vec k_norm,
                       int layer, int n_head, int n_head_kv, int head_dim, float theta, float eps);
 void cuda_op_attn_residual(g3n_backend *be, float *s, float *u, float *att, float *lau_raw,
