@@ -14,7 +14,6 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <cjson/cJSON.h>
-#include <errno.h>
 #include <math.h>
 #include <microhttpd.h>
 #include <netdb.h>
@@ -348,7 +347,8 @@ static int wait_output(srv *sv, srv_req *r, struct MHD_Connection *c, int all) {
             ts.tv_sec++;
             ts.tv_nsec -= 1000000000L;
         }
-        if (pthread_cond_timedwait(&r->cv, &r->mu, &ts) == ETIMEDOUT && (sv->stopping || client_gone(c))) {
+        pthread_cond_timedwait(&r->cv, &r->mu, &ts);
+        if (sv->stopping || client_gone(c)) { /* checked on every wake: a poll() */
             pthread_mutex_unlock(&r->mu);
             sched_cancel(sv->eng, r);
             pthread_mutex_lock(&r->mu);
@@ -633,7 +633,7 @@ int server_run(g3n_model *m, g3n_tokenizer *tk, const srv_config *cfg, char *err
         freeaddrinfo(ai);
         return -1;
     }
-    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION | MHD_USE_ERROR_LOG;
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION;
     if (ai->ai_family == AF_INET6) flags |= MHD_USE_IPv6;
     struct MHD_Daemon *d = MHD_start_daemon(
         flags, (uint16_t)cfg->port, NULL, NULL, on_request, &sv, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
