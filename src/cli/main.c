@@ -234,6 +234,7 @@ static void usage(FILE *f) {
             "bench options:\n"
             "  -p N  -n N  -r REPS    prompt tokens, generated tokens, repetitions\n"
             "  --json                 machine-readable output on stdout\n"
+            "  --parallel 1,8,32      aggregate decode tok/s of P sequences per batched step\n"
             "\n"
             "serve options (POST /v1/chat/completions, /v1/completions; GET /v1/models, /health):\n"
             "  --host H --port P      address to listen on (default 127.0.0.1:8080; port 0: any)\n"
