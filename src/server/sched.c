@@ -125,20 +125,23 @@ static int req_cancelled(srv_req *r) {
     return c;
 }
 
-/* Finish the request of slot sl: flush held text, mark it done, free the slot
- * (its session and cached ids stay for prefix reuse). */
-static void slot_finish(sched *S, slot *sl, const char *why) {
+/* Finish the request of slot sl: release the text held back (nothing can
+ * complete a stop string now; after a matched one there is none and the rest is
+ * dropped), mark it done,
+ * free the slot (its session and cached ids stay for prefix reuse). */
+static void slot_finish(sched *S, slot *sl, const char *why, int stop_matched) {
     srv_req *r = sl->r;
     char buf[64];
-    size_t k = g3n_detok_flush(S->tk, &sl->dt, buf, sizeof buf);
+    size_t k = stop_matched ? 0 : g3n_detok_flush(S->tk, &sl->dt, buf, sizeof buf);
+    pthread_mutex_lock(&S->mu); /* before done: a client that saw its answer sees the slot free */
+    S->busy--;
+    S->served++;
+    pthread_mutex_unlock(&S->mu);
     pthread_mutex_lock(&r->mu);
-    if (!strcmp(why, "length") || !strcmp(why, "cancelled")) {
-        /* nothing more can complete a stop string: release what was held */
-        req_append(r, sl->hold, sl->n_hold);
-        req_append(r, buf, k);
-    }
+    req_append(r, sl->hold, sl->n_hold);
+    req_append(r, buf, k);
     r->done = 1;
-    r->finish = !strcmp(why, "cancelled") ? "stop" : why;
+    r->finish = why;
     pthread_cond_broadcast(&r->cv);
     pthread_mutex_unlock(&r->mu);
     req_unref(r);
@@ -148,10 +151,6 @@ static void slot_finish(sched *S, slot *sl, const char *why) {
     sl->state = SLOT_FREE;
     sl->n_hold = 0;
     sl->last_used = ++S->tick;
-    pthread_mutex_lock(&S->mu);
-    S->busy--;
-    S->served++;
-    pthread_mutex_unlock(&S->mu);
 }
 
 /* New text for sl's request: release all of it except a tail that could still
@@ -201,7 +200,7 @@ static void slot_token(sched *S, slot *sl, int32_t tok) {
     srv_req *r = sl->r;
     if (tok < 0) {
         fprintf(stderr, "g3n serve: every logit is -inf or NaN; ending the request\n");
-        slot_finish(S, sl, "stop");
+        slot_finish(S, sl, "stop", 0);
         return;
     }
     pthread_mutex_lock(&r->mu);
@@ -212,19 +211,19 @@ static void slot_token(sched *S, slot *sl, int32_t tok) {
     pthread_mutex_unlock(&S->mu);
     for (int i = 0; i < S->n_stop_ids && !r->ignore_eos; i++)
         if (tok == S->stop_ids[i]) {
-            slot_finish(S, sl, "stop");
+            slot_finish(S, sl, "stop", 0);
             return;
         }
     g3n_sampler_accept(sl->smp, tok);
     char buf[160];
     size_t k = g3n_detok_push(S->tk, &sl->dt, tok, 1, buf, sizeof buf);
     if (k && slot_text(S, sl, buf, k)) {
-        slot_finish(S, sl, "stop");
+        slot_finish(S, sl, "stop", 1);
         return;
     }
     if ((r->max_tokens >= 0 && r->n_gen >= r->max_tokens) ||
         g3n_session_pos(sl->s) >= g3n_session_n_ctx(sl->s)) {
-        slot_finish(S, sl, "length");
+        slot_finish(S, sl, "length", 0);
         return;
     }
     sl->next = tok;
@@ -278,7 +277,7 @@ static void prefill_step(sched *S) {
         char err[256];
         if (g3n_session_eval(sl->s, r->prompt + sl->n_cached, n, NULL, err, sizeof err) != 0) {
             fprintf(stderr, "g3n serve: %s\n", err); /* checked before submit: not expected */
-            slot_finish(S, sl, "stop");
+            slot_finish(S, sl, "stop", 0);
             return;
         }
         memcpy(sl->cached + sl->n_cached, r->prompt + sl->n_cached, sizeof(int32_t) * (size_t)n);
@@ -336,7 +335,7 @@ static void *engine_main(void *arg) {
         for (int i = 0; i < S->cfg.parallel; i++) {
             slot *sl = &S->slots[i];
             if (sl->state == SLOT_FREE) continue;
-            if (req_cancelled(sl->r)) slot_finish(S, sl, "cancelled");
+            if (req_cancelled(sl->r)) slot_finish(S, sl, "length", 0);
         }
         prefill_step(S);
         decode_step(S);
@@ -403,7 +402,7 @@ void sched_stop(sched *S) {
     }
     for (int i = 0; i < S->cfg.parallel; i++) {
         slot *sl = &S->slots[i];
-        if (sl->r) slot_finish(S, sl, "cancelled");
+        if (sl->r) slot_finish(S, sl, "length", 0);
         g3n_session_free(sl->s);
         free(sl->cached);
         free(sl->hold);
