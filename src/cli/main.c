@@ -245,7 +245,8 @@ static void usage(FILE *f) {
             "  --max-body BYTES       larger request bodies get 413 (default 4 MiB)\n"
             "  --timeout S            idle connection timeout (default 30)\n"
             "  --max-conn N           concurrent connections (default 256)\n"
-            "  -c N (per slot), -b N (prompt tokens per engine step), --tokenizer FILE\n");
+            "  -c N (per slot), -b N (prompt tokens per engine step), --tokenizer FILE\n"
+            "  --step-delay MS        (tests) sleep MS after every engine step\n");
 }
 
 int main(int argc, char **argv) {
