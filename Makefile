@@ -22,6 +22,7 @@ CUDA_ARCH ?= -gencode arch=compute_90a,code=sm_90a -gencode arch=compute_90,code
 CFLAGS_BASE = -std=c11 -Wall -Wextra -Wno-unused-parameter -Wshadow -Wvla -g -ffp-contract=off \
               -D_FILE_OFFSET_BITS=64 -Isrc -Isrc/core
 LIBS        = -lcjson -lm -lpthread
+SRV_LIBS    = -lmicrohttpd
 ifeq ($(THREADS),1)
   CFLAGS_BASE += -fopenmp
   LIBS        += -fopenmp
@@ -32,7 +33,8 @@ SAN = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover
 # Library sources: everything under src/ except the programs (src/cli/).
 LIB_SRC = $(sort $(wildcard src/core/*.c src/model/*.c src/backend/cpu/*.c \
                             src/tokenizer/*.c src/sampler/*.c))
-CLI_SRC = $(sort $(wildcard src/cli/*.c))
+# Programs: the command line and the server it runs (g3n serve).
+CLI_SRC = $(sort $(wildcard src/cli/*.c src/server/*.c))
 TESTS   = $(sort $(basename $(notdir $(wildcard tests/test_*.c))))
 HDRS    = $(wildcard src/*.h src/*/*.h src/backend/*/*.h tests/*.h)
 
@@ -87,10 +89,10 @@ $(shell mkdir -p build && echo "CUDA=$(CUDA) THREADS=$(THREADS) CC=$(CC)" > buil
         (cmp -s build/.cfg.new build/.cfg || mv build/.cfg.new build/.cfg); rm -f build/.cfg.new)
 
 g3n: $(CLI_SRC:%.c=$(REL)/%.o) $(REL)/libg3n.a build/.cfg
-	$(CC) $(OPT) -o $@ $(filter %.o %.a,$^) $(LIBS)
+	$(CC) $(OPT) -o $@ $(filter %.o %.a,$^) $(SRV_LIBS) $(LIBS)
 
 g3n-debug: $(CLI_SRC:%.c=$(DBG)/%.o) $(DBG)/libg3n.a
-	$(CC) $(SAN) -o $@ $^ $(LIBS)
+	$(CC) $(SAN) -o $@ $^ $(SRV_LIBS) $(LIBS)
 
 debug: g3n-debug
 

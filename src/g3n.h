@@ -109,6 +109,34 @@ int g3n_session_eval(g3n_session *s, const int32_t *ids, int n, float *logits_ou
 /* Logits of the last evaluated token (n_vocab floats), NULL before any eval. */
 const float *g3n_session_logits(const g3n_session *s);
 
+/* Keep the first n positions of the sequence and forget the rest (to reuse a
+ * cached prompt prefix: truncate to the common prefix, then eval the remainder).
+ * The last logits are forgotten. Fails, leaving the session unchanged, when
+ * n > pos, or when the sliding-window layers' ring (window + n_batch - 1 slots)
+ * was since overwritten where the window before n lived: that holds while the
+ * session went less than about n_batch positions past n. */
+int g3n_session_truncate(g3n_session *s, int n, char *err, size_t errlen);
+
+/* ---- batched decode: many sessions, one forward step ------------------------------ */
+
+/* A g3n_batcher runs one token of each of up to max_seqs sessions (of the same
+ * model, each with its own KV cache and position) as one forward pass: the
+ * weights are read once for all of them. It owns the step's scratch, allocated
+ * here; nothing is allocated per step. One batcher per thread. */
+typedef struct g3n_batcher g3n_batcher;
+
+g3n_batcher *g3n_batcher_create(g3n_model *m, int max_seqs, char *err, size_t errlen);
+void g3n_batcher_free(g3n_batcher *bt);
+
+/* Append ids[i] to session ss[i] for i < n (n <= max_seqs, sessions distinct, none
+ * full) in one step. Each session's last logits are updated (g3n_session_logits);
+ * logits_out, if not NULL, also receives n x n_vocab floats, row i for ss[i]. The
+ * result for a session does not depend on the others in the step (on the CPU
+ * backends it is bitwise what g3n_session_eval of that token gives). Fails,
+ * changing nothing, on a bad argument. */
+int g3n_batch_decode(g3n_batcher *bt, g3n_session **ss, const int32_t *ids, int n,
+                     float *logits_out, char *err, size_t errlen);
+
 /* ---- tokenizer (tokenizer.json as shipped with Gemma 3 / 3n) ------------------- */
 
 typedef struct g3n_tokenizer g3n_tokenizer;

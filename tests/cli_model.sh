@@ -52,6 +52,11 @@ if [ -n "$a" ] && [ "$a" = "$b" ] && [ "$n" -le 6 ]; then ok "generate seeded"; 
 if "$BIN" bench -q -m $FIX/causal -p 16 -n 4 -r 2 --json --no-membw >"$T/bench" 2>"$T/err" &&
     grep -q '"tg_tok_s"' "$T/bench" && grep -q '"pp_tok_s"' "$T/bench"; then ok bench
 else bad bench "$(cat "$T/bench" "$T/err")"; fi
+# batched decode: one row per stream count, the same tokens for stream 1 as plain bench's argmax
+if "$BIN" bench -q -m $FIX/causal -p 8 -n 4 -r 1 --parallel 1,3 --json >"$T/bp" 2>"$T/err" &&
+    [ "$(grep -c '"tg_aggregate_tok_s"' "$T/bp")" -eq 2 ] && grep -q '"streams": 3' "$T/bp"; then ok "bench --parallel"
+else bad "bench --parallel" "$(cat "$T/bp" "$T/err")"; fi
+expect_error bench-parallel-list "--parallel" "$BIN" bench -q -m $FIX/causal --parallel 1,x
 
 # 4. errors: one line on stderr, exit status 1, never a crash
 expect_error no-model-dir "no such model directory" "$BIN" logits -m "$T/nope" --ids 1 --out "$T/x"

@@ -237,6 +237,108 @@ TEST(layouts_agree) {
     for (int i = 0; i < 3; i++) free(lg[i]);
 }
 
+/* Batched decode: three sessions at different positions (one wraps its sliding
+ * ring during the test), stepped together with g3n_batch_decode, membership
+ * changing between steps, give at every step the logits each gives alone. */
+TEST(batch_decode_equals_alone) {
+    g3n_model *m = open_model(FIX "conditional", DEVICE);
+    if (!m) return;
+    const int V = g3n_model_get_info(m).n_vocab, S = 3, STEPS = 14;
+    char err[512];
+    g3n_session *alone[3], *bat[3];
+    int32_t ids[3][40];
+    int start[3] = {5, 12, 1};
+    test_seed(11);
+    for (int i = 0; i < S; i++)
+        for (int j = 0; j < 40; j++) ids[i][j] = (int32_t)(3 + test_rand_u64() % 380);
+    for (int i = 0; i < S; i++) {
+        alone[i] = g3n_session_create(m, 64, 4, err, sizeof err);
+        bat[i] = g3n_session_create(m, 64, 4, err, sizeof err);
+        CHECK(g3n_session_eval(alone[i], ids[i], start[i], NULL, err, sizeof err) == 0);
+        CHECK(g3n_session_eval(bat[i], ids[i], start[i], NULL, err, sizeof err) == 0);
+    }
+    g3n_batcher *bt = g3n_batcher_create(m, 4, err, sizeof err);
+    CHECK_MSG(bt != NULL, "%s", err);
+    float *out = malloc(sizeof(float) * (size_t)V * 4);
+    for (int step = 0; step < STEPS && bt; step++) {
+        /* sessions 0 and 1 every step; session 2 joins on odd steps, in front */
+        g3n_session *ss[3];
+        int32_t tok[3];
+        int who[3], n = 0;
+        if (step % 2) who[n++] = 2;
+        who[n++] = 0;
+        who[n++] = 1;
+        for (int k = 0; k < n; k++) {
+            int i = who[k];
+            ss[k] = bat[i];
+            tok[k] = ids[i][g3n_session_pos(bat[i])];
+        }
+        CHECK_MSG(g3n_batch_decode(bt, ss, tok, n, out, err, sizeof err) == 0, "%s", err);
+        for (int k = 0; k < n; k++) {
+            int i = who[k];
+            CHECK(g3n_session_eval(alone[i], &tok[k], 1, NULL, err, sizeof err) == 0);
+            char what[64];
+            snprintf(what, sizeof what, "step %d session %d", step, i);
+            test_close(what, out + (size_t)k * V, g3n_session_logits(alone[i]), (size_t)V, SELF_TOL,
+                       1e-5 + SELF_TOL);
+            CHECK(memcmp(g3n_session_logits(bat[i]), out + (size_t)k * V, sizeof(float) * V) == 0);
+            CHECK(g3n_session_pos(bat[i]) == g3n_session_pos(alone[i]));
+        }
+    }
+    /* bad calls change nothing */
+    if (bt) {
+        int32_t t2[2] = {5, 6}, bad = 390;
+        g3n_session *dup[2] = {bat[0], bat[0]};
+        int p0 = g3n_session_pos(bat[0]);
+        CHECK(g3n_batch_decode(bt, dup, t2, 2, NULL, err, sizeof err) != 0 && strstr(err, "twice"));
+        CHECK(g3n_batch_decode(bt, bat, t2, 5, NULL, err, sizeof err) != 0);
+        CHECK(g3n_batch_decode(bt, bat, &bad, 1, NULL, err, sizeof err) != 0 && strstr(err, "390"));
+        CHECK(g3n_session_pos(bat[0]) == p0);
+    }
+    free(out);
+    g3n_batcher_free(bt);
+    for (int i = 0; i < S; i++) {
+        g3n_session_free(alone[i]);
+        g3n_session_free(bat[i]);
+    }
+    g3n_model_close(m);
+}
+
+/* Prefix reuse: truncating a session to a prefix and evaluating a new suffix
+ * gives the logits of evaluating prefix + suffix from scratch; truncation that
+ * the sliding ring can no longer serve is refused. */
+TEST(session_truncate) {
+    g3n_model *m = open_model(FIX "conditional", DEVICE);
+    if (!m) return;
+    const int V = g3n_model_get_info(m).n_vocab;
+    char err[512];
+    int32_t a[30], b[30];
+    test_seed(5);
+    for (int j = 0; j < 30; j++) a[j] = b[j] = (int32_t)(3 + test_rand_u64() % 380);
+    for (int j = 20; j < 30; j++) b[j] = (int32_t)(3 + test_rand_u64() % 380);
+    /* window 8, n_batch 4: ring of 11 slots */
+    g3n_session *s = g3n_session_create(m, 64, 4, err, sizeof err);
+    g3n_session *ref = g3n_session_create(m, 64, 4, err, sizeof err);
+    float *want = malloc(sizeof(float) * (size_t)V * 30), *got = malloc(sizeof(float) * (size_t)V * 10);
+    CHECK(g3n_session_eval(ref, b, 30, want, err, sizeof err) == 0);
+    CHECK(g3n_session_eval(s, a, 22, NULL, err, sizeof err) == 0);
+    CHECK(g3n_session_truncate(s, 23, err, sizeof err) != 0);
+    CHECK(g3n_session_truncate(s, 20, err, sizeof err) == 0);
+    CHECK(g3n_session_pos(s) == 20 && g3n_session_logits(s) == NULL);
+    CHECK(g3n_session_eval(s, b + 20, 10, got, err, sizeof err) == 0);
+    test_close("truncate to 20, then 10 more", got, want + (size_t)20 * V, (size_t)V * 10, SELF_TOL,
+               1e-5 + SELF_TOL);
+    /* now written up to 30: the window before 12 is gone from the ring */
+    CHECK(g3n_session_truncate(s, 12, err, sizeof err) != 0 && strstr(err, "sliding"));
+    CHECK(g3n_session_pos(s) == 30);
+    CHECK(g3n_session_truncate(s, 0, err, sizeof err) == 0 && g3n_session_pos(s) == 0);
+    free(want);
+    free(got);
+    g3n_session_free(s);
+    g3n_session_free(ref);
+    g3n_model_close(m);
+}
+
 /* Session bookkeeping: overflow, bad ids and reset leave a usable session. */
 TEST(session_errors) {
     g3n_model *m = open_model(FIX "causal", "cpu");
@@ -271,6 +373,8 @@ int main(int argc, char **argv) {
     RUN(mlx_cpu);
     RUN(conditional_cpu_ref);
     RUN(decode_equals_prefill);
+    RUN(batch_decode_equals_alone);
+    RUN(session_truncate);
     RUN(layouts_agree);
     RUN(session_errors);
 #ifdef G3N_CUDA
@@ -287,6 +391,8 @@ int main(int argc, char **argv) {
         RUN(causal_cuda);
         RUN(mlx_cuda);
         RUN(decode_equals_prefill);
+        RUN(batch_decode_equals_alone);
+        RUN(session_truncate);
         RUN(layouts_agree);
         printf("-- cuda, fused path (no graphs, PLE table on the GPU)\n");
         NO_GRAPH = PLE_ON_GPU = 1;

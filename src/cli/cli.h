@@ -35,5 +35,9 @@ int cmd_generate(int argc, char **argv);
 int cmd_run(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
+int cmd_serve(int argc, char **argv);
+/* tokenizer.json from `file`, else DIR/tokenizer.json; dies when required and
+ * absent; NULL when not required and absent. */
+g3n_tokenizer *open_tokenizer(const char *file, const char *dir, int required);
 
 #endif

@@ -2,7 +2,8 @@
  * tokens per second over repetitions, mean and standard deviation, plus the
  * bytes one decoded token reads and that rate against the measured memory
  * bandwidth. Tokenization and sampling are excluded; decoding feeds back the
- * argmax and prints a checksum of the ids, so a fast but wrong build shows. */
+ * argmax and prints a checksum of the ids, so a fast but wrong build shows.
+ * --parallel P1,P2,...: aggregate decode of P sequences per batched step instead. */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
 #include <stdio.h>
@@ -31,9 +32,85 @@ static int32_t argmax(const float *x, int n) {
     return b;
 }
 
+/* --parallel 1,8,32: aggregate decode tok/s of P sequences stepped together
+ * through g3n_batch_decode (what `g3n serve` does with P busy slots). Each
+ * sequence first gets its own n_prompt-token prompt; two untimed steps record
+ * the batched step; then n_gen timed steps, argmax fed back. */
+static void bench_parallel(g3n_model *m, const model_opts *mo, const int *counts, int n_counts, int n_prompt,
+                           int n_gen, int reps, int json) {
+    g3n_model_info mi = g3n_model_get_info(m);
+    char err[1024];
+    double base = 0;
+    if (!json) printf("| model | backend | streams | tg%d aggregate t/s | per stream t/s | vs 1 stream |\n|---|---|---|---|---|---|\n", n_gen);
+    for (int c = 0; c < n_counts; c++) {
+        const long P = counts[c];
+        model_opts so = *mo;
+        so.n_ctx = n_prompt + n_gen + 3;
+        if (so.n_batch == 0) so.n_batch = n_prompt > 0 ? (n_prompt < 64 ? n_prompt : 64) : 1;
+        g3n_session **ss = malloc(sizeof(*ss) * (size_t)P);
+        int32_t *tok = malloc(sizeof(int32_t) * (size_t)P), *prompt = malloc(sizeof(int32_t) * (size_t)(n_prompt + 1));
+        g3n_batcher *bt = g3n_batcher_create(m, (int)P, err, sizeof err);
+        if (!ss || !tok || !prompt || !bt) die("bench: %s", bt ? "out of memory" : err);
+        for (int i = 0; i < P; i++) ss[i] = open_session(m, &so);
+        double *tg = calloc((size_t)reps, sizeof(double));
+        uint64_t h = 1469598103934665603ull;
+        for (int r = 0; r < reps; r++) {
+            for (int i = 0; i < P; i++) { /* a different prompt per sequence */
+                uint64_t st = 0x2545F4914F6CDD1Dull + (uint64_t)i;
+                for (int k = 0; k < n_prompt; k++) {
+                    st = st * 6364136223846793005ull + 1442695040888963407ull;
+                    prompt[k] = (int32_t)(3 + (st >> 33) % (uint64_t)(mi.n_vocab_text - 3));
+                }
+                g3n_session_reset(ss[i]);
+                prompt[n_prompt] = 2;
+                if (g3n_session_eval(ss[i], n_prompt ? prompt : prompt + n_prompt, n_prompt ? n_prompt : 1, NULL, err, sizeof err))
+                    die("%s", err);
+                tok[i] = 2;
+            }
+            double spent = 0;
+            h = 1469598103934665603ull;
+            for (int k = 0; k < n_gen + 2; k++) {
+                double t0 = now_s();
+                if (g3n_batch_decode(bt, ss, tok, (int)P, NULL, err, sizeof err)) die("%s", err);
+                if (k >= 2) spent += now_s() - t0;
+                for (int i = 0; i < P; i++) {
+                    const float *lg = g3n_session_logits(ss[i]);
+                    int32_t b = 0;
+                    for (int v = 1; v < mi.n_vocab_text; v++)
+                        if (lg[v] > lg[b]) b = v;
+                    tok[i] = b;
+                    h = (h ^ (uint64_t)b) * 1099511628211ull;
+                }
+            }
+            tg[r] = (double)P * n_gen / spent;
+        }
+        stat2 sg = stats(tg, reps);
+        if (P == 1) base = sg.mean;
+        if (json)
+            printf("{\"model\": \"%s\", \"backend\": \"%s\", \"device\": \"%s\", \"streams\": %ld, \"n_prompt\": %d, "
+                   "\"n_gen\": %d, \"reps\": %d, \"tg_aggregate_tok_s\": %.3f, \"tg_sd\": %.3f, \"per_stream_tok_s\": %.3f, "
+                   "\"checksum\": \"%016llx\"}\n",
+                   mo->dir, mi.backend, mi.device_name, P, n_prompt, n_gen, reps, sg.mean, sg.sd, sg.mean / P,
+                   (unsigned long long)h);
+        else if (base > 0)
+            printf("| %s | %s | %ld | %.2f ± %.2f | %.2f | %.2fx |\n", mo->dir, mi.backend, P, sg.mean, sg.sd, sg.mean / P,
+                   sg.mean / base);
+        else
+            printf("| %s | %s | %ld | %.2f ± %.2f | %.2f | |\n", mo->dir, mi.backend, P, sg.mean, sg.sd, sg.mean / P);
+        fflush(stdout);
+        for (int i = 0; i < P; i++) g3n_session_free(ss[i]);
+        g3n_batcher_free(bt);
+        free(ss);
+        free(tok);
+        free(prompt);
+        free(tg);
+    }
+}
+
 int cmd_bench(int argc, char **argv) {
     model_opts mo = {0};
     int n_prompt = 512, n_gen = 128, reps = 3, json = 0, membw = 1;
+    int counts[16], n_counts = 0;
     for (int i = 2; i < argc; i++) {
         if (opt_model(&mo, argc, argv, &i)) continue;
         const char *a = argv[i];
@@ -42,9 +119,27 @@ int cmd_bench(int argc, char **argv) {
         else if (!strcmp(a, "-r") && i + 1 < argc) reps = (int)parse_long(a, argv[++i], 1, 1000);
         else if (!strcmp(a, "--json")) json = 1;
         else if (!strcmp(a, "--no-membw")) membw = 0;
+        else if (!strcmp(a, "--parallel") && i + 1 < argc) {
+            const char *list = argv[++i], *p = list;
+            n_counts = 0;
+            while (*p) { /* 1,8,32 */
+                char *end;
+                long v = strtol(p, &end, 10);
+                if (end == p || v < 1 || v > 1024 || (*end && *end != ',') || n_counts == 16)
+                    die("--parallel: \"%s\" is not a list of up to 16 stream counts in 1..1024, like 1,8,32", list);
+                counts[n_counts++] = (int)v;
+                p = *end ? end + 1 : end;
+            }
+            if (!n_counts) die("--parallel: no stream counts given");
+        }
         else die("bench: unknown or incomplete option \"%s\" (see g3n --help)", a);
     }
     g3n_model *m = open_model(&mo);
+    if (n_counts) {
+        bench_parallel(m, &mo, counts, n_counts, n_prompt, n_gen, reps, json);
+        g3n_model_close(m);
+        return 0;
+    }
     g3n_model_info mi = g3n_model_get_info(m);
     if (mo.n_ctx == 0) mo.n_ctx = n_prompt + n_gen + 1;
     if (mo.n_batch == 0) mo.n_batch = n_prompt > 0 ? n_prompt : 1;

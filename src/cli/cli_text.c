@@ -65,7 +65,7 @@ static void gen_opts_parse(gen_opts *o, int argc, char **argv, const char *cmd) 
 
 /* tokenizer.json from --tokenizer or the model directory; NULL if neither exists
  * and !required. */
-static g3n_tokenizer *open_tokenizer(const char *file, const char *dir, int required) {
+g3n_tokenizer *open_tokenizer(const char *file, const char *dir, int required) {
     char path[4096];
     struct stat sd;
     if (!file && dir && (stat(dir, &sd) != 0 || !S_ISDIR(sd.st_mode))) die("%s: no such model directory", dir);

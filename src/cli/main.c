@@ -198,6 +198,7 @@ static void usage(FILE *f) {
             "             (little-endian float32, T x vocab_size, row-major)\n"
             "  bench      prefill and decode speed (pp/tg): -p 512 -n 128 [-r 3] [--json]\n"
             "  tokenize   print the token ids of a text\n"
+            "  serve      OpenAI-compatible HTTP server (see serve options)\n"
             "\n"
             "model options (all commands):\n"
             "  -m, --model DIR        checkpoint directory (config.json + safetensors)\n"
@@ -232,7 +233,20 @@ static void usage(FILE *f) {
             "\n"
             "bench options:\n"
             "  -p N  -n N  -r REPS    prompt tokens, generated tokens, repetitions\n"
-            "  --json                 machine-readable output on stdout\n");
+            "  --json                 machine-readable output on stdout\n"
+            "  --parallel 1,8,32      aggregate decode tok/s of P sequences per batched step\n"
+            "\n"
+            "serve options (POST /v1/chat/completions, /v1/completions; GET /v1/models, /health):\n"
+            "  --host H --port P      address to listen on (default 127.0.0.1:8080; port 0: any)\n"
+            "  --parallel N           slots decoded together in one batched step (default 4)\n"
+            "  --queue N              requests that may wait for a slot; more get 503 (default 64)\n"
+            "  --api-key KEY          require Authorization: Bearer KEY on /v1/*\n"
+            "  --alias NAME           model name in answers (default: the directory's name)\n"
+            "  --max-body BYTES       larger request bodies get 413 (default 4 MiB)\n"
+            "  --timeout S            idle connection timeout (default 30)\n"
+            "  --max-conn N           concurrent connections (default 256)\n"
+            "  -c N (per slot), -b N (prompt tokens per engine step), --tokenizer FILE\n"
+            "  --step-delay MS        (tests) sleep MS after every engine step\n");
 }
 
 int main(int argc, char **argv) {
@@ -254,6 +268,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "generate")) return cmd_generate(argc, argv);
     if (!strcmp(cmd, "run")) return cmd_run(argc, argv);
     if (!strcmp(cmd, "bench")) return cmd_bench(argc, argv);
+    if (!strcmp(cmd, "serve")) return cmd_serve(argc, argv);
     if (!strcmp(cmd, "tokenize")) return cmd_tokenize(argc, argv);
     die("unknown command \"%s\" (try g3n --help)", cmd);
     return 1;

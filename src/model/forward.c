@@ -47,7 +47,7 @@ struct fwd_scratch {
 
 static size_t fl(size_t n) { return (n + 15) & ~(size_t)15; } /* 64-byte alignment */
 
-fwd_scratch *fwd_scratch_create(g3n_model *m, int rows) {
+fwd_scratch *fwd_scratch_create(g3n_model *m, int rows, int lm_rows) {
     const g3n_config *c = &m->cfg;
     size_t R = (size_t)rows, D = (size_t)c->n_embd, LP = (size_t)c->n_layer * c->n_ple;
     size_t A = (size_t)c->n_altup, qd = (size_t)c->n_head * c->head_dim;
@@ -57,7 +57,7 @@ fwd_scratch *fwd_scratch_create(g3n_model *m, int rows) {
     fwd_scratch *f = g3n_calloc(1, sizeof(*f));
     f->id = __atomic_add_fetch(&next_id, 1, __ATOMIC_RELAXED);
     f->rows = rows;
-    f->lm_rows = G3N_MIN(rows, 16);
+    f->lm_rows = G3N_MAX(1, G3N_MIN(rows, lm_rows));
     size_t sizes[] = {R * D,    R * LP,   R * LP,   R * LP,   A * R * D, A * R * D,
                       R * D,    R * D,    R * A,    R * c->laurel_rank,    R * D,
                       R * qd,   R * kvd,  R * kvd,  R * qd,   R * D,     R * D,

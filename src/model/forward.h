@@ -8,9 +8,10 @@
 
 typedef struct fwd_scratch fwd_scratch;
 
-/* Activation scratch for up to `rows` token rows, in backend memory; freed by
- * fwd_scratch_free. */
-fwd_scratch *fwd_scratch_create(g3n_model *m, int rows);
+/* Activation scratch for up to `rows` token rows, in backend memory, with room
+ * for the logits of lm_rows rows at once (a step that wants at most lm_rows
+ * rows of logits can be recorded and replayed); freed by fwd_scratch_free. */
+fwd_scratch *fwd_scratch_create(g3n_model *m, int rows, int lm_rows);
 void fwd_scratch_free(g3n_model *m, fwd_scratch *f);
 
 /* Run batch b (b->n <= rows) through the model, writing K/V into the caches the

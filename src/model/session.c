@@ -7,8 +7,10 @@
 
 struct g3n_session {
     g3n_model *m;
+    uint64_t id;       /* unique per session ever made (g3n_batcher's table keys on it) */
     int n_ctx, n_batch;
     int pos;
+    int hi;            /* highest position written since the last reset, + 1 */
     g3n_kv kv;         /* cache views, backend memory */
     void *kv_mem;      /* one allocation for every owning layer's K and V */
     fwd_scratch *fwd;
@@ -16,6 +18,44 @@ struct g3n_session {
     float *logits;     /* [n_vocab] host, last token */
     int have_logits;
 };
+
+/* One allocation for the K and V of every layer that owns a cache; views in *kv.
+ * Sliding layers keep a ring of window + n_batch - 1 positions: enough for every
+ * query of a step to see its whole window while the step writes. */
+static void *kv_alloc(g3n_model *m, int n_ctx, int n_batch, g3n_kv *kv) {
+    const g3n_config *c = &m->cfg;
+    const size_t kvd = (size_t)c->n_head_kv * c->head_dim;
+    size_t total = 0;
+    int cap[G3N_MAX_LAYERS];
+    for (int l = 0; l < c->n_layer; l++) {
+        cap[l] = 0;
+        if (c->kv_source[l] != l) continue;
+        cap[l] = c->is_sliding[l] ? G3N_MIN(n_ctx, c->sliding_window + n_batch - 1) : n_ctx;
+        total += 2 * (size_t)cap[l] * kvd;
+    }
+    void *mem = m->be->alloc(m->be, total * sizeof(float));
+    float *p = mem;
+    memset(kv, 0, sizeof(*kv));
+    for (int l = 0; l < c->n_layer; l++) {
+        if (!cap[l]) continue;
+        kv->layer[l].k = p;
+        p += (size_t)cap[l] * kvd;
+        kv->layer[l].v = p;
+        p += (size_t)cap[l] * kvd;
+        kv->layer[l].cap = cap[l];
+    }
+    return mem;
+}
+
+static float *logits_alloc(g3n_model *m, size_t rows) {
+    const size_t lb = rows * (size_t)m->cfg.n_vocab * sizeof(float);
+    return m->be->host_alloc ? m->be->host_alloc(m->be, lb) : g3n_malloc(lb);
+}
+
+static void logits_free(g3n_model *m, float *p) {
+    if (m->be->host_free) m->be->host_free(m->be, p);
+    else free(p);
+}
 
 g3n_session *g3n_session_create(g3n_model *m, int n_ctx, int n_batch, char *err, size_t errlen) {
     const g3n_config *c = &m->cfg;
@@ -31,37 +71,18 @@ g3n_session *g3n_session_create(g3n_model *m, int n_ctx, int n_batch, char *err,
         return NULL;
     }
     n_batch = G3N_MIN(n_batch, n_ctx);
+    static uint64_t next_id;
     g3n_session *s = g3n_calloc(1, sizeof(*s));
     s->m = m;
+    s->id = __atomic_add_fetch(&next_id, 1, __ATOMIC_RELAXED);
     s->n_ctx = n_ctx;
     s->n_batch = n_batch;
-    /* sliding layers keep a ring of window + n_batch - 1 positions: enough for
-     * every query of a step to see its whole window while the step writes */
-    const size_t kvd = (size_t)c->n_head_kv * c->head_dim;
-    size_t total = 0;
-    int cap[G3N_MAX_LAYERS];
-    for (int l = 0; l < c->n_layer; l++) {
-        cap[l] = 0;
-        if (c->kv_source[l] != l) continue;
-        cap[l] = c->is_sliding[l] ? G3N_MIN(n_ctx, c->sliding_window + n_batch - 1) : n_ctx;
-        total += 2 * (size_t)cap[l] * kvd;
-    }
-    s->kv_mem = m->be->alloc(m->be, total * sizeof(float));
-    float *p = s->kv_mem;
-    for (int l = 0; l < c->n_layer; l++) {
-        if (!cap[l]) continue;
-        s->kv.layer[l].k = p;
-        p += (size_t)cap[l] * kvd;
-        s->kv.layer[l].v = p;
-        p += (size_t)cap[l] * kvd;
-        s->kv.layer[l].cap = cap[l];
-    }
-    s->fwd = fwd_scratch_create(m, n_batch);
+    s->kv_mem = kv_alloc(m, n_ctx, n_batch, &s->kv);
+    s->fwd = fwd_scratch_create(m, n_batch, 16);
     s->ids = g3n_malloc((size_t)n_batch * sizeof(int32_t));
     s->posv = g3n_malloc((size_t)n_batch * sizeof(int32_t));
     s->seqv = g3n_calloc((size_t)n_batch, sizeof(int32_t));
-    const size_t lb = (size_t)c->n_vocab * sizeof(float);
-    s->logits = m->be->host_alloc ? m->be->host_alloc(m->be, lb) : g3n_malloc(lb);
+    s->logits = logits_alloc(m, 1);
     return s;
 }
 
@@ -72,19 +93,50 @@ void g3n_session_free(g3n_session *s) {
     free(s->ids);
     free(s->posv);
     free(s->seqv);
-    if (s->m->be->host_free) s->m->be->host_free(s->m->be, s->logits);
-    else free(s->logits);
+    logits_free(s->m, s->logits);
     free(s);
 }
 
 void g3n_session_reset(g3n_session *s) {
     s->pos = 0;
+    s->hi = 0;
     s->have_logits = 0;
 }
 
 int g3n_session_pos(const g3n_session *s) { return s->pos; }
 int g3n_session_n_ctx(const g3n_session *s) { return s->n_ctx; }
 const float *g3n_session_logits(const g3n_session *s) { return s->have_logits ? s->logits : NULL; }
+
+/* Position q < pos is still in every cache iff no later position q' < hi with
+ * q' = q (mod cap) overwrote it: q >= hi - cap. Truncating to n needs the window
+ * before n, positions n - window + 1 .. n - 1, in the sliding rings. */
+int g3n_session_truncate(g3n_session *s, int n, char *err, size_t errlen) {
+    const g3n_config *c = &s->m->cfg;
+    if (n < 0 || n > s->pos)
+        return g3n_err(err, errlen, "cannot keep %d positions of a session at position %d", n, s->pos);
+    int ring = 0;
+    for (int l = 0; l < c->n_layer; l++)
+        if (s->kv.layer[l].cap && c->is_sliding[l]) ring = s->kv.layer[l].cap;
+    if (n > 0 && n < s->pos && ring && ring < s->n_ctx &&
+        G3N_MAX(0, n - c->sliding_window + 1) < s->hi - ring)
+        return g3n_err(err, errlen,
+                       "positions before %d are no longer in the sliding-window cache (written up to %d, "
+                       "ring of %d)", n, s->hi, ring);
+    if (n == s->pos) return 0;
+    s->pos = n;
+    s->have_logits = 0;
+    return 0;
+}
+
+/* Check that ids are text tokens; name the first that is not. */
+static int check_ids(const g3n_config *c, const int32_t *ids, int n, char *err, size_t errlen) {
+    for (int i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= c->n_vocab_ple)
+            return g3n_err(err, errlen,
+                           "token id %d (position %d) is outside the text vocabulary 0..%d",
+                           ids[i], i, c->n_vocab_ple - 1);
+    return 0;
+}
 
 int g3n_session_eval(g3n_session *s, const int32_t *ids, int n, float *logits_out, char *err,
                      size_t errlen) {
@@ -93,11 +145,7 @@ int g3n_session_eval(g3n_session *s, const int32_t *ids, int n, float *logits_ou
     if (n > s->n_ctx - s->pos)
         return g3n_err(err, errlen, "%d tokens do not fit: context is %d, %d already used", n,
                        s->n_ctx, s->pos);
-    for (int i = 0; i < n; i++)
-        if (ids[i] < 0 || ids[i] >= c->n_vocab_ple)
-            return g3n_err(err, errlen,
-                           "token id %d (position %d) is outside the text vocabulary 0..%d",
-                           ids[i], i, c->n_vocab_ple - 1);
+    if (check_ids(c, ids, n, err, errlen)) return -1;
     g3n_kv *kvs[1] = {&s->kv};
     const size_t V = (size_t)c->n_vocab;
     for (int i0 = 0; i0 < n; i0 += s->n_batch) {
@@ -115,8 +163,141 @@ int g3n_session_eval(g3n_session *s, const int32_t *ids, int n, float *logits_ou
             fwd_run(s->m, s->fwd, &b, last ? nb - 1 : nb, s->logits);
         }
         s->pos += nb;
+        s->hi = G3N_MAX(s->hi, s->pos);
     }
     s->have_logits = 1;
+    return 0;
+}
+
+/* ---- batched decode: one token of each of several sessions per step ---------------------- */
+
+/* The step's sequences are named through a fixed table of KV caches, one entry
+ * per session seen lately (keyed by session id), so that a recorded step (CUDA
+ * graph, keyed by the table) stays valid while membership changes. On a backend
+ * that records steps, the row count is rounded up to a bucket with padding rows
+ * in a private cache, so that a handful of recorded steps covers every n. */
+struct g3n_batcher {
+    g3n_model *m;
+    int cap;            /* most sessions per step */
+    int rows;           /* rows of the scratch: bucket(cap) */
+    int pad;            /* round n up to a bucket (backend records steps) */
+    fwd_scratch *fwd;
+    int32_t *ids, *pos, *seq; /* [rows] */
+    g3n_kv **kv;        /* [cap + 1]: cap session caches, then the padding cache */
+    uint64_t *kv_sid;   /* [cap] session id per entry, 0 = free */
+    uint64_t *kv_used;  /* [cap] step counter of last use */
+    uint64_t step;
+    g3n_kv pad_kv;      /* padding rows: positions 0..rows-1 of a private cache */
+    void *pad_mem;
+    float *logits;      /* [rows, n_vocab] host */
+};
+
+/* Rows a step of n sessions runs: n, or on recording backends the next of
+ * 1, 2, 4, 8, then multiples of 8. */
+static int bucket(const g3n_batcher *bt, int n) {
+    if (!bt->pad) return n;
+    if (n <= 8) {
+        int b = 1;
+        while (b < n) b *= 2;
+        return b;
+    }
+    return (n + 7) / 8 * 8;
+}
+
+g3n_batcher *g3n_batcher_create(g3n_model *m, int max_seqs, char *err, size_t errlen) {
+    if (max_seqs < 1 || max_seqs > 1024) {
+        g3n_err(err, errlen, "batcher: %d sequences per step is out of range (1..1024)", max_seqs);
+        return NULL;
+    }
+    g3n_batcher *bt = g3n_calloc(1, sizeof(*bt));
+    bt->m = m;
+    bt->cap = max_seqs;
+    bt->pad = m->be->graph_begin != NULL;
+    bt->rows = bucket(bt, max_seqs);
+    bt->fwd = fwd_scratch_create(m, bt->rows, bt->rows);
+    bt->ids = g3n_calloc((size_t)bt->rows, sizeof(int32_t));
+    bt->pos = g3n_calloc((size_t)bt->rows, sizeof(int32_t));
+    bt->seq = g3n_calloc((size_t)bt->rows, sizeof(int32_t));
+    bt->kv = g3n_calloc((size_t)max_seqs + 1, sizeof(g3n_kv *));
+    bt->kv_sid = g3n_calloc((size_t)max_seqs, sizeof(uint64_t));
+    bt->kv_used = g3n_calloc((size_t)max_seqs, sizeof(uint64_t));
+    bt->pad_mem = kv_alloc(m, bt->rows, bt->rows, &bt->pad_kv);
+    for (int i = 0; i <= max_seqs; i++) bt->kv[i] = &bt->pad_kv;
+    bt->logits = logits_alloc(m, (size_t)bt->rows);
+    return bt;
+}
+
+void g3n_batcher_free(g3n_batcher *bt) {
+    if (!bt) return;
+    fwd_scratch_free(bt->m, bt->fwd);
+    bt->m->be->free(bt->m->be, bt->pad_mem);
+    logits_free(bt->m, bt->logits);
+    free(bt->ids);
+    free(bt->pos);
+    free(bt->seq);
+    free(bt->kv);
+    free(bt->kv_sid);
+    free(bt->kv_used);
+    free(bt);
+}
+
+/* Table entry of session s: its own if it has one, else a free one, else the
+ * least recently used one that this step does not use. */
+static int kv_entry(g3n_batcher *bt, g3n_session *s) {
+    int best = -1;
+    for (int i = 0; i < bt->cap; i++) {
+        if (bt->kv_sid[i] == s->id) {
+            best = i;
+            break;
+        }
+        if (bt->kv_used[i] == bt->step) continue; /* taken by this step */
+        if (best < 0 || bt->kv_used[i] < bt->kv_used[best]) best = i;
+    }
+    G3N_ASSERT(best >= 0);
+    bt->kv_sid[best] = s->id;
+    bt->kv[best] = &s->kv;
+    bt->kv_used[best] = bt->step;
+    return best;
+}
+
+int g3n_batch_decode(g3n_batcher *bt, g3n_session **ss, const int32_t *ids, int n,
+                     float *logits_out, char *err, size_t errlen) {
+    const g3n_config *c = &bt->m->cfg;
+    if (n < 1 || n > bt->cap)
+        return g3n_err(err, errlen, "batch decode of %d sessions (this batcher takes 1..%d)", n, bt->cap);
+    for (int i = 0; i < n; i++) {
+        g3n_session *s = ss[i];
+        if (!s || s->m != bt->m)
+            return g3n_err(err, errlen, "batch decode: session %d is missing or of another model", i);
+        if (s->pos >= s->n_ctx)
+            return g3n_err(err, errlen, "batch decode: session %d is full (context %d)", i, s->n_ctx);
+        for (int j = 0; j < i; j++)
+            if (ss[j] == s) return g3n_err(err, errlen, "batch decode: session %d appears twice", i);
+        if (check_ids(c, ids + i, 1, err, errlen)) return -1;
+    }
+    bt->step++;
+    for (int i = 0; i < n; i++) {
+        bt->ids[i] = ids[i];
+        bt->pos[i] = ss[i]->pos;
+        bt->seq[i] = kv_entry(bt, ss[i]);
+    }
+    const int nr = bucket(bt, n);
+    for (int i = n; i < nr; i++) { /* padding rows: a sequence of their own */
+        bt->ids[i] = ids[0];
+        bt->pos[i] = i - n;
+        bt->seq[i] = bt->cap;
+    }
+    g3n_batch b = {nr, bt->ids, bt->pos, bt->seq, bt->kv, bt->cap + 1};
+    fwd_run(bt->m, bt->fwd, &b, 0, bt->logits);
+    const size_t V = (size_t)c->n_vocab;
+    for (int i = 0; i < n; i++) {
+        g3n_session *s = ss[i];
+        memcpy(s->logits, bt->logits + (size_t)i * V, V * sizeof(float));
+        if (logits_out) memcpy(logits_out + (size_t)i * V, s->logits, V * sizeof(float));
+        s->have_logits = 1;
+        s->pos++;
+        s->hi = G3N_MAX(s->hi, s->pos);
+    }
     return 0;
 }
 
