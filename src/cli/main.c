@@ -198,6 +198,7 @@ static void usage(FILE *f) {
             "             (little-endian float32, T x vocab_size, row-major)\n"
             "  bench      prefill and decode speed (pp/tg): -p 512 -n 128 [-r 3] [--json]\n"
             "  tokenize   print the token ids of a text\n"
+            "  quantize   write an mlx 4/8-bit (2-6, 8) copy: -m DIR -o OUT --bits 4 --group-size 64\n"
             "\n"
             "model options (all commands):\n"
             "  -m, --model DIR        checkpoint directory (config.json + safetensors)\n"
@@ -255,6 +256,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "run")) return cmd_run(argc, argv);
     if (!strcmp(cmd, "bench")) return cmd_bench(argc, argv);
     if (!strcmp(cmd, "tokenize")) return cmd_tokenize(argc, argv);
+    if (!strcmp(cmd, "quantize")) return cmd_quantize(argc, argv);
     die("unknown command \"%s\" (try g3n --help)", cmd);
     return 1;
 }
