@@ -165,6 +165,25 @@ static void release_kept(void) {
     while (n_keep) free(KEEP[--n_keep]);
 }
 
+/* B's product of W (R rows of random x) against the reference; on the CPU also a
+ * row alone == the same row inside the block, bit for bit. Frees W's memory. */
+static void check_matmul(const char *what, tmat *W, int R) {
+    const int O = W->ref.rows, K = W->ref.cols;
+    float *x = rnd((size_t)R * K, 2.0f), *y0 = malloc(4 * (size_t)R * O);
+    float *dx = dev(x, (size_t)R * K), *dy = dev_nan((size_t)R * O);
+    REF->matmul(REF, y0, &W->ref, x, R);
+    B->matmul(B, dy, &W->b, dx, R);
+    float *y1 = host(dy, (size_t)R * O);
+    check_dots(what, y1, y0, &W->ref, x, R, 2e-6);
+    if (B_IS_CPU) {
+        float *y2 = malloc(4 * (size_t)O);
+        B->matmul(B, y2, &W->b, x + (size_t)(R - 1) * K, 1);
+        CHECK_MSG(memcmp(y2, y1 + (size_t)(R - 1) * O, 4 * (size_t)O) == 0, "%s: row differs alone", what);
+        free(y2);
+    }
+    free(y1), B->free(B, dy), B->free(B, dx), free(W->mem), free(x), free(y0);
+}
+
 TEST(matmul) {
     int rows_s[] = {1, 2, 3, 4, 5, 7, 9, 17};
     int out_s[] = {1, 3, 4, 5, 17, 33};
@@ -175,22 +194,9 @@ TEST(matmul) {
                 for (size_t c = 0; c < sizeof in_s / sizeof *in_s; c++) {
                     int R = rows_s[a], O = out_s[b], K = in_s[c];
                     tmat W = make_mat(DTYPES[d], O, K, 0);
-                    float *x = rnd((size_t)R * K, 2.0f), *y0 = malloc(4 * (size_t)R * O);
-                    float *dx = dev(x, (size_t)R * K), *dy = dev_nan((size_t)R * O);
-                    REF->matmul(REF, y0, &W.ref, x, R);
-                    B->matmul(B, dy, &W.b, dx, R);
                     char what[96];
                     snprintf(what, sizeof what, "matmul %s R%d O%d K%d", g3n_dtype_name(DTYPES[d]), R, O, K);
-                    float *y1 = host(dy, (size_t)R * O);
-                    check_dots(what, y1, y0, &W.ref, x, R, 2e-6);
-                    if (B_IS_CPU) { /* a row alone == the same row inside the block, bit for bit */
-                        float *y2 = malloc(4 * (size_t)O);
-                        B->matmul(B, y2, &W.b, x + (size_t)(R - 1) * K, 1);
-                        CHECK_MSG(memcmp(y2, y1 + (size_t)(R - 1) * O, 4 * (size_t)O) == 0,
-                                  "%s: row differs alone", what);
-                        free(y2);
-                    }
-                    free(y1), B->free(B, dy), B->free(B, dx), free(W.mem), free(x), free(y0);
+                    check_matmul(what, &W, R);
                 }
 }
 
@@ -208,23 +214,10 @@ TEST(qmatmul) {
                     const int R = rows_s[a], O = out_s[b], K = groups[gi] * (1 + (a + b) % 3);
                     const int sd = sdt[(bi + gi + a) % 3];
                     tmat W = make_qmat_ex(bits_s[bi], groups[gi], sd, O, K, 0, 0, 0);
-                    float *x = rnd((size_t)R * K, 2.0f), *y0 = malloc(4 * (size_t)R * O);
-                    float *dx = dev(x, (size_t)R * K), *dy = dev_nan((size_t)R * O);
-                    REF->matmul(REF, y0, &W.ref, x, R);
-                    B->matmul(B, dy, &W.b, dx, R);
                     char what[96];
                     snprintf(what, sizeof what, "qmatmul b%d g%d %s R%d O%d K%d", bits_s[bi], groups[gi],
                              g3n_dtype_name(sd), R, O, K);
-                    float *y1 = host(dy, (size_t)R * O);
-                    check_dots(what, y1, y0, &W.ref, x, R, 2e-6);
-                    if (B_IS_CPU) {
-                        float *y2 = malloc(4 * (size_t)O);
-                        B->matmul(B, y2, &W.b, x + (size_t)(R - 1) * K, 1);
-                        CHECK_MSG(memcmp(y2, y1 + (size_t)(R - 1) * O, 4 * (size_t)O) == 0,
-                                  "%s: row differs alone", what);
-                        free(y2);
-                    }
-                    free(y1), B->free(B, dy), B->free(B, dx), free(W.mem), free(x), free(y0);
+                    check_matmul(what, &W, R);
                 }
 }
 

@@ -61,6 +61,15 @@ template <int BITS> __device__ __forceinline__ float qget(const qchunk<BITS> &q,
     return (float)(v & ((1u << BITS) - 1u));
 }
 
+/* chunk ch of a row: its words and its group's scale and bias */
+template <int BITS>
+__device__ __forceinline__ void qfetch(qchunk<BITS> &q, float &sc, float &bi, const uint32_t *w, const void *S,
+                                       const void *B, int sdt, size_t g0, int G, int ch) {
+    qload<BITS>(q, w + (size_t)ch * BITS);
+    sc = load_w(S, sdt, g0 + (size_t)ch * 32 / G);
+    bi = load_w(B, sdt, g0 + (size_t)ch * 32 / G);
+}
+
 template <int BITS, int R>
 __global__ void __launch_bounds__(256) k_qgemv(qargs a) {
     __shared__ float part[8][R];
@@ -94,12 +103,7 @@ __global__ void __launch_bounds__(256) k_qgemv(qargs a) {
     float sc[U], bi[U];
 #pragma unroll
     for (int u = 0; u < U; u++)
-        if (c + u * step < nc) {
-            const int ch = c + u * step;
-            qload<BITS>(q[u], w + (size_t)ch * BITS);
-            sc[u] = load_w(S, sdt, g0 + (size_t)ch * 32 / G);
-            bi[u] = load_w(B, sdt, g0 + (size_t)ch * 32 / G);
-        }
+        if (c + u * step < nc) qfetch<BITS>(q[u], sc[u], bi[u], w, S, B, sdt, g0, G, c + u * step);
     KERNEL_BEGIN();
     for (;;) {
 #pragma unroll
@@ -124,12 +128,7 @@ __global__ void __launch_bounds__(256) k_qgemv(qargs a) {
         if (c >= nc) break;
 #pragma unroll
         for (int u = 0; u < U; u++)
-            if (c + u * step < nc) {
-                const int ch = c + u * step;
-                qload<BITS>(q[u], w + (size_t)ch * BITS);
-                sc[u] = load_w(S, sdt, g0 + (size_t)ch * 32 / G);
-                bi[u] = load_w(B, sdt, g0 + (size_t)ch * 32 / G);
-            }
+            if (c + u * step < nc) qfetch<BITS>(q[u], sc[u], bi[u], w, S, B, sdt, g0, G, c + u * step);
     }
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = warp_sum(acc[r]);
