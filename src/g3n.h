@@ -52,6 +52,13 @@ g3n_model *g3n_model_open(const char *dir, const g3n_model_params *params, char 
                           size_t errlen);
 void g3n_model_close(g3n_model *m);
 
+/* Write an mlx affine-quantized copy of checkpoint `src` to directory `dst`
+ * (mlx-community layout: packed U32 weights + scales + biases, config.json with a
+ * "quantization" block, tokenizer files copied). bits 2-6 or 8, group_size 32,
+ * 64 or 128; the arithmetic is mlx's (src/core/quant.h). 0, or -1 and err. */
+int g3n_quantize(const char *src, const char *dst, int bits, int group_size, char *err,
+                 size_t errlen);
+
 typedef struct {
     int n_vocab;           /* rows of the LM head (logit width) */
     int n_vocab_text;      /* vocab_size_per_layer_input: ids >= this are not text */

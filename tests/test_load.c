@@ -12,7 +12,9 @@
 
 #include "test.h"
 
+#include "g3n.h"
 #include "model/gemma3n.h"
+#include "quant.h"
 
 static char TMP[256];
 static char ERR[1024];
@@ -280,7 +282,7 @@ TEST(config_errors) {
 
 /* ---- model directories ------------------------------------------------------------- */
 
-static const char *FIX_CAUSAL = "tests/fixtures/tiny/causal";
+static const char *FIX_CAUSAL = "tests/fixtures/tiny/causal"; /* make_dir's source */
 
 static void copy_file(const char *src, const char *dst, size_t limit) {
     size_t n;
@@ -442,6 +444,176 @@ TEST(model_dirs) {
     free(d);
 }
 
+/* ---- quantized (mlx) checkpoints ---------------------------------------------------------- */
+
+#define FIX_Q4 "tests/fixtures/tiny/mlx-q4"
+static const char *Q_EDIT; /* tensor the edit functions below change */
+
+static void edit_q_drop(cJSON *h, const char *name) { cJSON_DeleteItemFromObjectCaseSensitive(h, Q_EDIT); }
+static void edit_q_dtype(cJSON *h, const char *name) {
+    cJSON *t = cJSON_GetObjectItemCaseSensitive(h, Q_EDIT);
+    const int weight = strstr(Q_EDIT, ".weight") != NULL; /* same element size: F32 for U32 */
+    cJSON_ReplaceItemInObjectCaseSensitive(t, "dtype", cJSON_CreateString(weight ? "F32" : "I16"));
+}
+static void edit_q_shape(cJSON *h, const char *name) { /* same bytes: [64, 8] u32 read as [32, 16] */
+    cJSON *t = cJSON_GetObjectItemCaseSensitive(h, Q_EDIT);
+    cJSON *s = cJSON_CreateArray();
+    cJSON_AddItemToArray(s, cJSON_CreateNumber(32));
+    cJSON_AddItemToArray(s, cJSON_CreateNumber(16));
+    cJSON_ReplaceItemInObjectCaseSensitive(t, "shape", s);
+}
+
+/* The q4 fixture's config.json with its "quantization" block changed by `edit`
+ * (a JSON fragment replacing the block's text), as a heap string. */
+static char *q4_config(const char *block) {
+    size_t n;
+    char *cfg = g3n_read_file(FIX_Q4 "/config.json", &n, 1 << 20, ERR, sizeof ERR);
+    G3N_ASSERT(cfg);
+    cJSON *j = cJSON_Parse(cfg);
+    free(cfg);
+    cJSON_DeleteItemFromObjectCaseSensitive(j, "quantization_config");
+    cJSON_DeleteItemFromObjectCaseSensitive(j, "quantization");
+    if (block) cJSON_AddItemToObject(j, "quantization", cJSON_Parse(block));
+    char *out = cJSON_Print(j);
+    cJSON_Delete(j);
+    char *r = g3n_strdup(out);
+    cJSON_free(out);
+    return r;
+}
+
+/* Hostile quantization configs and files: each refused with one line naming the
+ * field or tensor (under ASan/UBSan in make test too). */
+TEST(quantized_bad) {
+    const char *saved = FIX_CAUSAL;
+    FIX_CAUSAL = FIX_Q4;
+    g3n_model *m = g3n_model_open(FIX_Q4, NULL, ERR, sizeof ERR);
+    CHECK_MSG(m != NULL, "%s", ERR);
+    g3n_model_close(m);
+    struct {
+        const char *block, *want;
+    } cfgs[] = {
+        {"{\"group_size\": 32, \"bits\": 7}", "quantization.bits: 7 is not a bit width mlx produces"},
+        {"{\"group_size\": 48, \"bits\": 4}", "quantization.group_size: 48 is not a group size"},
+        {"{\"bits\": 4}", "quantization.group_size: missing"},
+        {"{\"group_size\": 32, \"bits\": 4, \"mode\": \"mxfp4\"}", "only \"affine\""},
+        {"{\"group_size\": 32, \"bits\": 4, \"language_model.model.layers.1.mlp.gate_proj\": {\"bits\": 9}}",
+         "quantization.language_model.model.layers.1.mlp.gate_proj.bits: 9 is not a bit width"},
+        {"{\"group_size\": 32, \"bits\": \"4\"}", "quantization.bits: expected an integer"},
+        {"[4]", "quantization: expected an object"},
+        {NULL, "has no \"quantization\" block"},
+        /* valid but not what the files hold: every packed shape is checked */
+        {"{\"group_size\": 32, \"bits\": 8}", "config says"},
+        {"{\"group_size\": 64, \"bits\": 4}", "scales has shape"},
+        {"{\"group_size\": 32, \"bits\": 4}", "gate_proj.weight has shape [520, 16], config says [520, 8]"},
+    };
+    for (size_t i = 0; i < sizeof cfgs / sizeof *cfgs; i++) {
+        char *c = q4_config(cfgs[i].block), name[32];
+        snprintf(name, sizeof name, "qcfg-%zu", i);
+        char *d = make_dir(name, c, NULL, SIZE_MAX);
+        model_bad(d, cfgs[i].want);
+        free(d), free(c);
+    }
+    struct {
+        const char *tensor;
+        edit_fn edit;
+        const char *want;
+    } files[] = {
+        {"language_model.model.layers.0.mlp.up_proj.biases", edit_q_drop,
+         "missing tensor language_model.model.layers.0.mlp.up_proj.biases"},
+        {"language_model.model.layers.0.mlp.up_proj.scales", edit_q_dtype,
+         "language_model.model.layers.0.mlp.up_proj.scales has dtype I16"},
+        {"language_model.model.layers.0.mlp.up_proj.weight", edit_q_dtype,
+         "up_proj.weight has dtype F32 (quantized: expected U32)"},
+        {"language_model.model.layers.0.self_attn.k_proj.weight", edit_q_shape,
+         "k_proj.weight has shape [32, 16], config says [64, 8]"},
+    };
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "qfile-%zu", i);
+        Q_EDIT = files[i].tensor;
+        char *d = make_dir(name, NULL, files[i].edit, 0);
+        model_bad(d, files[i].want);
+        free(d);
+    }
+    FIX_CAUSAL = saved;
+}
+
+/* g3n quantize writes what tools/mlx_quantize.py (numpy) wrote: the same tensors
+ * byte for byte, so they dequantize to the same values; and the result loads. */
+static void quantize_matches(const char *fixture, int bits, int group) {
+    char *out = g3n_strdup(tmp_path(fixture + strlen("tests/fixtures/tiny/")));
+    int rc = g3n_quantize("tests/fixtures/tiny/mlx", out, bits, group, ERR, sizeof ERR);
+    CHECK_MSG(rc == 0, "%s", ERR);
+    safetensors *a = rc ? NULL : safetensors_open_dir(out, ERR, sizeof ERR);
+    safetensors *b = safetensors_open_dir(fixture, ERR, sizeof ERR);
+    CHECK(a && b);
+    if (a && b) {
+        CHECK(safetensors_count(a) == safetensors_count(b));
+        int nq = 0;
+        for (int i = 0; i < safetensors_count(b); i++) {
+            const st_tensor *tb = safetensors_at(b, i), *ta = safetensors_find(a, tb->name);
+            CHECK_MSG(ta != NULL, "%s: no %s", out, tb->name);
+            if (!ta) continue;
+            nq += ta->dtype == G3N_U32;
+            CHECK_MSG(ta->dtype == tb->dtype && ta->nbytes == tb->nbytes && ta->ndim == tb->ndim &&
+                          memcmp(ta->shape, tb->shape, sizeof ta->shape) == 0 &&
+                          memcmp(ta->data, tb->data, ta->nbytes) == 0,
+                      "%s: %s differs from %s", out, tb->name, fixture);
+        }
+        CHECK(nq > 70);
+    }
+    safetensors_close(a), safetensors_close(b);
+    g3n_model *m = g3n_model_open(out, NULL, ERR, sizeof ERR);
+    CHECK_MSG(m != NULL, "%s", ERR);
+    g3n_model_close(m);
+    /* a quantized checkpoint, bad widths, a missing source: refused */
+    CHECK(g3n_quantize(out, tmp_path("again"), bits, group, ERR, sizeof ERR) != 0 && strstr(ERR, "already quantized"));
+    CHECK(g3n_quantize("tests/fixtures/tiny/mlx", tmp_path("x"), 7, 64, ERR, sizeof ERR) != 0 && strstr(ERR, "--bits 7"));
+    CHECK(g3n_quantize("tests/fixtures/tiny/mlx", tmp_path("x"), 4, 16, ERR, sizeof ERR) != 0 &&
+          strstr(ERR, "--group-size 16"));
+    CHECK(g3n_quantize(tmp_path("none"), tmp_path("x"), 4, 64, ERR, sizeof ERR) != 0 && strstr(ERR, "none"));
+    free(out);
+}
+
+TEST(quantize_cli_equals_numpy) {
+    quantize_matches("tests/fixtures/tiny/mlx-q8", 8, 64);
+    quantize_matches("tests/fixtures/tiny/mlx-q3", 3, 32);
+}
+
+/* The 8-bit fixture dequantizes to within a step of the f16 weights it came from. */
+TEST(quantized_near_source) {
+    safetensors *q = safetensors_open_dir("tests/fixtures/tiny/mlx-q8", ERR, sizeof ERR);
+    safetensors *f = safetensors_open_dir("tests/fixtures/tiny/mlx", ERR, sizeof ERR);
+    CHECK(q && f);
+    for (int i = 0; q && f && i < safetensors_count(q); i++) {
+        const st_tensor *t = safetensors_at(q, i);
+        if (t->dtype != G3N_U32) continue;
+        char mod[300];
+        snprintf(mod, sizeof mod, "%.*s.scales", (int)strlen(t->name) - 7, t->name);
+        const st_tensor *s = safetensors_find(q, mod), *w = safetensors_find(f, t->name);
+        snprintf(mod, sizeof mod, "%.*s.biases", (int)strlen(t->name) - 7, t->name);
+        const st_tensor *bb = safetensors_find(q, mod);
+        CHECK(s && bb && w && w->dtype == G3N_F16);
+        if (!s || !bb || !w) continue;
+        const int rows = (int)w->shape[0], cols = (int)w->shape[1], ng = (int)s->shape[1], gs = cols / ng;
+        float *d = malloc(sizeof(float) * cols);
+        int bad = 0;
+        for (int r = 0; r < rows; r++) {
+            g3n_dequant_row((const uint32_t *)t->data + (size_t)r * cols / 4, (const uint16_t *)s->data + (size_t)r * ng,
+                            (const uint16_t *)bb->data + (size_t)r * ng, G3N_F16, 8, gs, cols, d);
+            for (int c = 0; c < cols; c++) {
+                float src = g3n_f16_to_f32(((const uint16_t *)w->data)[(size_t)r * cols + c]);
+                float sc = fabsf(g3n_f16_to_f32(((const uint16_t *)s->data)[(size_t)r * ng + c / gs]));
+                uint32_t qv = g3n_quant_get((const uint32_t *)t->data + (size_t)r * cols / 4, 8, c);
+                if (qv != 0 && qv != 255 && !(fabsf(d[c] - src) <= sc + 1e-3f * fabsf(src))) bad++;
+            }
+        }
+        CHECK_MSG(bad == 0, "%s: %d values more than a step from the source", t->name, bad);
+        free(d);
+    }
+    safetensors_close(q), safetensors_close(f);
+}
+
 static void rm_rf(const char *dir) {
     char cmd[600];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
@@ -461,6 +633,9 @@ int main(int argc, char **argv) {
     RUN(config_forms);
     RUN(config_errors);
     RUN(model_dirs);
+    RUN(quantized_bad);
+    RUN(quantize_cli_equals_numpy);
+    RUN(quantized_near_source);
     rm_rf(TMP);
     return test_summary();
 }

@@ -185,8 +185,9 @@ TEST(mlx_cuda) { check_layout(FIX "mlx", "cuda"); }
 /* One token at a time (ring of exactly the window), chunks of 3 and of 5, and a
  * single step must all give the same logits at every position. */
 static const char *DEVICE = "cpu";
+static const char *DECODE_DIR = FIX "conditional";
 TEST(decode_equals_prefill) {
-    g3n_model *m = open_model(FIX "conditional", DEVICE);
+    g3n_model *m = open_model(DECODE_DIR, DEVICE);
     if (!m) return;
     int V = g3n_model_get_info(m).n_vocab;
     int n = 41;
@@ -339,6 +340,71 @@ TEST(session_truncate) {
     g3n_model_close(m);
 }
 
+/* Quantized checkpoints (tools/mlx_quantize.py from mlx/: 4-bit group 32 with an
+ * 8-bit/64 and a 6-bit/32 module and one left unquantized, 8-bit/64, 3-bit/32).
+ * The reference is the dequantized weights (fp32, s*q + b) through cpu-ref with
+ * double accumulation; a backend differs from it only in fp32 summation order,
+ * so QTOL is the fp32 bound, well below the 1e-4 used against transformers. */
+static double QTOL = 1e-5;
+static void check_quantized(const char *dir) {
+    int32_t ids[13] = {2, 17, 300, 45, 9, 123, 77, 200, 5, 301, 88, 12, 250};
+    g3n_model *r = open_model(dir, "cpu-ref"), *m = open_model(dir, DEVICE);
+    if (!r || !m) {
+        g3n_model_close(r), g3n_model_close(m);
+        return;
+    }
+    const g3n_model_info ir = g3n_model_get_info(r), im = g3n_model_get_info(m);
+    CHECK(ir.decode_bytes == im.decode_bytes && ir.weight_bytes == im.weight_bytes);
+    const int V = ir.n_vocab;
+    float *a = prefill(r, ids, 13, 16), *b = prefill(m, ids, 13, 16);
+    if (a && b) {
+        char what[128];
+        snprintf(what, sizeof what, "%s on %s vs cpu-ref", dir + strlen(FIX), DEVICE);
+        double e = test_close(what, b, a, (size_t)V * 13, QTOL, 1e-4);
+        printf("  %s: rel L2 %.2e\n", what, e);
+    }
+    /* cached decode steps after a prompt */
+    char err[512];
+    g3n_session *sr = g3n_session_create(r, 64, 4, err, sizeof err), *sm = g3n_session_create(m, 64, 4, err, sizeof err);
+    CHECK(g3n_session_eval(sr, ids, 5, NULL, err, sizeof err) == 0 && g3n_session_eval(sm, ids, 5, NULL, err, sizeof err) == 0);
+    for (int i = 5; i < 13; i++) {
+        CHECK(g3n_session_eval(sr, ids + i, 1, NULL, err, sizeof err) == 0);
+        CHECK(g3n_session_eval(sm, ids + i, 1, NULL, err, sizeof err) == 0);
+        test_close("decode step", g3n_session_logits(sm), g3n_session_logits(sr), (size_t)V, QTOL, 1e-4);
+    }
+    g3n_session_free(sr), g3n_session_free(sm);
+    free(a), free(b);
+    g3n_model_close(r), g3n_model_close(m);
+}
+
+TEST(quantized) {
+    check_quantized(FIX "mlx-q4");
+    check_quantized(FIX "mlx-q8");
+    check_quantized(FIX "mlx-q3");
+    /* 8-bit stays near the unquantized model (a gross format error would not) */
+    int32_t ids[6] = {2, 17, 300, 45, 9, 123};
+    g3n_model *f = open_model(FIX "mlx", "cpu"), *q = open_model(FIX "mlx-q8", "cpu");
+    if (f && q) {
+        int V = g3n_model_get_info(f).n_vocab;
+        float *a = prefill(f, ids, 6, 8), *b = prefill(q, ids, 6, 8);
+        double e = test_rel_l2(b, a, (size_t)V * 6);
+        CHECK_MSG(e < 0.2, "8-bit vs unquantized: rel L2 %.3g", e);
+        printf("  mlx-q8 vs mlx (unquantized): rel L2 %.2e\n", e);
+        g3n_model_info iq = g3n_model_get_info(q), ifl = g3n_model_get_info(f);
+        CHECK(iq.decode_bytes < ifl.decode_bytes);
+        free(a), free(b);
+    }
+    g3n_model_close(f), g3n_model_close(q);
+}
+
+TEST(decode_equals_prefill_q4) {
+    DECODE_DIR = FIX "mlx-q4";
+    test_decode_equals_prefill();
+    DECODE_DIR = FIX "mlx-q3";
+    test_decode_equals_prefill();
+    DECODE_DIR = FIX "conditional";
+}
+
 /* Session bookkeeping: overflow, bad ids and reset leave a usable session. */
 TEST(session_errors) {
     g3n_model *m = open_model(FIX "causal", "cpu");
@@ -377,6 +443,8 @@ int main(int argc, char **argv) {
     RUN(session_truncate);
     RUN(layouts_agree);
     RUN(session_errors);
+    RUN(quantized);
+    RUN(decode_equals_prefill_q4);
 #ifdef G3N_CUDA
     if (cuda_available()) {
         DEVICE = "cuda";
@@ -406,6 +474,18 @@ int main(int argc, char **argv) {
         RUN(decode_equals_prefill);
         PATH = "split";
         RUN(causal_cuda);
+        printf("-- cuda, quantized checkpoints (fused path, then split; sparse falls back to dense)\n");
+        SPARSE = 0;
+        QTOL = 1e-4; /* fp32 GEMV with the affine form factored per 32 weights; f32 cuBLAS prefill */
+        PATH = "fused";
+        RUN(quantized);
+        RUN(decode_equals_prefill_q4);
+        PATH = "split";
+        RUN(quantized);
+        SPARSE = 1, PATH = "fused";
+        RUN(quantized);
+        NO_GRAPH = PLE_ON_GPU = 1, SPARSE = 0;
+        RUN(quantized);
     } else {
         printf("(no GPU: the model is not tested on CUDA)\n");
         CHECK(getenv("G3N_REQUIRE_CUDA") == NULL);

@@ -11,6 +11,7 @@
 #include "test.h"
 
 #include "backend/cpu/cpu_internal.h"
+#include "quant.h"
 
 static g3n_backend *REF, *B; /* reference, backend under test */
 static double TOL = 2e-6;    /* relative L2 for B vs REF (looser on the GPU) */
@@ -52,7 +53,7 @@ static void check_dots(const char *what, const float *got, const float *ref, con
     float *row = malloc(sizeof(float) * (size_t)(W->cols ? W->cols : 1));
     int bad = 0;
     for (int o = 0; o < W->rows; o++) {
-        cpu_mat_row(W, o, row);
+        g3n_mat_row(W, o, row);
         for (int r = 0; r < R; r++) {
             double scale = 0;
             for (int k = 0; k < W->cols; k++) scale += fabs((double)row[k] * x[(size_t)r * W->cols + k]);
@@ -87,10 +88,55 @@ static tmat make_mat(int dtype, int rows, int cols, int host_gather) {
     return make_mat_ex(dtype, rows, cols, host_gather, 0);
 }
 
+/* Quantized (mlx affine) matrix of random weights: packed rows, then scales,
+ * then biases (dtype sdtype) in one allocation, t.mem. */
+static tmat make_qmat_ex(int bits, int group, int sdtype, int rows, int cols, int host_gather,
+                         int sparse_cols, int row_kernel) {
+    const size_t words = g3n_quant_row_words(cols, bits), ng = (size_t)(cols / group);
+    const size_t es = g3n_dtype_size((g3n_dtype)sdtype);
+    char *mem = malloc(4 * words * rows + 2 * es * ng * rows);
+    uint32_t *q = (uint32_t *)mem;
+    char *sc = mem + 4 * words * rows, *bi = sc + es * ng * rows;
+    float *w = rnd((size_t)cols, 1.0f), *fs = malloc(4 * ng), *fb = malloc(4 * ng);
+    for (int r = 0; r < rows; r++) {
+        for (int c = 0; c < cols; c++) w[c] = test_randf();
+        for (int c = 0; c < group; c++) { /* now and then a constant, an all-negative, an all-positive group */
+            if (r % 10 == 3) w[c] = r % 20 == 3 ? 0.25f : -0.25f;
+            if (r % 10 == 6) w[cols - 1 - c] = -fabsf(w[cols - 1 - c]);
+            if (r % 10 == 9) w[cols - 1 - c] = fabsf(w[cols - 1 - c]);
+        }
+        g3n_quantize_row(w, cols, bits, group, q + r * words, fs, fb);
+        for (size_t g = 0; g < ng; g++) {
+            const size_t i = r * ng + g;
+            if (sdtype == G3N_F32) ((float *)sc)[i] = fs[g], ((float *)bi)[i] = fb[g];
+            else if (sdtype == G3N_BF16)
+                ((uint16_t *)sc)[i] = g3n_f32_to_bf16(fs[g]), ((uint16_t *)bi)[i] = g3n_f32_to_bf16(fb[g]);
+            else ((uint16_t *)sc)[i] = g3n_f32_to_f16(fs[g]), ((uint16_t *)bi)[i] = g3n_f32_to_f16(fb[g]);
+        }
+    }
+    free(w), free(fs), free(fb);
+    tmat t;
+    t.mem = mem;
+    g3n_mat m = {G3N_U32, rows, cols, q, "qtest", host_gather, sparse_cols, 0, 0, 0, 0, NULL, NULL, 0};
+    m.bits = bits, m.group_size = group, m.sdtype = sdtype, m.scales = sc, m.biases = bi;
+    m.row_kernel = row_kernel;
+    t.ref = t.b = m;
+    char err[256];
+    CHECK_MSG(B->mat_prepare(B, &t.b, err, sizeof err) == 0, "%s", err);
+    return t;
+}
+
+static void test_fused_ops(void);
+
+/* When QBITS is set, the fused-op tests build their bf16 matrices quantized. */
+static int QBITS;
+
 /* sparse_cols: the backend may store it transposed (exact sparsity) */
 static tmat make_mat_ex(int dtype, int rows, int cols, int host_gather, int sparse_cols) {
     size_t n = (size_t)rows * cols;
     tmat t;
+    if (QBITS && dtype == G3N_BF16 && cols % 32 == 0)
+        return make_qmat_ex(QBITS, 32, G3N_BF16, rows, cols, host_gather, sparse_cols, rows <= 8);
     if (dtype == G3N_F32) {
         t.mem = rnd(n, 1.0f);
     } else {
@@ -99,7 +145,7 @@ static tmat make_mat_ex(int dtype, int rows, int cols, int host_gather, int spar
             p[i] = dtype == G3N_BF16 ? g3n_f32_to_bf16(test_randf()) : g3n_f32_to_f16(test_randf());
         t.mem = p;
     }
-    g3n_mat m = {dtype, rows, cols, t.mem, "test", host_gather, sparse_cols, 0};
+    g3n_mat m = {dtype, rows, cols, t.mem, "test", host_gather, sparse_cols, 0, 0, 0, 0, NULL, NULL, 0};
     t.ref = t.b = m;
     char err[256];
     CHECK(B->mat_prepare(B, &t.b, err, sizeof err) == 0);
@@ -119,6 +165,25 @@ static void release_kept(void) {
     while (n_keep) free(KEEP[--n_keep]);
 }
 
+/* B's product of W (R rows of random x) against the reference; on the CPU also a
+ * row alone == the same row inside the block, bit for bit. Frees W's memory. */
+static void check_matmul(const char *what, tmat *W, int R) {
+    const int O = W->ref.rows, K = W->ref.cols;
+    float *x = rnd((size_t)R * K, 2.0f), *y0 = malloc(4 * (size_t)R * O);
+    float *dx = dev(x, (size_t)R * K), *dy = dev_nan((size_t)R * O);
+    REF->matmul(REF, y0, &W->ref, x, R);
+    B->matmul(B, dy, &W->b, dx, R);
+    float *y1 = host(dy, (size_t)R * O);
+    check_dots(what, y1, y0, &W->ref, x, R, 2e-6);
+    if (B_IS_CPU) {
+        float *y2 = malloc(4 * (size_t)O);
+        B->matmul(B, y2, &W->b, x + (size_t)(R - 1) * K, 1);
+        CHECK_MSG(memcmp(y2, y1 + (size_t)(R - 1) * O, 4 * (size_t)O) == 0, "%s: row differs alone", what);
+        free(y2);
+    }
+    free(y1), B->free(B, dy), B->free(B, dx), free(W->mem), free(x), free(y0);
+}
+
 TEST(matmul) {
     int rows_s[] = {1, 2, 3, 4, 5, 7, 9, 17};
     int out_s[] = {1, 3, 4, 5, 17, 33};
@@ -129,23 +194,86 @@ TEST(matmul) {
                 for (size_t c = 0; c < sizeof in_s / sizeof *in_s; c++) {
                     int R = rows_s[a], O = out_s[b], K = in_s[c];
                     tmat W = make_mat(DTYPES[d], O, K, 0);
-                    float *x = rnd((size_t)R * K, 2.0f), *y0 = malloc(4 * (size_t)R * O);
-                    float *dx = dev(x, (size_t)R * K), *dy = dev_nan((size_t)R * O);
-                    REF->matmul(REF, y0, &W.ref, x, R);
-                    B->matmul(B, dy, &W.b, dx, R);
                     char what[96];
                     snprintf(what, sizeof what, "matmul %s R%d O%d K%d", g3n_dtype_name(DTYPES[d]), R, O, K);
-                    float *y1 = host(dy, (size_t)R * O);
-                    check_dots(what, y1, y0, &W.ref, x, R, 2e-6);
-                    if (B_IS_CPU) { /* a row alone == the same row inside the block, bit for bit */
-                        float *y2 = malloc(4 * (size_t)O);
-                        B->matmul(B, y2, &W.b, x + (size_t)(R - 1) * K, 1);
-                        CHECK_MSG(memcmp(y2, y1 + (size_t)(R - 1) * O, 4 * (size_t)O) == 0,
-                                  "%s: row differs alone", what);
-                        free(y2);
-                    }
-                    free(y1), B->free(B, dy), B->free(B, dx), free(W.mem), free(x), free(y0);
+                    check_matmul(what, &W, R);
                 }
+}
+
+/* Quantized products: every bit width and group size the loader accepts, each
+ * scale dtype, awkward row/output counts; on the CPU also bitwise row-alone ==
+ * row-in-block (the decode kernels dequantize in registers, the prompt path
+ * dequantizes whole rows first). */
+TEST(qmatmul) {
+    const int bits_s[] = {2, 3, 4, 5, 6, 8}, groups[] = {32, 64, 128}, sdt[] = {G3N_BF16, G3N_F16, G3N_F32};
+    const int rows_s[] = {1, 2, 3, 5, 9}, out_s[] = {1, 5, 17};
+    for (int bi = 0; bi < 6; bi++)
+        for (int gi = 0; gi < 3; gi++)
+            for (int a = 0; a < 5; a++)
+                for (int b = 0; b < 3; b++) {
+                    const int R = rows_s[a], O = out_s[b], K = groups[gi] * (1 + (a + b) % 3);
+                    const int sd = sdt[(bi + gi + a) % 3];
+                    tmat W = make_qmat_ex(bits_s[bi], groups[gi], sd, O, K, 0, 0, 0);
+                    char what[96];
+                    snprintf(what, sizeof what, "qmatmul b%d g%d %s R%d O%d K%d", bits_s[bi], groups[gi],
+                             g3n_dtype_name(sd), R, O, K);
+                    check_matmul(what, &W, R);
+                }
+}
+
+/* E2B/E4B decode shapes quantized, 1 and 3 rows, and a prompt-sized product. */
+TEST(qmatmul_large) {
+    const int shapes[][2] = {{2048, 2048}, {16384, 2048}, {2048, 16384}, {8960, 2048}, {4, 2048}, {2048, 64}};
+    const int bits_s[] = {4, 8};
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++)
+        for (int bi = 0; bi < 2; bi++)
+            for (int R = 1; R <= 33; R += R == 1 ? 2 : 30) {
+                const int O = shapes[s][0], K = shapes[s][1];
+                if (R > 3 && (B_IS_CPU || (size_t)O * K > ((size_t)1 << 24))) continue;
+                tmat W = make_qmat_ex(bits_s[bi], 64, G3N_BF16, O, K, 0, 0, 0);
+                float *x = rnd((size_t)R * K, 1.0f), *y0 = malloc(4 * (size_t)R * O);
+                float *dx = dev(x, (size_t)R * K), *dy = dev_nan((size_t)R * O);
+                REF->matmul(REF, y0, &W.ref, x, R);
+                B->matmul(B, dy, &W.b, dx, R);
+                char what[64];
+                snprintf(what, sizeof what, "qmatmul q%d %dx%d R%d", bits_s[bi], O, K, R);
+                float *y1 = host(dy, (size_t)R * O);
+                check_dots(what, y1, y0, &W.ref, x, R, 2e-6);
+                free(y1), B->free(B, dy), B->free(B, dx), free(W.mem), free(x), free(y0);
+            }
+}
+
+/* Quantized embedding rows (device table and host-gathered), exact. */
+TEST(qembed) {
+    int32_t ids[4] = {3, 0, 70, 11}, z[4] = {0, 0, 0, 0};
+    g3n_batch bt = {4, ids, z, z, NULL, 1};
+    for (int hg = 0; hg < 2; hg++)
+        for (int bits = 2; bits <= 8; bits += bits == 6 ? 2 : 1) {
+            tmat W = make_qmat_ex(bits, 64, bits & 1 ? G3N_F16 : G3N_BF16, 64, 192, hg, 0, 0);
+            float *y0 = malloc(4 * 4 * 192), *dy = dev_nan(4 * 192);
+            REF->batch_set(REF, &bt);
+            B->batch_set(B, &bt);
+            REF->embed(REF, y0, &W.ref, 3.0f);
+            B->embed(B, dy, &W.b, 3.0f);
+            char what[48];
+            snprintf(what, sizeof what, "qembed b%d host_gather %d", bits, hg);
+            cmp(what, dy, y0, 4 * 192, 0, 0);
+            free(y0);
+            if (hg) keep_alive(W.mem);
+            else free(W.mem);
+        }
+}
+
+TEST(fused_ops_q4) {
+    QBITS = 4;
+    test_fused_ops();
+    QBITS = 0;
+}
+
+TEST(fused_ops_q8) {
+    QBITS = 8;
+    test_fused_ops();
+    QBITS = 0;
 }
 
 /* The large shapes of E2B/E4B decode, one row: the GPU kernels' real sizes. */
@@ -168,11 +296,62 @@ TEST(matmul_large) {
     }
 }
 
+/* The mlx format itself: packing (mlx's byte-wise extraction for 3, 5, 6 bits
+ * written out), quantize -> dequantize error within half a step, the affine
+ * endpoint rules (0 exact, constant groups). */
+TEST(quant_format) {
+    for (int bits = 2; bits <= 8; bits++) {
+        if (!g3n_quant_bits_ok(bits)) continue;
+        uint32_t packed[8] = {0};
+        const int n = 256 / bits / 8 * 8; /* a whole number of 8-value packs */
+        uint32_t v[128];
+        for (int i = 0; i < n; i++) v[i] = (uint32_t)(i * 7 + 3) & ((1u << bits) - 1);
+        for (int i = 0; i < n; i++) { /* LSB-first stream */
+            for (int k = 0; k < bits; k++)
+                if (v[i] >> k & 1) packed[(i * bits + k) / 32] |= 1u << ((i * bits + k) % 32);
+        }
+        for (int i = 0; i < n; i++) CHECK(g3n_quant_get(packed, bits, i) == v[i]);
+        if (bits == 3) { /* mlx: 8 values in 3 bytes, value 2 = b0[7:6] | b1[0] << 2 */
+            const uint8_t *b = (const uint8_t *)packed;
+            CHECK(((b[0] & 0xc0) >> 6 | (b[1] & 1) << 2) == v[2]);
+            CHECK(((b[1] & 0x80) >> 7 | (b[2] & 3) << 1) == v[5]);
+        }
+        if (bits == 5) { /* value 4 = b2[7:4] | b3[0] << 4 */
+            const uint8_t *b = (const uint8_t *)packed;
+            CHECK(((b[2] & 0xf0) >> 4 | (b[3] & 1) << 4) == v[4]);
+        }
+        if (bits == 6) { /* 4 values in 3 bytes, value 1 = b0[7:6] | b1[3:0] << 2 */
+            const uint8_t *b = (const uint8_t *)packed;
+            CHECK((((b[0] >> 6) & 3) | (b[1] & 0xf) << 2) == v[1]);
+        }
+        float w[128], d[128], sc[4], bs[4];
+        uint32_t q[32];
+        for (int i = 0; i < 128; i++) w[i] = test_randf() * 3;
+        for (int i = 0; i < 32; i++) w[64 + i] = -0.5f;             /* constant group */
+        for (int i = 0; i < 32; i++) w[96 + i] = fabsf(w[96 + i]) + 1; /* all positive */
+        g3n_quantize_row(w, 128, bits, 32, q, sc, bs);
+        g3n_dequant_row(q, sc, bs, G3N_F32, bits, 32, 128, d);
+        for (int i = 0; i < 128; i++) { /* within half a step, but for the clamped ends (mlx
+                                           moves the scale so that 0 is exact, which can push
+                                           the far end of a group past 2^bits - 1) */
+            const uint32_t qi = g3n_quant_get(q, bits, i);
+            if (qi == 0 || qi == (1u << bits) - 1) continue;
+            CHECK_MSG(fabsf(d[i] - w[i]) <= fabsf(sc[i / 32]) * 0.5001f + 1e-6f, "b%d w%d %g -> %g (scale %g)",
+                      bits, i, w[i], d[i], sc[i / 32]);
+        }
+        CHECK(d[64] == -0.5f && bs[2] == -0.5f);
+        for (int g = 0; g < 3; g++) { /* groups that straddle 0 represent it exactly */
+            float zero = -bs[g] / sc[g];
+            CHECK(fabsf(zero - roundf(zero)) < 1e-3f);
+        }
+    }
+}
+
 /* cpu_ref's matmul against a sum computed here in long double. */
 TEST(matmul_ref_exact) {
     void *mem = malloc(2 * 5 * 37);
     for (int i = 0; i < 5 * 37; i++) ((uint16_t *)mem)[i] = g3n_f32_to_bf16(test_randf());
-    g3n_mat W = {G3N_BF16, 5, 37, mem, "w", 0, 0, 0};
+    g3n_mat W = {G3N_BF16, 5, 37, mem, "w", 0, 0, 0, 0, 0, 0, NULL, NULL, 0};
     float *x = rnd(2 * 37, 1.0f), y[10];
     REF->matmul(REF, y, &W, x, 2);
     for (int r = 0; r < 2; r++)
@@ -570,7 +749,9 @@ TEST(fused_ops) {
             B->mlp_sparse(B, dy, dg, dup, &Wg.b, &Wu.b, &Wd.b, du, rows, 1.6448533535f);
             char what[64];
             snprintf(what, sizeof what, "mlp_sparse rows %d", rows);
-            cmp(what, dy, ys, (size_t)rows * DD, 1e-5, 1e-5);
+            /* quantized: the same fp32 sums of ~200 terms, but these weights give
+             * outputs near zero by cancellation more often: a looser absolute bound */
+            cmp(what, dy, ys, (size_t)rows * DD, 1e-5, QBITS ? 1e-4 : 1e-5);
             int nz = 0;
             for (int i = 0; i < I; i++) nz += g[i] != 0;
             CHECK_MSG(nz > I / 50 && nz < I / 8, "top-k kept %d of %d", nz, I);
@@ -721,12 +902,17 @@ static void run_backend(void) {
     B->batch_set(B, &wide);
     RUN(matmul);
     RUN(matmul_large);
+    RUN(qmatmul);
+    RUN(qmatmul_large);
+    RUN(qembed);
     RUN(rmsnorm);
     RUN(attention);
     RUN(qkv_attention);
     RUN(batch_ops);
     RUN(small_ops);
     RUN(fused_ops);
+    RUN(fused_ops_q4);
+    RUN(fused_ops_q8);
 }
 
 int main(int argc, char **argv) {
@@ -737,6 +923,7 @@ int main(int argc, char **argv) {
     RUN(matmul_ref_exact);
     RUN(attention_ref_exact);
     RUN(ref_ops_exact);
+    RUN(quant_format);
     B = cpu_backend_create(2, err, sizeof err);
     B_IS_CPU = 1;
     const char *isas[3] = {"avx512", "avx2", "scalar"};

@@ -16,9 +16,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* A weight matrix W[rows, cols] (rows = outputs) in its stored dtype. */
+/* A weight matrix W[rows, cols] (rows = outputs) in its stored dtype, or mlx
+ * affine-quantized (dtype U32, bits > 0; src/core/quant.h has the format). */
 typedef struct {
-    int dtype;         /* g3n_dtype: F32, F16 or BF16 */
+    int dtype;         /* g3n_dtype: F32, F16, BF16, or U32 when quantized */
     int rows, cols;
     const void *data;  /* backend-visible; NULL when the tensor is absent */
     const char *name;  /* tensor name, for messages */
@@ -28,7 +29,19 @@ typedef struct {
                           zeros (a down projection after Gaussian top-k): a backend
                           may store it transposed to read only the needed columns */
     int transposed;    /* set by the backend: data holds W^T [cols, rows] */
+    /* quantized (bits > 0): data = packed rows [rows, cols*bits/32] u32,
+     * scales and biases [rows, cols/group_size] of dtype sdtype */
+    int bits, group_size, sdtype;
+    const void *scales, *biases;
+    int row_kernel;    /* also read element by element inside fused row kernels
+                          (the AltUp router): a backend whose row kernels cannot
+                          read the quantized form converts it at upload */
 } g3n_mat;
+
+/* Bytes of W as stored (packed weights + scales + biases when quantized). */
+size_t g3n_mat_bytes(const g3n_mat *W);
+/* Row r of W as f32 (W.cols floats), from host-readable W->data (cpu_ref.c). */
+void g3n_mat_row(const g3n_mat *W, int r, float *out);
 
 /* A small f32 vector (norm weights, scales, AltUp coefficients) in backend memory. */
 typedef struct {

@@ -39,5 +39,6 @@ int cmd_serve(int argc, char **argv);
 /* tokenizer.json from `file`, else DIR/tokenizer.json; dies when required and
  * absent; NULL when not required and absent. */
 g3n_tokenizer *open_tokenizer(const char *file, const char *dir, int required);
+int cmd_quantize(int argc, char **argv);
 
 #endif

@@ -199,6 +199,7 @@ static void usage(FILE *f) {
             "  bench      prefill and decode speed (pp/tg): -p 512 -n 128 [-r 3] [--json]\n"
             "  tokenize   print the token ids of a text\n"
             "  serve      OpenAI-compatible HTTP server (see serve options)\n"
+            "  quantize   write an mlx 4/8-bit (2-6, 8) copy: -m DIR -o OUT --bits 4 --group-size 64\n"
             "\n"
             "model options (all commands):\n"
             "  -m, --model DIR        checkpoint directory (config.json + safetensors)\n"
@@ -270,6 +271,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "bench")) return cmd_bench(argc, argv);
     if (!strcmp(cmd, "serve")) return cmd_serve(argc, argv);
     if (!strcmp(cmd, "tokenize")) return cmd_tokenize(argc, argv);
+    if (!strcmp(cmd, "quantize")) return cmd_quantize(argc, argv);
     die("unknown command \"%s\" (try g3n --help)", cmd);
     return 1;
 }

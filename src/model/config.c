@@ -9,6 +9,7 @@
 #include <math.h>
 
 #include "model/gemma3n.h"
+#include "quant.h"
 
 typedef struct {
     const char *path;   /* file, for messages */
@@ -285,4 +286,84 @@ int config_parse(g3n_config *g, const char *json, size_t len, const char *path, 
     if (!rc) rc = parse_text(&c, g, t);
     cJSON_Delete(root);
     return rc;
+}
+
+/* ---- quantization (mlx) --------------------------------------------------------------- */
+
+static int quant_params(cfg_ctx *c, const cJSON *o, int *bits, int *group) {
+    if (get_int(c, o, "bits", 0, 0, 64, bits) || get_int(c, o, "group_size", 0, 0, 1 << 20, group))
+        return -1;
+    if (!g3n_quant_bits_ok(*bits)) {
+        char msg[96];
+        snprintf(msg, sizeof msg, "%d is not a bit width mlx produces (2, 3, 4, 5, 6 or 8)", *bits);
+        return field_err(c, "bits", msg);
+    }
+    if (!g3n_quant_group_ok(*group)) {
+        char msg[96];
+        snprintf(msg, sizeof msg, "%d is not a group size mlx produces (32, 64 or 128)", *group);
+        return field_err(c, "group_size", msg);
+    }
+    return 0;
+}
+
+int quant_config_parse(g3n_quant_config *q, const char *json, size_t len, const char *path,
+                       char *err, size_t errlen) {
+    memset(q, 0, sizeof(*q));
+    cfg_ctx c = {path, "quantization.", err, errlen};
+    cJSON *root = cJSON_ParseWithLength(json, len);
+    if (!root) return g3n_err(err, errlen, "%s: not valid JSON (truncated or malformed)", path);
+    const cJSON *b = cJSON_GetObjectItemCaseSensitive(root, "quantization");
+    if (!b || cJSON_IsNull(b)) { /* transformers-style copy mlx-lm also writes */
+        const cJSON *qc = cJSON_GetObjectItemCaseSensitive(root, "quantization_config");
+        if (cJSON_IsObject(qc) && cJSON_GetObjectItemCaseSensitive(qc, "bits")) {
+            b = qc;
+            c.prefix = "quantization_config.";
+        } else {
+            b = NULL;
+        }
+    }
+    int rc = 0;
+    if (!b) goto done;
+    if (!cJSON_IsObject(b)) {
+        rc = g3n_err(err, errlen, "%s: quantization: expected an object", path);
+        goto done;
+    }
+    const char *dup = duplicate_key(b);
+    if (dup) {
+        rc = field_err(&c, dup, "appears twice");
+        goto done;
+    }
+    const cJSON *mode = cJSON_GetObjectItemCaseSensitive(b, "mode");
+    if (mode && !(cJSON_IsString(mode) && strcmp(mode->valuestring, "affine") == 0)) {
+        rc = field_err(&c, "mode", "only \"affine\" quantization is supported");
+        goto done;
+    }
+    if (!cJSON_GetObjectItemCaseSensitive(b, "bits") || !cJSON_GetObjectItemCaseSensitive(b, "group_size")) {
+        rc = field_err(&c, cJSON_GetObjectItemCaseSensitive(b, "bits") ? "group_size" : "bits", "missing");
+        goto done;
+    }
+    rc = quant_params(&c, b, &q->bits, &q->group);
+    for (const cJSON *e = b->child; e && !rc; e = e->next) {
+        if (!cJSON_IsObject(e)) continue; /* bits, group_size, mode; per-module true/false */
+        char prefix[320];
+        snprintf(prefix, sizeof prefix, "%s%.200s.", c.prefix, e->string);
+        cfg_ctx ce = {path, prefix, err, errlen};
+        g3n_quant_override o = {NULL, q->bits, q->group};
+        rc = quant_params(&ce, e, &o.bits, &o.group);
+        if (rc) break;
+        q->over = realloc(q->over, sizeof(*q->over) * (size_t)(q->n_over + 1));
+        if (!q->over) abort();
+        o.path = g3n_strdup(e->string);
+        q->over[q->n_over++] = o;
+    }
+done:
+    cJSON_Delete(root);
+    if (rc) quant_config_free(q);
+    return rc;
+}
+
+void quant_config_free(g3n_quant_config *q) {
+    for (int i = 0; i < q->n_over; i++) free(q->over[i].path);
+    free(q->over);
+    memset(q, 0, sizeof(*q));
 }

@@ -50,6 +50,27 @@ typedef struct {
 int config_parse(g3n_config *c, const char *json, size_t len, const char *path, char *err,
                  size_t errlen);
 
+/* config.json's "quantization" block (mlx; "quantization_config" where only
+ * that is written): the default bits and group size, and per-module overrides
+ * keyed by module path ("language_model.model.layers.0.mlp.down_proj"). Whether
+ * a module is quantized is decided by its .scales tensor, not by this. */
+typedef struct {
+    char *path;
+    int bits, group;
+} g3n_quant_override;
+
+typedef struct {
+    int bits, group; /* 0: no quantization block */
+    g3n_quant_override *over;
+    int n_over;
+} g3n_quant_config;
+
+/* Parse the block from config.json text; 0, or -1 with err naming the field.
+ * Accepts only mode "affine", bits 2-6 or 8 and group sizes 32, 64, 128. */
+int quant_config_parse(g3n_quant_config *q, const char *json, size_t len, const char *path,
+                       char *err, size_t errlen);
+void quant_config_free(g3n_quant_config *q);
+
 /* Per-layer weights. Matrices are backend tensors (stored dtype); vectors are
  * converted to f32 at load (they are small) and live in the backend too. */
 typedef struct {
@@ -89,6 +110,7 @@ typedef struct {
 
 struct g3n_model {
     g3n_config cfg;
+    g3n_quant_config quant;
     g3n_weights w;
     safetensors *st;
     g3n_backend *be;

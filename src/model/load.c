@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 
 #include "model/forward.h"
+#include "quant.h"
 
 typedef struct {
     g3n_model *m;
@@ -47,28 +48,78 @@ static int check_float(loader *L, const st_tensor *t, const char *name) {
                    safetensors_file_path(L->m->st, t), name, t->dtype_name);
 }
 
+/* A quantized module (mlx affine): <path>.weight packed U32 beside <path>.scales
+ * and <path>.biases; bits and group size from config.json (the module's own
+ * entry where there is one). Every shape is checked against them. */
+static int get_qmat(loader *L, g3n_mat *out, const st_tensor *t, const char *name, int rows,
+                    int cols) {
+    const g3n_quant_config *q = &L->m->quant;
+    const char *file = safetensors_file_path(L->m->st, t);
+    const int mlen = (int)strlen(name) - 7; /* the module path: name without ".weight" */
+    if (!q->bits)
+        return g3n_err(L->err, L->errlen,
+                       "%s: tensor %s is quantized (%.*s.scales exists) but config.json has no "
+                       "\"quantization\" block", file, name, mlen, name);
+    int bits = q->bits, group = q->group;
+    for (int i = 0; i < q->n_over; i++)
+        if ((int)strlen(q->over[i].path) == mlen && strncmp(q->over[i].path, name, (size_t)mlen) == 0)
+            bits = q->over[i].bits, group = q->over[i].group;
+    if (cols % group != 0)
+        return g3n_err(L->err, L->errlen,
+                       "%s: tensor %s: %d columns are not a multiple of the group size %d",
+                       file, name, cols, group);
+    if (t->dtype != G3N_U32)
+        return g3n_err(L->err, L->errlen, "%s: tensor %s has dtype %s (quantized: expected U32)",
+                       file, name, t->dtype_name);
+    if (check_shape(L, t, name, 2, rows, (int64_t)cols * bits / 32)) return -1;
+    const st_tensor *sb[2];
+    const char *what[2] = {"scales", "biases"};
+    char sname[2][300];
+    for (int k = 0; k < 2; k++) {
+        snprintf(sname[k], sizeof sname[k], "%.*s.%s", mlen, name, what[k]);
+        sb[k] = safetensors_find(L->m->st, sname[k]);
+        if (!sb[k])
+            return g3n_err(L->err, L->errlen, "%s: missing tensor %s (%s is quantized)", L->m->dir,
+                           sname[k], name);
+        if (check_float(L, sb[k], sname[k]) || check_shape(L, sb[k], sname[k], 2, rows, cols / group))
+            return -1;
+    }
+    if (sb[0]->dtype != sb[1]->dtype)
+        return g3n_err(L->err, L->errlen, "%s: tensor %s has dtype %s but %s has %s", file, sname[1],
+                       sb[1]->dtype_name, sname[0], sb[0]->dtype_name);
+    out->dtype = G3N_U32;
+    out->rows = rows;
+    out->cols = cols;
+    out->data = t->data;
+    out->name = t->name;
+    out->bits = bits;
+    out->group_size = group;
+    out->sdtype = sb[0]->dtype;
+    out->scales = sb[0]->data;
+    out->biases = sb[1]->data;
+    L->m->weight_bytes += t->nbytes + sb[0]->nbytes + sb[1]->nbytes;
+    return L->m->be->mat_prepare(L->m->be, out, L->err, L->errlen);
+}
+
 /* A weight matrix [rows, cols]. Absent and !required: an empty g3n_mat. */
 static int get_mat(loader *L, g3n_mat *out, const char *suffix, int rows, int cols, int required) {
     char name[256];
     const int host_gather = out->host_gather, sparse_cols = out->sparse_cols;
+    const int row_kernel = out->row_kernel;
     memset(out, 0, sizeof(*out));
     out->host_gather = host_gather;
     out->sparse_cols = sparse_cols;
+    out->row_kernel = row_kernel;
     const st_tensor *t = find(L, suffix, name, sizeof name);
     if (!t) {
         if (!required) return 0;
         return g3n_err(L->err, L->errlen, "%s: missing tensor %s", L->m->dir, name);
     }
-    /* a quantized module (mlx affine) stores <path>.scales beside <path>.weight */
     char qname[300];
     size_t n = strlen(name);
     if (n > 7 && strcmp(name + n - 7, ".weight") == 0) {
         snprintf(qname, sizeof qname, "%.*s.scales", (int)(n - 7), name);
-        if (safetensors_find(L->m->st, qname))
-            return g3n_err(L->err, L->errlen,
-                           "%s: tensor %s is quantized (%s exists); quantized checkpoints are "
-                           "not supported yet",
-                           safetensors_file_path(L->m->st, t), name, qname);
+        if (safetensors_find(L->m->st, qname)) return get_qmat(L, out, t, name, rows, cols);
     }
     if (check_float(L, t, name) || check_shape(L, t, name, 2, rows, cols)) return -1;
     out->dtype = t->dtype;
@@ -86,6 +137,13 @@ static int get_vec(loader *L, g3n_vec *out, const char *suffix, int n0, int n1) 
     char name[256];
     const st_tensor *t = find(L, suffix, name, sizeof name);
     if (!t) return g3n_err(L->err, L->errlen, "%s: missing tensor %s", L->m->dir, name);
+    size_t n = strlen(name);
+    char qname[300];
+    snprintf(qname, sizeof qname, "%.*s.scales", (int)(n > 7 ? n - 7 : n), name);
+    if (n > 7 && strcmp(name + n - 7, ".weight") == 0 && safetensors_find(L->m->st, qname))
+        return g3n_err(L->err, L->errlen, "%s: tensor %s is quantized (%s exists); g3n reads it "
+                       "as a small f32 vector and supports only unquantized ones",
+                       safetensors_file_path(L->m->st, t), name, qname);
     if (check_float(L, t, name) || check_shape(L, t, name, n1 ? 2 : 1, n0, n1)) return -1;
     size_t count = (size_t)n0 * (size_t)(n1 ? n1 : 1);
     float *host = g3n_malloc(count * sizeof(float));
@@ -191,6 +249,7 @@ int load_weights(g3n_model *m, char *err, size_t errlen) {
                                LNAME("altup.correction_coefs.weight"), A, A);
         rc = rc ? rc : get_vec(&L, &lw->altup_prediction_coefs,
                                LNAME("altup.prediction_coefs.weight"), A * A, A);
+        lw->altup_router.row_kernel = 1; /* read inside the fused AltUp kernels */
         rc = rc ? rc : get_mat(&L, &lw->altup_router, LNAME("altup.modality_router.weight"), A, D, 1);
         rc = rc ? rc : get_vec(&L, &lw->altup_router_norm, LNAME("altup.router_norm.weight"), D, 0);
         rc = rc ? rc : get_mat(&L, &lw->laurel_left, LNAME("laurel.linear_left.weight"),
@@ -217,7 +276,7 @@ int load_weights(g3n_model *m, char *err, size_t errlen) {
     /* bytes one decoded token reads: every layer matrix it uses, the global
      * projections, the whole tied LM head, one embedding row and one PLE row */
     size_t bytes = 0;
-#define MB(x) ((size_t)(x).rows * (size_t)(x).cols * g3n_dtype_size((g3n_dtype)(x).dtype))
+#define MB(x) g3n_mat_bytes(&(x))
     for (int l = 0; l < c->n_layer; l++) {
         const g3n_layer_weights *lw = &w->layers[l];
         bytes += MB(lw->q_proj) + MB(lw->o_proj) + MB(lw->gate_proj) + MB(lw->up_proj) +
@@ -257,6 +316,7 @@ g3n_model *g3n_model_open(const char *dir, const g3n_model_params *params, char 
     size_t clen;
     char *ctext = g3n_read_file(cpath, &clen, 16u << 20, err, errlen);
     int rc = ctext ? config_parse(&m->cfg, ctext, clen, cpath, err, errlen) : -1;
+    if (rc == 0) rc = quant_config_parse(&m->quant, ctext, clen, cpath, err, errlen);
     free(ctext);
     free(cpath);
     if (rc == 0) {
@@ -303,6 +363,7 @@ void g3n_model_close(g3n_model *m) {
     }
     free(m->owned);
     free(m->w.layers);
+    quant_config_free(&m->quant);
     safetensors_close(m->st);
     free(m->dir);
     free(m);

@@ -14,6 +14,7 @@
 #endif
 
 #include "backend/cpu/cpu_internal.h"
+#include "quant.h"
 
 /* ---- ISA selection ------------------------------------------------------------- */
 
@@ -290,6 +291,123 @@ static float dot(const float *a, const float *b, int n) {
     return dot_scalar(a, b, n);
 }
 
+/* ---- quantized (mlx affine) products ---------------------------------------------------
+ * The decode kernels dequantize in registers and multiply at once: per vector of
+ * weights, w = scale * q + bias (product rounded, then the sum: g3n_quant_w) and
+ * acc += w * x. The values are those g3n_mat_row gives and the accumulation is the
+ * f32 kernels' (k1x4 / k4x4), so a row's sum is the same whether it came through
+ * here (decode) or through dequantized rows (prompt): bitwise, as for bf16. */
+
+typedef struct {
+    const uint32_t *q[4]; /* packed rows */
+    const void *s[4], *b[4];
+    int bits, group, sdtype;
+} qrows4;
+
+static void qrows4_set(qrows4 *R, const g3n_mat *W, int o0) {
+    const size_t words = g3n_quant_row_words(W->cols, W->bits), ng = (size_t)(W->cols / W->group_size);
+    const size_t es = g3n_dtype_size((g3n_dtype)W->sdtype);
+    for (int j = 0; j < 4; j++) {
+        const size_t r = (size_t)G3N_MIN(o0 + j, W->rows - 1);
+        R->q[j] = (const uint32_t *)W->data + r * words;
+        R->s[j] = (const char *)W->scales + r * ng * es;
+        R->b[j] = (const char *)W->biases + r * ng * es;
+    }
+    R->bits = W->bits, R->group = W->group_size, R->sdtype = W->sdtype;
+}
+
+static void k1x4q_scalar(const qrows4 *R, const float *x, int K, float out[4]) {
+    for (int o = 0; o < 4; o++) {
+        float s = 0;
+        for (int g = 0; g < K / R->group; g++) {
+            const float sc = g3n_quant_param(R->s[o], R->sdtype, (size_t)g);
+            const float bi = g3n_quant_param(R->b[o], R->sdtype, (size_t)g);
+            for (int i = g * R->group; i < (g + 1) * R->group; i++)
+                s += g3n_quant_w(sc, bi, g3n_quant_get(R->q[o], R->bits, i)) * x[i];
+        }
+        out[o] = s;
+    }
+}
+
+#ifdef G3N_X86
+/* q of elements c0..c0+7 (c0 a multiple of 8) as 8 int32 lanes */
+__attribute__((target("avx2,fma"))) static __m256i unpack8_avx2(const uint32_t *row, int bits, int c0) {
+    if (bits == 4)
+        return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)row[c0 / 8]),
+                                                  _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                                _mm256_set1_epi32(15));
+    if (bits == 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)row + c0)));
+    int32_t v[8];
+    for (int i = 0; i < 8; i++) v[i] = (int32_t)g3n_quant_get(row, bits, c0 + i);
+    return _mm256_loadu_si256((const __m256i *)v);
+}
+
+__attribute__((target("avx2,fma"))) static void k1x4q_avx2(const qrows4 *R, const float *x, int K,
+                                                           float out[4]) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int g = 0; g < K / R->group; g++) {
+        __m256 sc[4], bi[4];
+        for (int o = 0; o < 4; o++) {
+            sc[o] = _mm256_set1_ps(g3n_quant_param(R->s[o], R->sdtype, (size_t)g));
+            bi[o] = _mm256_set1_ps(g3n_quant_param(R->b[o], R->sdtype, (size_t)g));
+        }
+        for (int i = g * R->group; i < (g + 1) * R->group; i += 8) {
+            const __m256 xv = _mm256_loadu_ps(x + i);
+            for (int o = 0; o < 4; o++) {
+                const __m256 q = _mm256_cvtepi32_ps(unpack8_avx2(R->q[o], R->bits, i));
+                const __m256 w = _mm256_add_ps(_mm256_mul_ps(sc[o], q), bi[o]);
+                acc[o] = _mm256_fmadd_ps(w, xv, acc[o]);
+            }
+        }
+    }
+    for (int o = 0; o < 4; o++) out[o] = hsum256(acc[o]);
+}
+
+__attribute__((target("avx512f,avx512bw"))) static __m512i unpack16_avx512(const uint32_t *row, int bits,
+                                                                         int c0) {
+    if (bits == 4) {
+        const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32((int)row[c0 / 8])),
+                                             _mm256_set1_epi32((int)row[c0 / 8 + 1]), 1);
+        const __m512i sh = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+        return _mm512_and_si512(_mm512_srlv_epi32(w, sh), _mm512_set1_epi32(15));
+    }
+    if (bits == 8) return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)row + c0)));
+    int32_t v[16];
+    for (int i = 0; i < 16; i++) v[i] = (int32_t)g3n_quant_get(row, bits, c0 + i);
+    return _mm512_loadu_si512(v);
+}
+
+__attribute__((target("avx512f,avx512bw"))) static void k1x4q_avx512(const qrows4 *R, const float *x, int K,
+                                                                     float out[4]) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int g = 0; g < K / R->group; g++) {
+        __m512 sc[4], bi[4];
+        for (int o = 0; o < 4; o++) {
+            sc[o] = _mm512_set1_ps(g3n_quant_param(R->s[o], R->sdtype, (size_t)g));
+            bi[o] = _mm512_set1_ps(g3n_quant_param(R->b[o], R->sdtype, (size_t)g));
+        }
+        for (int i = g * R->group; i < (g + 1) * R->group; i += 16) {
+            const __m512 xv = _mm512_loadu_ps(x + i);
+            for (int o = 0; o < 4; o++) {
+                const __m512 q = _mm512_cvtepi32_ps(unpack16_avx512(R->q[o], R->bits, i));
+                const __m512 w = _mm512_add_ps(_mm512_mul_ps(sc[o], q), bi[o]);
+                acc[o] = _mm512_fmadd_ps(w, xv, acc[o]);
+            }
+        }
+    }
+    for (int o = 0; o < 4; o++) out[o] = _mm512_reduce_add_ps(acc[o]);
+}
+#endif
+
+/* One x row against 4 quantized W rows (K a multiple of the group size, >= 32). */
+static void k1x4q(const qrows4 *R, const float *x, int K, float out[4]) {
+#ifdef G3N_X86
+    if (cpu_isa == ISA_AVX512) return k1x4q_avx512(R, x, K, out);
+    if (cpu_isa == ISA_AVX2) return k1x4q_avx2(R, x, K, out);
+#endif
+    k1x4q_scalar(R, x, K, out);
+}
+
 /* One x row against 4 W rows of dtype `dtype`. */
 static void k1x4(int dtype, const void *const w[4], const float *x, int K, float out[4]) {
 #ifdef G3N_X86
@@ -346,7 +464,7 @@ static float *tscratch(cpu_ctx *c, size_t count) {
 static void cpu_matmul(g3n_backend *be, float *y, const g3n_mat *W, const float *x, int rows) {
     cpu_ctx *c = be->ctx;
     const int O = W->rows, K = W->cols;
-    const size_t esz = g3n_dtype_size((g3n_dtype)W->dtype);
+    const size_t esz = W->bits ? 0 : g3n_dtype_size((g3n_dtype)W->dtype);
     const char *wbase = W->data;
     if (rows < 4) {
         /* decode: one pass over W, 4 rows at a time, read in the stored dtype */
@@ -355,10 +473,14 @@ static void cpu_matmul(g3n_backend *be, float *y, const g3n_mat *W, const float 
         for (int g = 0; g < ngrp; g++) {
             const int o0 = g * 4;
             const void *wr[4];
-            for (int j = 0; j < 4; j++) wr[j] = wbase + (size_t)G3N_MIN(o0 + j, O - 1) * K * esz;
+            qrows4 qr;
+            if (W->bits) qrows4_set(&qr, W, o0);
+            else
+                for (int j = 0; j < 4; j++) wr[j] = wbase + (size_t)G3N_MIN(o0 + j, O - 1) * K * esz;
             for (int r = 0; r < rows; r++) {
                 float out[4];
-                k1x4(W->dtype, wr, x + (size_t)r * K, K, out);
+                if (W->bits) k1x4q(&qr, x + (size_t)r * K, K, out);
+                else k1x4(W->dtype, wr, x + (size_t)r * K, K, out);
                 for (int j = 0; j < 4 && o0 + j < O; j++) y[(size_t)r * O + o0 + j] = out[j];
             }
         }
@@ -370,8 +492,10 @@ static void cpu_matmul(g3n_backend *be, float *y, const g3n_mat *W, const float 
     for (int bi = 0; bi < nblk; bi++) {
         const int o0 = bi * MM_BLOCK, no = G3N_MIN(MM_BLOCK, O - o0);
         float *wt = tscratch(c, (size_t)MM_BLOCK * K);
-        for (int j = 0; j < MM_BLOCK; j++) /* short blocks repeat the last row */
-            cvt_row(W->dtype, wbase + (size_t)(o0 + G3N_MIN(j, no - 1)) * K * esz, wt + (size_t)j * K, K);
+        for (int j = 0; j < MM_BLOCK; j++) { /* short blocks repeat the last row */
+            if (W->bits) g3n_mat_row(W, o0 + G3N_MIN(j, no - 1), wt + (size_t)j * K);
+            else cvt_row(W->dtype, wbase + (size_t)(o0 + G3N_MIN(j, no - 1)) * K * esz, wt + (size_t)j * K, K);
+        }
         for (int j = 0; j < no; j += 4) {
             const float *wj = wt + (size_t)j * K;
             int r = 0;

@@ -20,8 +20,6 @@ typedef struct {
 
 /* A scratch buffer of at least count floats (reference ops, one thread). */
 float *cpu_scratch(g3n_backend *be, size_t count);
-/* Row r of W converted to f32 (W.cols floats). */
-void cpu_mat_row(const g3n_mat *W, int r, float *out);
 float cpu_gelu_tanh(float z);
 /* Kernel set of the fast backend: "avx512", "avx2" or "scalar". cpu_set_isa
  * (for tests) picks one this machine supports, else returns -1. */

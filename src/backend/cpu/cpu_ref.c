@@ -4,6 +4,7 @@
  * run the whole model (--device cpu-ref). It is not tuned and never will be. */
 #define _POSIX_C_SOURCE 200809L
 #include "backend/cpu/cpu_internal.h"
+#include "quant.h"
 
 #include <math.h>
 
@@ -23,6 +24,7 @@ static void ref_copy(g3n_backend *be, void *dst, const void *src, size_t bytes) 
     memcpy(dst, src, bytes);
 }
 static int ref_mat_prepare(g3n_backend *be, g3n_mat *m, char *err, size_t errlen) {
+    if (m->bits) return 0; /* quantized: checked by the loader, read by g3n_mat_row */
     if (m->dtype != G3N_F32 && m->dtype != G3N_F16 && m->dtype != G3N_BF16)
         return g3n_err(err, errlen, "%s: dtype %s is not supported by the CPU backend",
                        m->name ? m->name : "?", g3n_dtype_name((g3n_dtype)m->dtype));
@@ -53,8 +55,23 @@ float *cpu_scratch(g3n_backend *be, size_t count) {
 
 /* ---- weights ------------------------------------------------------------------- */
 
-void cpu_mat_row(const g3n_mat *W, int r, float *out) {
+size_t g3n_mat_bytes(const g3n_mat *W) {
+    const size_t n = (size_t)W->rows * (size_t)W->cols;
+    if (!W->bits) return n * g3n_dtype_size((g3n_dtype)W->dtype);
+    return (size_t)W->rows * g3n_quant_row_words(W->cols, W->bits) * 4 +
+           2 * (n / (size_t)W->group_size) * g3n_dtype_size((g3n_dtype)W->sdtype);
+}
+
+void g3n_mat_row(const g3n_mat *W, int r, float *out) {
     size_t off = (size_t)r * (size_t)W->cols;
+    if (W->bits) {
+        const size_t ng = (size_t)(W->cols / W->group_size), es = g3n_dtype_size((g3n_dtype)W->sdtype);
+        g3n_dequant_row((const uint32_t *)W->data + (size_t)r * g3n_quant_row_words(W->cols, W->bits),
+                        (const char *)W->scales + (size_t)r * ng * es,
+                        (const char *)W->biases + (size_t)r * ng * es, W->sdtype, W->bits,
+                        W->group_size, W->cols, out);
+        return;
+    }
     switch (W->dtype) {
     case G3N_F32: memcpy(out, (const float *)W->data + off, (size_t)W->cols * 4); break;
     case G3N_BF16: {
@@ -74,7 +91,7 @@ void cpu_mat_row(const g3n_mat *W, int r, float *out) {
 static void ref_matmul(g3n_backend *be, float *y, const g3n_mat *W, const float *x, int rows) {
     float *row = cpu_scratch(be, (size_t)W->cols);
     for (int o = 0; o < W->rows; o++) {
-        cpu_mat_row(W, o, row);
+        g3n_mat_row(W, o, row);
         for (int r = 0; r < rows; r++) {
             const float *xr = x + (size_t)r * W->cols;
             double acc = 0;
@@ -90,7 +107,7 @@ static void ref_embed(g3n_backend *be, float *y, const g3n_mat *W, float scale) 
         int id = c->batch.ids[t];
         if (id < 0 || id >= W->rows) id = 0;
         float *yr = y + (size_t)t * W->cols;
-        cpu_mat_row(W, id, yr);
+        g3n_mat_row(W, id, yr);
         for (int i = 0; i < W->cols; i++) yr[i] *= scale;
     }
 }

@@ -57,6 +57,7 @@ static void cu_sync(g3n_backend *be) { CUDA_CHECK(cudaStreamSynchronize(CTX(be)-
 
 static int cu_mat_prepare(g3n_backend *be, g3n_mat *m, char *err, size_t errlen) {
     cuda_ctx *c = CTX(be);
+    if (m->bits) return cuda_quant_prepare(c, m, err, errlen); /* mlx-quantized: quant.cu */
     if (m->dtype != G3N_F32 && m->dtype != G3N_F16 && m->dtype != G3N_BF16)
         return g3n_err(err, errlen, "%s: dtype %s is not supported by the CUDA backend",
                        m->name ? m->name : "?", g3n_dtype_name((g3n_dtype)m->dtype));
@@ -260,8 +261,10 @@ static void cu_batch_set(g3n_backend *be, const g3n_batch *b) {
         for (int k = 0; k < b->n; k++) {
             int id = b->ids[k];
             if (id < 0 || id >= t->rows) id = 0;
-            memcpy((char *)t->h_stage + (size_t)k * t->row_bytes,
-                   (const char *)t->host + (size_t)id * t->row_bytes, t->row_bytes);
+            if (t->qm.bits) cuda_quant_host_row(t, id, (float *)((char *)t->h_stage + (size_t)k * t->row_bytes));
+            else
+                memcpy((char *)t->h_stage + (size_t)k * t->row_bytes,
+                       (const char *)t->host + (size_t)id * t->row_bytes, t->row_bytes);
         }
         CUDA_CHECK(cudaMemcpyAsync(t->d_stage, t->h_stage, t->row_bytes * (size_t)b->n,
                                    cudaMemcpyHostToDevice, c->stream));
@@ -288,6 +291,7 @@ static void cu_destroy(g3n_backend *be) {
     if (c->d_meta) cudaFree(c->d_meta);
     if (c->h_meta) cudaFreeHost(c->h_meta);
     if (c->xconv) cudaFree(c->xconv);
+    if (c->qscratch) cudaFree(c->qscratch);
     cudaFree(c->sp_idx), cudaFree(c->sp_val), cudaFree(c->sp_act), cudaFree(c->sp_nnz), cudaFree(c->sp_part);
     if (c->blas) cublasDestroy(c->blas);
     if (c->blas_ws) cudaFree(c->blas_ws);

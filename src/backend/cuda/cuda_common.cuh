@@ -44,6 +44,7 @@ typedef struct {
     void *h_stage;     /* pinned: the rows of the current step */
     void *d_stage;     /* device copy of h_stage */
     int cap_rows;
+    g3n_mat qm;        /* quantized table (qm.bits > 0): rows staged dequantized, as f32 */
 } cuda_host_table;
 
 #define CUDA_MAX_PROF 96
@@ -93,6 +94,9 @@ typedef struct {
     int32_t *sp_idx, *sp_nnz;
     float *sp_val, *sp_act, *sp_part;
     size_t sp_n, sp_part_n;
+    /* quantized prompt products (quant.cu): one dequantized f32 tile */
+    float *qscratch;
+    size_t qscratch_n;
     /* recorded steps */
     uint64_t graph_key[CUDA_MAX_GRAPHS];
     cudaGraphExec_t graph_exec[CUDA_MAX_GRAPHS];
@@ -322,6 +326,16 @@ void cuda_op_altup_correct_fused(g3n_backend *be, float *pred, float *qs, float 
                                  g3n_vec post_ff, const g3n_mat *router, g3n_vec router_norm,
                                  g3n_vec coefs, g3n_vec out_scale, int A, int rows, int dim,
                                  float eps);
+/* quant.cu: mlx affine-quantized matrices (W->bits > 0) */
+int cuda_quant_prepare(cuda_ctx *c, g3n_mat *m, char *err, size_t errlen);
+void cuda_quant_matmul(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows);
+void cuda_quant_op_multi(g3n_backend *be, int n, const g3n_mat *const *W, float *const *y,
+                         const float *const *x, int rows);
+void cuda_quant_op_gelu_mul(g3n_backend *be, float *y, const g3n_mat *W, const float *x, const float *m, int rows);
+void cuda_quant_op_gate_up(g3n_backend *be, float *act, float *up, const g3n_mat *Wg, const g3n_mat *Wu,
+                           const float *x, int rows);
+void cuda_quant_embed(cuda_ctx *c, float *y, const g3n_mat *W, float scale);
+void cuda_quant_host_row(const cuda_host_table *t, int r, float *out);
 void cuda_op_ple_add(g3n_backend *be, float *pred, float *proj, g3n_vec post_norm, int A, int rows,
                      int dim, float eps);
 

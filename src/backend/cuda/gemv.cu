@@ -249,6 +249,7 @@ static void multi_run(cuda_ctx *c, int n, const g3n_mat *const *W, float *const 
 }
 
 static void matmul_one(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows) {
+    if (W->bits) return cuda_quant_matmul(c, y, W, x, rows); /* mlx-quantized: quant.cu */
     const int O = W->rows, K = W->cols;
     if (rows <= 0 || O <= 0) return;
     if (rows > 8 && c->xconv && (size_t)rows * K * 6 <= c->xconv_bytes) { /* prompt-sized: tensor cores */
@@ -286,6 +287,8 @@ void cuda_op_matmul(g3n_backend *be, float *y, const g3n_mat *W, const float *x,
 
 void cuda_op_matmul_multi(g3n_backend *be, int n, const g3n_mat *const *W, float *const *y,
                           const float *const *x, int rows) {
+    for (int i = 0; i < n; i++)
+        if (W[i]->bits) return cuda_quant_op_multi(be, n, W, y, x, rows); /* quant.cu */
     cuda_ctx *c = CTX(be);
     int ok = n <= MULTI_MAX && rows <= 8;
     for (int i = 0; i < n && ok; i++) ok = W[i]->cols % 8 == 0 && W[i]->dtype == W[0]->dtype && !W[i]->transposed;
@@ -313,6 +316,7 @@ __global__ void k_gelu_mul_ip(float *y, const float *m, size_t n) {
 }
 
 void cuda_op_matmul_gelu_mul(g3n_backend *be, float *y, const g3n_mat *W, const float *x, const float *m, int rows) {
+    if (W->bits) return cuda_quant_op_gelu_mul(be, y, W, x, m, rows); /* quant.cu */
     cuda_ctx *c = CTX(be);
     if (rows > 8 || W->cols % 8 != 0) {
         cuda_op_matmul(be, y, W, x, rows);
@@ -331,6 +335,7 @@ void cuda_op_matmul_gelu_mul(g3n_backend *be, float *y, const g3n_mat *W, const 
 
 void cuda_op_matmul_gate_up(g3n_backend *be, float *act, float *up, const g3n_mat *Wg, const g3n_mat *Wu,
                             const float *x, int rows) {
+    if (Wg->bits || Wu->bits) return cuda_quant_op_gate_up(be, act, up, Wg, Wu, x, rows); /* quant.cu */
     cuda_ctx *c = CTX(be);
     if (rows > 8 || Wg->cols % 8 != 0 || Wg->dtype != Wu->dtype || Wg->rows != Wu->rows || Wg->cols != Wu->cols) {
         const size_t n = (size_t)rows * Wg->rows;

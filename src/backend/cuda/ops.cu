@@ -33,11 +33,13 @@ void cuda_op_embed(g3n_backend *be, float *y, const g3n_mat *W, float scale) {
     PROF_BEGIN(c);
     for (int i = 0; i < c->n_tables; i++)
         if (c->tables[i].host == W->data) {
-            launch(c, k_embed_staged, dim3(grid), dim3(256), 0, y, c->tables[i].d_stage, W->dtype, W->cols, scale);
+            launch(c, k_embed_staged, dim3(grid), dim3(256), 0, y, c->tables[i].d_stage, c->tables[i].dtype, W->cols,
+                   scale);
             CUDA_LAUNCHED();
             PROF_END(c, "embed (host table)", 0);
             return;
         }
+    if (W->bits) return cuda_quant_embed(c, y, W, scale); /* quant.cu */
     launch(c, k_embed, dim3(grid), dim3(256), 0, y, W->data, W->dtype, W->rows, W->cols, d_ids(c), scale);
     CUDA_LAUNCHED();
     PROF_END(c, "embed", 0);
