@@ -36,6 +36,9 @@ typedef struct {
     int row_kernel;    /* also read element by element inside fused row kernels
                           (the AltUp router): a backend whose row kernels cannot
                           read the quantized form converts it at upload */
+    size_t file_bytes; /* bytes as stored in the checkpoint (packed + scales + biases),
+                          set by the loader: what the model reads, whatever form a
+                          backend keeps */
 } g3n_mat;
 
 /* Bytes of W as stored (packed weights + scales + biases when quantized). */

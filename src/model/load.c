@@ -97,7 +97,8 @@ static int get_qmat(loader *L, g3n_mat *out, const st_tensor *t, const char *nam
     out->sdtype = sb[0]->dtype;
     out->scales = sb[0]->data;
     out->biases = sb[1]->data;
-    L->m->weight_bytes += t->nbytes + sb[0]->nbytes + sb[1]->nbytes;
+    out->file_bytes = t->nbytes + sb[0]->nbytes + sb[1]->nbytes;
+    L->m->weight_bytes += out->file_bytes;
     return L->m->be->mat_prepare(L->m->be, out, L->err, L->errlen);
 }
 
@@ -127,6 +128,7 @@ static int get_mat(loader *L, g3n_mat *out, const char *suffix, int rows, int co
     out->cols = cols;
     out->data = t->data;
     out->name = t->name;
+    out->file_bytes = t->nbytes;
     L->m->weight_bytes += t->nbytes;
     return L->m->be->mat_prepare(L->m->be, out, L->err, L->errlen);
 }
@@ -276,7 +278,7 @@ int load_weights(g3n_model *m, char *err, size_t errlen) {
     /* bytes one decoded token reads: every layer matrix it uses, the global
      * projections, the whole tied LM head, one embedding row and one PLE row */
     size_t bytes = 0;
-#define MB(x) g3n_mat_bytes(&(x))
+#define MB(x) ((x).file_bytes)
     for (int l = 0; l < c->n_layer; l++) {
         const g3n_layer_weights *lw = &w->layers[l];
         bytes += MB(lw->q_proj) + MB(lw->o_proj) + MB(lw->gate_proj) + MB(lw->up_proj) +

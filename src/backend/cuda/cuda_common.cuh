@@ -34,7 +34,7 @@ extern "C" {
 #define CUDA_LAUNCHED() CUDA_CHECK(cudaPeekAtLastError())
 
 #define CUDA_MAX_GRAPHS 32
-#define CUDA_MAX_HOST_GATHER 4
+#define CUDA_MAX_HOST_GATHER 16
 #define CUDA_MAX_HEAD_DIM 256
 
 typedef struct {

@@ -360,7 +360,7 @@ void cuda_op_matmul_gate_up(g3n_backend *be, float *act, float *up, const g3n_ma
 void cuda_op_mlp_sparse(g3n_backend *be, float *y, float *gate, float *up, const g3n_mat *Wg, const g3n_mat *Wu,
                         const g3n_mat *Wd, const float *u, int rows, float kappa) {
     cuda_ctx *c = CTX(be);
-    if (rows == 1 && Wd->transposed && Wg->cols % 8 == 0 && !Wg->transposed) {
+    if (rows == 1 && Wd->transposed && Wg->cols % 8 == 0 && !Wg->transposed && !Wg->bits && !Wu->bits) {
         PROF_BEGIN(c);
         multi_run(c, 1, &Wg, &gate, &u, 1);
         const int done = cuda_mlp_sparse_row(c, y, gate, Wu, Wd, u, kappa);
