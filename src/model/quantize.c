@@ -38,33 +38,45 @@ static int put(FILE *f, const void *p, size_t n, const char *path, char *err, si
     return 0;
 }
 
-/* Quantize tensor t row by row into f: packed rows, then scales, then biases. */
+/* Quantize tensor t row by row into f: packed rows, then scales, then biases.
+ * Blocks of rows are quantized in parallel (OpenMP) and written in order, so the
+ * output does not depend on the thread count. */
 static int write_quantized(FILE *f, const st_tensor *t, int bits, int group, const char *path, char *err,
                            size_t errlen) {
+    enum { QBLOCK = 1024 };
     const int rows = (int)t->shape[0], cols = (int)t->shape[1], ng = cols / group;
     const size_t words = g3n_quant_row_words(cols, bits), es = g3n_dtype_size((g3n_dtype)t->dtype);
-    float *w = g3n_malloc(sizeof(float) * (size_t)cols), *s = g3n_malloc(sizeof(float) * (size_t)ng);
-    float *b = g3n_malloc(sizeof(float) * (size_t)ng);
-    uint32_t *q = g3n_malloc(4 * words);
+    uint32_t *qb = g3n_malloc(4 * words * QBLOCK);
     char *sb = g3n_malloc(2 * es * (size_t)ng * (size_t)rows); /* scales then biases, source dtype */
-    g3n_mat src = {t->dtype, rows, cols, t->data, t->name, 0, 0, 0, 0, 0, 0, NULL, NULL, 0};
+    const g3n_mat src = {t->dtype, rows, cols, t->data, t->name, 0, 0, 0, 0, 0, 0, NULL, NULL, 0, 0};
     int rc = 0;
-    for (int r = 0; r < rows && !rc; r++) {
-        g3n_mat_row(&src, r, w);
-        g3n_quantize_row(w, cols, bits, group, q, s, b);
-        for (int g = 0; g < ng; g++) {
-            char *ps = sb + ((size_t)r * ng + g) * es, *pb = ps + es * (size_t)ng * (size_t)rows;
-            if (t->dtype == G3N_F32) memcpy(ps, &s[g], 4), memcpy(pb, &b[g], 4);
-            else {
-                uint16_t hs = t->dtype == G3N_BF16 ? g3n_f32_to_bf16(s[g]) : g3n_f32_to_f16(s[g]);
-                uint16_t hb = t->dtype == G3N_BF16 ? g3n_f32_to_bf16(b[g]) : g3n_f32_to_f16(b[g]);
-                memcpy(ps, &hs, 2), memcpy(pb, &hb, 2);
+    for (int r0 = 0; r0 < rows && !rc; r0 += QBLOCK) {
+        const int nr = G3N_MIN(QBLOCK, rows - r0);
+#pragma omp parallel
+        {
+            float *w = g3n_malloc(sizeof(float) * (size_t)cols), *s = g3n_malloc(sizeof(float) * (size_t)ng);
+            float *b = g3n_malloc(sizeof(float) * (size_t)ng);
+#pragma omp for schedule(static)
+            for (int i = 0; i < nr; i++) {
+                const int r = r0 + i;
+                g3n_mat_row(&src, r, w);
+                g3n_quantize_row(w, cols, bits, group, qb + (size_t)i * words, s, b);
+                for (int g = 0; g < ng; g++) {
+                    char *ps = sb + ((size_t)r * ng + g) * es, *pb = ps + es * (size_t)ng * (size_t)rows;
+                    if (t->dtype == G3N_F32) memcpy(ps, &s[g], 4), memcpy(pb, &b[g], 4);
+                    else {
+                        uint16_t hs = t->dtype == G3N_BF16 ? g3n_f32_to_bf16(s[g]) : g3n_f32_to_f16(s[g]);
+                        uint16_t hb = t->dtype == G3N_BF16 ? g3n_f32_to_bf16(b[g]) : g3n_f32_to_f16(b[g]);
+                        memcpy(ps, &hs, 2), memcpy(pb, &hb, 2);
+                    }
+                }
             }
+            free(w), free(s), free(b);
         }
-        rc = put(f, q, 4 * words, path, err, errlen);
+        rc = put(f, qb, 4 * words * (size_t)nr, path, err, errlen);
     }
     if (!rc) rc = put(f, sb, 2 * es * (size_t)ng * (size_t)rows, path, err, errlen);
-    free(w), free(s), free(b), free(q), free(sb);
+    free(qb), free(sb);
     return rc;
 }
 
