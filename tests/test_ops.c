@@ -243,6 +243,60 @@ TEST(qmatmul_large) {
             }
 }
 
+/* 4- and 8-bit decode products in the shapes the tiled GPU kernel (4 output rows
+ * per warp, several warps per row) finds awkward: output counts not a multiple
+ * of 4, several products of different shapes in one launch, long rows (more
+ * than one batch of loads per lane), 1-8 activation rows, the fused epilogues. */
+TEST(qmatmul_fused_odd) {
+    const int groups[] = {32, 64, 128}, sdt[] = {G3N_BF16, G3N_F16, G3N_F32}, rows_s[] = {1, 2, 3, 5, 8};
+    for (int bits = 4; bits <= 8; bits += 4)
+        for (int gi = 0; gi < 3; gi++)
+            for (int a = 0; a < 5; a++) {
+                const int R = rows_s[a], G = groups[gi], sd = sdt[(gi + a) % 3];
+                if (B_IS_CPU && a > 1) continue;
+                /* three products: O 37 / 6 / 1, K 3G / 16384 / G (x shared by 0 and 2 only if equal K) */
+                const int O[3] = {37, 6, 1}, K[3] = {3 * G, 16384, G};
+                tmat W[3];
+                float *x[3], *dx[3], *y0[3], *dy[3];
+                for (int i = 0; i < 3; i++) {
+                    W[i] = make_qmat_ex(bits, G, sd, O[i], K[i], 0, 0, 0);
+                    x[i] = rnd((size_t)R * K[i], 2.0f), dx[i] = dev(x[i], (size_t)R * K[i]);
+                    y0[i] = malloc(4 * (size_t)R * O[i]), dy[i] = dev_nan((size_t)R * O[i]);
+                }
+                const g3n_mat *Wr[3] = {&W[0].ref, &W[1].ref, &W[2].ref}, *Wb[3] = {&W[0].b, &W[1].b, &W[2].b};
+                const float *xr[3] = {x[0], x[1], x[2]}, *xb[3] = {dx[0], dx[1], dx[2]};
+                REF->matmul_multi(REF, 3, Wr, y0, xr, R);
+                B->matmul_multi(B, 3, Wb, dy, xb, R);
+                for (int i = 0; i < 3; i++) {
+                    char what[96];
+                    snprintf(what, sizeof what, "qmatmul_multi q%d g%d %s R%d O%d K%d", bits, G,
+                             g3n_dtype_name(sd), R, O[i], K[i]);
+                    float *y1 = host(dy[i], (size_t)R * O[i]);
+                    check_dots(what, y1, y0[i], &W[i].ref, x[i], R, 2e-6);
+                    free(y1);
+                }
+                /* epilogues on product 0's shape (37 rows) */
+                {
+                    tmat Wu = make_qmat_ex(bits, G, sd, O[0], K[0], 0, 0, 0);
+                    const size_t n = (size_t)R * O[0];
+                    float *mm = rnd(n, 1.0f), *dmm = dev(mm, n), *g0 = malloc(4 * n), *u0 = malloc(4 * n);
+                    float *dg = dev_nan(n), *du = dev_nan(n);
+                    char what[96];
+                    REF->matmul_gelu_mul(REF, g0, &W[0].ref, x[0], mm, R);
+                    B->matmul_gelu_mul(B, dg, &W[0].b, dx[0], dmm, R);
+                    snprintf(what, sizeof what, "qmatmul_gelu_mul q%d g%d R%d", bits, G, R);
+                    cmp(what, dg, g0, n, 1e-5, 2e-3); /* terms up to ~1e3: float rounding ~1e-4 */
+                    REF->matmul_gate_up(REF, g0, u0, &W[0].ref, &Wu.ref, x[0], R);
+                    B->matmul_gate_up(B, dg = dev_nan(n), du, &W[0].b, &Wu.b, dx[0], R);
+                    snprintf(what, sizeof what, "qmatmul_gate_up q%d g%d R%d", bits, G, R);
+                    cmp(what, dg, g0, n, 1e-5, 2e-3); /* terms up to ~1e3: float rounding ~1e-4 */
+                    free(Wu.mem), free(mm), free(g0), free(u0), B->free(B, dmm), B->free(B, du);
+                }
+                for (int i = 0; i < 3; i++)
+                    free(W[i].mem), free(x[i]), free(y0[i]), B->free(B, dx[i]), B->free(B, dy[i]);
+            }
+}
+
 /* Quantized embedding rows (device table and host-gathered), exact. */
 TEST(qembed) {
     int32_t ids[4] = {3, 0, 70, 11}, z[4] = {0, 0, 0, 0};
@@ -904,6 +958,7 @@ static void run_backend(void) {
     RUN(matmul_large);
     RUN(qmatmul);
     RUN(qmatmul_large);
+    RUN(qmatmul_fused_odd);
     RUN(qembed);
     RUN(rmsnorm);
     RUN(attention);

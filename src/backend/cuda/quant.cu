@@ -8,7 +8,9 @@
  * scale * sum(q * x) + bias * sum(x): the dequantized weight is never formed and
  * the result differs from the reference (fp32 s*q + b, then the dot) only in
  * rounding. `wpr` warps share a long row; partial sums are added in a fixed order.
- * 4 and 8 bits have kernels for 1-8 rows at once; 2, 3, 5 and 6 bits run the
+ * 4 and 8 bits use k_qgemv_t (4 output rows per warp, unpacking without
+ * int->float conversion, below) for 1-8 rows at once; G3N_QGEMV=old selects this
+ * one-row-per-warp k_qgemv instead (A/B timing). 2, 3, 5 and 6 bits run the
  * one-row kernel once per row (correct, slower).
  * Prompt-sized products: tiles of rows dequantized to f32 (exactly the
  * reference's weights) and multiplied by cuBLAS in f32.
@@ -18,6 +20,7 @@
 #include "cuda_common.cuh"
 
 #define QMAX 8
+#define QRPW 4 /* k_qgemv_t: output rows per warp */
 #define QSCRATCH_MAX ((size_t)16 << 20) /* floats of dequantized tile for prompts (64 MB) */
 
 typedef struct {
@@ -27,6 +30,7 @@ typedef struct {
     const float *x[QMAX];
     int O[QMAX], K[QMAX], G[QMAX], sdt[QMAX];
     int row0[QMAX + 1];
+    int tile0[QMAX + 1]; /* k_qgemv_t: first global tile (QRPW rows) of each product */
     int n, wpr, mode; /* mode: QPLAIN, QGELU_MUL (y = gelu(W.x) * m), QGATE_UP (y0 = gelu(W0.x) * W1.x) */
     const float *m;
 } qargs;
@@ -183,6 +187,234 @@ static void qlaunch_each(cuda_ctx *c, const qargs &a, int rows) {
     }
 }
 
+/* ---- decode GEMV at 4 and 8 bits: QRPW rows per warp -------------------------------------
+ *
+ * k_qgemv_t: a warp computes a tile of QRPW consecutive output rows of one
+ * product (the last tile of a product repeats its last row, not stored), so each
+ * activation float4 a lane loads serves QRPW rows. A lane takes chunks of 32
+ * weights (16 bytes at 4 bits, 32 at 8), U chunk positions x QRPW rows = 8
+ * 16-byte loads, all issued before the PDL wait. `wpr` warps share a tile's
+ * chunk positions; partials are added in a fixed order.
+ *
+ * Unpacking without int->float conversion: a field masked in place,
+ * n = q << (b*e) with n < 2^24, read as a float is exactly n * 2^-149 (a
+ * subnormal, or the first normal binade, where the value is linear in the
+ * bits). The activation it multiplies is pre-scaled by 2^(64 - b*e), so every
+ * product is q * x * 2^-85, and the chunk's dot is dq * 2^85: one LOP3 (plus a
+ * shift per word) and one FFMA per weight. The FFMA is non-FTZ PTX (fma.rn.f32)
+ * so subnormal operands are kept whatever the build flags; exactness needs
+ * |x| < 2^64 (no overflow of the pre-scaled x), and products |q*x| < 2^-41 lose
+ * only absolute precision (< 2^-65 each). 4 bits: nibbles 0-3 of a word in
+ * place, 4-7 after >> 16 (x scales 2^64, 2^60, 2^56, 2^52); 8 bits: bytes 0-2
+ * in place, byte 3 after >> 8 into bits 16-23 (2^64, 2^56, 2^48, 2^48). */
+
+__device__ __forceinline__ float qfma(float a, float b, float c) {
+    float d;
+    asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(d) : "f"(a), "f"(b), "f"(c));
+    return d;
+}
+
+__device__ __forceinline__ uint32_t u4word(const uint4 &v, int j) {
+    return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
+/* chunk position ch of the tile's rows: words (BITS u32 = BITS/4 uint4), scale, bias */
+template <int BITS>
+__device__ __forceinline__ void qfetch_t(uint4 (&q)[QRPW][BITS / 4], float (&sc)[QRPW], float (&bi)[QRPW],
+                                         const uint32_t *W, const void *S, const void *B, int sdt,
+                                         const int (&rowi)[QRPW], size_t wstride, int gpr, int G, int ch) {
+#pragma unroll
+    for (int i = 0; i < QRPW; i++) {
+        const uint4 *p = (const uint4 *)(W + (size_t)rowi[i] * wstride + (size_t)ch * BITS);
+#pragma unroll
+        for (int j = 0; j < BITS / 4; j++) q[i][j] = __ldcs(p + j);
+        const size_t g = (size_t)rowi[i] * gpr + (size_t)ch * 32 / G;
+        sc[i] = load_w(S, sdt, g);
+        bi[i] = load_w(B, sdt, g);
+    }
+}
+
+/* acc[i][r] += row i's chunk ch . x[r] chunk ch, for the tile's QRPW rows. Per
+ * float4 of the chunk: unpack its 4 elements of every row once, then apply them
+ * to every activation row. */
+template <int BITS, int R>
+__device__ __forceinline__ void qdot_t(float (&acc)[QRPW][R], const uint4 (&q)[QRPW][BITS / 4],
+                                       const float (&sc)[QRPW], const float (&bi)[QRPW], const float *x, int K,
+                                       int ch) {
+    const float4 *xp = (const float4 *)(x + (size_t)ch * 32);
+    const size_t xs = (size_t)K / 4; /* float4s per activation row */
+    float dq[QRPW][R], dx[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        dx[r] = 0;
+#pragma unroll
+        for (int i = 0; i < QRPW; i++) dq[i][r] = 0;
+    }
+#pragma unroll
+    for (int k = 0; k < 8; k++) { /* elements 4k .. 4k+3 of the chunk */
+        float f[QRPW][4];
+#pragma unroll
+        for (int i = 0; i < QRPW; i++) {
+            if (BITS == 4) { /* word k/2, nibbles 4(k&1) .. 4(k&1)+3 */
+                const uint32_t wd = u4word(q[i][0], k >> 1), t = (k & 1) ? wd >> 16 : wd;
+                f[i][0] = __uint_as_float(t & 0xFu), f[i][1] = __uint_as_float(t & 0xF0u);
+                f[i][2] = __uint_as_float(t & 0xF00u), f[i][3] = __uint_as_float(t & 0xF000u);
+            } else { /* word k, bytes 0..3 */
+                const uint32_t wd = u4word(q[i][k >> 2], k & 3);
+                f[i][0] = __uint_as_float(wd & 0xFFu), f[i][1] = __uint_as_float(wd & 0xFF00u);
+                f[i][2] = __uint_as_float(wd & 0xFF0000u), f[i][3] = __uint_as_float((wd >> 8) & 0xFF0000u);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const float4 v = __ldg(xp + r * xs + k);
+            dx[r] += (v.x + v.y) + (v.z + v.w);
+            const float x0 = v.x * 0x1p64f, x1 = v.y * (BITS == 4 ? 0x1p60f : 0x1p56f),
+                        x2 = v.z * (BITS == 4 ? 0x1p56f : 0x1p48f), x3 = v.w * (BITS == 4 ? 0x1p52f : 0x1p48f);
+#pragma unroll
+            for (int i = 0; i < QRPW; i++) {
+                dq[i][r] = qfma(f[i][0], x0, dq[i][r]);
+                dq[i][r] = qfma(f[i][1], x1, dq[i][r]);
+                dq[i][r] = qfma(f[i][2], x2, dq[i][r]);
+                dq[i][r] = qfma(f[i][3], x3, dq[i][r]);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < QRPW; i++)
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[i][r] += sc[i] * (dq[i][r] * 0x1p85f) + bi[i] * dx[r];
+}
+
+/* Block = 8 warps = 8 / wpr tiles. QGATE_UP (wpr <= 4): the first half of the
+ * tiles are gate tiles, the second half the same up tiles. */
+template <int BITS, int R>
+__global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_t(qargs a) {
+    constexpr int U = BITS == 4 ? 2 : 1; /* chunk positions per lane per batch: 8 loads of 16 bytes */
+    __shared__ float part[8][QRPW * R];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpr = a.wpr;
+    const int T = 8 / wpr, tb = warp / wpr, sub = warp % wpr;
+    int s = 0, tile = 0;
+    bool valid;
+    if (a.mode == QGATE_UP) {
+        const int half = T / 2;
+        s = tb < half ? 0 : 1;
+        tile = blockIdx.x * half + tb % half;
+        valid = tile < a.tile0[1];
+    } else {
+        const int gt = blockIdx.x * T + tb;
+        valid = gt < a.tile0[a.n];
+        if (valid) {
+            while (gt >= a.tile0[s + 1]) s++;
+            tile = gt - a.tile0[s];
+        }
+    }
+    if (!valid) s = 0, tile = 0;
+    const int K = a.K[s], G = a.G[s], O = a.O[s], sdt = a.sdt[s];
+    const int nc = valid ? K / 32 : 0, step = 32 * wpr, gpr = K / G;
+    const size_t wstride = (size_t)(K / 32) * BITS; /* u32 words per row */
+    int rowi[QRPW];
+#pragma unroll
+    for (int i = 0; i < QRPW; i++) rowi[i] = min(tile * QRPW + i, O - 1);
+    const uint32_t *W = a.W[s];
+    const void *S = a.S[s], *B = a.B[s];
+    const float *x = a.x[s];
+    float acc[QRPW][R];
+#pragma unroll
+    for (int i = 0; i < QRPW; i++)
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[i][r] = 0;
+    uint4 q[U][QRPW][BITS / 4];
+    float sc[U][QRPW], bi[U][QRPW];
+    int c = sub * 32 + lane;
+#pragma unroll
+    for (int u = 0; u < U; u++)
+        if (c + u * step < nc) qfetch_t<BITS>(q[u], sc[u], bi[u], W, S, B, sdt, rowi, wstride, gpr, G, c + u * step);
+    KERNEL_BEGIN();
+    for (;;) {
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (c + u * step < nc) qdot_t<BITS, R>(acc, q[u], sc[u], bi[u], x, K, c + u * step);
+        c += U * step;
+        if (c >= nc) break;
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (c + u * step < nc)
+                qfetch_t<BITS>(q[u], sc[u], bi[u], W, S, B, sdt, rowi, wstride, gpr, G, c + u * step);
+    }
+#pragma unroll
+    for (int i = 0; i < QRPW; i++)
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[i][r] = warp_sum(acc[i][r]);
+    if (lane == 0)
+#pragma unroll
+        for (int i = 0; i < QRPW; i++)
+#pragma unroll
+            for (int r = 0; r < R; r++) part[warp][r * QRPW + i] = acc[i][r];
+    __syncthreads();
+    /* thread t: row i of activation row r of the block's tile ob */
+    constexpr int PER = QRPW * R;
+    const int t = threadIdx.x, i = t % QRPW, r = (t / QRPW) % R, ob = t / PER, pi = r * QRPW + i;
+    if (a.mode == QGATE_UP) {
+        const int half = T / 2, tile2 = blockIdx.x * half + ob, row = tile2 * QRPW + i;
+        if (ob < half && tile2 < a.tile0[1] && row < a.O[0]) {
+            float g = 0, u = 0;
+            for (int k = 0; k < wpr; k++) g += part[ob * wpr + k][pi], u += part[(ob + half) * wpr + k][pi];
+            a.y[0][(size_t)r * a.O[0] + row] = gelu_tanh_d(g) * u;
+        }
+        return;
+    }
+    const int gt = blockIdx.x * T + ob;
+    if (ob < T && gt < a.tile0[a.n]) {
+        int s2 = 0;
+        while (gt >= a.tile0[s2 + 1]) s2++;
+        const int row = (gt - a.tile0[s2]) * QRPW + i;
+        if (row < a.O[s2]) {
+            float v = 0;
+            for (int k = 0; k < wpr; k++) v += part[ob * wpr + k][pi];
+            const size_t o = (size_t)r * a.O[s2] + row;
+            a.y[s2][o] = a.mode == QGELU_MUL ? gelu_tanh_d(v) * a.m[o] : v;
+        }
+    }
+}
+
+template <int BITS>
+static void qlaunch_t(cuda_ctx *c, qargs &a, int R) {
+    for (int i = 0; i < a.n; i++) a.tile0[i + 1] = a.tile0[i] + (a.O[i] + QRPW - 1) / QRPW;
+    /* warps per tile: enough that a lane's chunk positions are one batch (U);
+     * then more while the GPU has few warps (~2K) and each lane keeps >= 1 position */
+    const int U = BITS == 4 ? 2 : 1, cap = a.mode == QGATE_UP ? 4 : 8;
+    int max_np = 0, min_np = 1 << 30;
+    for (int i = 0; i < a.n; i++) max_np = G3N_MAX(max_np, a.K[i] / 32), min_np = G3N_MIN(min_np, a.K[i] / 32);
+    a.wpr = 1;
+    while (a.wpr < cap && (max_np + 32 * a.wpr - 1) / (32 * a.wpr) > U) a.wpr *= 2;
+    while (a.wpr < cap && (size_t)a.tile0[a.n] * a.wpr < 2048 && min_np >= 64 * a.wpr) a.wpr *= 2;
+    const int T = 8 / a.wpr;
+    const dim3 grid(a.mode == QGATE_UP ? (unsigned)((a.tile0[1] + T / 2 - 1) / (T / 2))
+                                       : (unsigned)((a.tile0[a.n] + T - 1) / T));
+    switch (R) {
+    case 1: launch(c, k_qgemv_t<BITS, 1>, grid, 256, 0, a); break;
+    case 2: launch(c, k_qgemv_t<BITS, 2>, grid, 256, 0, a); break;
+    case 3: launch(c, k_qgemv_t<BITS, 3>, grid, 256, 0, a); break;
+    case 4: launch(c, k_qgemv_t<BITS, 4>, grid, 256, 0, a); break;
+    case 5: launch(c, k_qgemv_t<BITS, 5>, grid, 256, 0, a); break;
+    case 6: launch(c, k_qgemv_t<BITS, 6>, grid, 256, 0, a); break;
+    case 7: launch(c, k_qgemv_t<BITS, 7>, grid, 256, 0, a); break;
+    default: launch(c, k_qgemv_t<BITS, 8>, grid, 256, 0, a); break;
+    }
+    CUDA_LAUNCHED();
+}
+
+/* G3N_QGEMV=old: the one-row-per-warp kernel (k_qgemv) at 4 and 8 bits too, for A/B timing */
+static int qgemv_old(void) {
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("G3N_QGEMV");
+        v = e && strcmp(e, "old") == 0;
+    }
+    return v;
+}
+
 /* n products of quantized matrices with equal bits, rows <= 8, in one launch per row set. */
 static void qmulti(cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y, const float *const *x, int rows,
                    int mode, const float *m) {
@@ -196,6 +428,11 @@ static void qmulti(cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y,
         a.G[i] = W[i]->group_size, a.sdt[i] = W[i]->sdtype;
         a.row0[i + 1] = a.row0[i] + W[i]->rows;
         min_k = G3N_MIN(min_k, W[i]->cols);
+    }
+    if ((W[0]->bits == 4 || W[0]->bits == 8) && !qgemv_old()) {
+        if (W[0]->bits == 4) qlaunch_t<4>(c, a, rows);
+        else qlaunch_t<8>(c, a, rows);
+        return;
     }
     /* warps per row: ~8K warps in flight, each with at least 8 chunks of its row */
     a.wpr = 1;
