@@ -276,6 +276,7 @@ static double mat_bytes(const g3n_mat *W) {
 
 void cuda_op_matmul(g3n_backend *be, float *y, const g3n_mat *W, const float *x, int rows) {
     cuda_ctx *c = CTX(be);
+    if (W->bits) return cuda_quant_matmul(c, y, W, x, rows); /* profiled there, with its bytes */
     PROF_BEGIN(c);
     matmul_one(c, y, W, x, rows);
     if (c->profile) {
