@@ -304,6 +304,14 @@ typedef struct {
     int bits, group, sdtype;
 } qrows4;
 
+/* One scale or bias as f32: bf16 and f32 inline (the decode loop reads one pair
+ * per group and row; a call each was most of a 4-bit step), f16 through common.c. */
+static inline float qparam(const void *p, int dt, size_t i) {
+    if (dt == G3N_BF16) return g3n_bf16_to_f32(((const uint16_t *)p)[i]);
+    if (dt == G3N_F32) return ((const float *)p)[i];
+    return g3n_f16_to_f32(((const uint16_t *)p)[i]);
+}
+
 static void qrows4_set(qrows4 *R, const g3n_mat *W, int o0) {
     const size_t words = g3n_quant_row_words(W->cols, W->bits), ng = (size_t)(W->cols / W->group_size);
     const size_t es = g3n_dtype_size((g3n_dtype)W->sdtype);
@@ -320,8 +328,8 @@ static void k1x4q_scalar(const qrows4 *R, const float *x, int K, float out[4]) {
     for (int o = 0; o < 4; o++) {
         float s = 0;
         for (int g = 0; g < K / R->group; g++) {
-            const float sc = g3n_quant_param(R->s[o], R->sdtype, (size_t)g);
-            const float bi = g3n_quant_param(R->b[o], R->sdtype, (size_t)g);
+            const float sc = qparam(R->s[o], R->sdtype, (size_t)g);
+            const float bi = qparam(R->b[o], R->sdtype, (size_t)g);
             for (int i = g * R->group; i < (g + 1) * R->group; i++)
                 s += g3n_quant_w(sc, bi, g3n_quant_get(R->q[o], R->bits, i)) * x[i];
         }
@@ -331,7 +339,8 @@ static void k1x4q_scalar(const qrows4 *R, const float *x, int K, float out[4]) {
 
 #ifdef G3N_X86
 /* q of elements c0..c0+7 (c0 a multiple of 8) as 8 int32 lanes */
-__attribute__((target("avx2,fma"))) static __m256i unpack8_avx2(const uint32_t *row, int bits, int c0) {
+__attribute__((target("avx2,fma"), always_inline)) static inline __m256i unpack8_avx2(const uint32_t *row,
+                                                                                     int bits, int c0) {
     if (bits == 4)
         return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)row[c0 / 8]),
                                                   _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
@@ -342,19 +351,21 @@ __attribute__((target("avx2,fma"))) static __m256i unpack8_avx2(const uint32_t *
     return _mm256_loadu_si256((const __m256i *)v);
 }
 
-__attribute__((target("avx2,fma"))) static void k1x4q_avx2(const qrows4 *R, const float *x, int K,
-                                                           float out[4]) {
+/* bits is a constant where the caller passes 4 or 8: the unpacking is specialised */
+__attribute__((target("avx2,fma"), always_inline)) static inline void k1x4q_avx2_bits(const qrows4 *R,
+                                                                                    const float *x, int K,
+                                                                                    float out[4], const int bits) {
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int g = 0; g < K / R->group; g++) {
         __m256 sc[4], bi[4];
         for (int o = 0; o < 4; o++) {
-            sc[o] = _mm256_set1_ps(g3n_quant_param(R->s[o], R->sdtype, (size_t)g));
-            bi[o] = _mm256_set1_ps(g3n_quant_param(R->b[o], R->sdtype, (size_t)g));
+            sc[o] = _mm256_set1_ps(qparam(R->s[o], R->sdtype, (size_t)g));
+            bi[o] = _mm256_set1_ps(qparam(R->b[o], R->sdtype, (size_t)g));
         }
         for (int i = g * R->group; i < (g + 1) * R->group; i += 8) {
             const __m256 xv = _mm256_loadu_ps(x + i);
             for (int o = 0; o < 4; o++) {
-                const __m256 q = _mm256_cvtepi32_ps(unpack8_avx2(R->q[o], R->bits, i));
+                const __m256 q = _mm256_cvtepi32_ps(unpack8_avx2(R->q[o], bits, i));
                 const __m256 w = _mm256_add_ps(_mm256_mul_ps(sc[o], q), bi[o]);
                 acc[o] = _mm256_fmadd_ps(w, xv, acc[o]);
             }
@@ -363,8 +374,14 @@ __attribute__((target("avx2,fma"))) static void k1x4q_avx2(const qrows4 *R, cons
     for (int o = 0; o < 4; o++) out[o] = hsum256(acc[o]);
 }
 
-__attribute__((target("avx512f,avx512bw"))) static __m512i unpack16_avx512(const uint32_t *row, int bits,
-                                                                         int c0) {
+__attribute__((target("avx2,fma"))) static void k1x4q_avx2(const qrows4 *R, const float *x, int K, float out[4]) {
+    if (R->bits == 4) k1x4q_avx2_bits(R, x, K, out, 4);
+    else if (R->bits == 8) k1x4q_avx2_bits(R, x, K, out, 8);
+    else k1x4q_avx2_bits(R, x, K, out, R->bits);
+}
+
+__attribute__((target("avx512f,avx512bw"), always_inline)) static inline __m512i unpack16_avx512(const uint32_t *row,
+                                                                                               int bits, int c0) {
     if (bits == 4) {
         const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32((int)row[c0 / 8])),
                                              _mm256_set1_epi32((int)row[c0 / 8 + 1]), 1);
@@ -377,25 +394,32 @@ __attribute__((target("avx512f,avx512bw"))) static __m512i unpack16_avx512(const
     return _mm512_loadu_si512(v);
 }
 
-__attribute__((target("avx512f,avx512bw"))) static void k1x4q_avx512(const qrows4 *R, const float *x, int K,
-                                                                     float out[4]) {
+__attribute__((target("avx512f,avx512bw"), always_inline)) static inline void k1x4q_avx512_bits(
+    const qrows4 *R, const float *x, int K, float out[4], const int bits) {
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int g = 0; g < K / R->group; g++) {
         __m512 sc[4], bi[4];
         for (int o = 0; o < 4; o++) {
-            sc[o] = _mm512_set1_ps(g3n_quant_param(R->s[o], R->sdtype, (size_t)g));
-            bi[o] = _mm512_set1_ps(g3n_quant_param(R->b[o], R->sdtype, (size_t)g));
+            sc[o] = _mm512_set1_ps(qparam(R->s[o], R->sdtype, (size_t)g));
+            bi[o] = _mm512_set1_ps(qparam(R->b[o], R->sdtype, (size_t)g));
         }
         for (int i = g * R->group; i < (g + 1) * R->group; i += 16) {
             const __m512 xv = _mm512_loadu_ps(x + i);
             for (int o = 0; o < 4; o++) {
-                const __m512 q = _mm512_cvtepi32_ps(unpack16_avx512(R->q[o], R->bits, i));
+                const __m512 q = _mm512_cvtepi32_ps(unpack16_avx512(R->q[o], bits, i));
                 const __m512 w = _mm512_add_ps(_mm512_mul_ps(sc[o], q), bi[o]);
                 acc[o] = _mm512_fmadd_ps(w, xv, acc[o]);
             }
         }
     }
     for (int o = 0; o < 4; o++) out[o] = _mm512_reduce_add_ps(acc[o]);
+}
+
+__attribute__((target("avx512f,avx512bw"))) static void k1x4q_avx512(const qrows4 *R, const float *x, int K,
+                                                                     float out[4]) {
+    if (R->bits == 4) k1x4q_avx512_bits(R, x, K, out, 4);
+    else if (R->bits == 8) k1x4q_avx512_bits(R, x, K, out, 8);
+    else k1x4q_avx512_bits(R, x, K, out, R->bits);
 }
 #endif
 
