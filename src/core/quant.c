@@ -9,12 +9,6 @@ int g3n_quant_bits_ok(int bits) {
 
 int g3n_quant_group_ok(int group) { return group == 32 || group == 64 || group == 128; }
 
-float g3n_quant_param(const void *p, int dt, size_t i) {
-    if (dt == G3N_F32) return ((const float *)p)[i];
-    uint16_t h = ((const uint16_t *)p)[i];
-    return dt == G3N_BF16 ? g3n_bf16_to_f32(h) : g3n_f16_to_f32(h);
-}
-
 void g3n_dequant_row(const uint32_t *packed, const void *scales, const void *biases, int sdtype,
                      int bits, int group, int cols, float *out) {
     for (int g = 0; g < cols / group; g++) {

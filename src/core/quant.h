@@ -37,8 +37,13 @@ static inline float g3n_quant_w(float scale, float bias, uint32_t q) {
     return t + bias;
 }
 
-/* Read one scale or bias of dtype `dt` (F32, F16, BF16). */
-float g3n_quant_param(const void *p, int dt, size_t i);
+/* Read one scale or bias of dtype `dt` (F32, F16, BF16). Inline: decode loops
+ * read one pair per group and row, and a call each was most of a 4-bit step. */
+static inline float g3n_quant_param(const void *p, int dt, size_t i) {
+    if (dt == G3N_BF16) return g3n_bf16_to_f32(((const uint16_t *)p)[i]);
+    if (dt == G3N_F32) return ((const float *)p)[i];
+    return g3n_f16_to_f32(((const uint16_t *)p)[i]);
+}
 
 /* Dequantize row `packed` (cols elements) with its group parameters. */
 void g3n_dequant_row(const uint32_t *packed, const void *scales, const void *biases, int sdtype,

@@ -304,14 +304,6 @@ typedef struct {
     int bits, group, sdtype;
 } qrows4;
 
-/* One scale or bias as f32: bf16 and f32 inline (the decode loop reads one pair
- * per group and row; a call each was most of a 4-bit step), f16 through common.c. */
-static inline float qparam(const void *p, int dt, size_t i) {
-    if (dt == G3N_BF16) return g3n_bf16_to_f32(((const uint16_t *)p)[i]);
-    if (dt == G3N_F32) return ((const float *)p)[i];
-    return g3n_f16_to_f32(((const uint16_t *)p)[i]);
-}
-
 static void qrows4_set(qrows4 *R, const g3n_mat *W, int o0) {
     const size_t words = g3n_quant_row_words(W->cols, W->bits), ng = (size_t)(W->cols / W->group_size);
     const size_t es = g3n_dtype_size((g3n_dtype)W->sdtype);
@@ -328,8 +320,8 @@ static void k1x4q_scalar(const qrows4 *R, const float *x, int K, float out[4]) {
     for (int o = 0; o < 4; o++) {
         float s = 0;
         for (int g = 0; g < K / R->group; g++) {
-            const float sc = qparam(R->s[o], R->sdtype, (size_t)g);
-            const float bi = qparam(R->b[o], R->sdtype, (size_t)g);
+            const float sc = g3n_quant_param(R->s[o], R->sdtype, (size_t)g);
+            const float bi = g3n_quant_param(R->b[o], R->sdtype, (size_t)g);
             for (int i = g * R->group; i < (g + 1) * R->group; i++)
                 s += g3n_quant_w(sc, bi, g3n_quant_get(R->q[o], R->bits, i)) * x[i];
         }
@@ -359,8 +351,8 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void k1x4q_avx2
     for (int g = 0; g < K / R->group; g++) {
         __m256 sc[4], bi[4];
         for (int o = 0; o < 4; o++) {
-            sc[o] = _mm256_set1_ps(qparam(R->s[o], R->sdtype, (size_t)g));
-            bi[o] = _mm256_set1_ps(qparam(R->b[o], R->sdtype, (size_t)g));
+            sc[o] = _mm256_set1_ps(g3n_quant_param(R->s[o], R->sdtype, (size_t)g));
+            bi[o] = _mm256_set1_ps(g3n_quant_param(R->b[o], R->sdtype, (size_t)g));
         }
         for (int i = g * R->group; i < (g + 1) * R->group; i += 8) {
             const __m256 xv = _mm256_loadu_ps(x + i);
@@ -400,8 +392,8 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) static inline void k1
     for (int g = 0; g < K / R->group; g++) {
         __m512 sc[4], bi[4];
         for (int o = 0; o < 4; o++) {
-            sc[o] = _mm512_set1_ps(qparam(R->s[o], R->sdtype, (size_t)g));
-            bi[o] = _mm512_set1_ps(qparam(R->b[o], R->sdtype, (size_t)g));
+            sc[o] = _mm512_set1_ps(g3n_quant_param(R->s[o], R->sdtype, (size_t)g));
+            bi[o] = _mm512_set1_ps(g3n_quant_param(R->b[o], R->sdtype, (size_t)g));
         }
         for (int i = g * R->group; i < (g + 1) * R->group; i += 16) {
             const __m512 xv = _mm512_loadu_ps(x + i);
