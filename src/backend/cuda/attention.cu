@@ -144,7 +144,7 @@ __device__ __forceinline__ void dec_norm_rope(float *dst, const float *src, cons
 template <int G, int DPL>
 __global__ void __launch_bounds__(DEC_WARPS * 32)
     k_attn_decode(float *out, const float *q, const float *k, const float *v, const float *qn, const float *kn,
-                  const g3n_kv_layer *kv, int store_layer, int layer, const int32_t *pos, const int32_t *seq,
+                  const g3n_kv_layer *kv, int owns, int layer, const int32_t *pos, const int32_t *seq,
                   int Hkv, float theta, float eps, int window) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
     __trap(); /* clusters: sm_90 and later only (the host never launches it there) */
@@ -160,7 +160,6 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
     KERNEL_BEGIN();
     const int p = pos[t];
     const g3n_kv_layer L = kv[(size_t)seq[t] * G3N_KV_MAX_LAYERS + layer];
-    const int owns = store_layer >= 0;
     for (int job = warp; job < G + 2 * owns; job += DEC_WARPS) {
         if (job < G) dec_norm_rope<DPL>(sq[job], q + ((size_t)t * H + hk * G + job) * hd, qn, (float)p, theta, eps);
         else if (job == G) dec_norm_rope<DPL>(snew[0], k + ((size_t)t * Hkv + hk) * hd, kn, (float)p, theta, eps);
@@ -170,9 +169,8 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
     const int lo = window > 0 ? max(0, p - window + 1) : 0, span = p - lo + 1;
     const int share = (span + nsp - 1) / nsp, j0 = lo + rank * share, j1 = min(j0 + share, p + 1);
     if (owns && p >= j0 && p < j1) { /* this block's share holds the new position */
-        const g3n_kv_layer S = kv[(size_t)seq[t] * G3N_KV_MAX_LAYERS + store_layer];
-        const size_t o = (size_t)(p % S.cap) * kvd + (size_t)hk * hd;
-        for (int d = threadIdx.x; d < hd; d += blockDim.x) S.k[o + d] = snew[0][d], S.v[o + d] = snew[1][d];
+        const size_t o = (size_t)(p % L.cap) * kvd + (size_t)hk * hd;
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) L.k[o + d] = snew[0][d], L.v[o + d] = snew[1][d];
     }
     float qr[G][DPL], acc[G][DPL], m[G], l[G];
 #pragma unroll
@@ -247,10 +245,10 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
 
 template <int G>
 static int attn_decode_launch(cuda_ctx *c, int dpl, unsigned nsp, float *out, const float *q, const float *k,
-                              const float *v, const float *qn, const float *kn, int store_layer, int layer, int Hkv,
+                              const float *v, const float *qn, const float *kn, int owns, int layer, int Hkv,
                               float theta, float eps, int window) {
     const dim3 grid((unsigned)c->n_tokens * Hkv * nsp), block(DEC_WARPS * 32);
-#define DEC(D) launch_cluster(c, nsp, k_attn_decode<G, D>, grid, block, 0, out, q, k, v, qn, kn, c->d_kv, store_layer, \
+#define DEC(D) launch_cluster(c, nsp, k_attn_decode<G, D>, grid, block, 0, out, q, k, v, qn, kn, c->d_kv, owns, \
                               layer, d_pos(c), d_seq(c), Hkv, theta, eps, window)
     switch (dpl) {
     case 1: DEC(1); return 1;
@@ -270,8 +268,10 @@ void cuda_op_qkv_attention(g3n_backend *be, float *out, float *q, float *k, floa
     int done = 0;
     static int off = -1;
     if (off < 0) off = getenv("G3N_ATT_DECODE") && !atoi(getenv("G3N_ATT_DECODE"));
+    /* one kernel when the step is a decode step and the layer stores into the
+     * cache it reads (or stores nothing: a KV-shared layer) */
     if (!off && c->one_per_seq && c->cluster_ok && head_dim % 32 == 0 && n_head % n_head_kv == 0 && q_norm.data &&
-        k_norm.data) {
+        k_norm.data && (layer < 0 || layer == attn_layer)) {
         /* blocks per (token, KV head): about 64 keys each for the widest cache any
          * sequence of the step has in this layer, at most 8 (a portable cluster) */
         int cap = 1;
@@ -280,12 +280,12 @@ void cuda_op_qkv_attention(g3n_backend *be, float *out, float *q, float *k, floa
         unsigned nsp = 1;
         while (nsp < 8 && (int)nsp * 64 < cap) nsp *= 2;
         PROF_BEGIN(c);
-        switch (G) {
-        case 1: done = attn_decode_launch<1>(c, dpl, nsp, out, q, k, v, q_norm.data, k_norm.data, layer, attn_layer, n_head_kv, theta, eps, window); break;
-        case 2: done = attn_decode_launch<2>(c, dpl, nsp, out, q, k, v, q_norm.data, k_norm.data, layer, attn_layer, n_head_kv, theta, eps, window); break;
-        case 4: done = attn_decode_launch<4>(c, dpl, nsp, out, q, k, v, q_norm.data, k_norm.data, layer, attn_layer, n_head_kv, theta, eps, window); break;
-        default: break;
-        }
+#define DEC_G(g) done = attn_decode_launch<g>(c, dpl, nsp, out, q, k, v, q_norm.data, k_norm.data, layer >= 0, \
+                                            attn_layer, n_head_kv, theta, eps, window)
+        if (G == 1) DEC_G(1);
+        else if (G == 2) DEC_G(2);
+        else if (G == 4) DEC_G(4);
+#undef DEC_G
         if (done) PROF_END(c, "qkv_attention (decode)", 0);
     }
     if (done) return;

@@ -168,6 +168,20 @@ static inline void launch(cuda_ctx *c, void (*kernel)(KArgs...), dim3 grid, dim3
     launch_cluster(c, 1, kernel, grid, block, smem, args...);
 }
 
+/* CALL(r) with r the compile-time constant equal to R (1..8, the activation rows
+ * of a decode product; larger R runs CALL(8)): the kernel templates' dispatch. */
+#define ROWS_SWITCH(R, CALL)                                                                \
+    switch (R) {                                                                            \
+    case 1: CALL(1); break;                                                                 \
+    case 2: CALL(2); break;                                                                 \
+    case 3: CALL(3); break;                                                                 \
+    case 4: CALL(4); break;                                                                 \
+    case 5: CALL(5); break;                                                                 \
+    case 6: CALL(6); break;                                                                 \
+    case 7: CALL(7); break;                                                                 \
+    default: CALL(8); break;                                                                \
+    }
+
 /* ---- device helpers ---------------------------------------------------------------- */
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -337,6 +337,15 @@ void cuda_op_ple_add(g3n_backend *be, float *pred, float *proj, g3n_vec post_nor
 __device__ __forceinline__ float2 ld2(const float *p, int d) { return *(const float2 *)(p + d); }
 __device__ __forceinline__ void st2(float *p, int d, float2 v) { *(float2 *)(p + d) = v; }
 
+/* The AltUp router's weights at columns d, d + 1 of its A rows (loaded before
+ * the PDL wait: they do not depend on the previous kernel). */
+template <int A>
+__device__ __forceinline__ void router_w2(float2 (&wr)[A], const void *R, int rdtype, int dim, int d) {
+#pragma unroll
+    for (int a = 0; a < A; a++)
+        wr[a] = make_float2(load_w(R, rdtype, (size_t)a * dim + d), load_w(R, rdtype, (size_t)a * dim + d + 1));
+}
+
 template <int A>
 __global__ void __launch_bounds__(1024)
     k_predict_reg(float *pred, float *x, float *S, const float *ple, const float *ple_w, const void *R, int rdtype,
@@ -346,8 +355,7 @@ __global__ void __launch_bounds__(1024)
     const size_t plane = (size_t)rows * dim, o = (size_t)r * dim + d;
     /* weights first: they do not depend on the previous kernel */
     float2 wr[A];
-#pragma unroll
-    for (int a = 0; a < A; a++) wr[a] = make_float2(load_w(R, rdtype, (size_t)a * dim + d), load_w(R, rdtype, (size_t)a * dim + d + 1));
+    router_w2<A>(wr, R, rdtype, dim, d);
     const float2 rn = ld2(rnorm, d), inn = ld2(innorm, d), pw = ple ? ld2(ple_w, d) : make_float2(0, 0);
     KERNEL_BEGIN();
     float2 s[A];
@@ -400,8 +408,7 @@ __global__ void __launch_bounds__(1024)
     const int r = blockIdx.x, d = 2 * threadIdx.x;
     const size_t plane = (size_t)rows * dim, o = (size_t)r * dim + d;
     float2 wr[A];
-#pragma unroll
-    for (int a = 0; a < A; a++) wr[a] = make_float2(load_w(R, rdtype, (size_t)a * dim + d), load_w(R, rdtype, (size_t)a * dim + d + 1));
+    router_w2<A>(wr, R, rdtype, dim, d);
     const float2 wf = ld2(w_ff, d), rn = ld2(rnorm, d), os = oscale ? ld2(oscale, d) : make_float2(1, 1);
     float cf[A * A];
 #pragma unroll

@@ -135,16 +135,9 @@ static void gemv_launch(cuda_ctx *c, const multi_args &a, int R) {
     const int rows_per_block = 8 / a.wpr;
     const dim3 grid(a.mode == GEMV_GATE_UP ? (unsigned)((a.O[0] + 3) / 4)
                                            : (unsigned)((a.row0[a.n] + rows_per_block - 1) / rows_per_block));
-    switch (R) {
-    case 1: launch(c, k_gemv<T, 1>, grid, 256, 0, a); break;
-    case 2: launch(c, k_gemv<T, 2>, grid, 256, 0, a); break;
-    case 3: launch(c, k_gemv<T, 3>, grid, 256, 0, a); break;
-    case 4: launch(c, k_gemv<T, 4>, grid, 256, 0, a); break;
-    case 5: launch(c, k_gemv<T, 5>, grid, 256, 0, a); break;
-    case 6: launch(c, k_gemv<T, 6>, grid, 256, 0, a); break;
-    case 7: launch(c, k_gemv<T, 7>, grid, 256, 0, a); break;
-    default: launch(c, k_gemv<T, 8>, grid, 256, 0, a); break;
-    }
+#define L(r) launch(c, k_gemv<T, r>, grid, 256, 0, a)
+    ROWS_SWITCH(R, L)
+#undef L
 }
 
 /* Warps per row: enough that each lane loads at most 8 chunks, one batch, all
@@ -249,7 +242,6 @@ static void multi_run(cuda_ctx *c, int n, const g3n_mat *const *W, float *const 
 }
 
 static void matmul_one(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows) {
-    if (W->bits) return cuda_quant_matmul(c, y, W, x, rows); /* mlx-quantized: quant.cu */
     const int O = W->rows, K = W->cols;
     if (rows <= 0 || O <= 0) return;
     if (rows > 8 && c->xconv && (size_t)rows * K * 6 <= c->xconv_bytes) { /* prompt-sized: tensor cores */

@@ -157,16 +157,9 @@ template <int BITS>
 static void qlaunch_rows(cuda_ctx *c, const qargs &a, int R) {
     const dim3 grid(a.mode == QGATE_UP ? (unsigned)((a.O[0] + 3) / 4)
                                        : (unsigned)((a.row0[a.n] + 8 / a.wpr - 1) / (8 / a.wpr)));
-    switch (R) {
-    case 1: launch(c, k_qgemv<BITS, 1>, grid, 256, 0, a); break;
-    case 2: launch(c, k_qgemv<BITS, 2>, grid, 256, 0, a); break;
-    case 3: launch(c, k_qgemv<BITS, 3>, grid, 256, 0, a); break;
-    case 4: launch(c, k_qgemv<BITS, 4>, grid, 256, 0, a); break;
-    case 5: launch(c, k_qgemv<BITS, 5>, grid, 256, 0, a); break;
-    case 6: launch(c, k_qgemv<BITS, 6>, grid, 256, 0, a); break;
-    case 7: launch(c, k_qgemv<BITS, 7>, grid, 256, 0, a); break;
-    default: launch(c, k_qgemv<BITS, 8>, grid, 256, 0, a); break;
-    }
+#define L(r) launch(c, k_qgemv<BITS, r>, grid, 256, 0, a)
+    ROWS_SWITCH(R, L)
+#undef L
     CUDA_LAUNCHED();
 }
 
@@ -392,16 +385,9 @@ static void qlaunch_t(cuda_ctx *c, qargs &a, int R) {
     const int T = 8 / a.wpr;
     const dim3 grid(a.mode == QGATE_UP ? (unsigned)((a.tile0[1] + T / 2 - 1) / (T / 2))
                                        : (unsigned)((a.tile0[a.n] + T - 1) / T));
-    switch (R) {
-    case 1: launch(c, k_qgemv_t<BITS, 1>, grid, 256, 0, a); break;
-    case 2: launch(c, k_qgemv_t<BITS, 2>, grid, 256, 0, a); break;
-    case 3: launch(c, k_qgemv_t<BITS, 3>, grid, 256, 0, a); break;
-    case 4: launch(c, k_qgemv_t<BITS, 4>, grid, 256, 0, a); break;
-    case 5: launch(c, k_qgemv_t<BITS, 5>, grid, 256, 0, a); break;
-    case 6: launch(c, k_qgemv_t<BITS, 6>, grid, 256, 0, a); break;
-    case 7: launch(c, k_qgemv_t<BITS, 7>, grid, 256, 0, a); break;
-    default: launch(c, k_qgemv_t<BITS, 8>, grid, 256, 0, a); break;
-    }
+#define L(r) launch(c, k_qgemv_t<BITS, r>, grid, 256, 0, a)
+    ROWS_SWITCH(R, L)
+#undef L
     CUDA_LAUNCHED();
 }
 
