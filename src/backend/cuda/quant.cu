@@ -8,19 +8,24 @@
  * scale * sum(q * x) + bias * sum(x): the dequantized weight is never formed and
  * the result differs from the reference (fp32 s*q + b, then the dot) only in
  * rounding. `wpr` warps share a long row; partial sums are added in a fixed order.
- * 4 and 8 bits use k_qgemv_t (4 output rows per warp, unpacking without
- * int->float conversion, below) for 1-8 rows at once; G3N_QGEMV=old selects this
- * one-row-per-warp k_qgemv instead (A/B timing). 2, 3, 5 and 6 bits run the
- * one-row kernel once per row (correct, slower).
+ * 4 and 8 bits use k_qgemv_s (4 output rows per warp, K split over a cluster,
+ * activations staged in shared memory, unpacking without int->float conversion;
+ * below) for 1-8 rows at once; G3N_QGEMV=old selects this one-row-per-warp
+ * k_qgemv instead (A/B timing), and it also serves slices too wide for shared
+ * memory. 2, 3, 5 and 6 bits run the one-row kernel once per row (correct, slower).
  * Prompt-sized products: tiles of rows dequantized to f32 (exactly the
  * reference's weights) and multiplied by cuBLAS in f32.
  * Matrices read element by element inside fused row kernels (the AltUp router)
  * are dequantized to f32 at upload; host-resident gather tables (PLE) stay
  * quantized in host memory and the step's rows are dequantized when staged. */
+#include <cooperative_groups.h>
+
 #include "cuda_common.cuh"
 
+namespace cg = cooperative_groups;
+
 #define QMAX 8
-#define QRPW 4 /* k_qgemv_t: output rows per warp */
+#define QRPW 4 /* k_qgemv_s: output rows per warp */
 #define QSCRATCH_MAX ((size_t)16 << 20) /* floats of dequantized tile for prompts (64 MB) */
 
 typedef struct {
@@ -30,8 +35,9 @@ typedef struct {
     const float *x[QMAX];
     int O[QMAX], K[QMAX], G[QMAX], sdt[QMAX];
     int row0[QMAX + 1];
-    int tile0[QMAX + 1]; /* k_qgemv_t: first global tile (QRPW rows) of each product */
-    int n, wpr, mode; /* mode: QPLAIN, QGELU_MUL (y = gelu(W.x) * m), QGATE_UP (y0 = gelu(W0.x) * W1.x) */
+    int blk0[QMAX + 1]; /* k_qgemv_s: first block (along y) of each product */
+    int gsh[QMAX];      /* k_qgemv_s: log2(G / 32) */
+    int n, wpr, ks, J, mode; /* k_qgemv_s: inputs per slice, tiles per warp */ /* mode: QPLAIN, QGELU_MUL (y = gelu(W.x) * m), QGATE_UP (y0 = gelu(W0.x) * W1.x) */
     const float *m;
 } qargs;
 
@@ -180,215 +186,381 @@ static void qlaunch_each(cuda_ctx *c, const qargs &a, int rows) {
     }
 }
 
-/* ---- decode GEMV at 4 and 8 bits: QRPW rows per warp -------------------------------------
+/* ---- decode GEMV at 4 and 8 bits: integer dot products, split over K ------------------
  *
- * k_qgemv_t: a warp computes a tile of QRPW consecutive output rows of one
- * product (the last tile of a product repeats its last row, not stored), so each
- * activation float4 a lane loads serves QRPW rows. A lane takes chunks of 32
- * weights (16 bytes at 4 bits, 32 at 8), U chunk positions x QRPW rows = 8
- * 16-byte loads, all issued before the PDL wait. `wpr` warps share a tile's
- * chunk positions; partials are added in a fixed order.
+ * k_qgemv_s: a block of 8 warps computes 8 tiles of QRPW consecutive output rows
+ * of one product (QGATE_UP: 4 gate tiles and the same 4 up tiles; the last tile of
+ * a product repeats its last row, not stored) over one slice of `ks` inputs. The
+ * `nsplit` slices of a set of rows are the blocks of one thread-block cluster;
+ * block 0 adds their partial sums in rank order through distributed shared memory
+ * (deterministic, and the same whatever the number of activation rows R).
  *
- * Unpacking without int->float conversion: a field masked in place,
- * n = q << (b*e) with n < 2^24, read as a float is exactly n * 2^-149 (a
- * subnormal, or the first normal binade, where the value is linear in the
- * bits). The activation it multiplies is pre-scaled by 2^(64 - b*e), so every
- * product is q * x * 2^-85, and the chunk's dot is dq * 2^85: one LOP3 (plus a
- * shift per word) and one FFMA per weight. The FFMA is non-FTZ PTX (fma.rn.f32)
- * so subnormal operands are kept whatever the build flags; exactness needs
- * |x| < 2^64 (no overflow of the pre-scaled x), and products |q*x| < 2^-41 lose
- * only absolute precision (< 2^-65 each). 4 bits: nibbles 0-3 of a word in
- * place, 4-7 after >> 16 (x scales 2^64, 2^60, 2^56, 2^52); 8 bits: bytes 0-2
- * in place, byte 3 after >> 8 into bits 16-23 (2^64, 2^56, 2^48, 2^48). */
+ * Weights: a lane takes chunks of 32 weights (16 bytes at 4 bits, 32 at 8) at
+ * chunk positions lane + 32u of the slice, for each row of its warp's tile, and
+ * copies them with their scale and bias into a ring of QSTAGES slots in shared
+ * memory (cp.async: the loads in flight hold no registers), issued QSTAGES - 1
+ * items ahead, the first before the PDL wait.
+ *
+ * Activations: the block stages its slice once, each chunk of 32 as integers
+ * with a shared power-of-two scale: x = 2^e * v, |v| < 2^22 (22 bits below the
+ * chunk's largest element, as fine as fp32 rounding of that element), v split
+ * into three signed bytes h*2^16 + m*2^8 + l. A chunk lies inside one group, so
+ * its contribution is scale * 2^e * (65536 * q.h + 256 * q.m + q.l) + bias * sum(x):
+ * the q.h, q.m, q.l are exact int32 dp4a sums (4 multiply-adds an instruction),
+ * and the only roundings are the activation's (< 2^-23 of the chunk's largest
+ * element) and the float combination. Chunks whose elements are all below 2^-100
+ * count as zero. 4 bits: word w of a chunk (elements 8w..8w+7, nibble k at bits
+ * 4k) is multiplied as w & 0x0F0F0F0F (elements 0,2,4,6) and (w >> 4) & 0x0F0F0F0F
+ * (1,3,5,7), so the staged bytes are ordered to match; 8 bits: bytes in order.
+ * Staged layout: [R][3 parts][chunk][8 words] with the two 16-byte halves of a
+ * chunk swapped in every other group of 4 chunks (a warp's 16-byte reads of 32
+ * consecutive chunks then touch every bank equally), then each chunk's scale 2^e
+ * and its sum. */
 
-__device__ __forceinline__ float qfma(float a, float b, float c) {
-    float d;
-    asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(d) : "f"(a), "f"(b), "f"(c));
+__device__ __forceinline__ int dp4a_us(uint32_t a, uint32_t b, int c) {
+    int d;
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
     return d;
 }
 
-__device__ __forceinline__ uint32_t u4word(const uint4 &v, int j) {
-    return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
-}
+/* word k (0..7) of a staged chunk: its position after the half swap */
+__device__ __forceinline__ int qx_word(int ch, int k) { return (((k >> 2) ^ ((ch >> 2) & 1)) << 2) | (k & 3); }
 
-/* chunk position ch of the tile's rows: words (BITS u32 = BITS/4 uint4), scale, bias */
-template <int BITS>
-__device__ __forceinline__ void qfetch_t(uint4 (&q)[QRPW][BITS / 4], float (&sc)[QRPW], float (&bi)[QRPW],
-                                         const uint32_t *W, const void *S, const void *B, int sdt,
-                                         const int (&rowi)[QRPW], size_t wstride, int gpr, int G, int ch) {
-#pragma unroll
-    for (int i = 0; i < QRPW; i++) {
-        const uint4 *p = (const uint4 *)(W + (size_t)rowi[i] * wstride + (size_t)ch * BITS);
-#pragma unroll
-        for (int j = 0; j < BITS / 4; j++) q[i][j] = __ldcs(p + j);
-        const size_t g = (size_t)rowi[i] * gpr + (size_t)ch * 32 / G;
-        sc[i] = load_w(S, sdt, g);
-        bi[i] = load_w(B, sdt, g);
-    }
-}
-
-/* acc[i][r] += row i's chunk ch . x[r] chunk ch, for the tile's QRPW rows. Per
- * float4 of the chunk: unpack its 4 elements of every row once, then apply them
- * to every activation row. */
+/* acc[i][r] += row i's chunk . activation row r's chunk c of the staged slice
+ * (xq: [R][3][ncs][8] words, xe and xsum: [R][ncs]). */
 template <int BITS, int R>
-__device__ __forceinline__ void qdot_t(float (&acc)[QRPW][R], const uint4 (&q)[QRPW][BITS / 4],
-                                       const float (&sc)[QRPW], const float (&bi)[QRPW], const float *x, int K,
-                                       int ch) {
-    const float4 *xp = (const float4 *)(x + (size_t)ch * 32);
-    const size_t xs = (size_t)K / 4; /* float4s per activation row */
-    float dq[QRPW][R], dx[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        dx[r] = 0;
-#pragma unroll
-        for (int i = 0; i < QRPW; i++) dq[i][r] = 0;
-    }
-#pragma unroll
-    for (int k = 0; k < 8; k++) { /* elements 4k .. 4k+3 of the chunk */
-        float f[QRPW][4];
-#pragma unroll
-        for (int i = 0; i < QRPW; i++) {
-            if (BITS == 4) { /* word k/2, nibbles 4(k&1) .. 4(k&1)+3 */
-                const uint32_t wd = u4word(q[i][0], k >> 1), t = (k & 1) ? wd >> 16 : wd;
-                f[i][0] = __uint_as_float(t & 0xFu), f[i][1] = __uint_as_float(t & 0xF0u);
-                f[i][2] = __uint_as_float(t & 0xF00u), f[i][3] = __uint_as_float(t & 0xF000u);
-            } else { /* word k, bytes 0..3 */
-                const uint32_t wd = u4word(q[i][k >> 2], k & 3);
-                f[i][0] = __uint_as_float(wd & 0xFFu), f[i][1] = __uint_as_float(wd & 0xFF00u);
-                f[i][2] = __uint_as_float(wd & 0xFF0000u), f[i][3] = __uint_as_float((wd >> 8) & 0xFF0000u);
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            const float4 v = __ldg(xp + r * xs + k);
-            dx[r] += (v.x + v.y) + (v.z + v.w);
-            const float x0 = v.x * 0x1p64f, x1 = v.y * (BITS == 4 ? 0x1p60f : 0x1p56f),
-                        x2 = v.z * (BITS == 4 ? 0x1p56f : 0x1p48f), x3 = v.w * (BITS == 4 ? 0x1p52f : 0x1p48f);
-#pragma unroll
-            for (int i = 0; i < QRPW; i++) {
-                dq[i][r] = qfma(f[i][0], x0, dq[i][r]);
-                dq[i][r] = qfma(f[i][1], x1, dq[i][r]);
-                dq[i][r] = qfma(f[i][2], x2, dq[i][r]);
-                dq[i][r] = qfma(f[i][3], x3, dq[i][r]);
-            }
-        }
-    }
+__device__ __forceinline__ void qdot_s(float (&acc)[QRPW][R], const uint4 (&q)[QRPW][BITS / 4],
+                                       const float (&sc)[QRPW], const float (&bi)[QRPW], const uint32_t *xq,
+                                       const float *xe, const float *xsum, int ncs, int c) {
+    uint32_t qw[QRPW][8]; /* the weight bytes in the order of the staged activation words */
 #pragma unroll
     for (int i = 0; i < QRPW; i++)
 #pragma unroll
-        for (int r = 0; r < R; r++) acc[i][r] += sc[i] * (dq[i][r] * 0x1p85f) + bi[i] * dx[r];
-}
-
-/* Block = 8 warps = 8 / wpr tiles. QGATE_UP (wpr <= 4): the first half of the
- * tiles are gate tiles, the second half the same up tiles. */
-template <int BITS, int R>
-__global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_t(qargs a) {
-    constexpr int U = BITS == 4 ? 2 : 1; /* chunk positions per lane per batch: 8 loads of 16 bytes */
-    __shared__ float part[8][QRPW * R];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpr = a.wpr;
-    const int T = 8 / wpr, tb = warp / wpr, sub = warp % wpr;
-    int s = 0, tile = 0;
-    bool valid;
-    if (a.mode == QGATE_UP) {
-        const int half = T / 2;
-        s = tb < half ? 0 : 1;
-        tile = blockIdx.x * half + tb % half;
-        valid = tile < a.tile0[1];
-    } else {
-        const int gt = blockIdx.x * T + tb;
-        valid = gt < a.tile0[a.n];
-        if (valid) {
-            while (gt >= a.tile0[s + 1]) s++;
-            tile = gt - a.tile0[s];
+        for (int j = 0; j < BITS / 4; j++) {
+            const uint32_t w[4] = {q[i][j].x, q[i][j].y, q[i][j].z, q[i][j].w};
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                if (BITS == 4) {
+                    qw[i][2 * k] = w[k] & 0x0F0F0F0Fu;
+                    qw[i][2 * k + 1] = (w[k] >> 4) & 0x0F0F0F0Fu;
+                } else {
+                    qw[i][4 * j + k] = w[k];
+                }
+            }
+        }
+    const int sw = (c >> 2) & 1;
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        int d[QRPW][3];
+#pragma unroll
+        for (int pt = 0; pt < 3; pt++) {
+            const uint32_t *base = xq + ((size_t)(r * 3 + pt) * ncs + c) * 8;
+            const uint4 h0 = *(const uint4 *)(base + 4 * sw), h1 = *(const uint4 *)(base + 4 * (sw ^ 1));
+            const uint32_t xw[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
+#pragma unroll
+            for (int i = 0; i < QRPW; i++) {
+                int t = 0;
+#pragma unroll
+                for (int k = 0; k < 8; k++) t = dp4a_us(qw[i][k], xw[k], t);
+                d[i][pt] = t;
+            }
+        }
+        const float e = xe[r * ncs + c], dx = xsum[r * ncs + c];
+#pragma unroll
+        for (int i = 0; i < QRPW; i++) {
+            const float dot = ((float)d[i][0] * 65536.0f + (float)d[i][1] * 256.0f) + (float)d[i][2];
+            acc[i][r] += sc[i] * (dot * e) + bi[i] * dx;
         }
     }
-    if (!valid) s = 0, tile = 0;
+}
+
+#define QJMAX 4   /* k_qgemv_s: tiles per warp, at most */
+/* k_qgemv_s: ring slots per warp (QSTAGES - 1 items in flight): 3 at 4 bits, 2 at 8
+ * (whose slots are twice as large), so that two blocks fit on an SM */
+#define QSTAGES (BITS == 4 ? 3 : 2)
+
+__device__ __forceinline__ void cp_async16(void *dst, const void *src) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async4(void *dst, const void *src) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+/* The 4-byte word holding element g of a 2- or 4-byte scale/bias array (cp.async
+ * copies at least 4 aligned bytes), and element g taken back out of it. */
+__device__ __forceinline__ const void *sb_word(const void *p, int sdt, size_t g) {
+    return sdt == G3N_F32 ? (const void *)((const float *)p + g) : (const void *)((const uint32_t *)p + g / 2);
+}
+__device__ __forceinline__ float sb_value(uint32_t w, int sdt, size_t g) { /* g: its parity only */
+    if (sdt == G3N_F32) return __uint_as_float(w);
+    const uint32_t h = (g & 1) ? w >> 16 : w & 0xffffu;
+    if (sdt == G3N_BF16) return __uint_as_float(h << 16);
+    return __half2float(__ushort_as_half((unsigned short)h));
+}
+
+/* A warp's ring slot: for each of its QRPW rows, every lane's chunk words, scale and bias word. */
+template <int BITS> struct qslot {
+    uint4 w[QRPW][BITS / 4][32];
+    uint32_t sc[QRPW][32], bi[QRPW][32];
+};
+
+template <int BITS, int R>
+__global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    if (gridDim.x > 1) __trap(); /* clusters: sm_90 and later (the host splits K only there) */
+#endif
+    constexpr int PER = QRPW * R;
+    extern __shared__ float4 qsm[]; /* staged slice, chunk scales and sums, [8][QSTAGES] slots */
+    __shared__ float red[QJMAX][8][PER];
+    const int ks = a.ks, ncs = ks / 32, J = a.J; /* chunk positions per slice, tiles per warp */
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, split = blockIdx.x;
+    const int b = blockIdx.y, gu = a.mode == QGATE_UP;
+    int s = 0;
+    while (b >= a.blk0[s + 1]) s++;
+    const int sx = s; /* the product whose activations the block stages */
+    /* warp's tiles: tile0 + j * tstep (QGATE_UP: warps 0-3 gate, 4-7 the same up tiles) */
+    const int tile0 = gu ? b * 4 * J + (warp & 3) : (b - a.blk0[s]) * 8 * J + warp, tstep = gu ? 4 : 8;
+    if (gu) s = warp >> 2;
     const int K = a.K[s], G = a.G[s], O = a.O[s], sdt = a.sdt[s];
-    const int nc = valid ? K / 32 : 0, step = 32 * wpr, gpr = K / G;
+    const int cbase = split * ncs, nch = G3N_MIN(K / 32 - cbase, ncs), gpr = K / G;
     const size_t wstride = (size_t)(K / 32) * BITS; /* u32 words per row */
-    int rowi[QRPW];
-#pragma unroll
-    for (int i = 0; i < QRPW; i++) rowi[i] = min(tile * QRPW + i, O - 1);
     const uint32_t *W = a.W[s];
     const void *S = a.S[s], *B = a.B[s];
-    const float *x = a.x[s];
+    const int nbt = (ncs + 31) / 32; /* batches of chunk positions per tile */
+    uint32_t *xq = (uint32_t *)qsm;
+    float *xe = (float *)(xq + (size_t)R * 3 * ncs * 8), *xsum = xe + R * ncs;
+    qslot<BITS> *ring = (qslot<BITS> *)(xsum + R * ncs) + warp * QSTAGES;
+    const int gsh = a.gsh[s]; /* chunk position -> group: >> gsh (G = 32 << gsh) */
+    /* items in order: tile j < J of the warp, batch bt < nbt of its chunk positions
+     * (32 * bt + lane of the slice); one cursor issues, QSTAGES - 1 items ahead */
+    int ij = 0, ibt = 0, islot = 0;
+    auto issue = [&]() {
+        const int tile = tile0 + ij * tstep, ch = cbase + 32 * ibt + lane;
+        if (ij < J && tile * QRPW < O && ch - cbase < nch) {
+            qslot<BITS> &sl = ring[islot];
+#pragma unroll
+            for (int i = 0; i < QRPW; i++) {
+                const size_t row = (size_t)min(tile * QRPW + i, O - 1), g = row * gpr + (size_t)(ch >> gsh);
+                const uint4 *p = (const uint4 *)(W + row * wstride + (size_t)ch * BITS);
+#pragma unroll
+                for (int j = 0; j < BITS / 4; j++) cp_async16(&sl.w[i][j][lane], p + j);
+                cp_async4(&sl.sc[i][lane], sb_word(S, sdt, g));
+                cp_async4(&sl.bi[i][lane], sb_word(B, sdt, g));
+            }
+        }
+        cp_async_commit(); /* an empty group past the end keeps the wait count uniform */
+        if (++ibt == nbt) ibt = 0, ij++;
+        if (++islot == QSTAGES) islot = 0;
+    };
+#pragma unroll
+    for (int k = 0; k < QSTAGES - 1; k++) issue();
+    KERNEL_BEGIN();
+    { /* stage the slice: 8 consecutive threads hold one chunk's 8 float4s (R * ks/4 is a multiple of 256) */
+        const int Kx = a.K[sx], k0 = split * ks, n4 = ks / 4;
+        const float *x = a.x[sx];
+        for (int t = threadIdx.x; t < R * n4; t += 256) {
+            const int r = t / n4, j = t % n4, ch = j >> 3, k = j & 7, col = k0 + 4 * j;
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (col < Kx) v = __ldg((const float4 *)(x + (size_t)r * Kx + col));
+            float sm = (v.x + v.y) + (v.z + v.w), mx = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+#pragma unroll
+            for (int o = 1; o < 8; o <<= 1) {
+                sm += __shfl_xor_sync(0xffffffffu, sm, o);
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            }
+            /* e: 2^e * 2^22 > mx; x * 2^-e exact (a power of two), rounded to an integer */
+            const int e = mx >= 0x1p-100f ? (int)((__float_as_uint(mx) >> 23) & 0xff) - 127 - 21 : 0;
+            const float inv = mx >= 0x1p-100f ? __uint_as_float((uint32_t)(127 - e) << 23) : 0.f;
+            const float xv[4] = {v.x, v.y, v.z, v.w};
+            uint32_t part[3][4]; /* the three signed bytes of each element */
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int iv = __float2int_rn(xv[u] * inv);
+                const int l = (int)(int8_t)(iv & 0xff), iv1 = (iv - l) >> 8;
+                const int m = (int)(int8_t)(iv1 & 0xff), h = (iv1 - m) >> 8;
+                part[0][u] = (uint32_t)h & 0xffu, part[1][u] = (uint32_t)m & 0xffu, part[2][u] = (uint32_t)l & 0xffu;
+            }
+            uint32_t *dst = xq + (size_t)r * 3 * ncs * 8 + (size_t)ch * 8 + qx_word(ch, k);
+#pragma unroll
+            for (int pt = 0; pt < 3; pt++) {
+                const uint32_t *b4 = part[pt];
+                uint32_t wv;
+                if (BITS == 4) { /* even k: elements 0,2 here and 4,6 in k+1; odd k: 1,3 in k-1 and here */
+                    const uint32_t a16 = b4[0] | b4[2] << 8, b16 = b4[1] | b4[3] << 8;
+                    const uint32_t mine = a16 | b16 << 16, other = __shfl_xor_sync(0xffffffffu, mine, 1);
+                    wv = (k & 1) ? (other >> 16) | (b16 << 16) : a16 | (other << 16);
+                } else {
+                    wv = b4[0] | b4[1] << 8 | b4[2] << 16 | b4[3] << 24;
+                }
+                dst[(size_t)pt * ncs * 8] = wv;
+            }
+            if (k == 0) xsum[r * ncs + ch] = sm, xe[r * ncs + ch] = __uint_as_float((uint32_t)(127 + e) << 23) * (mx >= 0x1p-100f);
+        }
+    }
+    __syncthreads();
     float acc[QRPW][R];
 #pragma unroll
     for (int i = 0; i < QRPW; i++)
 #pragma unroll
         for (int r = 0; r < R; r++) acc[i][r] = 0;
-    uint4 q[U][QRPW][BITS / 4];
-    float sc[U][QRPW], bi[U][QRPW];
-    int c = sub * 32 + lane;
+    for (int j = 0, slot = 0; j < J; j++) {
+        const int tile = tile0 + j * tstep;
+        for (int bt = 0; bt < nbt; bt++) {
+            issue();
+            cp_async_wait<QSTAGES - 1>(); /* this item's group is complete (each lane reads only its own copies) */
+            const int p = 32 * bt + lane;
+            if (tile * QRPW < O && p < nch) {
+                const qslot<BITS> &sl = ring[slot];
+                uint4 q[QRPW][BITS / 4];
+                float sc[QRPW], bi[QRPW];
 #pragma unroll
-    for (int u = 0; u < U; u++)
-        if (c + u * step < nc) qfetch_t<BITS>(q[u], sc[u], bi[u], W, S, B, sdt, rowi, wstride, gpr, G, c + u * step);
-    KERNEL_BEGIN();
-    for (;;) {
+                for (int i = 0; i < QRPW; i++) {
+                    const int g = min(tile * QRPW + i, O - 1) * gpr + ((cbase + p) >> gsh); /* parity only */
 #pragma unroll
-        for (int u = 0; u < U; u++)
-            if (c + u * step < nc) qdot_t<BITS, R>(acc, q[u], sc[u], bi[u], x, K, c + u * step);
-        c += U * step;
-        if (c >= nc) break;
+                    for (int k = 0; k < BITS / 4; k++) q[i][k] = sl.w[i][k][lane];
+                    sc[i] = sb_value(sl.sc[i][lane], sdt, g);
+                    bi[i] = sb_value(sl.bi[i][lane], sdt, g);
+                }
+                qdot_s<BITS, R>(acc, q, sc, bi, xq, xe, xsum, ncs, p);
+            }
+            if (++slot == QSTAGES) slot = 0;
+        }
 #pragma unroll
-        for (int u = 0; u < U; u++)
-            if (c + u * step < nc)
-                qfetch_t<BITS>(q[u], sc[u], bi[u], W, S, B, sdt, rowi, wstride, gpr, G, c + u * step);
+        for (int i = 0; i < QRPW; i++) /* end of a tile: its warp sums into red */
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const float v = warp_sum(acc[i][r]);
+                if (lane == 0) red[j][warp][r * QRPW + i] = v;
+                acc[i][r] = 0;
+            }
     }
-#pragma unroll
-    for (int i = 0; i < QRPW; i++)
-#pragma unroll
-        for (int r = 0; r < R; r++) acc[i][r] = warp_sum(acc[i][r]);
-    if (lane == 0)
-#pragma unroll
-        for (int i = 0; i < QRPW; i++)
-#pragma unroll
-            for (int r = 0; r < R; r++) part[warp][r * QRPW + i] = acc[i][r];
+    cp_async_wait<0>();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const int nsplit = gridDim.x;
+    cg::cluster_group cl = cg::this_cluster();
+    if (nsplit > 1) cl.sync();
+    else __syncthreads();
+#else
     __syncthreads();
-    /* thread t: row i of activation row r of the block's tile ob */
-    constexpr int PER = QRPW * R;
-    const int t = threadIdx.x, i = t % QRPW, r = (t / QRPW) % R, ob = t / PER, pi = r * QRPW + i;
-    if (a.mode == QGATE_UP) {
-        const int half = T / 2, tile2 = blockIdx.x * half + ob, row = tile2 * QRPW + i;
-        if (ob < half && tile2 < a.tile0[1] && row < a.O[0]) {
-            float g = 0, u = 0;
-            for (int k = 0; k < wpr; k++) g += part[ob * wpr + k][pi], u += part[(ob + half) * wpr + k][pi];
-            a.y[0][(size_t)r * a.O[0] + row] = gelu_tanh_d(g) * u;
+#endif
+    /* block 0 of the cluster: element pi (row i, activation row r) of tile j of warp ob */
+    if (split == 0) {
+        const int nw = gu ? 4 : 8;
+        for (int t = threadIdx.x; t < J * nw * PER; t += 256) {
+            const int j = t / (nw * PER), ob = t / PER % nw, pi = t % PER, i = pi % QRPW, r = pi / QRPW;
+            float v = red[j][ob][pi], u = gu ? red[j][ob + 4][pi] : 0.f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+            float pv[8], pu[8]; /* all ranks' loads in flight together, added in rank order */
+#pragma unroll
+            for (int k = 1; k < 8; k++)
+                if (k < nsplit) {
+                    pv[k] = *cl.map_shared_rank(&red[j][ob][pi], k);
+                    pu[k] = gu ? *cl.map_shared_rank(&red[j][ob + 4][pi], k) : 0.f;
+                }
+#pragma unroll
+            for (int k = 1; k < 8; k++)
+                if (k < nsplit) v += pv[k], u += pu[k];
+#endif
+            if (gu) {
+                const int row = (b * 4 * J + ob + 4 * j) * QRPW + i;
+                if (row < a.O[0]) a.y[0][(size_t)r * a.O[0] + row] = gelu_tanh_d(v) * u;
+            } else {
+                const int row = ((b - a.blk0[sx]) * 8 * J + ob + 8 * j) * QRPW + i;
+                if (row < a.O[sx]) {
+                    const size_t o = (size_t)r * a.O[sx] + row;
+                    a.y[sx][o] = a.mode == QGELU_MUL ? gelu_tanh_d(v) * a.m[o] : v;
+                }
+            }
         }
-        return;
     }
-    const int gt = blockIdx.x * T + ob;
-    if (ob < T && gt < a.tile0[a.n]) {
-        int s2 = 0;
-        while (gt >= a.tile0[s2 + 1]) s2++;
-        const int row = (gt - a.tile0[s2]) * QRPW + i;
-        if (row < a.O[s2]) {
-            float v = 0;
-            for (int k = 0; k < wpr; k++) v += part[ob * wpr + k][pi];
-            const size_t o = (size_t)r * a.O[s2] + row;
-            a.y[s2][o] = a.mode == QGELU_MUL ? gelu_tanh_d(v) * a.m[o] : v;
-        }
-    }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (nsplit > 1) cl.sync(); /* keep this block's red alive until block 0 has read it */
+#endif
 }
 
+/* k_qgemv_s's dynamic shared memory: the staged slice (3 bytes, a scale and a sum
+ * per chunk position) and the warps' rings */
+template <int BITS> static size_t qs_smem(int R, int ks) {
+    return (size_t)R * (ks / 32) * (3 * 32 + 2 * sizeof(float)) + 8 * QSTAGES * sizeof(qslot<BITS>);
+}
+
+/* Blocks of k_qgemv_s<BITS, R> resident per SM with a 2048-input slice (the usual one). */
+template <int BITS> static int qs_blocks_per_sm(int R) {
+    static int v[9];
+    R = G3N_MIN(G3N_MAX(R, 1), 8);
+    if (!v[R]) {
+        const size_t smem = qs_smem<BITS>(R, 2048);
+        int n = 1;
+#define Q(r)                                                                                                  \
+    do {                                                                                                      \
+        CUDA_CHECK(cudaFuncSetAttribute(k_qgemv_s<BITS, r>, cudaFuncAttributeMaxDynamicSharedMemorySize,   \
+                                        (int)smem));                                                          \
+        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k_qgemv_s<BITS, r>, 256, smem));         \
+    } while (0)
+        ROWS_SWITCH(R, Q)
+#undef Q
+        v[R] = G3N_MAX(n, 1);
+    }
+    return v[R];
+}
+
+/* Returns 0 (nothing launched) when the staged slice does not fit in shared memory. */
 template <int BITS>
-static void qlaunch_t(cuda_ctx *c, qargs &a, int R) {
-    for (int i = 0; i < a.n; i++) a.tile0[i + 1] = a.tile0[i] + (a.O[i] + QRPW - 1) / QRPW;
-    /* warps per tile: enough that a lane's chunk positions are one batch (U);
-     * then more while the GPU has few warps (~2K) and each lane keeps >= 1 position */
-    const int U = BITS == 4 ? 2 : 1, cap = a.mode == QGATE_UP ? 4 : 8;
-    int max_np = 0, min_np = 1 << 30;
-    for (int i = 0; i < a.n; i++) max_np = G3N_MAX(max_np, a.K[i] / 32), min_np = G3N_MIN(min_np, a.K[i] / 32);
-    a.wpr = 1;
-    while (a.wpr < cap && (max_np + 32 * a.wpr - 1) / (32 * a.wpr) > U) a.wpr *= 2;
-    while (a.wpr < cap && (size_t)a.tile0[a.n] * a.wpr < 2048 && min_np >= 64 * a.wpr) a.wpr *= 2;
-    const int T = 8 / a.wpr;
-    const dim3 grid(a.mode == QGATE_UP ? (unsigned)((a.tile0[1] + T / 2 - 1) / (T / 2))
-                                       : (unsigned)((a.tile0[a.n] + T - 1) / T));
-#define L(r) launch(c, k_qgemv_t<BITS, r>, grid, 256, 0, a)
+static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
+    /* Fill the GPU's resident warps (two blocks of 8 per SM at R <= 2) about once:
+     * K split into slices (multiples of 1024 inputs, at most 8: a portable cluster)
+     * while there are fewer warp tiles than that, more tiles per warp while there
+     * are more, so that each warp has several items to pipeline. */
+    const int slots = c->n_sm * 8 * qs_blocks_per_sm<BITS>(R);
+    int kmax = 0, tiles = 0;
+    for (int i = 0; i < a.n; i++) {
+        kmax = G3N_MAX(kmax, a.K[i]), tiles += (a.O[i] + QRPW - 1) / QRPW;
+        for (a.gsh[i] = 0; (32 << a.gsh[i]) < a.G[i];) a.gsh[i]++;
+    }
+    static int max_split = -1, fix_j = -1; /* G3N_QSPLIT, G3N_QJ: timing experiments */
+    if (max_split < 0) {
+        max_split = getenv("G3N_QSPLIT") ? atoi(getenv("G3N_QSPLIT")) : 8;
+        fix_j = getenv("G3N_QJ") ? atoi(getenv("G3N_QJ")) : 0;
+    }
+    int nsplit = 1;
+    if (c->cluster_ok)
+        while (nsplit < max_split && tiles * nsplit < slots && kmax > 1024 * nsplit) nsplit *= 2;
+    a.ks = G3N_MAX(1024, ((kmax + nsplit - 1) / nsplit + 1023) / 1024 * 1024);
+    nsplit = (kmax + a.ks - 1) / a.ks;
+    /* two tiles per warp once the warps fill the GPU (measured best at 4 and 8 bits on E4B) */
+    a.J = fix_j > 0 ? G3N_MIN(QJMAX, fix_j) : tiles * nsplit >= slots ? 2 : 1;
+    const size_t smem = qs_smem<BITS>(R, a.ks);
+    if (smem > 200 * 1024) return 0;
+    int nb = 0;
+    a.blk0[0] = 0;
+    if (a.mode == QGATE_UP) {
+        nb = ((a.O[0] + QRPW - 1) / QRPW + 4 * a.J - 1) / (4 * a.J);
+        a.blk0[1] = a.blk0[2] = nb;
+    } else {
+        for (int i = 0; i < a.n; i++) a.blk0[i + 1] = nb += ((a.O[i] + QRPW - 1) / QRPW + 8 * a.J - 1) / (8 * a.J);
+    }
+    if (nb > 65535) return 0;
+    const dim3 grid((unsigned)nsplit, (unsigned)nb);
+#define L(r)                                                                                                    \
+    do {                                                                                                        \
+        static size_t smem_set = 48 * 1024;                                                                     \
+        if (smem > smem_set) {                                                                                  \
+            CUDA_CHECK(cudaFuncSetAttribute(k_qgemv_s<BITS, r>, cudaFuncAttributeMaxDynamicSharedMemorySize, \
+                                            (int)smem));                                                        \
+            smem_set = smem;                                                                                    \
+        }                                                                                                       \
+        launch_cluster(c, (unsigned)nsplit, k_qgemv_s<BITS, r>, grid, 256, smem, a);                            \
+    } while (0)
     ROWS_SWITCH(R, L)
 #undef L
     CUDA_LAUNCHED();
+    return 1;
 }
 
 /* G3N_QGEMV=old: the one-row-per-warp kernel (k_qgemv) at 4 and 8 bits too, for A/B timing */
@@ -415,11 +587,9 @@ static void qmulti(cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y,
         a.row0[i + 1] = a.row0[i] + W[i]->rows;
         min_k = G3N_MIN(min_k, W[i]->cols);
     }
-    if ((W[0]->bits == 4 || W[0]->bits == 8) && !qgemv_old()) {
-        if (W[0]->bits == 4) qlaunch_t<4>(c, a, rows);
-        else qlaunch_t<8>(c, a, rows);
+    if ((W[0]->bits == 4 || W[0]->bits == 8) && !qgemv_old() &&
+        (W[0]->bits == 4 ? qlaunch_s<4>(c, a, rows) : qlaunch_s<8>(c, a, rows)))
         return;
-    }
     /* warps per row: ~8K warps in flight, each with at least 8 chunks of its row */
     a.wpr = 1;
     while (mode != QGATE_UP && a.wpr < 8 && (size_t)a.row0[n] * a.wpr < 8192 && min_k / 32 / (a.wpr * 2) >= 8)
