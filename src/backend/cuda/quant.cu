@@ -8,11 +8,13 @@
  * scale * sum(q * x) + bias * sum(x): the dequantized weight is never formed and
  * the result differs from the reference (fp32 s*q + b, then the dot) only in
  * rounding. `wpr` warps share a long row; partial sums are added in a fixed order.
- * 4 and 8 bits use k_qgemv_s (4 output rows per warp, K split over a cluster,
- * activations staged in shared memory, unpacking without int->float conversion;
- * below) for 1-8 rows at once; G3N_QGEMV=old selects this one-row-per-warp
- * k_qgemv instead (A/B timing), and it also serves slices too wide for shared
- * memory. 2, 3, 5 and 6 bits run the one-row kernel once per row (correct, slower).
+ * 4 and 8 bits with 16-bit scales use k_qgemv_s (integer dot products, 4 output
+ * rows per warp, weights through a cp.async ring, K split over a cluster; below)
+ * for 1-8 rows at once; G3N_QGEMV=old selects this one-row-per-warp k_qgemv
+ * instead (A/B timing), and it also serves f32 scales and slices too wide for
+ * shared memory. 2, 3, 5 and 6 bits run the one-row kernel once per row
+ * (correct, slower). G3N_QSPLIT=n (most K slices) and G3N_QJ=n (tiles per
+ * warp) override k_qgemv_s's shape, for timing.
  * Prompt-sized products: tiles of rows dequantized to f32 (exactly the
  * reference's weights) and multiplied by cuBLAS in f32.
  * Matrices read element by element inside fused row kernels (the AltUp router)
@@ -292,15 +294,13 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-/* The 4-byte word holding element g of a 2- or 4-byte scale/bias array (cp.async
- * copies at least 4 aligned bytes), and element g taken back out of it. */
-__device__ __forceinline__ const void *sb_word(const void *p, int sdt, size_t g) {
-    return sdt == G3N_F32 ? (const void *)((const float *)p + g) : (const void *)((const uint32_t *)p + g / 2);
-}
-__device__ __forceinline__ float sb_value(uint32_t w, int sdt, size_t g) { /* g: its parity only */
-    if (sdt == G3N_F32) return __uint_as_float(w);
+/* The 4-byte word holding element g of a 16-bit (SDT: G3N_BF16 or G3N_F16) scale or
+ * bias array (cp.async copies at least 4 aligned bytes), and element g taken back
+ * out of it. */
+__device__ __forceinline__ const void *sb_word(const void *p, size_t g) { return (const uint32_t *)p + g / 2; }
+template <int SDT> __device__ __forceinline__ float sb_value(uint32_t w, int g) { /* g: its parity only */
     const uint32_t h = (g & 1) ? w >> 16 : w & 0xffffu;
-    if (sdt == G3N_BF16) return __uint_as_float(h << 16);
+    if (SDT == G3N_BF16) return __uint_as_float(h << 16);
     return __half2float(__ushort_as_half((unsigned short)h));
 }
 
@@ -310,7 +310,7 @@ template <int BITS> struct qslot {
     uint32_t sc[QRPW][32], bi[QRPW][32];
 };
 
-template <int BITS, int R>
+template <int BITS, int R, int SDT>
 __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
     if (gridDim.x > 1) __trap(); /* clusters: sm_90 and later (the host splits K only there) */
@@ -327,7 +327,7 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
     /* warp's tiles: tile0 + j * tstep (QGATE_UP: warps 0-3 gate, 4-7 the same up tiles) */
     const int tile0 = gu ? b * 4 * J + (warp & 3) : (b - a.blk0[s]) * 8 * J + warp, tstep = gu ? 4 : 8;
     if (gu) s = warp >> 2;
-    const int K = a.K[s], G = a.G[s], O = a.O[s], sdt = a.sdt[s];
+    const int K = a.K[s], G = a.G[s], O = a.O[s];
     const int cbase = split * ncs, nch = G3N_MIN(K / 32 - cbase, ncs), gpr = K / G;
     const size_t wstride = (size_t)(K / 32) * BITS; /* u32 words per row */
     const uint32_t *W = a.W[s];
@@ -350,8 +350,8 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
                 const uint4 *p = (const uint4 *)(W + row * wstride + (size_t)ch * BITS);
 #pragma unroll
                 for (int j = 0; j < BITS / 4; j++) cp_async16(&sl.w[i][j][lane], p + j);
-                cp_async4(&sl.sc[i][lane], sb_word(S, sdt, g));
-                cp_async4(&sl.bi[i][lane], sb_word(B, sdt, g));
+                cp_async4(&sl.sc[i][lane], sb_word(S, g));
+                cp_async4(&sl.bi[i][lane], sb_word(B, g));
             }
         }
         cp_async_commit(); /* an empty group past the end keeps the wait count uniform */
@@ -424,8 +424,8 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
                     const int g = min(tile * QRPW + i, O - 1) * gpr + ((cbase + p) >> gsh); /* parity only */
 #pragma unroll
                     for (int k = 0; k < BITS / 4; k++) q[i][k] = sl.w[i][k][lane];
-                    sc[i] = sb_value(sl.sc[i][lane], sdt, g);
-                    bi[i] = sb_value(sl.bi[i][lane], sdt, g);
+                    sc[i] = sb_value<SDT>(sl.sc[i][lane], g);
+                    bi[i] = sb_value<SDT>(sl.bi[i][lane], g);
                 }
                 qdot_s<BITS, R>(acc, q, sc, bi, xq, xe, xsum, ncs, p);
             }
@@ -490,8 +490,8 @@ template <int BITS> static size_t qs_smem(int R, int ks) {
     return (size_t)R * (ks / 32) * (3 * 32 + 2 * sizeof(float)) + 8 * QSTAGES * sizeof(qslot<BITS>);
 }
 
-/* Blocks of k_qgemv_s<BITS, R> resident per SM with a 2048-input slice (the usual one). */
-template <int BITS> static int qs_blocks_per_sm(int R) {
+/* Blocks of k_qgemv_s<BITS, R, SDT> resident per SM with a 2048-input slice (the usual one). */
+template <int BITS, int SDT> static int qs_blocks_per_sm(int R) {
     static int v[9];
     R = G3N_MIN(G3N_MAX(R, 1), 8);
     if (!v[R]) {
@@ -499,9 +499,9 @@ template <int BITS> static int qs_blocks_per_sm(int R) {
         int n = 1;
 #define Q(r)                                                                                                  \
     do {                                                                                                      \
-        CUDA_CHECK(cudaFuncSetAttribute(k_qgemv_s<BITS, r>, cudaFuncAttributeMaxDynamicSharedMemorySize,   \
+        CUDA_CHECK(cudaFuncSetAttribute(k_qgemv_s<BITS, r, SDT>, cudaFuncAttributeMaxDynamicSharedMemorySize, \
                                         (int)smem));                                                          \
-        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k_qgemv_s<BITS, r>, 256, smem));         \
+        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k_qgemv_s<BITS, r, SDT>, 256, smem));    \
     } while (0)
         ROWS_SWITCH(R, Q)
 #undef Q
@@ -511,13 +511,13 @@ template <int BITS> static int qs_blocks_per_sm(int R) {
 }
 
 /* Returns 0 (nothing launched) when the staged slice does not fit in shared memory. */
-template <int BITS>
+template <int BITS, int SDT>
 static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
     /* Fill the GPU's resident warps (two blocks of 8 per SM at R <= 2) about once:
      * K split into slices (multiples of 1024 inputs, at most 8: a portable cluster)
      * while there are fewer warp tiles than that, more tiles per warp while there
      * are more, so that each warp has several items to pipeline. */
-    const int slots = c->n_sm * 8 * qs_blocks_per_sm<BITS>(R);
+    const int slots = c->n_sm * 8 * qs_blocks_per_sm<BITS, SDT>(R);
     int kmax = 0, tiles = 0;
     for (int i = 0; i < a.n; i++) {
         kmax = G3N_MAX(kmax, a.K[i]), tiles += (a.O[i] + QRPW - 1) / QRPW;
@@ -551,16 +551,25 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
     do {                                                                                                        \
         static size_t smem_set = 48 * 1024;                                                                     \
         if (smem > smem_set) {                                                                                  \
-            CUDA_CHECK(cudaFuncSetAttribute(k_qgemv_s<BITS, r>, cudaFuncAttributeMaxDynamicSharedMemorySize, \
+            CUDA_CHECK(cudaFuncSetAttribute(k_qgemv_s<BITS, r, SDT>, cudaFuncAttributeMaxDynamicSharedMemorySize, \
                                             (int)smem));                                                        \
             smem_set = smem;                                                                                    \
         }                                                                                                       \
-        launch_cluster(c, (unsigned)nsplit, k_qgemv_s<BITS, r>, grid, 256, smem, a);                            \
+        launch_cluster(c, (unsigned)nsplit, k_qgemv_s<BITS, r, SDT>, grid, 256, smem, a);                       \
     } while (0)
     ROWS_SWITCH(R, L)
 #undef L
     CUDA_LAUNCHED();
     return 1;
+}
+
+/* k_qgemv_s for 4 or 8 bits and 16-bit scales (all products alike); 0: not launched */
+static int qlaunch_s_any(cuda_ctx *c, qargs &a, int bits, int R) {
+    for (int i = 1; i < a.n; i++)
+        if (a.sdt[i] != a.sdt[0]) return 0;
+    if (a.sdt[0] == G3N_BF16) return bits == 4 ? qlaunch_s<4, G3N_BF16>(c, a, R) : qlaunch_s<8, G3N_BF16>(c, a, R);
+    if (a.sdt[0] == G3N_F16) return bits == 4 ? qlaunch_s<4, G3N_F16>(c, a, R) : qlaunch_s<8, G3N_F16>(c, a, R);
+    return 0;
 }
 
 /* G3N_QGEMV=old: the one-row-per-warp kernel (k_qgemv) at 4 and 8 bits too, for A/B timing */
@@ -587,9 +596,7 @@ static void qmulti(cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y,
         a.row0[i + 1] = a.row0[i] + W[i]->rows;
         min_k = G3N_MIN(min_k, W[i]->cols);
     }
-    if ((W[0]->bits == 4 || W[0]->bits == 8) && !qgemv_old() &&
-        (W[0]->bits == 4 ? qlaunch_s<4>(c, a, rows) : qlaunch_s<8>(c, a, rows)))
-        return;
+    if ((W[0]->bits == 4 || W[0]->bits == 8) && !qgemv_old() && qlaunch_s_any(c, a, W[0]->bits, rows)) return;
     /* warps per row: ~8K warps in flight, each with at least 8 chunks of its row */
     a.wpr = 1;
     while (mode != QGATE_UP && a.wpr < 8 && (size_t)a.row0[n] * a.wpr < 8192 && min_k / 32 / (a.wpr * 2) >= 8)
