@@ -246,12 +246,13 @@ TEST(qmatmul_large) {
 /* 4- and 8-bit decode products in the shapes the tiled GPU kernel (4 output rows
  * per warp, several warps per row) finds awkward: output counts not a multiple
  * of 4, several products of different shapes in one launch, long rows (more
- * than one batch of loads per lane), 1-8 activation rows, the fused epilogues. */
+ * than one batch of loads per lane), 1-8 activation rows and batched steps of
+ * 13 and 32 (8 at a time), the fused epilogues. */
 TEST(qmatmul_fused_odd) {
-    const int groups[] = {32, 64, 128}, sdt[] = {G3N_BF16, G3N_F16, G3N_F32}, rows_s[] = {1, 2, 3, 5, 8};
+    const int groups[] = {32, 64, 128}, sdt[] = {G3N_BF16, G3N_F16, G3N_F32}, rows_s[] = {1, 2, 3, 5, 8, 13, 32};
     for (int bits = 4; bits <= 8; bits += 4)
         for (int gi = 0; gi < 3; gi++)
-            for (int a = 0; a < 5; a++) {
+            for (int a = 0; a < 7; a++) {
                 const int R = rows_s[a], G = groups[gi], sd = sdt[(gi + a) % 3];
                 if (B_IS_CPU && a > 1) continue;
                 /* three products: O 37 / 6 / 1, K 3G / 16384 / G (x shared by 0 and 2 only if equal K) */

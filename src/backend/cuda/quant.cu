@@ -2,7 +2,7 @@
  * format): upload, decode GEMV with the same epilogues as gemv.cu, prompt-sized
  * products, embedding rows.
  *
- * Decode (up to 8 rows): each lane takes chunks of 32 weights (`bits` u32 words:
+ * Decode (up to 32 rows, 8 at a time): each lane takes chunks of 32 weights (`bits` u32 words:
  * one 16-byte load at 4 bits, two at 8), several in flight, loaded before the PDL
  * wait like gemv.cu. A chunk lies inside one group, so its contribution is
  * scale * sum(q * x) + bias * sum(x): the dequantized weight is never formed and
@@ -611,6 +611,23 @@ static void qmulti(cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y,
     }
 }
 
+/* Decode-sized products of up to QDECODE_ROWS rows: qmulti on 8 rows at a time
+ * (the weights are read once per 8 rows; dequantizing to f32 for cuBLAS moves
+ * about 8 times the 4-bit bytes twice, which pays only for prompts). */
+#define QDECODE_ROWS 32
+static void qmulti_rows(cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y, const float *const *x,
+                        int rows, int mode, const float *m) {
+    for (int r0 = 0; r0 < rows; r0 += 8) {
+        float *yy[QMAX];
+        const float *xx[QMAX];
+        for (int i = 0; i < n; i++) {
+            yy[i] = y[i] ? y[i] + (size_t)r0 * W[i]->rows : NULL;
+            xx[i] = x[i] + (size_t)r0 * W[i]->cols;
+        }
+        qmulti(c, n, W, yy, xx, G3N_MIN(rows - r0, 8), mode, m ? m + (size_t)r0 * W[0]->rows : NULL);
+    }
+}
+
 /* ---- prompt-sized products: dequantized tiles, cuBLAS f32 ------------------------------ */
 
 __global__ void k_dequant(float *out, const uint32_t *W, const void *S, const void *B, int sdt, int bits, int group,
@@ -657,13 +674,8 @@ static void qmatmul_blas(cuda_ctx *c, float *y, const g3n_mat *W, const float *x
 void cuda_quant_matmul(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows) {
     if (rows <= 0 || W->rows <= 0) return;
     PROF_BEGIN(c);
-    if (rows > 8 && c->qscratch) qmatmul_blas(c, y, W, x, rows);
-    else
-        for (int r0 = 0; r0 < rows; r0 += 8) {
-            float *yy = y + (size_t)r0 * W->rows;
-            const float *xx = x + (size_t)r0 * W->cols;
-            qmulti(c, 1, &W, &yy, &xx, G3N_MIN(rows - r0, 8), QPLAIN, NULL);
-        }
+    if (rows > QDECODE_ROWS && c->qscratch) qmatmul_blas(c, y, W, x, rows);
+    else qmulti_rows(c, 1, &W, &y, &x, rows, QPLAIN, NULL);
     if (c->profile) {
         char name[48];
         snprintf(name, sizeof name, "qmatmul q%d %dx%d r%d", W->bits, W->rows, W->cols, rows);
@@ -674,33 +686,33 @@ void cuda_quant_matmul(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, 
 void cuda_quant_op_multi(g3n_backend *be, int n, const g3n_mat *const *W, float *const *y, const float *const *x,
                          int rows) {
     cuda_ctx *c = CTX(be);
-    int ok = n <= QMAX && rows <= 8;
+    int ok = n <= QMAX && rows <= QDECODE_ROWS;
     for (int i = 0; i < n && ok; i++) ok = W[i]->bits == W[0]->bits;
     if (!ok) {
         for (int i = 0; i < n; i++) cuda_op_matmul(be, y[i], W[i], x[i], rows);
         return;
     }
     PROF_BEGIN(c);
-    qmulti(c, n, W, y, x, rows, QPLAIN, NULL);
+    qmulti_rows(c, n, W, y, x, rows, QPLAIN, NULL);
     PROF_END(c, "qmatmul_multi", 0);
 }
 
 void cuda_quant_op_gelu_mul(g3n_backend *be, float *y, const g3n_mat *W, const float *x, const float *m, int rows) {
     cuda_ctx *c = CTX(be);
-    if (rows > 8) {
+    if (rows > QDECODE_ROWS) {
         cuda_op_matmul(be, y, W, x, rows);
         cuda_op_gelu_mul(be, y, y, m, (size_t)rows * W->rows);
         return;
     }
     PROF_BEGIN(c);
-    qmulti(c, 1, &W, &y, &x, rows, QGELU_MUL, m);
+    qmulti_rows(c, 1, &W, &y, &x, rows, QGELU_MUL, m);
     PROF_END(c, "qmatmul_gelu_mul", (double)g3n_mat_bytes(W));
 }
 
 void cuda_quant_op_gate_up(g3n_backend *be, float *act, float *up, const g3n_mat *Wg, const g3n_mat *Wu,
                            const float *x, int rows) {
     cuda_ctx *c = CTX(be);
-    if (rows > 8 || Wg->bits != Wu->bits || Wg->rows != Wu->rows || Wg->cols != Wu->cols) {
+    if (rows > QDECODE_ROWS || Wg->bits != Wu->bits || Wg->rows != Wu->rows || Wg->cols != Wu->cols) {
         cuda_op_matmul(be, act, Wg, x, rows);
         cuda_op_matmul(be, up, Wu, x, rows);
         cuda_op_gelu_mul(be, act, act, up, (size_t)rows * Wg->rows);
@@ -710,7 +722,7 @@ void cuda_quant_op_gate_up(g3n_backend *be, float *act, float *up, const g3n_mat
     const g3n_mat *W[2] = {Wg, Wu};
     float *y[2] = {act, NULL};
     const float *xs[2] = {x, x};
-    qmulti(c, 2, W, y, xs, rows, QGATE_UP, NULL);
+    qmulti_rows(c, 2, W, y, xs, rows, QGATE_UP, NULL);
     PROF_END(c, "qmatmul_gate_up", 2.0 * (double)g3n_mat_bytes(Wg));
 }
 
