@@ -327,8 +327,9 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
     /* warp's tiles: tile0 + j * tstep (QGATE_UP: warps 0-3 gate, 4-7 the same up tiles) */
     const int tile0 = gu ? b * 4 * J + (warp & 3) : (b - a.blk0[s]) * 8 * J + warp, tstep = gu ? 4 : 8;
     if (gu) s = warp >> 2;
-    const int K = a.K[s], G = a.G[s], O = a.O[s];
-    const int cbase = split * ncs, nch = G3N_MIN(K / 32 - cbase, ncs), gpr = K / G;
+    const int K = a.K[s], O = a.O[s];
+    const int gsh = a.gsh[s]; /* chunk position -> group: >> gsh (G = 32 << gsh) */
+    const int cbase = split * ncs, nch = G3N_MIN(K / 32 - cbase, ncs), gpr = K >> (gsh + 5);
     const size_t wstride = (size_t)(K / 32) * BITS; /* u32 words per row */
     const uint32_t *W = a.W[s];
     const void *S = a.S[s], *B = a.B[s];
@@ -336,18 +337,25 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
     uint32_t *xq = (uint32_t *)qsm;
     float *xe = (float *)(xq + (size_t)R * 3 * ncs * 8), *xsum = xe + R * ncs;
     qslot<BITS> *ring = (qslot<BITS> *)(xsum + R * ncs) + warp * QSTAGES;
-    const int gsh = a.gsh[s]; /* chunk position -> group: >> gsh (G = 32 << gsh) */
     /* items in order: tile j < J of the warp, batch bt < nbt of its chunk positions
      * (32 * bt + lane of the slice); one cursor issues, QSTAGES - 1 items ahead */
     int ij = 0, ibt = 0, islot = 0;
+    const uint32_t *wrow[QRPW]; /* the issuing tile's rows: weights, and first group */
+    int grow[QRPW];
     auto issue = [&]() {
         const int tile = tile0 + ij * tstep, ch = cbase + 32 * ibt + lane;
+        if (ibt == 0)
+#pragma unroll
+            for (int i = 0; i < QRPW; i++) {
+                const int row = min(tile * QRPW + i, O - 1);
+                wrow[i] = W + (size_t)row * wstride, grow[i] = row * gpr;
+            }
         if (ij < J && tile * QRPW < O && ch - cbase < nch) {
             qslot<BITS> &sl = ring[islot];
 #pragma unroll
             for (int i = 0; i < QRPW; i++) {
-                const size_t row = (size_t)min(tile * QRPW + i, O - 1), g = row * gpr + (size_t)(ch >> gsh);
-                const uint4 *p = (const uint4 *)(W + row * wstride + (size_t)ch * BITS);
+                const int g = grow[i] + (ch >> gsh);
+                const uint4 *p = (const uint4 *)(wrow[i] + ch * BITS);
 #pragma unroll
                 for (int j = 0; j < BITS / 4; j++) cp_async16(&sl.w[i][j][lane], p + j);
                 cp_async4(&sl.sc[i][lane], sb_word(S, g));
@@ -361,13 +369,21 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
 #pragma unroll
     for (int k = 0; k < QSTAGES - 1; k++) issue();
     KERNEL_BEGIN();
-    { /* stage the slice: 8 consecutive threads hold one chunk's 8 float4s (R * ks/4 is a multiple of 256) */
+    { /* stage the slice: 8 consecutive threads hold one chunk's 8 float4s (ks/4 is a multiple of 256) */
         const int Kx = a.K[sx], k0 = split * ks, n4 = ks / 4;
         const float *x = a.x[sx];
-        for (int t = threadIdx.x; t < R * n4; t += 256) {
-            const int r = t / n4, j = t % n4, ch = j >> 3, k = j & 7, col = k0 + 4 * j;
-            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (col < Kx) v = __ldg((const float4 *)(x + (size_t)r * Kx + col));
+        auto ldx = [&](int r, int j) { /* float4 j of the slice of activation row r (zeros past K) */
+            const int col = k0 + 4 * j;
+            return col < Kx ? __ldg((const float4 *)(x + (size_t)r * Kx + col)) : make_float4(0.f, 0.f, 0.f, 0.f);
+        };
+        float4 vn = ldx(0, threadIdx.x); /* the next float4, loaded one step ahead */
+        for (int r = 0, j = threadIdx.x; r < R;) {
+            const float4 v = vn;
+            const int ch = j >> 3, k = j & 7;
+            uint32_t *dst = xq + (size_t)r * 3 * ncs * 8 + (size_t)ch * 8 + qx_word(ch, k);
+            float *xsr = xsum + r * ncs, *xer = xe + r * ncs;
+            if ((j += 256) >= n4) j = threadIdx.x, r++;
+            if (r < R) vn = ldx(r, j);
             float sm = (v.x + v.y) + (v.z + v.w), mx = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
 #pragma unroll
             for (int o = 1; o < 8; o <<= 1) {
@@ -386,7 +402,6 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
                 const int m = (int)(int8_t)(iv1 & 0xff), h = (iv1 - m) >> 8;
                 part[0][u] = (uint32_t)h & 0xffu, part[1][u] = (uint32_t)m & 0xffu, part[2][u] = (uint32_t)l & 0xffu;
             }
-            uint32_t *dst = xq + (size_t)r * 3 * ncs * 8 + (size_t)ch * 8 + qx_word(ch, k);
 #pragma unroll
             for (int pt = 0; pt < 3; pt++) {
                 const uint32_t *b4 = part[pt];
@@ -400,7 +415,7 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
                 }
                 dst[(size_t)pt * ncs * 8] = wv;
             }
-            if (k == 0) xsum[r * ncs + ch] = sm, xe[r * ncs + ch] = __uint_as_float((uint32_t)(127 + e) << 23) * (mx >= 0x1p-100f);
+            if (k == 0) xsr[ch] = sm, xer[ch] = __uint_as_float((uint32_t)(127 + e) << 23) * (mx >= 0x1p-100f);
         }
     }
     __syncthreads();
@@ -411,6 +426,9 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
         for (int r = 0; r < R; r++) acc[i][r] = 0;
     for (int j = 0, slot = 0; j < J; j++) {
         const int tile = tile0 + j * tstep;
+        int gpar[QRPW]; /* parity of each row's first group */
+#pragma unroll
+        for (int i = 0; i < QRPW; i++) gpar[i] = (min(tile * QRPW + i, O - 1) * gpr) & 1;
         for (int bt = 0; bt < nbt; bt++) {
             issue();
             cp_async_wait<QSTAGES - 1>(); /* this item's group is complete (each lane reads only its own copies) */
@@ -421,7 +439,7 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
                 float sc[QRPW], bi[QRPW];
 #pragma unroll
                 for (int i = 0; i < QRPW; i++) {
-                    const int g = min(tile * QRPW + i, O - 1) * gpr + ((cbase + p) >> gsh); /* parity only */
+                    const int g = gpar[i] + ((cbase + p) >> gsh); /* parity only */
 #pragma unroll
                     for (int k = 0; k < BITS / 4; k++) q[i][k] = sl.w[i][k][lane];
                     sc[i] = sb_value<SDT>(sl.sc[i][lane], g);
