@@ -343,6 +343,7 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     const char *pdl = getenv("G3N_CUDA_PDL");
     c->n_sm = prop.multiProcessorCount;
     c->cluster_ok = prop.major >= 9;
+    c->smem_optin = (size_t)prop.sharedMemPerBlockOptin;
     c->pdl = prop.major >= 9 && !(pdl && strcmp(pdl, "0") == 0);
     const char *sk = getenv("G3N_CUDA_SKIP");
     if (sk) snprintf(c->skip, sizeof c->skip, "%s", sk);

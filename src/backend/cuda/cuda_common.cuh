@@ -71,6 +71,7 @@ typedef struct {
      * are not launched. Wrong results; for timing what the rest of a step costs. */
     char skip[256];
     int cluster_ok; /* thread-block clusters (sm_90+) */
+    size_t smem_optin; /* shared memory a block may opt in to */
     /* current step */
     int n_tokens, n_seq;
     int one_per_seq; /* every token of the step is its own sequence's only one (decode) */

@@ -508,8 +508,13 @@ template <int BITS> static size_t qs_smem(int R, int ks) {
     return (size_t)R * (ks / 32) * (3 * 32 + 2 * sizeof(float)) + 8 * QSTAGES * sizeof(qslot<BITS>);
 }
 
-/* Blocks of k_qgemv_s<BITS, R, SDT> resident per SM with a 2048-input slice (the usual one). */
-template <int BITS, int SDT> static int qs_blocks_per_sm(int R) {
+/* The most dynamic shared memory k_qgemv_s takes: 200 KB, or less where the device allows less. */
+static size_t qs_smem_max(const cuda_ctx *c) { return G3N_MIN((size_t)200 * 1024, c->smem_optin); }
+
+/* Blocks of k_qgemv_s<BITS, R, SDT> resident per SM with a 2048-input slice (the
+ * usual one). The first call per instantiation also lets the kernel take up to
+ * qs_smem_max, so that no launch needs to raise it. */
+template <int BITS, int SDT> static int qs_blocks_per_sm(const cuda_ctx *c, int R) {
     static int v[9];
     R = G3N_MIN(G3N_MAX(R, 1), 8);
     if (!v[R]) {
@@ -518,7 +523,7 @@ template <int BITS, int SDT> static int qs_blocks_per_sm(int R) {
 #define Q(r)                                                                                                  \
     do {                                                                                                      \
         CUDA_CHECK(cudaFuncSetAttribute(k_qgemv_s<BITS, r, SDT>, cudaFuncAttributeMaxDynamicSharedMemorySize, \
-                                        (int)smem));                                                          \
+                                        (int)qs_smem_max(c)));                                                \
         CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k_qgemv_s<BITS, r, SDT>, 256, smem));    \
     } while (0)
         ROWS_SWITCH(R, Q)
@@ -535,7 +540,7 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
      * K split into slices (multiples of 1024 inputs, at most 8: a portable cluster)
      * while there are fewer warp tiles than that, more tiles per warp while there
      * are more, so that each warp has several items to pipeline. */
-    const int slots = c->n_sm * 8 * qs_blocks_per_sm<BITS, SDT>(R);
+    const int slots = c->n_sm * 8 * qs_blocks_per_sm<BITS, SDT>(c, R);
     int kmax = 0, tiles = 0;
     for (int i = 0; i < a.n; i++) {
         kmax = G3N_MAX(kmax, a.K[i]), tiles += (a.O[i] + QRPW - 1) / QRPW;
@@ -554,7 +559,7 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
     /* two tiles per warp once the warps fill the GPU (measured best at 4 and 8 bits on E4B) */
     a.J = fix_j > 0 ? G3N_MIN(QJMAX, fix_j) : tiles * nsplit >= slots ? 2 : 1;
     const size_t smem = qs_smem<BITS>(R, a.ks);
-    if (smem > 200 * 1024) return 0;
+    if (smem > qs_smem_max(c)) return 0;
     int nb = 0;
     a.blk0[0] = 0;
     if (a.mode == QGATE_UP) {
@@ -565,16 +570,7 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
     }
     if (nb > 65535) return 0;
     const dim3 grid((unsigned)nsplit, (unsigned)nb);
-#define L(r)                                                                                                    \
-    do {                                                                                                        \
-        static size_t smem_set = 48 * 1024;                                                                     \
-        if (smem > smem_set) {                                                                                  \
-            CUDA_CHECK(cudaFuncSetAttribute(k_qgemv_s<BITS, r, SDT>, cudaFuncAttributeMaxDynamicSharedMemorySize, \
-                                            (int)smem));                                                        \
-            smem_set = smem;                                                                                    \
-        }                                                                                                       \
-        launch_cluster(c, (unsigned)nsplit, k_qgemv_s<BITS, r, SDT>, grid, 256, smem, a);                       \
-    } while (0)
+#define L(r) launch_cluster(c, (unsigned)nsplit, k_qgemv_s<BITS, r, SDT>, grid, 256, smem, a)
     ROWS_SWITCH(R, L)
 #undef L
     CUDA_LAUNCHED();
@@ -648,21 +644,25 @@ static void qmulti_rows(cuda_ctx *c, int n, const g3n_mat *const *W, float *cons
 
 /* ---- prompt-sized products: dequantized tiles, cuBLAS f32 ------------------------------ */
 
+/* Element col of row r of a quantized matrix (K columns), dequantized exactly as
+ * the reference does it (g3n_quant_w: the product rounded, then the sum). */
+__device__ __forceinline__ float qdeq(const uint32_t *W, const void *S, const void *B, int sdt, int bits, int group,
+                                      int K, size_t r, int col) {
+    const uint32_t *row = W + r * ((size_t)K * bits / 32);
+    const size_t p = (size_t)col * bits;
+    uint64_t v = row[p >> 5];
+    if ((p & 31) + bits > 32) v |= (uint64_t)row[(p >> 5) + 1] << 32;
+    const float q = (float)((uint32_t)(v >> (p & 31)) & ((1u << bits) - 1u));
+    const size_t g = r * (size_t)(K / group) + col / group;
+    return __fadd_rn(__fmul_rn(load_w(S, sdt, g), q), load_w(B, sdt, g));
+}
+
 __global__ void k_dequant(float *out, const uint32_t *W, const void *S, const void *B, int sdt, int bits, int group,
                           int K, int r0, int nr) {
     KERNEL_BEGIN();
-    const size_t n = (size_t)nr * K, words = (size_t)K * bits / 32;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const size_t r = (size_t)r0 + i / K;
-        const int col = (int)(i % K);
-        const uint32_t *row = W + r * words;
-        const size_t p = (size_t)col * bits;
-        uint64_t v = row[p >> 5];
-        if ((p & 31) + bits > 32) v |= (uint64_t)row[(p >> 5) + 1] << 32;
-        const float q = (float)((uint32_t)(v >> (p & 31)) & ((1u << bits) - 1u));
-        const size_t g = r * (size_t)(K / group) + col / group;
-        out[i] = __fadd_rn(__fmul_rn(load_w(S, sdt, g), q), load_w(B, sdt, g)); /* g3n_quant_w */
-    }
+    const size_t n = (size_t)nr * K;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = qdeq(W, S, B, sdt, bits, group, K, (size_t)r0 + i / K, (int)(i % K));
 }
 
 static void qmatmul_blas(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows) {
@@ -750,15 +750,8 @@ __global__ void k_qembed(float *y, const uint32_t *W, const void *S, const void 
     const int t = blockIdx.y;
     int id = ids[t];
     if (id < 0 || id >= rows) id = 0;
-    const uint32_t *row = W + (size_t)id * ((size_t)cols * bits / 32);
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < cols; i += gridDim.x * blockDim.x) {
-        const size_t p = (size_t)i * bits;
-        uint64_t v = row[p >> 5];
-        if ((p & 31) + bits > 32) v |= (uint64_t)row[(p >> 5) + 1] << 32;
-        const float q = (float)((uint32_t)(v >> (p & 31)) & ((1u << bits) - 1u));
-        const size_t g = (size_t)id * (size_t)(cols / group) + i / group;
-        y[(size_t)t * cols + i] = __fadd_rn(__fmul_rn(load_w(S, sdt, g), q), load_w(B, sdt, g)) * scale;
-    }
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < cols; i += gridDim.x * blockDim.x)
+        y[(size_t)t * cols + i] = qdeq(W, S, B, sdt, bits, group, cols, (size_t)id, i) * scale;
 }
 
 void cuda_quant_embed(cuda_ctx *c, float *y, const g3n_mat *W, float scale) {
