@@ -36,10 +36,11 @@ typedef struct {
                            top-k target (read only the surviving up rows and down
                            columns; down matrices stored transposed). Off by default
                            until its gather kernels beat the dense ones everywhere. */
-    const char *decode_path; /* "fused", "split" or "auto" (NULL = auto): the
-                           per-op path or the fused one; auto times a few decode
-                           steps of each on this device at load and keeps the
-                           faster (cached in ~/.cache/g3n) */
+    const char *decode_path; /* "fused", "split", "mega" or "auto" (NULL = auto):
+                           the per-op path, the fused one, or (cuda, one-token
+                           steps) every layer in one kernel; auto times a few
+                           decode steps of each on this device at load and keeps
+                           the fastest (cached in ~/.cache/g3n) */
 } g3n_model_params;
 
 /* Defaults for g3n_model_params. */
@@ -72,14 +73,15 @@ typedef struct {
     const char *layout;    /* which tensor-name layout the files use */
     const char *backend;   /* backend in use */
     const char *device_name; /* the hardware it runs on */
-    const char *decode_path; /* "fused" or "split" */
+    const char *decode_path; /* "fused", "split" or "mega" */
+    const char *decode_paths; /* the ones this model and backend have, comma-separated */
     const char *decode_path_why; /* how it was chosen */
 } g3n_model_info;
 
 g3n_model_info g3n_model_get_info(const g3n_model *m);
 
-/* Switch the decode path ("fused" or "split") of an open model; -1 on another
- * name. For benchmarks and tests that compare the two. */
+/* Switch the decode path ("fused", "split" or "mega") of an open model; -1 on
+ * another name or one the model lacks (decode_paths). For benchmarks and tests. */
 int g3n_model_set_decode_path(g3n_model *m, const char *path);
 
 /* Benchmark support: read bandwidth in bytes/s of the memory the weights live

@@ -182,6 +182,52 @@ TEST(causal_cuda) { check_layout(FIX "causal", "cuda"); }
 TEST(mlx_cuda) { check_layout(FIX "mlx", "cuda"); }
 #endif
 
+#ifdef G3N_CUDA
+/* The fixtures' three dtypes are all taken whole by the CUDA backend (else the
+ * mega runs below would test the fused path again). */
+TEST(mega_taken) {
+    const char *dirs[3] = {FIX "conditional", FIX "causal", FIX "mlx"};
+    for (int i = 0; i < 3; i++) {
+        g3n_model *m = open_model(dirs[i], "cuda");
+        if (!m) return;
+        CHECK_MSG(strcmp(g3n_model_get_info(m).decode_path, "mega") == 0, "%s: %s (%s)", dirs[i],
+                  g3n_model_get_info(m).decode_path, g3n_model_get_info(m).decode_path_why);
+        g3n_model_close(m);
+    }
+}
+
+/* Decoding the same tokens one at a time on the mega and the fused paths of one
+ * model: the same logits to fp32 summation order (the bound of decode against
+ * prefill), at every position (across a sliding-window wrap and the KV-shared
+ * layers). */
+TEST(mega_equals_fused) {
+    g3n_model *m = open_model(FIX "conditional", "cuda");
+    if (!m) return;
+    const int V = g3n_model_get_info(m).n_vocab, n = 40;
+    char err[512];
+    g3n_session *s[2];
+    for (int i = 0; i < 2; i++) s[i] = g3n_session_create(m, 64, 1, err, sizeof err);
+    test_seed(5);
+    float *lg = malloc(sizeof(float) * (size_t)V);
+    double worst = 0;
+    for (int t = 0; t < n; t++) {
+        int32_t tok = (int32_t)(3 + test_rand_u64() % 380);
+        CHECK(g3n_model_set_decode_path(m, "fused") == 0);
+        CHECK(g3n_session_eval(s[0], &tok, 1, lg, err, sizeof err) == 0);
+        CHECK(g3n_model_set_decode_path(m, "mega") == 0);
+        CHECK(g3n_session_eval(s[1], &tok, 1, NULL, err, sizeof err) == 0);
+        char what[64];
+        snprintf(what, sizeof what, "mega vs fused pos %d", t);
+        double e = test_close(what, g3n_session_logits(s[1]), lg, (size_t)V, SELF_TOL, 1e-5 + 10 * SELF_TOL * rms(lg, V));
+        if (e > worst) worst = e;
+    }
+    printf("  mega vs fused, %d single-token steps: worst rel L2 %.2e\n", n, worst);
+    free(lg);
+    for (int i = 0; i < 2; i++) g3n_session_free(s[i]);
+    g3n_model_close(m);
+}
+#endif
+
 /* One token at a time (ring of exactly the window), chunks of 3 and of 5, and a
  * single step must all give the same logits at every position. */
 static const char *DEVICE = "cpu";
@@ -462,6 +508,17 @@ int main(int argc, char **argv) {
         RUN(batch_decode_equals_alone);
         RUN(session_truncate);
         RUN(layouts_agree);
+        printf("-- cuda, mega path (every layer of a one-token step in one kernel)\n");
+        PATH = "mega";
+        RUN(mega_taken);
+        RUN(conditional_cuda);
+        RUN(causal_cuda);
+        RUN(mlx_cuda);
+        RUN(decode_equals_prefill);
+        RUN(batch_decode_equals_alone);
+        RUN(session_truncate);
+        RUN(mega_equals_fused);
+        PATH = "fused";
         printf("-- cuda, fused path (no graphs, PLE table on the GPU)\n");
         NO_GRAPH = PLE_ON_GPU = 1;
         RUN(conditional_cuda);

@@ -86,6 +86,31 @@ static inline int batch_one_per_seq(const g3n_batch *b) {
     return 1;
 }
 
+/* The decoder as the whole-step decode op (decode_layers) sees it: per layer its
+ * matrices and vectors (forward.c's decoder_layer_fused names them the same). */
+typedef struct {
+    const g3n_mat *q, *k, *v, *o, *laurel_left, *laurel_right, *gate, *up, *down, *ple_gate, *ple_proj,
+        *router;
+    g3n_vec in_norm, q_norm, k_norm, post_att, post_laurel, pre_ff, post_ff, out_scale, corr_coefs,
+        pred_coefs, router_norm, post_ple_norm;
+    int n_ff, owns_kv, kv_layer, window, topk; /* topk: Gaussian top-k with kappa */
+    float theta, kappa;
+} g3n_dec_layer;
+
+typedef struct {
+    int n_layer, dim, n_altup, n_head, n_head_kv, head_dim, n_ple, laurel_rank;
+    float eps, res_scale;
+    g3n_dec_layer *layer; /* [n_layer] */
+} g3n_dec_model;
+
+/* One token's buffers in backend memory: S [A][dim] planes in and out, ple
+ * [L][P] per-layer inputs, and scratch for every product's output. */
+typedef struct {
+    float *S;
+    const float *ple;
+    float *q, *k, *v, *lt, *att, *o, *lau, *gate, *up, *mlp, *pg, *ple_out;
+} g3n_dec_bufs;
+
 typedef struct g3n_backend g3n_backend;
 
 struct g3n_backend {
@@ -251,6 +276,12 @@ struct g3n_backend {
     /* Per-layer input: planes 1..A-1 of pred += rmsnorm(proj, post_norm). */
     void (*ple_add)(g3n_backend *be, float *pred, float *proj, g3n_vec post_norm, int A, int rows,
                     int dim, float eps);
+    /* Optional (NULL): every decoder layer of a step of one token in one pass
+     * (the "mega" decode path), the maths of decoder_layer_fused over all
+     * layers, then the last layer's per-layer input added to planes 1..: S in,
+     * S out. Returns 0, doing nothing, where the backend does not take this
+     * model or step. bufs NULL: at load, prepare and answer whether it would. */
+    int (*decode_layers)(g3n_backend *be, const g3n_dec_model *m, const g3n_dec_bufs *bufs);
 };
 
 /* Constructors. NULL + err when the backend cannot start. */

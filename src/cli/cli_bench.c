@@ -162,12 +162,14 @@ int cmd_bench(int argc, char **argv) {
         if (g3n_session_eval(s, prompt, n_prompt, NULL, err, sizeof err)) die("%s", err);
     }
 
-    /* decode is timed on both paths where they differ (GPU); the model's own
+    /* decode is timed on every path where they differ (GPU); the model's own
      * choice first */
-    const char *paths[2] = {mi.decode_path, strcmp(mi.decode_path, "fused") ? "fused" : "split"};
-    int n_paths = strncmp(mi.backend, "cpu", 3) == 0 || n_gen == 0 ? 1 : 2;
-    double *pp = calloc((size_t)reps, sizeof(double)), *tg = calloc((size_t)reps * 2, sizeof(double));
-    uint64_t checksum[2] = {0, 0};
+    const char *paths[3] = {mi.decode_path, NULL, NULL}, *all[3] = {"fused", "split", "mega"};
+    int n_paths = 1;
+    for (int i = 0; i < 3 && strncmp(mi.backend, "cpu", 3) != 0 && n_gen > 0; i++)
+        if (strcmp(all[i], paths[0]) && strstr(mi.decode_paths, all[i])) paths[n_paths++] = all[i];
+    double *pp = calloc((size_t)reps, sizeof(double)), *tg = calloc((size_t)reps * 3, sizeof(double));
+    uint64_t checksum[3] = {0, 0, 0};
     for (int r = 0; r < reps; r++) {
         if (n_prompt > 0) {
             g3n_session_reset(s);
@@ -202,7 +204,8 @@ int cmd_bench(int argc, char **argv) {
     }
     const size_t dev_mem = g3n_model_device_memory(m); /* everything is allocated by now */
     double bw = membw ? g3n_model_read_bandwidth(m, 0) : 0;
-    stat2 sp = stats(pp, reps), sg = stats(tg, reps), sg2 = stats(tg + reps, reps);
+    stat2 sp = stats(pp, reps), sg = stats(tg, reps), sgp[3];
+    for (int pi = 0; pi < n_paths; pi++) sgp[pi] = stats(tg + pi * reps, reps);
     double gbs = mi.decode_bytes * sg.mean / 1e9;
     if (json) {
         printf("{\"model\": \"%s\", \"backend\": \"%s\", \"device\": \"%s\", \"threads\": %d, "
@@ -210,8 +213,8 @@ int cmd_bench(int argc, char **argv) {
                "\"decode_path\": \"%s\", \"tg_tok_s\": %.3f, \"tg_sd\": %.3f, ",
                mo.dir, mi.backend, mi.device_name, mo.threads, n_prompt, n_gen, reps, sp.mean, sp.sd, paths[0],
                sg.mean, sg.sd);
-        if (n_paths > 1)
-            printf("\"tg_%s_tok_s\": %.3f, \"tg_%s_sd\": %.3f, ", paths[1], sg2.mean, paths[1], sg2.sd);
+        for (int pi = 1; pi < n_paths; pi++)
+            printf("\"tg_%s_tok_s\": %.3f, \"tg_%s_sd\": %.3f, ", paths[pi], sgp[pi].mean, paths[pi], sgp[pi].sd);
         printf("\"decode_bytes_per_token\": %zu, \"decode_gb_s\": %.3f, \"read_bw_gb_s\": %.3f, "
                "\"bw_fraction\": %.4f, \"device_memory_gb\": %.3f, \"checksum\": \"%016llx\"}\n",
                mi.decode_bytes, gbs, bw / 1e9, bw > 0 ? gbs * 1e9 / bw : 0, dev_mem / 1e9,
@@ -222,15 +225,16 @@ int cmd_bench(int argc, char **argv) {
             printf("| %s | %s | pp%d | %.2f ± %.2f |\n", mo.dir, mi.backend, n_prompt, sp.mean, sp.sd);
         if (n_gen > 0)
             printf("| %s | %s (%s) | tg%d | %.2f ± %.2f |\n", mo.dir, mi.backend, paths[0], n_gen, sg.mean, sg.sd);
-        if (n_paths > 1)
-            printf("| %s | %s (%s) | tg%d | %.2f ± %.2f |\n", mo.dir, mi.backend, paths[1], n_gen, sg2.mean, sg2.sd);
+        for (int pi = 1; pi < n_paths; pi++)
+            printf("| %s | %s (%s) | tg%d | %.2f ± %.2f |\n", mo.dir, mi.backend, paths[pi], n_gen, sgp[pi].mean,
+                   sgp[pi].sd);
         printf("\ndevice %s; decode reads %.3f GB/token -> %.2f GB/s", mi.device_name, mi.decode_bytes / 1e9, gbs);
         if (bw > 0)
             printf("; measured read bandwidth %.2f GB/s; %.1f%% of the bandwidth limit (%.2f tok/s)",
                    bw / 1e9, 100.0 * gbs * 1e9 / bw, bw / mi.decode_bytes);
         if (dev_mem) printf("\ndevice memory in use: %.2f GB", dev_mem / 1e9);
         printf("\ntoken checksum %016llx", (unsigned long long)checksum[0]);
-        if (n_paths > 1) printf(" (%s: %016llx)", paths[1], (unsigned long long)checksum[1]);
+        for (int pi = 1; pi < n_paths; pi++) printf(" (%s: %016llx)", paths[pi], (unsigned long long)checksum[pi]);
         printf("\n");
     }
     free(pp);

@@ -10,6 +10,7 @@
  * allocates nothing: the scratch comes from fwd_scratch_create. The maths follows
  * ../shared/gemma3n/SPEC.md §3 and transformers' modeling_gemma3n.py in fp32. */
 #include <math.h>
+#include <string.h>
 
 #include "model/forward.h"
 
@@ -288,6 +289,64 @@ static void output_logits(g3n_model *M, fwd_scratch *f, int n, int r0, int nr, f
     if (c->final_softcap > 0) be->softcap(be, logits, (size_t)nr * c->n_vocab, c->final_softcap);
 }
 
+const char *fwd_path_name(int path) {
+    return path == FWD_MEGA ? "mega" : path == FWD_FUSED ? "fused" : "split";
+}
+
+int fwd_path_parse(const char *name) {
+    if (strcmp(name, "split") == 0) return FWD_SPLIT;
+    if (strcmp(name, "fused") == 0) return FWD_FUSED;
+    if (strcmp(name, "mega") == 0) return FWD_MEGA;
+    return -1;
+}
+
+void fwd_dec_model_init(g3n_model *M) {
+    const g3n_config *c = &M->cfg;
+    g3n_dec_model *d = &M->dec;
+    d->n_layer = c->n_layer, d->dim = c->n_embd, d->n_altup = c->n_altup, d->n_head = c->n_head;
+    d->n_head_kv = c->n_head_kv, d->head_dim = c->head_dim, d->n_ple = c->n_ple;
+    d->laurel_rank = c->laurel_rank, d->eps = c->rms_eps, d->res_scale = (float)(1.0 / sqrt(2.0));
+    d->layer = g3n_calloc((size_t)c->n_layer, sizeof(g3n_dec_layer));
+    for (int l = 0; l < c->n_layer; l++) {
+        const g3n_layer_weights *lw = &M->w.layers[l];
+        g3n_dec_layer *o = &d->layer[l];
+        o->q = &lw->q_proj, o->k = &lw->k_proj, o->v = &lw->v_proj, o->o = &lw->o_proj;
+        o->laurel_left = &lw->laurel_left, o->laurel_right = &lw->laurel_right;
+        o->gate = &lw->gate_proj, o->up = &lw->up_proj, o->down = &lw->down_proj;
+        o->ple_gate = &lw->per_layer_input_gate, o->ple_proj = &lw->per_layer_projection;
+        o->router = &lw->altup_router;
+        o->in_norm = lw->input_layernorm, o->q_norm = lw->q_norm, o->k_norm = lw->k_norm;
+        o->post_att = lw->post_attention_layernorm, o->post_laurel = lw->post_laurel_norm;
+        o->pre_ff = lw->pre_feedforward_layernorm, o->post_ff = lw->post_feedforward_layernorm;
+        o->out_scale = c->altup_correct_scale ? lw->altup_correct_output_scale : (g3n_vec){0, NULL};
+        o->corr_coefs = lw->altup_correction_coefs, o->pred_coefs = lw->altup_prediction_coefs;
+        o->router_norm = lw->altup_router_norm, o->post_ple_norm = lw->post_per_layer_input_norm;
+        o->n_ff = c->n_ff[l], o->owns_kv = c->kv_source[l] == l, o->kv_layer = c->kv_source[l];
+        o->window = c->is_sliding[l] ? c->sliding_window : 0;
+        o->topk = c->sparsity[l] > 0, o->kappa = c->kappa[l];
+        o->theta = c->is_sliding[l] ? c->rope_theta_sliding : c->rope_theta_full;
+    }
+    /* exact sparsity stores the down matrices transposed: the backend says no */
+    M->mega_ok = M->be->decode_layers && M->be->decode_layers(M->be, d, NULL);
+}
+
+/* Every layer of a one-token step in one backend call (FWD_MEGA); 0 if not taken. */
+static int layers_whole(g3n_model *M, fwd_scratch *f, int n) {
+    if (M->fused != FWD_MEGA || !M->mega_ok || n != 1 || fwd_debug_hook) return 0;
+    g3n_dec_bufs b = {f->S,   f->ple, f->q,  f->k,    f->v,  f->lt, f->att,    f->t0,
+                      f->lau, f->gate, f->up, f->s,    f->pg, f->ple_out};
+    return M->be->decode_layers(M->be, &M->dec, &b);
+}
+
+static void layers_run(g3n_model *M, fwd_scratch *f, int n) {
+    if (layers_whole(M, f, n)) return;
+    for (int l = 0; l < M->cfg.n_layer; l++) {
+        if (M->fused) decoder_layer_fused(M, f, l, n);
+        else decoder_layer(M, f, l, n);
+        if (fwd_debug_hook) fwd_debug_hook(M, l, f->S, n);
+    }
+}
+
 fwd_hook_fn fwd_debug_hook;
 
 /* Everything a recorded step depends on besides the per-step metadata. */
@@ -319,11 +378,7 @@ void fwd_run(g3n_model *M, fwd_scratch *f, const g3n_batch *b, int out_row0, flo
         if (recording) replayed = be->graph_begin(be, step_key(f, b, out_row0, M->fused));
         if (!replayed) {
             embed_tokens(M, f, n);
-            for (int l = 0; l < M->cfg.n_layer; l++) {
-                if (M->fused) decoder_layer_fused(M, f, l, n);
-                else decoder_layer(M, f, l, n);
-                if (fwd_debug_hook) fwd_debug_hook(M, l, f->S, n);
-            }
+            layers_run(M, f, n);
             if (n_out > 0) output_logits(M, f, n, out_row0, n_out, f->logits);
             f->S = S_orig;
             f->pred = pred_orig;
@@ -333,11 +388,7 @@ void fwd_run(g3n_model *M, fwd_scratch *f, const g3n_batch *b, int out_row0, flo
         return;
     }
     embed_tokens(M, f, n);
-    for (int l = 0; l < M->cfg.n_layer; l++) {
-        if (M->fused) decoder_layer_fused(M, f, l, n);
-        else decoder_layer(M, f, l, n);
-        if (fwd_debug_hook) fwd_debug_hook(M, l, f->S, n);
-    }
+    layers_run(M, f, n);
     for (int r0 = out_row0; r0 < n; r0 += f->lm_rows) {
         int nr = G3N_MIN(f->lm_rows, n - r0);
         output_logits(M, f, n, r0, nr, f->logits);

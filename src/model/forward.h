@@ -19,8 +19,18 @@ void fwd_scratch_free(g3n_model *m, fwd_scratch *f);
  * logits_host ((n - out_row0) x n_vocab floats). Ids must already be validated. */
 void fwd_run(g3n_model *m, fwd_scratch *f, const g3n_batch *b, int out_row0, float *logits_host);
 
-/* Set m->fused from "fused", "split" or NULL/"auto" (measure on this device,
- * cached per device and model shape). Called once at load. */
+/* Decode paths (m->fused): one op per step of the maths, the fused ops, or the
+ * fused ops with every layer of a one-token step in one backend call. */
+enum { FWD_SPLIT = 0, FWD_FUSED = 1, FWD_MEGA = 2 };
+const char *fwd_path_name(int path);
+int fwd_path_parse(const char *name); /* -1 if unknown */
+
+/* Fill m->dec from the weights and ask the backend whether it takes it whole
+ * (m->mega_ok). Called once at load, after the weights; freed with the model. */
+void fwd_dec_model_init(g3n_model *m);
+
+/* Set m->fused from "fused", "split", "mega" or NULL/"auto" (measure on this
+ * device, cached per device and model shape). Called once at load. */
 void decode_path_choose(g3n_model *m, const char *want);
 
 /* Debugging aid (tests, tools): called after every layer with the planes

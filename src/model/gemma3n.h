@@ -119,7 +119,9 @@ struct g3n_model {
     size_t weight_bytes; /* text weights as stored */
     size_t decode_bytes; /* weights read per decoded token (dense) */
     void **owned;        /* backend allocations made by the loader (vectors) */
-    int fused;           /* decode through the backend's fused ops (forward.c) */
+    int fused;           /* decode path (forward.c): FWD_SPLIT, FWD_FUSED or FWD_MEGA */
+    g3n_dec_model dec;   /* the layers as the backend's decode_layers sees them */
+    int mega_ok;         /* the backend takes this model whole (decode_layers) */
     int sparse;          /* fused path: exact sparsity in the top-k layers */
     char path_why[256];  /* how the decode path was chosen */
     int n_owned;

@@ -346,9 +346,9 @@ g3n_model *g3n_model_open(const char *dir, const g3n_model_params *params, char 
         rc = m->be ? 0 : -1;
     }
     if (rc == 0) rc = load_weights(m, err, errlen);
-    if (rc == 0 && p.decode_path && strcmp(p.decode_path, "fused") && strcmp(p.decode_path, "split") &&
-        strcmp(p.decode_path, "auto"))
-        rc = g3n_err(err, errlen, "decode path \"%s\": expected fused, split or auto", p.decode_path);
+    if (rc == 0) fwd_dec_model_init(m);
+    if (rc == 0 && p.decode_path && fwd_path_parse(p.decode_path) < 0 && strcmp(p.decode_path, "auto"))
+        rc = g3n_err(err, errlen, "decode path \"%s\": expected fused, split, mega or auto", p.decode_path);
     if (rc == 0) decode_path_choose(m, p.decode_path);
     if (rc != 0) {
         g3n_model_close(m);
@@ -365,6 +365,7 @@ void g3n_model_close(g3n_model *m) {
     }
     free(m->owned);
     free(m->w.layers);
+    free(m->dec.layer);
     quant_config_free(&m->quant);
     safetensors_close(m->st);
     free(m->dir);
@@ -393,7 +394,8 @@ g3n_model_info g3n_model_get_info(const g3n_model *m) {
     i.layout = m->layout;
     i.backend = m->be ? m->be->name : "";
     i.device_name = m->be ? m->be->device_name : "";
-    i.decode_path = m->fused ? "fused" : "split";
+    i.decode_path = fwd_path_name(m->fused);
+    i.decode_paths = m->mega_ok ? "fused,split,mega" : "fused,split";
     i.decode_path_why = m->path_why;
     return i;
 }

@@ -301,13 +301,13 @@ int g3n_batch_decode(g3n_batcher *bt, g3n_session **ss, const int32_t *ids, int 
     return 0;
 }
 
-/* ---- decode path: fused or split, chosen by measurement ------------------------------- */
+/* ---- decode path: split, fused or mega, chosen by measurement ------------------------- */
 
-/* Seconds per decode step on path `fused`: a few recorded steps after warm-up. */
-static double time_decode(g3n_model *m, int fused) {
+/* Seconds per decode step on `path`: the best of a few recorded steps after warm-up. */
+static double time_decode(g3n_model *m, int path) {
     char err[256];
     int old = m->fused;
-    m->fused = fused;
+    m->fused = path;
     g3n_session *s = g3n_session_create(m, 64, 1, err, sizeof err);
     double best = 1e30;
     if (s) {
@@ -335,26 +335,27 @@ static char *cache_path(void) {
 
 void decode_path_choose(g3n_model *m, const char *want) {
     char *why = m->path_why;
-    if (want && strcmp(want, "fused") == 0) {
-        m->fused = 1;
-        snprintf(why, sizeof m->path_why, "asked for");
+    const int asked = want ? fwd_path_parse(want) : -1;
+    if (asked == FWD_MEGA && !m->mega_ok) {
+        m->fused = FWD_FUSED;
+        snprintf(why, sizeof m->path_why, "mega asked for, but the backend does not take this model whole: fused");
         return;
     }
-    if (want && strcmp(want, "split") == 0) {
-        m->fused = 0;
+    if (asked >= 0) {
+        m->fused = asked;
         snprintf(why, sizeof m->path_why, "asked for");
         return;
     }
     if (!m->be->graph_begin) { /* CPU: the fused ops are the split ops in sequence */
-        m->fused = 0;
+        m->fused = FWD_SPLIT;
         snprintf(why, sizeof m->path_why, "the CPU backend runs the fused ops as the split ones");
         return;
     }
     /* auto on a GPU: cached measurement for this device and model shape, else measure */
     char key[512];
     const g3n_config *c = &m->cfg;
-    snprintf(key, sizeof key, "%s|L%d|D%d|I%d|V%d|dt%d", m->be->device_name, c->n_layer, c->n_embd,
-             c->n_ff[0], c->n_vocab, m->w.layers[0].gate_proj.dtype);
+    snprintf(key, sizeof key, "%s|L%d|D%d|I%d|V%d|dt%d|paths%d", m->be->device_name, c->n_layer, c->n_embd,
+             c->n_ff[0], c->n_vocab, m->w.layers[0].gate_proj.dtype, m->mega_ok ? 3 : 2);
     for (char *p = key; *p; p++)
         if (*p == ' ' || *p == '\n') *p = '_';
     char *dir = cache_path(), file[1100] = "";
@@ -364,8 +365,8 @@ void decode_path_choose(g3n_model *m, const char *want) {
         char line[700];
         while (f && fgets(line, sizeof line, f)) {
             char k[600], v[32];
-            if (sscanf(line, "%599s %31s", k, v) == 2 && strcmp(k, key) == 0) {
-                m->fused = strcmp(v, "fused") == 0;
+            if (sscanf(line, "%599s %31s", k, v) == 2 && strcmp(k, key) == 0 && fwd_path_parse(v) >= 0) {
+                m->fused = fwd_path_parse(v);
                 snprintf(why, sizeof m->path_why, "measured earlier on this device (%.200s)", file);
                 fclose(f);
                 free(dir);
@@ -374,10 +375,19 @@ void decode_path_choose(g3n_model *m, const char *want) {
         }
         if (f) fclose(f);
     }
-    double tf = time_decode(m, 1), ts = time_decode(m, 0);
-    m->fused = tf <= ts;
-    snprintf(why, sizeof m->path_why, "measured at load: fused %.3f ms, split %.3f ms per step", tf * 1e3,
-             ts * 1e3);
+    const int n = m->mega_ok ? 3 : 2;
+    double t[3];
+    m->fused = FWD_SPLIT;
+    for (int p = 0; p < n; p++) {
+        t[p] = time_decode(m, p);
+        if (t[p] <= t[m->fused]) m->fused = p; /* ties: the later (fewer launches) */
+    }
+    if (n == 3)
+        snprintf(why, sizeof m->path_why, "measured at load: split %.3f, fused %.3f, mega %.3f ms per step",
+                 t[0] * 1e3, t[1] * 1e3, t[2] * 1e3);
+    else
+        snprintf(why, sizeof m->path_why, "measured at load: split %.3f, fused %.3f ms per step", t[0] * 1e3,
+                 t[1] * 1e3);
     if (dir) {
         char cmd[1200];
         snprintf(cmd, sizeof cmd, "%s", dir);
@@ -391,7 +401,7 @@ void decode_path_choose(g3n_model *m, const char *want) {
         mkdir(cmd, 0755);
         FILE *f = fopen(file, "a");
         if (f) {
-            fprintf(f, "%s %s\n", key, m->fused ? "fused" : "split");
+            fprintf(f, "%s %s\n", key, fwd_path_name(m->fused));
             fclose(f);
         }
         free(dir);
@@ -399,8 +409,8 @@ void decode_path_choose(g3n_model *m, const char *want) {
 }
 
 int g3n_model_set_decode_path(g3n_model *m, const char *path) {
-    if (strcmp(path, "fused") == 0) m->fused = 1;
-    else if (strcmp(path, "split") == 0) m->fused = 0;
-    else return -1;
+    const int p = fwd_path_parse(path);
+    if (p < 0 || (p == FWD_MEGA && !m->mega_ok)) return -1;
+    m->fused = p;
     return 0;
 }

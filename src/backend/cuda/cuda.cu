@@ -276,6 +276,7 @@ static void cu_batch_set(g3n_backend *be, const g3n_batch *b) {
 static void cu_destroy(g3n_backend *be) {
     cuda_ctx *c = CTX(be);
     cudaStreamSynchronize(c->stream);
+    cuda_mega_report(c);
     if (c->profile) {
         prof_print(c);
         cudaEventDestroy(c->ev0);
@@ -296,6 +297,9 @@ static void cu_destroy(g3n_backend *be) {
     if (c->blas) cublasDestroy(c->blas);
     if (c->blas_ws) cudaFree(c->blas_ws);
     if (c->d_kv) cudaFree(c->d_kv);
+    if (c->mg_part) cudaFree(c->mg_part);
+    if (c->mg_sync) cudaFree(c->mg_sync);
+    if (c->mg_trace) cudaFree(c->mg_trace);
     if (c->h_kv) cudaFreeHost(c->h_kv);
     cudaStreamDestroy(c->stream);
     free(c);
@@ -401,6 +405,7 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     be->mlp_sparse = cuda_op_mlp_sparse;
     be->altup_correct_fused = cuda_op_altup_correct_fused;
     be->ple_add = cuda_op_ple_add;
+    be->decode_layers = cuda_op_decode_layers;
     return be;
 }
 

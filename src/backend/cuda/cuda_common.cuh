@@ -98,6 +98,12 @@ typedef struct {
     /* quantized prompt products (quant.cu): one dequantized f32 tile */
     float *qscratch;
     size_t qscratch_n;
+    /* the whole-step decode kernel (mega.cu): attention splits, barrier counters */
+    float *mg_part;
+    unsigned *mg_sync;
+    size_t mg_part_bytes, mg_sync_bytes;
+    unsigned long long *mg_trace; /* G3N_MEGA_TRACE=1: barrier times of the last step */
+    int mg_trace_nbar;
     /* recorded steps */
     uint64_t graph_key[CUDA_MAX_GRAPHS];
     cudaGraphExec_t graph_exec[CUDA_MAX_GRAPHS];
@@ -274,6 +280,59 @@ __device__ __forceinline__ float topk_cutoff(const float v[EPT], int n, float ka
     return mean + sqrtf(block_sum(vv, red) / (float)n) * kappa;
 }
 
+/* cp.async: 16 bytes global -> shared, not through registers; 4-byte form */
+__device__ __forceinline__ void cp_async16(void *dst, const void *src) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async4(void *dst, const void *src) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+/* Per-head RMS norm (weight w, may be NULL) and RoPE (theta 0: none) of one
+ * hd-vector by one warp, lane-strided (dim lane + 32k; RoPE pairs i, i + hd/2
+ * fall in the same lane, except for hd 32), into dst. */
+template <int DPL>
+__device__ __forceinline__ void dec_norm_rope(float *dst, const float *src, const float *w, float p, float theta,
+                                              float eps) {
+    constexpr int hd = 32 * DPL, half = DPL / 2;
+    const int lane = threadIdx.x & 31;
+    float x[DPL], ss = 0;
+#pragma unroll
+    for (int k = 0; k < DPL; k++) {
+        x[k] = __ldcg(src + lane + 32 * k); /* L2: src may be written in the same kernel (mega.cu) */
+        ss += x[k] * x[k];
+    }
+    const float inv = rsqrtf(warp_sum(ss) / (float)hd + eps);
+#pragma unroll
+    for (int k = 0; k < DPL; k++) x[k] *= w ? inv * w[lane + 32 * k] : inv;
+    if (theta > 0 && DPL == 1) { /* hd 32: the pair (i, i + 16) is two lanes apart */
+        const int i = lane & 15;
+        const float other = __shfl_xor_sync(0xffffffffu, x[0], 16);
+        const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
+        float sn, cs;
+        sincosf(inv_freq * p, &sn, &cs);
+        x[0] = lane < 16 ? x[0] * cs - other * sn : x[0] * cs + other * sn;
+    } else if (theta > 0)
+#pragma unroll
+        for (int k = 0; k < half; k++) {
+            const int i = lane + 32 * k;
+            const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
+            float sn, cs;
+            sincosf(inv_freq * p, &sn, &cs);
+            const float a = x[k], b = x[k + half];
+            x[k] = a * cs - b * sn;
+            x[k + half] = b * cs + a * sn;
+        }
+#pragma unroll
+    for (int k = 0; k < DPL; k++) dst[lane + 32 * k] = x[k];
+}
+
 __device__ __forceinline__ float load_w(const void *w, int dtype, size_t i) {
     if (dtype == G3N_BF16) return __bfloat162float(((const __nv_bfloat16 *)w)[i]);
     if (dtype == G3N_F16) return __half2float(((const __half *)w)[i]);
@@ -353,5 +412,7 @@ void cuda_quant_embed(cuda_ctx *c, float *y, const g3n_mat *W, float scale);
 void cuda_quant_host_row(const cuda_host_table *t, int r, float *out);
 void cuda_op_ple_add(g3n_backend *be, float *pred, float *proj, g3n_vec post_norm, int A, int rows,
                      int dim, float eps);
+int cuda_op_decode_layers(g3n_backend *be, const g3n_dec_model *m, const g3n_dec_bufs *b);
+void cuda_mega_report(cuda_ctx *c);
 
 #endif

@@ -281,18 +281,6 @@ __device__ __forceinline__ void qdot_s(float (&acc)[QRPW][R], const uint4 (&q)[Q
  * (whose slots are twice as large), so that two blocks fit on an SM */
 #define QSTAGES (BITS == 4 ? 3 : 2)
 
-__device__ __forceinline__ void cp_async16(void *dst, const void *src) {
-    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async4(void *dst, const void *src) {
-    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
 
 /* The 4-byte word holding element g of a 16-bit (SDT: G3N_BF16 or G3N_F16) scale or
  * bias array (cp.async copies at least 4 aligned bytes), and element g taken back
