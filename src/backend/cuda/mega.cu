@@ -51,7 +51,7 @@
 #endif
 #define MG_MAX_LAYERS 40
 #define MG_PHASES 6            /* products per layer */
-#define MG_KPS 32              /* keys per attention split (fewer splits for short contexts) */
+#define MG_KPS 16              /* keys per attention split (fewer splits for short contexts) */
 
 typedef struct {
     const void *q, *k, *v, *o, *ll, *lr, *g, *u, *d, *pg, *pp; /* products, one dtype */
@@ -223,16 +223,27 @@ __device__ __forceinline__ void mg_issue(const mg_args &a, const mg_it &it, char
     if (lane == 0) *entry = make_int4(it.ph, it.u, it.r, it.s);
 }
 
+/* Where element k of the products' input vector sits in the activation buffer.
+ * For 16-bit weights a lane multiplies 8 weights by 8 consecutive activations:
+ * stored plainly, a warp's 32-byte reads conflict two ways in shared memory, so
+ * elements 0-3 of each group of 8 go to the first half of the buffer and 4-7 to
+ * the second (a.act_n / 2 floats on), and each read is 16 contiguous bytes.
+ * f32 weights take 4 at a time: plain. */
+template <typename T> __device__ __forceinline__ int mg_px(const mg_args &a, int k) {
+    if (sizeof(T) == 4) return k;
+    return (k >> 3) * 4 + (k & 3) + ((k & 4) ? a.act_n / 2 : 0);
+}
+
 /* 16 bytes of weights from shared memory as floats, times the same count of activations */
-template <typename T> __device__ __forceinline__ float mg_dot16(const T *, const char *w, const float *x) {
+template <typename T> __device__ __forceinline__ float mg_dot16(const T *, const char *w, const float *x, int half) {
     raw8<T> r;
     r.u = *(const uint4 *)w;
     float f[8];
     cvt8(r, f);
-    const float4 a = *(const float4 *)x, b = *(const float4 *)(x + 4);
+    const float4 a = *(const float4 *)x, b = *(const float4 *)(x + half);
     return f[0] * a.x + f[1] * a.y + f[2] * a.z + f[3] * a.w + f[4] * b.x + f[5] * b.y + f[6] * b.z + f[7] * b.w;
 }
-__device__ __forceinline__ float mg_dot16(const float *, const char *w, const float *x) {
+__device__ __forceinline__ float mg_dot16(const float *, const char *w, const float *x, int) {
     const float4 f = *(const float4 *)w, a = *(const float4 *)x;
     return f.x * a.x + f.y * a.y + f.z * a.z + f.w * a.w;
 }
@@ -255,10 +266,10 @@ __device__ __forceinline__ void mg_phase(const mg_args &a, int ph, mg_it &iss, i
         const mg_prod p = mg_get(a, ph, e.y, e.z);
         const char *w = ring + slot * MG_TILE;
         const int k0 = e.w * SEG, n = min(SEG, p.K - k0) / EPC;
-        const float *x = act + p.xoff + k0;
+        const float *x = act + mg_px<T>(a, p.xoff + k0); /* 8 elements: x + 4c and x + 4c + act_n / 2 */
 #pragma unroll
         for (int i = 0; i < MG_TILE / 16 / 32; i++) /* all of a slot's loads at once */
-            if (lane + 32 * i < n) acc += mg_dot16((const T *)0, w + (lane + 32 * i) * 16, x + (lane + 32 * i) * EPC);
+            if (lane + 32 * i < n) acc += mg_dot16((const T *)0, w + (lane + 32 * i) * 16, x + (lane + 32 * i) * 4, a.act_n / 2);
         __syncwarp();
         mg_issue<T>(a, iss, ring + slot * MG_TILE, queue + slot, lane);
         mg_next<T>(a, iss, gw, nwg);
@@ -415,13 +426,13 @@ __device__ __forceinline__ void mg_predict(const mg_args &a, int l, float (&P)[4
     const float inv0 = rsqrtf(block_sum(ss0, red) / (float)D + a.eps);
     MG_FOR(j, d) {
         X[j] = P[0][j] * inv0 * inn[j];
-        if (d < D) act[d] = X[j];
+        if (d < D) act[mg_px<T>(a, d)] = X[j];
     }
     __syncthreads();
 }
 
 /* s = (a + rmsnorm(o) + rmsnorm(lau) + x) * rs -> Sr;  u = rmsnorm(s, pre_ff) -> act */
-template <int EPT>
+template <typename T, int EPT>
 __device__ __forceinline__ void mg_residual(const mg_args &a, const mg_layer &L, const float (&P)[4][EPT],
                                             const float (&X)[EPT], float (&Sr)[EPT], float *act, float *red) {
     const int D = a.D;
@@ -443,13 +454,15 @@ __device__ __forceinline__ void mg_residual(const mg_args &a, const mg_layer &L,
         ss += Sr[j] * Sr[j];
     }
     const float i3 = rsqrtf(block_sum(ss, red) / (float)D + a.eps);
-    MG_FOR(j, d) if (d < D) act[d] = Sr[j] * i3 * wf[j];
+    MG_FOR(j, d) if (d < D) act[mg_px<T>(a, d)] = Sr[j] * i3 * wf[j];
     __syncthreads();
 }
 
-/* dst[0, n) = src (global, written in this kernel), 16 bytes a load, four in
- * flight per thread; dst 16-byte aligned. No barrier. */
-__device__ __forceinline__ void mg_fill(float *dst, const float *src, int n) {
+/* Elements [k0, k0 + n) of the products' input = src (global, written in this
+ * kernel), 16 bytes a load, four in flight per thread; k0 a multiple of 8. No
+ * barrier. */
+template <typename T>
+__device__ __forceinline__ void mg_fill(const mg_args &a, float *act, int k0, const float *src, int n) {
     const int n4 = n / 4;
     for (int i0 = threadIdx.x; i0 < n4; i0 += 4 * MG_NT) {
         float4 v[4];
@@ -458,28 +471,30 @@ __device__ __forceinline__ void mg_fill(float *dst, const float *src, int n) {
             if (i0 + k * MG_NT < n4) v[k] = __ldcg((const float4 *)src + i0 + k * MG_NT);
 #pragma unroll
         for (int k = 0; k < 4; k++)
-            if (i0 + k * MG_NT < n4) ((float4 *)dst)[i0 + k * MG_NT] = v[k];
+            if (i0 + k * MG_NT < n4) *(float4 *)(act + mg_px<T>(a, k0 + 4 * (i0 + k * MG_NT))) = v[k];
     }
-    for (int i = 4 * n4 + threadIdx.x; i < n; i += MG_NT) dst[i] = __ldcg(src + i);
+    for (int i = 4 * n4 + threadIdx.x; i < n; i += MG_NT) act[mg_px<T>(a, k0 + i)] = __ldcg(src + i);
 }
 
 /* the down product's input -> act: gelu(gate) * up (made by the gate/up phase),
  * or with Gaussian top-k on the whole gate row first */
+template <typename T>
 __device__ __forceinline__ void mg_mlp_act(const mg_args &a, const mg_layer &L, float *act, float *red) {
     const int I = L.I;
-    mg_fill(act, a.g, I);
+    mg_fill<T>(a, act, 0, a.g, I);
     __syncthreads();
     if (!L.topk) return;
     float sm = 0;
-    for (int i = threadIdx.x; i < I; i += MG_NT) sm += act[i];
+    for (int i = threadIdx.x; i < I; i += MG_NT) sm += act[mg_px<T>(a, i)];
     const float mean = block_sum(sm, red) / (float)I;
     float vv = 0;
-    for (int i = threadIdx.x; i < I; i += MG_NT) vv += (act[i] - mean) * (act[i] - mean);
+    for (int i = threadIdx.x; i < I; i += MG_NT) vv += (act[mg_px<T>(a, i)] - mean) * (act[mg_px<T>(a, i)] - mean);
     const float cut = mean + sqrtf(block_sum(vv, red) / (float)I) * L.kappa;
 #pragma unroll 8
     for (int i = threadIdx.x; i < I; i += MG_NT) {
-        const float z = act[i] > cut ? act[i] - cut : 0.0f;
-        act[i] = gelu_tanh_d(z) * __ldcg(a.up + i);
+        float *v = act + mg_px<T>(a, i);
+        const float z = *v > cut ? *v - cut : 0.0f;
+        *v = gelu_tanh_d(z) * __ldcg(a.up + i);
     }
     __syncthreads();
 }
@@ -521,7 +536,7 @@ __device__ __forceinline__ void mg_correct(const mg_args &a, const mg_layer &L, 
         const float dx = ov[j] - P[0][j];
 #pragma unroll
         for (int i = 0; i < 4; i++) P[i][j] += k[i] * dx;
-        act[d] = P[0][j] * os[j];
+        act[mg_px<T>(a, d)] = P[0][j] * os[j];
     }
     __syncthreads();
 }
@@ -585,18 +600,20 @@ __device__ __forceinline__ void mg_attention(const mg_args &a, int l, float *scr
         const size_t o = (size_t)(p % C.cap) * kvd + (size_t)hk * hd;
         for (int d = threadIdx.x; d < hd; d += MG_NT) __stcg(C.k + o + d, snew[0][d]), __stcg(C.v + o + d, snew[1][d]);
     }
-    /* warp w: query head g = w % G over keys j0 + w / G, + MG_NW / G, ..., four
-     * two loaded at once (KV rows are read by the G warps of their query heads) */
-    constexpr int WPH = MG_NW / G, KB = 2;
-    const int g = warp % G, kw = warp / G;
-    float acc[DPL], m = -INFINITY, lsum = 0;
+    /* warp w: keys j0 + w, + MG_NW, ..., two loaded at once, for all G query
+     * heads of this KV head (each KV row read once) */
+    float acc[G][DPL], m[G], lsum[G];
 #pragma unroll
-    for (int d = 0; d < DPL; d++) acc[d] = 0;
-    for (int jb = j0 + kw; jb < j1; jb += KB * WPH) {
-        float kr[KB][DPL], vr[KB][DPL];
+    for (int g = 0; g < G; g++) {
+        m[g] = -INFINITY, lsum[g] = 0;
 #pragma unroll
-        for (int t = 0; t < KB; t++) {
-            const int j = jb + t * WPH, fresh = L.owns && j == p;
+        for (int d = 0; d < DPL; d++) acc[g][d] = 0;
+    }
+    for (int jb = j0 + warp; jb < j1; jb += 2 * MG_NW) {
+        float kr[2][DPL], vr[2][DPL];
+#pragma unroll
+        for (int t = 0; t < 2; t++) {
+            const int j = jb + t * MG_NW, fresh = L.owns && j == p;
             const size_t o = (size_t)(j % C.cap) * kvd + (size_t)hk * hd;
 #pragma unroll
             for (int d = 0; d < DPL; d++) {
@@ -605,44 +622,48 @@ __device__ __forceinline__ void mg_attention(const mg_args &a, int l, float *scr
             }
         }
 #pragma unroll
-        for (int t = 0; t < KB; t++) {
-            if (jb + t * WPH >= j1) break;
-            float sc = 0;
+        for (int t = 0; t < 2; t++) {
+            if (jb + t * MG_NW >= j1) break;
 #pragma unroll
-            for (int d = 0; d < DPL; d++) sc += sq[g][lane + 32 * d] * kr[t][d];
-            sc = warp_sum(sc);
-            const float m2 = fmaxf(m, sc), corr = __expf(m - m2), e = __expf(sc - m2);
-            lsum = lsum * corr + e;
+            for (int g = 0; g < G; g++) {
+                float sc = 0;
 #pragma unroll
-            for (int d = 0; d < DPL; d++) acc[d] = acc[d] * corr + e * vr[t][d];
-            m = m2;
-        }
-    }
-    /* the warps' partials: scr[w][hd] values, then [w] maxima and sums */
-    float *wacc = scr, *wm = scr + MG_NW * hd, *wl = wm + MG_NW;
-    if (lane == 0) wm[warp] = m, wl[warp] = lsum;
+                for (int d = 0; d < DPL; d++) sc += sq[g][lane + 32 * d] * kr[t][d];
+                sc = warp_sum(sc);
+                const float m2 = fmaxf(m[g], sc), corr = __expf(m[g] - m2), e = __expf(sc - m2);
+                lsum[g] = lsum[g] * corr + e;
 #pragma unroll
-    for (int d = 0; d < DPL; d++) wacc[warp * hd + lane + 32 * d] = acc[d];
-    __syncthreads();
-    float *mine = a.part + (size_t)unit * G * (hd + 2);
-    for (int i = threadIdx.x; i < G * hd; i += MG_NT) { /* merge head g's warps, in order */
-        const int gi = i / hd, d = i % hd;
-        float M = -INFINITY, Ls = 0, As = 0;
-        for (int k = 0; k < WPH; k++)
-            if (wl[gi + G * k] > 0) M = fmaxf(M, wm[gi + G * k]);
-        for (int k = 0; k < WPH; k++) {
-            const int w = gi + G * k;
-            if (wl[w] > 0) {
-                const float e = __expf(wm[w] - M);
-                Ls += wl[w] * e;
-                As += wacc[w * hd + d] * e;
+                for (int d = 0; d < DPL; d++) acc[g][d] = acc[g][d] * corr + e * vr[t][d];
+                m[g] = m2;
             }
         }
+    }
+    /* the warps' partials: scr[w][g][hd] values, then [w][g] maxima and sums */
+    float *wacc = scr, *wm = scr + MG_NW * G * hd, *wl = wm + MG_NW * G;
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        if (lane == 0) wm[warp * G + g] = m[g], wl[warp * G + g] = lsum[g];
+#pragma unroll
+        for (int d = 0; d < DPL; d++) wacc[(warp * G + g) * hd + lane + 32 * d] = acc[g][d];
+    }
+    __syncthreads();
+    float *mine = a.part + (size_t)unit * G * (hd + 2);
+    for (int i = threadIdx.x; i < G * hd; i += MG_NT) { /* merge the warps, in order */
+        const int g = i / hd, d = i % hd;
+        float M = -INFINITY, Ls = 0, As = 0;
+        for (int w = 0; w < MG_NW; w++)
+            if (wl[w * G + g] > 0) M = fmaxf(M, wm[w * G + g]);
+        for (int w = 0; w < MG_NW; w++)
+            if (wl[w * G + g] > 0) {
+                const float e = __expf(wm[w * G + g] - M);
+                Ls += wl[w * G + g] * e;
+                As += wacc[(w * G + g) * hd + d] * e;
+            }
         if (nsp == 1) {
-            __stcg(a.att + (size_t)(hk * G + gi) * hd + d, As / Ls);
+            __stcg(a.att + (size_t)(hk * G + g) * hd + d, As / Ls);
         } else {
-            __stcg(mine + gi * (hd + 2) + d, As);
-            if (d == 0) __stcg(mine + gi * (hd + 2) + hd, M), __stcg(mine + gi * (hd + 2) + hd + 1, Ls);
+            __stcg(mine + g * (hd + 2) + d, As);
+            if (d == 0) __stcg(mine + g * (hd + 2) + hd, M), __stcg(mine + g * (hd + 2) + hd + 1, Ls);
         }
     }
     if (nsp == 1) return;
@@ -736,7 +757,7 @@ __global__ void __launch_bounds__(MG_NT, 1) k_mega(const __grid_constant__ mg_ar
                     mg_predict<T, EPT>(a, l, P, X, act, coef, red);
                     break;
                 case 1: { /* the state waits in shared memory: attention needs the registers */
-                    float *keep = act + MG_NW * (a.hd + 2);
+                    float *keep = act + MG_NW * (a.H / a.Hkv) * (a.hd + 2);
                     MG_FOR(j, d) {
 #pragma unroll
                         for (int i = 0; i < 4; i++) keep[i * MG_NT * EPT + j * MG_NT + threadIdx.x] = P[i][j];
@@ -752,11 +773,11 @@ __global__ void __launch_bounds__(MG_NT, 1) k_mega(const __grid_constant__ mg_ar
                     }
                     break;
                 }
-                case 2: mg_fill(act, a.att, a.H * a.hd), mg_fill(act + a.lr_off, a.lt, a.R); break;
-                case 3: mg_residual<EPT>(a, L, P, X, Sr, act, red); break;
-                case 4: mg_mlp_act(a, L, act, red); break;
+                case 2: mg_fill<T>(a, act, 0, a.att, a.H * a.hd), mg_fill<T>(a, act, a.lr_off, a.lt, a.R); break;
+                case 3: mg_residual<T, EPT>(a, L, P, X, Sr, act, red); break;
+                case 4: mg_mlp_act<T>(a, L, act, red); break;
                 case 5: mg_correct<T, EPT>(a, L, P, Sr, act, coef, red); break;
-                default: mg_fill(act, a.pg, a.P); break;
+                default: mg_fill<T>(a, act, 0, a.pg, a.P); break;
                 }
             __syncthreads();
             MG_MARK(2 * st);
@@ -814,8 +835,8 @@ static mg_kernel mg_pick(cuda_ctx *c, const g3n_dec_model *m, size_t *smem, int 
     }
     const int qd = m->n_head * m->head_dim, lr_off = (qd + 7) & ~7;
     size_t act = (size_t)G3N_MAX(G3N_MAX(imax, D), G3N_MAX(lr_off + m->laurel_rank, m->n_ple));
-    act = G3N_MAX(act, (size_t)MG_NW * (m->head_dim + 2) + 6 * MG_NT * ept_of(D));
-    act = (act + 3) & ~(size_t)3;
+    act = G3N_MAX(act, (size_t)MG_NW * G * (m->head_dim + 2) + 6 * MG_NT * ept_of(D));
+    act = (act + 7) & ~(size_t)7; /* halves of whole groups of 4 (mg_px) */
     *act_n = (int)act;
     *smem = (size_t)MG_NW * MG_SLOTS * MG_TILE + act * sizeof(float) + (size_t)m->n_layer * MG_PHASES * 4 * 16;
     mg_kernel k = NULL;
