@@ -117,7 +117,7 @@ static tmat make_qmat_ex(int bits, int group, int sdtype, int rows, int cols, in
     free(w), free(fs), free(fb);
     tmat t;
     t.mem = mem;
-    g3n_mat m = {G3N_U32, rows, cols, q, "qtest", host_gather, sparse_cols, 0, 0, 0, 0, NULL, NULL, 0, 0};
+    g3n_mat m = {G3N_U32, rows, cols, q, "qtest", host_gather, sparse_cols, 0, 0, 0, 0, NULL, NULL, 0, 0, NULL};
     m.bits = bits, m.group_size = group, m.sdtype = sdtype, m.scales = sc, m.biases = bi;
     m.row_kernel = row_kernel;
     t.ref = t.b = m;
@@ -145,7 +145,7 @@ static tmat make_mat_ex(int dtype, int rows, int cols, int host_gather, int spar
             p[i] = dtype == G3N_BF16 ? g3n_f32_to_bf16(test_randf()) : g3n_f32_to_f16(test_randf());
         t.mem = p;
     }
-    g3n_mat m = {dtype, rows, cols, t.mem, "test", host_gather, sparse_cols, 0, 0, 0, 0, NULL, NULL, 0, 0};
+    g3n_mat m = {dtype, rows, cols, t.mem, "test", host_gather, sparse_cols, 0, 0, 0, 0, NULL, NULL, 0, 0, NULL};
     t.ref = t.b = m;
     char err[256];
     CHECK(B->mat_prepare(B, &t.b, err, sizeof err) == 0);
@@ -406,7 +406,7 @@ TEST(quant_format) {
 TEST(matmul_ref_exact) {
     void *mem = malloc(2 * 5 * 37);
     for (int i = 0; i < 5 * 37; i++) ((uint16_t *)mem)[i] = g3n_f32_to_bf16(test_randf());
-    g3n_mat W = {G3N_BF16, 5, 37, mem, "w", 0, 0, 0, 0, 0, 0, NULL, NULL, 0, 0};
+    g3n_mat W = {G3N_BF16, 5, 37, mem, "w", 0, 0, 0, 0, 0, 0, NULL, NULL, 0, 0, NULL};
     float *x = rnd(2 * 37, 1.0f), y[10];
     REF->matmul(REF, y, &W, x, 2);
     for (int r = 0; r < 2; r++)

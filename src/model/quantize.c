@@ -48,7 +48,7 @@ static int write_quantized(FILE *f, const st_tensor *t, int bits, int group, con
     const size_t words = g3n_quant_row_words(cols, bits), es = g3n_dtype_size((g3n_dtype)t->dtype);
     uint32_t *qb = g3n_malloc(4 * words * QBLOCK);
     char *sb = g3n_malloc(2 * es * (size_t)ng * (size_t)rows); /* scales then biases, source dtype */
-    const g3n_mat src = {t->dtype, rows, cols, t->data, t->name, 0, 0, 0, 0, 0, 0, NULL, NULL, 0, 0};
+    const g3n_mat src = {t->dtype, rows, cols, t->data, t->name, 0, 0, 0, 0, 0, 0, NULL, NULL, 0, 0, NULL};
     int rc = 0;
     for (int r0 = 0; r0 < rows && !rc; r0 += QBLOCK) {
         const int nr = G3N_MIN(QBLOCK, rows - r0);

@@ -90,21 +90,7 @@ static int cu_mat_prepare(g3n_backend *be, g3n_mat *m, char *err, size_t errlen)
         CUDA_CHECK(cudaFree(d));
         d = t;
         m->transposed = 1;
-        const size_t n = (size_t)m->cols;
-        const size_t part = G3N_MAX((n + 15) / 16 * (size_t)m->rows, (n + 127) / 128 * (size_t)m->rows * 8);
-        if (n > c->sp_n) {
-            cudaFree(c->sp_idx), cudaFree(c->sp_val), cudaFree(c->sp_act), cudaFree(c->sp_nnz);
-            CUDA_CHECK(cudaMalloc((void **)&c->sp_idx, n * sizeof(int32_t)));
-            CUDA_CHECK(cudaMalloc((void **)&c->sp_val, n * sizeof(float)));
-            CUDA_CHECK(cudaMalloc((void **)&c->sp_act, n * sizeof(float)));
-            CUDA_CHECK(cudaMalloc((void **)&c->sp_nnz, sizeof(int32_t)));
-            c->sp_n = n;
-        }
-        if (part > c->sp_part_n) {
-            cudaFree(c->sp_part);
-            CUDA_CHECK(cudaMalloc((void **)&c->sp_part, part * sizeof(float)));
-            c->sp_part_n = part;
-        }
+        cuda_sparse_reserve(c, m->rows, m->cols);
     }
     c->owned = (void **)realloc(c->owned, sizeof(void *) * (size_t)(c->n_owned + 1));
     if (!c->owned) abort();

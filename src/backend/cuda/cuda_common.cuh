@@ -339,6 +339,19 @@ __device__ __forceinline__ float load_w(const void *w, int dtype, size_t i) {
     return ((const float *)w)[i];
 }
 
+/* Element col of row r of a quantized matrix (K columns), dequantized exactly as
+ * the reference does it (g3n_quant_w: the product rounded, then the sum). */
+__device__ __forceinline__ float qdeq(const uint32_t *W, const void *S, const void *B, int sdt, int bits, int group,
+                                      int K, size_t r, int col) {
+    const uint32_t *row = W + r * ((size_t)K * bits / 32);
+    const size_t p = (size_t)col * bits;
+    uint64_t v = row[p >> 5];
+    if ((p & 31) + bits > 32) v |= (uint64_t)row[(p >> 5) + 1] << 32;
+    const float q = (float)((uint32_t)(v >> (p & 31)) & ((1u << bits) - 1u));
+    const size_t g = r * (size_t)(K / group) + col / group;
+    return __fadd_rn(__fmul_rn(load_w(S, sdt, g), q), load_w(B, sdt, g));
+}
+
 __device__ __forceinline__ float gelu_tanh_d(float z) {
     const float k = 0.7978845608028654f;
     return 0.5f * z * (1.0f + tanhf(k * (z + 0.044715f * z * z * z)));
@@ -374,6 +387,7 @@ void cuda_op_ple_combine(g3n_backend *be, float *out, const float *proj, const f
 double cuda_read_bandwidth(g3n_backend *be, size_t bytes);
 void *cuda_transpose_matrix(cuda_ctx *c, const void *w, int rows, int cols, size_t esize);
 void cuda_matmul_transposed(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows);
+void cuda_sparse_reserve(cuda_ctx *c, int rows, int cols);
 int cuda_mlp_sparse_row(cuda_ctx *c, float *y, float *gate, const g3n_mat *Wu, const g3n_mat *Wd,
                         const float *u, float kappa);
 void cuda_op_mlp_sparse(g3n_backend *be, float *y, float *gate, float *up, const g3n_mat *Wg,

@@ -632,19 +632,6 @@ static void qmulti_rows(cuda_ctx *c, int n, const g3n_mat *const *W, float *cons
 
 /* ---- prompt-sized products: dequantized tiles, cuBLAS f32 ------------------------------ */
 
-/* Element col of row r of a quantized matrix (K columns), dequantized exactly as
- * the reference does it (g3n_quant_w: the product rounded, then the sum). */
-__device__ __forceinline__ float qdeq(const uint32_t *W, const void *S, const void *B, int sdt, int bits, int group,
-                                      int K, size_t r, int col) {
-    const uint32_t *row = W + r * ((size_t)K * bits / 32);
-    const size_t p = (size_t)col * bits;
-    uint64_t v = row[p >> 5];
-    if ((p & 31) + bits > 32) v |= (uint64_t)row[(p >> 5) + 1] << 32;
-    const float q = (float)((uint32_t)(v >> (p & 31)) & ((1u << bits) - 1u));
-    const size_t g = r * (size_t)(K / group) + col / group;
-    return __fadd_rn(__fmul_rn(load_w(S, sdt, g), q), load_w(B, sdt, g));
-}
-
 __global__ void k_dequant(float *out, const uint32_t *W, const void *S, const void *B, int sdt, int bits, int group,
                           int K, int r0, int nr) {
     KERNEL_BEGIN();
@@ -797,7 +784,27 @@ int cuda_quant_prepare(cuda_ctx *c, g3n_mat *m, char *err, size_t errlen) {
         return g3n_err(err, errlen, "%s: out of GPU memory (%.2f GB free)", m->name, fr / 1e9);
     }
     m->data = d, m->scales = s, m->biases = b;
-    m->transposed = 0; /* exact sparsity reads quantized down matrices densely */
+    m->transposed = 0;
+    if (m->sparse_cols && m->rows % 8 == 0) {
+        /* exact sparsity reads columns: keep W^T dequantized (f32: the values
+         * the reference multiplies) beside the packed rows, which dense
+         * products (prompts) still use */
+        float *tmp = NULL;
+        const size_t n = (size_t)m->rows * m->cols;
+        if (cudaMalloc((void **)&tmp, n * sizeof(float)) != cudaSuccess)
+            return g3n_err(err, errlen, "%s: out of GPU memory (exact sparsity)", m->name);
+        launch(c, k_dequant, dim3((unsigned)G3N_MIN((n + 255) / 256, (size_t)65535)), dim3(256), 0, tmp,
+               (const uint32_t *)d, (const void *)s, (const void *)b, m->sdtype, m->bits, m->group_size, m->cols, 0,
+               m->rows);
+        CUDA_LAUNCHED();
+        void *t = cuda_transpose_matrix(c, tmp, m->rows, m->cols, sizeof(float));
+        CUDA_CHECK(cudaFree(tmp));
+        c->owned = (void **)realloc(c->owned, sizeof(void *) * (size_t)(c->n_owned + 1));
+        if (!c->owned) abort();
+        c->owned[c->n_owned++] = t;
+        m->tdata = t;
+        cuda_sparse_reserve(c, m->rows, m->cols);
+    }
     if (m->cols > c->max_cols) c->max_cols = m->cols;
     const size_t want = G3N_MIN((size_t)m->rows * m->cols, QSCRATCH_MAX);
     if (want > c->qscratch_n) {

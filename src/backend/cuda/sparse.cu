@@ -44,6 +44,26 @@ void *cuda_transpose_matrix(cuda_ctx *c, const void *w, int rows, int cols, size
     return t;
 }
 
+/* Scratch of the gather path for a down matrix of rows x cols (sized at load,
+ * before any recording). */
+void cuda_sparse_reserve(cuda_ctx *c, int rows, int cols) {
+    const size_t n = (size_t)cols;
+    const size_t part = G3N_MAX((n + 15) / 16 * (size_t)rows, (n + 127) / 128 * (size_t)rows * 8);
+    if (n > c->sp_n) {
+        cudaFree(c->sp_idx), cudaFree(c->sp_val), cudaFree(c->sp_act), cudaFree(c->sp_nnz);
+        CUDA_CHECK(cudaMalloc((void **)&c->sp_idx, n * sizeof(int32_t)));
+        CUDA_CHECK(cudaMalloc((void **)&c->sp_val, n * sizeof(float)));
+        CUDA_CHECK(cudaMalloc((void **)&c->sp_act, n * sizeof(float)));
+        CUDA_CHECK(cudaMalloc((void **)&c->sp_nnz, sizeof(int32_t)));
+        c->sp_n = n;
+    }
+    if (part > c->sp_part_n) {
+        cudaFree(c->sp_part);
+        CUDA_CHECK(cudaMalloc((void **)&c->sp_part, part * sizeof(float)));
+        c->sp_part_n = part;
+    }
+}
+
 /* ---- selection: cutoff, surviving indices (ascending), gelu values -------------------- */
 
 template <int EPT>
@@ -108,6 +128,19 @@ __global__ void __launch_bounds__(256)
         const float2 xv = *(const float2 *)(u + i);
         acc += (float)w[i] * xv.x + (float)w[i + 1] * xv.y;
     }
+    acc = warp_sum(acc);
+    if (lane == 0) act[k] = val[k] * acc;
+}
+
+/* the same for a quantized Wu: each weight dequantized as the reference does it */
+__global__ void __launch_bounds__(256)
+    k_qup_sparse(float *act, const uint32_t *W, const void *S, const void *B, int sdt, int bits, int group,
+                 const float *u, const int32_t *idx, const float *val, const int32_t *nnz, int K) {
+    KERNEL_BEGIN();
+    const int k = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
+    if (k >= *nnz) return;
+    float acc = 0;
+    for (int i = lane; i < K; i += 32) acc += qdeq(W, S, B, sdt, bits, group, K, (size_t)idx[k], i) * u[i];
     acc = warp_sum(acc);
     if (lane == 0) act[k] = val[k] * acc;
 }
@@ -184,14 +217,16 @@ void cuda_matmul_transposed(cuda_ctx *c, float *y, const g3n_mat *W, const float
     else gemv_t_launch(c, y, (const float *)W->data, x, NULL, W->cols, W->rows, rows);
 }
 
-/* The sparse MLP for one row; 0 when the shapes do not fit (caller goes dense). */
+/* The sparse MLP for one row; 0 when the shapes do not fit (caller goes dense).
+ * Up rows are read as stored (16-bit, f32 or quantized); down columns from W^T
+ * (stored transposed, or a quantized matrix's dequantized W^T, tdata). */
 int cuda_mlp_sparse_row(cuda_ctx *c, float *y, float *gate, const g3n_mat *Wu, const g3n_mat *Wd, const float *u,
                         float kappa) {
     const int n = Wu->rows, K = Wu->cols;
-    if (!Wd->transposed || Wd->cols != n || Wd->rows % 8 || n % 4096 || n > 32768 || !c->sp_idx || K % 2 ||
-        Wu->dtype != Wd->dtype)
+    if (!(Wd->transposed || Wd->tdata) || Wd->cols != n || Wd->rows % 8 || n % 4096 || n > 32768 || !c->sp_idx ||
+        K % 2 || Wu->transposed)
         return 0;
-    const int32_t *nnz = (const int32_t *)c->sp_nnz;
+    const int32_t *nnz = (const int32_t *)c->sp_nnz, *idx = (const int32_t *)c->sp_idx;
     switch (n / 1024) {
     case 4: launch(c, k_select<4>, dim3(1), dim3(SEL_THREADS), 0, (const float *)gate, c->sp_idx, c->sp_val, c->sp_nnz, n, kappa); break;
     case 8: launch(c, k_select<8>, dim3(1), dim3(SEL_THREADS), 0, (const float *)gate, c->sp_idx, c->sp_val, c->sp_nnz, n, kappa); break;
@@ -200,21 +235,21 @@ int cuda_mlp_sparse_row(cuda_ctx *c, float *y, float *gate, const g3n_mat *Wu, c
     default: return 0;
     }
     const dim3 grid((unsigned)(((size_t)n * 32 + 255) / 256));
-    if (Wu->dtype == G3N_BF16) {
-        launch(c, k_up_sparse<__nv_bfloat16>, grid, dim3(256), 0, c->sp_act, (const __nv_bfloat16 *)Wu->data, u,
-               (const int32_t *)c->sp_idx, (const float *)c->sp_val, nnz, K);
-        gemv_t_launch(c, y, (const __nv_bfloat16 *)Wd->data, (const float *)c->sp_act, (const int32_t *)c->sp_idx, n,
-                      Wd->rows, 1);
-    } else if (Wu->dtype == G3N_F16) {
-        launch(c, k_up_sparse<__half>, grid, dim3(256), 0, c->sp_act, (const __half *)Wu->data, u,
-               (const int32_t *)c->sp_idx, (const float *)c->sp_val, nnz, K);
-        gemv_t_launch(c, y, (const __half *)Wd->data, (const float *)c->sp_act, (const int32_t *)c->sp_idx, n,
-                      Wd->rows, 1);
-    } else {
-        launch(c, k_up_sparse<float>, grid, dim3(256), 0, c->sp_act, (const float *)Wu->data, u,
-               (const int32_t *)c->sp_idx, (const float *)c->sp_val, nnz, K);
-        gemv_t_launch(c, y, (const float *)Wd->data, (const float *)c->sp_act, (const int32_t *)c->sp_idx, n,
-                      Wd->rows, 1);
-    }
+    const float *val = (const float *)c->sp_val;
+    if (Wu->bits)
+        launch(c, k_qup_sparse, grid, dim3(256), 0, c->sp_act, (const uint32_t *)Wu->data, Wu->scales, Wu->biases,
+               Wu->sdtype, Wu->bits, Wu->group_size, u, idx, val, nnz, K);
+    else if (Wu->dtype == G3N_BF16)
+        launch(c, k_up_sparse<__nv_bfloat16>, grid, dim3(256), 0, c->sp_act, (const __nv_bfloat16 *)Wu->data, u, idx,
+               val, nnz, K);
+    else if (Wu->dtype == G3N_F16)
+        launch(c, k_up_sparse<__half>, grid, dim3(256), 0, c->sp_act, (const __half *)Wu->data, u, idx, val, nnz, K);
+    else
+        launch(c, k_up_sparse<float>, grid, dim3(256), 0, c->sp_act, (const float *)Wu->data, u, idx, val, nnz, K);
+    const float *act = (const float *)c->sp_act;
+    if (Wd->tdata) gemv_t_launch(c, y, (const float *)Wd->tdata, act, idx, n, Wd->rows, 1);
+    else if (Wd->dtype == G3N_BF16) gemv_t_launch(c, y, (const __nv_bfloat16 *)Wd->data, act, idx, n, Wd->rows, 1);
+    else if (Wd->dtype == G3N_F16) gemv_t_launch(c, y, (const __half *)Wd->data, act, idx, n, Wd->rows, 1);
+    else gemv_t_launch(c, y, (const float *)Wd->data, act, idx, n, Wd->rows, 1);
     return 1;
 }
