@@ -12,7 +12,9 @@
 #include "cuda_common.cuh"
 
 #define SEL_THREADS 1024
+#ifndef T_CHUNK_SPARSE
 #define T_CHUNK_SPARSE 16   /* index-list entries per block */
+#endif
 #define T_CHUNK_DENSE 128   /* rows of W^T per block without a list */
 
 /* ---- transpose at load ----------------------------------------------------------------- */
@@ -48,7 +50,8 @@ void *cuda_transpose_matrix(cuda_ctx *c, const void *w, int rows, int cols, size
  * before any recording). */
 void cuda_sparse_reserve(cuda_ctx *c, int rows, int cols) {
     const size_t n = (size_t)cols;
-    const size_t part = G3N_MAX((n + 15) / 16 * (size_t)rows, (n + 127) / 128 * (size_t)rows * 8);
+    const size_t part = G3N_MAX((n + T_CHUNK_SPARSE - 1) / T_CHUNK_SPARSE * (size_t)rows,
+                                (n + T_CHUNK_DENSE - 1) / T_CHUNK_DENSE * (size_t)rows * 8);
     if (n > c->sp_n) {
         cudaFree(c->sp_idx), cudaFree(c->sp_val), cudaFree(c->sp_act), cudaFree(c->sp_nnz);
         CUDA_CHECK(cudaMalloc((void **)&c->sp_idx, n * sizeof(int32_t)));
@@ -132,15 +135,31 @@ __global__ void __launch_bounds__(256)
     if (lane == 0) act[k] = val[k] * acc;
 }
 
-/* the same for a quantized Wu: each weight dequantized as the reference does it */
+/* the same for a quantized Wu: each weight dequantized as the reference does it
+ * (4 and 8 bits: 8 weights a step, one scale and bias each; else one at a time) */
 __global__ void __launch_bounds__(256)
     k_qup_sparse(float *act, const uint32_t *W, const void *S, const void *B, int sdt, int bits, int group,
                  const float *u, const int32_t *idx, const float *val, const int32_t *nnz, int K) {
     KERNEL_BEGIN();
     const int k = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
     if (k >= *nnz) return;
+    const size_t r = (size_t)idx[k];
     float acc = 0;
-    for (int i = lane; i < K; i += 32) acc += qdeq(W, S, B, sdt, bits, group, K, (size_t)idx[k], i) * u[i];
+    if ((bits == 4 || bits == 8) && K % 8 == 0) {
+        const uint32_t *row = W + r * ((size_t)K * bits / 32);
+        for (int i = lane * 8; i < K; i += 32 * 8) {
+            const size_t g = r * (size_t)(K / group) + i / group;
+            const float sc = load_w(S, sdt, g), bi = load_w(B, sdt, g);
+            uint32_t w[2] = {row[(size_t)i * bits / 32], bits == 8 ? row[(size_t)i * bits / 32 + 1] : 0u};
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const uint32_t q = bits == 4 ? (w[0] >> (4 * j)) & 15u : (w[j >> 2] >> (8 * (j & 3))) & 255u;
+                acc += __fadd_rn(__fmul_rn(sc, (float)q), bi) * u[i + j];
+            }
+        }
+    } else {
+        for (int i = lane; i < K; i += 32) acc += qdeq(W, S, B, sdt, bits, group, K, r, i) * u[i];
+    }
     acc = warp_sum(acc);
     if (lane == 0) act[k] = val[k] * acc;
 }
@@ -165,18 +184,24 @@ __global__ void __launch_bounds__(256)
         for (int r = 0; r < 8; r++)
 #pragma unroll
             for (int j = 0; j < 8; j++) acc[r][j] = 0;
-        for (int k = k0; k < k1; k++) {
-            const int row = idx ? idx[k] : k;
-            raw8<T> rw;
-            float w[8];
-            ldraw(rw, WT + (size_t)row * O + o);
-            cvt8(rw, w);
+        for (int kb = k0; kb < k1; kb += 4) { /* four rows' loads in flight at once */
+            raw8<T> rw[4];
 #pragma unroll
-            for (int r = 0; r < 8; r++) {
-                if (r >= rows) break;
-                const float xv = idx ? x[k] : x[(size_t)r * K + k];
+            for (int t = 0; t < 4; t++)
+                if (kb + t < k1) ldraw(rw[t], WT + (size_t)(idx ? idx[kb + t] : kb + t) * O + o);
 #pragma unroll
-                for (int j = 0; j < 8; j++) acc[r][j] += xv * w[j];
+            for (int t = 0; t < 4; t++) {
+                const int k = kb + t;
+                if (k >= k1) break;
+                float w[8];
+                cvt8(rw[t], w);
+#pragma unroll
+                for (int r = 0; r < 8; r++) {
+                    if (r >= rows) break;
+                    const float xv = idx ? x[k] : x[(size_t)r * K + k];
+#pragma unroll
+                    for (int j = 0; j < 8; j++) acc[r][j] += xv * w[j];
+                }
             }
         }
         for (int r = 0; r < rows; r++) {
