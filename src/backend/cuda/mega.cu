@@ -56,8 +56,7 @@
 
 typedef struct {
     const void *q, *k, *v, *o, *ll, *lr, *g, *u, *d, *pg, *pp; /* products, one dtype */
-    const void *R;             /* AltUp router [4, D], in its own dtype */
-    int rdtype;
+    const void *R;             /* AltUp router [4, D], in the products' dtype */
     const float *rnorm, *pcoef, *ccoef, *innorm, *qn, *kn, *w_att, *w_lau, *w_pre, *w_post, *oscale, *w_ple;
     const float *ple_in;       /* this layer's per-layer input [P] */
     int owns, kv_layer, window, I, topk;
@@ -902,7 +901,7 @@ int cuda_op_decode_layers(g3n_backend *be, const g3n_dec_model *m, const g3n_dec
         o->o = L->o->data, o->ll = L->laurel_left->data, o->lr = L->laurel_right->data;
         o->g = L->gate->data, o->u = L->up->data, o->d = L->down->data;
         o->pg = L->ple_gate->data, o->pp = L->ple_proj->data;
-        o->R = L->router->data, o->rdtype = L->router->dtype;
+        o->R = L->router->data;
         o->rnorm = L->router_norm.data, o->pcoef = L->pred_coefs.data, o->ccoef = L->corr_coefs.data;
         o->innorm = L->in_norm.data, o->qn = L->q_norm.data, o->kn = L->k_norm.data;
         o->w_att = L->post_att.data, o->w_lau = L->post_laurel.data, o->w_pre = L->pre_ff.data;
