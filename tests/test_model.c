@@ -500,6 +500,19 @@ TEST(session_errors) {
     g3n_model_close(m);
 }
 
+#ifdef G3N_CUDA
+/* What every fused decode path runs: the fixtures, decode against prefill,
+ * batched against alone, truncation. */
+static void path_suite(void) {
+    RUN(conditional_cuda);
+    RUN(causal_cuda);
+    RUN(mlx_cuda);
+    RUN(decode_equals_prefill);
+    RUN(batch_decode_equals_alone);
+    RUN(session_truncate);
+}
+#endif
+
 int main(int argc, char **argv) {
     test_init(argc, argv);
     have_ref = ref_load(&REF, FIX "reference.bin");
@@ -524,22 +537,12 @@ int main(int argc, char **argv) {
         RUN(decode_equals_prefill);
         printf("-- cuda, fused path\n");
         PATH = "fused";
-        RUN(conditional_cuda);
-        RUN(causal_cuda);
-        RUN(mlx_cuda);
-        RUN(decode_equals_prefill);
-        RUN(batch_decode_equals_alone);
-        RUN(session_truncate);
+        path_suite();
         RUN(layouts_agree);
         printf("-- cuda, mega path (every layer of a one-token step in one kernel)\n");
         PATH = "mega";
         RUN(mega_taken);
-        RUN(conditional_cuda);
-        RUN(causal_cuda);
-        RUN(mlx_cuda);
-        RUN(decode_equals_prefill);
-        RUN(batch_decode_equals_alone);
-        RUN(session_truncate);
+        path_suite();
         RUN(mega_equals_fused);
         PATH = "fused";
         printf("-- cuda, fused path (no graphs, PLE table on the GPU)\n");
