@@ -102,6 +102,44 @@ namespace cg = cooperative_groups;
 
 #define DEC_WARPS 8
 
+/* Per-head RMS norm (weight w, may be NULL) and RoPE (theta 0: none) of one
+ * hd-vector by one warp, lane-strided (dim lane + 32k; RoPE pairs i, i + hd/2
+ * fall in the same lane, except for hd 32), into dst. */
+template <int DPL>
+__device__ __forceinline__ void dec_norm_rope(float *dst, const float *src, const float *w, float p, float theta,
+                                              float eps) {
+    constexpr int hd = 32 * DPL, half = DPL / 2;
+    const int lane = threadIdx.x & 31;
+    float x[DPL], ss = 0;
+#pragma unroll
+    for (int k = 0; k < DPL; k++) {
+        x[k] = src[lane + 32 * k];
+        ss += x[k] * x[k];
+    }
+    const float inv = rsqrtf(warp_sum(ss) / (float)hd + eps);
+#pragma unroll
+    for (int k = 0; k < DPL; k++) x[k] *= w ? inv * w[lane + 32 * k] : inv;
+    if (theta > 0 && DPL == 1) { /* hd 32: the pair (i, i + 16) is two lanes apart */
+        const int i = lane & 15;
+        const float other = __shfl_xor_sync(0xffffffffu, x[0], 16);
+        const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
+        float sn, cs;
+        sincosf(inv_freq * p, &sn, &cs);
+        x[0] = lane < 16 ? x[0] * cs - other * sn : x[0] * cs + other * sn;
+    } else if (theta > 0)
+#pragma unroll
+        for (int k = 0; k < half; k++) {
+            const int i = lane + 32 * k;
+            const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
+            float sn, cs;
+            sincosf(inv_freq * p, &sn, &cs);
+            const float a = x[k], b = x[k + half];
+            x[k] = a * cs - b * sn;
+            x[k + half] = b * cs + a * sn;
+        }
+#pragma unroll
+    for (int k = 0; k < DPL; k++) dst[lane + 32 * k] = x[k];
+}
 
 template <int G, int DPL>
 __global__ void __launch_bounds__(DEC_WARPS * 32)

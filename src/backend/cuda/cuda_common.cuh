@@ -294,53 +294,20 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-/* Per-head RMS norm (weight w, may be NULL) and RoPE (theta 0: none) of one
- * hd-vector by one warp, lane-strided (dim lane + 32k; RoPE pairs i, i + hd/2
- * fall in the same lane, except for hd 32), into dst. */
-template <int DPL>
-__device__ __forceinline__ void dec_norm_rope(float *dst, const float *src, const float *w, float p, float theta,
-                                              float eps) {
-    constexpr int hd = 32 * DPL, half = DPL / 2;
-    const int lane = threadIdx.x & 31;
-    float x[DPL], ss = 0;
-#pragma unroll
-    for (int k = 0; k < DPL; k++) {
-        x[k] = __ldcg(src + lane + 32 * k); /* L2: src may be written in the same kernel (mega.cu) */
-        ss += x[k] * x[k];
-    }
-    const float inv = rsqrtf(warp_sum(ss) / (float)hd + eps);
-#pragma unroll
-    for (int k = 0; k < DPL; k++) x[k] *= w ? inv * w[lane + 32 * k] : inv;
-    if (theta > 0 && DPL == 1) { /* hd 32: the pair (i, i + 16) is two lanes apart */
-        const int i = lane & 15;
-        const float other = __shfl_xor_sync(0xffffffffu, x[0], 16);
-        const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
-        float sn, cs;
-        sincosf(inv_freq * p, &sn, &cs);
-        x[0] = lane < 16 ? x[0] * cs - other * sn : x[0] * cs + other * sn;
-    } else if (theta > 0)
-#pragma unroll
-        for (int k = 0; k < half; k++) {
-            const int i = lane + 32 * k;
-            const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
-            float sn, cs;
-            sincosf(inv_freq * p, &sn, &cs);
-            const float a = x[k], b = x[k + half];
-            x[k] = a * cs - b * sn;
-            x[k + half] = b * cs + a * sn;
-        }
-#pragma unroll
-    for (int k = 0; k < DPL; k++) dst[lane + 32 * k] = x[k];
-}
-
 __device__ __forceinline__ float load_w(const void *w, int dtype, size_t i) {
     if (dtype == G3N_BF16) return __bfloat162float(((const __nv_bfloat16 *)w)[i]);
     if (dtype == G3N_F16) return __half2float(((const __half *)w)[i]);
     return ((const float *)w)[i];
 }
 
+/* A quantized weight as the reference forms it (g3n_quant_w: the product
+ * rounded, then the sum; no fused multiply-add). */
+__device__ __forceinline__ float qaffine(float scale, float q, float bias) {
+    return __fadd_rn(__fmul_rn(scale, q), bias);
+}
+
 /* Element col of row r of a quantized matrix (K columns), dequantized exactly as
- * the reference does it (g3n_quant_w: the product rounded, then the sum). */
+ * the reference does it. */
 __device__ __forceinline__ float qdeq(const uint32_t *W, const void *S, const void *B, int sdt, int bits, int group,
                                       int K, size_t r, int col) {
     const uint32_t *row = W + r * ((size_t)K * bits / 32);
@@ -349,7 +316,7 @@ __device__ __forceinline__ float qdeq(const uint32_t *W, const void *S, const vo
     if ((p & 31) + bits > 32) v |= (uint64_t)row[(p >> 5) + 1] << 32;
     const float q = (float)((uint32_t)(v >> (p & 31)) & ((1u << bits) - 1u));
     const size_t g = r * (size_t)(K / group) + col / group;
-    return __fadd_rn(__fmul_rn(load_w(S, sdt, g), q), load_w(B, sdt, g));
+    return qaffine(load_w(S, sdt, g), q, load_w(B, sdt, g));
 }
 
 __device__ __forceinline__ float gelu_tanh_d(float z) {

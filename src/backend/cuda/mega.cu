@@ -38,24 +38,17 @@
  * (tensor cores). */
 #include "cuda_common.cuh"
 
-#ifndef MG_NW
 #define MG_NW 8                /* warps per block: 256 threads, up to 255 registers each (measured
                                   faster than 16 warps: 197 vs 186 tok/s, E4B on the H100) */
-#endif
 #define MG_NT (MG_NW * 32)
 #define MG_EPT_WIDE (2048 / MG_NT) /* elements per thread of the instantiation for widths up to 2048 */
-#ifndef MG_SLOTS
 #define MG_SLOTS 3             /* ring slots per warp */
-#endif
-#ifndef MG_TILE
 #define MG_TILE 4096           /* bytes per slot: a row, or a 4 KB segment of one */
-#endif
 #define MG_MAX_LAYERS 40
 #define MG_PHASES 6            /* products per layer */
 #define MG_KPS 16              /* keys per attention split (fewer splits for short contexts) */
 
 typedef struct {
-    const void *q, *k, *v, *o, *ll, *lr, *g, *u, *d, *pg, *pp; /* products, one dtype */
     const void *R;             /* AltUp router [4, D], in the products' dtype */
     const float *rnorm, *pcoef, *ccoef, *innorm, *qn, *kn, *w_att, *w_lau, *w_pre, *w_post, *oscale, *w_ple;
     const float *ple_in;       /* this layer's per-layer input [P] */
@@ -63,8 +56,17 @@ typedef struct {
     float theta, kappa;
 } mg_layer;
 
+/* The products of each phase (up to 4; gate and up are one phase, read row by
+ * row in pairs): weights, row width, and the unit where the product ends.
+ * Unused entries repeat the last product with end = the phase's units. */
+typedef struct {
+    const char *W;
+    int K, end;
+} mg_pd;
+
 typedef struct {
     mg_layer L[MG_MAX_LAYERS];
+    mg_pd tab[MG_MAX_LAYERS * MG_PHASES][4];
     int n_layer, D, H, Hkv, hd, P, R;
     int lr_off;                /* where LAuReL's inner vector sits in the activation buffer (phase 1) */
     float eps, rs;
@@ -77,8 +79,7 @@ typedef struct {
     unsigned long long *trace; /* G3N_MEGA_TRACE: barrier arrival and exit times, else NULL */
     int flags;                 /* G3N_MEGA_FLAGS (timing only, wrong results): 1 no weight loads, 2 no row steps */
     float *ytab[MG_PHASES][4]; /* each phase's products' outputs */
-    const struct mg_pd *tab;   /* set in the kernel: the product table (below), in shared memory */
-    int act_n;                 /* floats of the activation buffer (the table follows it) */
+    int act_n;                 /* floats of the activation buffer */
 } mg_args;
 
 /* ---- the weight stream: which rows a warp reads, in order -------------------------------- */
@@ -89,84 +90,12 @@ typedef struct {
     int K, row, xoff;
 } mg_prod;
 
-/* output rows of phase ph (units: gate/up rows count once, as a pair) */
-__device__ __forceinline__ int mg_units_of(const mg_args &a, int ph) {
-    const mg_layer &L = a.L[ph / MG_PHASES];
-    switch (ph % MG_PHASES) {
-    case 0: return a.H * a.hd + a.R + (L.owns ? 2 * a.Hkv * a.hd : 0);
-    case 1: return 2 * a.D;
-    case 2: return L.I;
-    case 3: return a.D;
-    case 4: return a.P;
-    default: return a.D;
-    }
-}
-
-/* row r (0, or 1 for up) of unit u of phase ph (to build the table below) */
-__device__ __forceinline__ mg_prod mg_get_slow(const mg_args &a, int ph, int u, int r) {
-    const mg_layer &L = a.L[ph / MG_PHASES];
-    const int qd = a.H * a.hd, kvd = a.Hkv * a.hd;
-    mg_prod p;
-    p.xoff = 0;
-    p.K = a.D;
-    switch (ph % MG_PHASES) {
-    case 0:
-        if (u < qd) p.W = (const char *)L.q, p.y = a.q, p.row = u;
-        else if ((u -= qd) < a.R) p.W = (const char *)L.ll, p.y = a.lt, p.row = u;
-        else if ((u -= a.R) < kvd) p.W = (const char *)L.k, p.y = a.k, p.row = u;
-        else p.W = (const char *)L.v, p.y = a.v, p.row = u - kvd;
-        break;
-    case 1:
-        if (u < a.D) p.W = (const char *)L.o, p.y = a.o, p.row = u, p.K = qd;
-        else p.W = (const char *)L.lr, p.y = a.lau, p.row = u - a.D, p.K = a.R, p.xoff = a.lr_off;
-        break;
-    case 2: p.W = (const char *)(r ? L.u : L.g), p.y = r ? a.up : a.g, p.row = u; break;
-    case 3: p.W = (const char *)L.d, p.y = a.mlp, p.row = u, p.K = L.I; break;
-    case 4: p.W = (const char *)L.pg, p.y = a.pg, p.row = u; break;
-    default: p.W = (const char *)L.pp, p.y = a.ple_out, p.row = u, p.K = a.P; break;
-    }
-    return p;
-}
-
-
-/* The stream's bookkeeping runs for every item, so it reads a table made once
- * per block at the start: per phase, per product (up to 4; unused ones repeat
- * the last end), the weights, the row width and the unit where it ends. */
-struct mg_pd {
-    const char *W;
-    int K, end;
-};
-
-__device__ void mg_table_build(const mg_args &a, mg_pd *tab) {
-    for (int ph = threadIdx.x; ph < a.n_layer * MG_PHASES; ph += MG_NT) {
-        const int n = mg_units_of(a, ph), kind = ph % MG_PHASES;
-        /* the first unit of each product (one product per distinct weight pointer) */
-        const int qd = a.H * a.hd, kvd = a.Hkv * a.hd;
-        const int first[MG_PHASES][4] = {{0, qd, qd + a.R, qd + a.R + kvd}, {0, a.D, n, n}, {0, 0, n, n},
-                                         {0, n, n, n}, {0, n, n, n}, {0, n, n, n}};
-        int np = 0;
-        for (int pi = 0; pi < 4; pi++) {
-            const int u0 = first[kind][pi];
-            mg_pd *t = tab + ph * 4 + pi;
-            if (u0 < n && (pi == 0 || kind == 2 ? pi < 2 : u0 > first[kind][pi - 1])) {
-                const mg_prod p = mg_get_slow(a, ph, u0, kind == 2 ? pi : 0);
-                t->W = p.W, t->K = p.K, t->end = n;
-                if (np) t[-1].end = kind == 2 ? n : u0;
-                np++;
-            } else {
-                *t = t[-1];
-                t->end = n;
-            }
-        }
-    }
-}
-
-static_assert(sizeof(mg_pd) == 16, "the host sizes the table at 16 bytes an entry");
-
-__device__ __forceinline__ int mg_units(const mg_args &a, int ph) { return a.tab[ph * 4 + 3].end; }
+/* The stream's bookkeeping runs for every item: it reads the product table
+ * (made on the host, in shared memory with the other parameters). */
+__device__ __forceinline__ int mg_units(const mg_args &a, int ph) { return a.tab[ph][3].end; }
 
 __device__ __forceinline__ mg_prod mg_get(const mg_args &a, int ph, int u, int r) {
-    const mg_pd *t = a.tab + ph * 4;
+    const mg_pd *t = a.tab[ph];
     const int kind = ph % MG_PHASES;
     const int pi = kind == 2 ? r : (u >= t[0].end) + (u >= t[1].end) + (u >= t[2].end);
     mg_prod p;
@@ -542,7 +471,7 @@ __device__ __forceinline__ void mg_correct(const mg_args &a, const mg_layer &L, 
 }
 
 /* Per-head RMS norm (w may be NULL) and RoPE (theta 0: none) of one hd-vector
- * by one warp into shared memory: dec_norm_rope's maths, written compactly (one
+ * by one warp into shared memory: attention.cu's dec_norm_rope, written compactly (one
  * copy, loops not unrolled) for the instruction cache. src was written in
  * this kernel: read from L2. */
 __device__ __forceinline__ void mg_norm_rope(float *dst, const float *src, const float *w, float p, float theta,
@@ -707,9 +636,9 @@ __device__ __forceinline__ void mg_attention(const mg_args &a, int l, float *scr
 template <typename T, int EPT, int G, int DPL>
 __global__ void __launch_bounds__(MG_NT, 1) k_mega(const __grid_constant__ mg_args pa) {
     extern __shared__ __align__(16) unsigned char mg_smem[];
-    /* The parameters (10 KB, mostly the layer table) into shared memory: read
-     * through the constant cache with per-layer indices they miss to L2, and
-     * the stream's bookkeeping reads them for every item. */
+    /* The parameters (about 21 KB: the layer and product tables) into shared
+     * memory: read through the constant cache with per-layer indices they miss
+     * to L2, and the stream's bookkeeping reads them for every item. */
     __shared__ __align__(16) mg_args a;
     for (int i = threadIdx.x; i < (int)(sizeof(mg_args) / 4); i += MG_NT) ((int *)&a)[i] = ((const int *)&pa)[i];
     __syncthreads();
@@ -720,10 +649,6 @@ __global__ void __launch_bounds__(MG_NT, 1) k_mega(const __grid_constant__ mg_ar
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     char *ring = (char *)mg_smem + warp * MG_SLOTS * MG_TILE;
     float *act = (float *)(mg_smem + MG_NW * MG_SLOTS * MG_TILE);
-    if (threadIdx.x == 0) a.tab = (const mg_pd *)(act + a.act_n);
-    __syncthreads();
-    mg_table_build(a, (mg_pd *)a.tab);
-    __syncthreads();
     unsigned target = 0;
     const int nbar = a.n_layer * 7;
     if (a.trace && blockIdx.x == 0 && threadIdx.x == 0) a.trace[(size_t)(gridDim.x + 1) * nbar] = mg_clock();
@@ -800,23 +725,18 @@ __global__ void __launch_bounds__(MG_NT, 1) k_mega(const __grid_constant__ mg_ar
 /* ---- host side -------------------------------------------------------------------------------- */
 
 typedef void (*mg_kernel)(mg_args);
-
-static mg_kernel mg_none(const char **why, const char *w) {
-    *why = w;
-    return NULL;
-}
+static_assert(sizeof(mg_args) <= 32764, "kernel parameters are at most 32764 bytes");
 
 /* elements per thread of the instantiation that takes width D */
 static int ept_of(int D) { return D <= MG_NT ? 1 : MG_EPT_WIDE; }
 
-/* The instantiation for this model, its shared memory, or NULL (why says why). */
-static mg_kernel mg_pick(cuda_ctx *c, const g3n_dec_model *m, size_t *smem, int *act_n, const char **why) {
+/* The instantiation for this model and its shared memory, or NULL where none
+ * takes it. */
+static mg_kernel mg_pick(cuda_ctx *c, const g3n_dec_model *m, size_t *smem, int *act_n) {
     const int D = m->dim, G = m->n_head_kv > 0 ? m->n_head / m->n_head_kv : 0, dpl = m->head_dim / 32;
     const int ept = (D + MG_NT - 1) / MG_NT;
-    if (m->n_altup != 4 || m->n_layer > MG_MAX_LAYERS || m->n_layer < 1 || D > 2048)
-        return mg_none(why, "shape (AltUp planes, layers or width)");
-    if (G * m->n_head_kv != m->n_head || m->head_dim % 32)
-        return mg_none(why, "attention heads");
+    if (m->n_altup != 4 || m->n_layer > MG_MAX_LAYERS || m->n_layer < 1 || D > 2048) return NULL;
+    if (G * m->n_head_kv != m->n_head || m->head_dim % 32) return NULL; /* grouped heads of 32k dims */
     const g3n_mat *w0 = m->layer[0].q;
     int dt = w0->dtype;
     size_t es = g3n_dtype_size((g3n_dtype)dt);
@@ -827,10 +747,11 @@ static mg_kernel mg_pick(cuda_ctx *c, const g3n_dec_model *m, size_t *smem, int 
                                 L->ple_gate, L->ple_proj};
         for (int i = 0; i < 11; i++) {
             if ((i == 1 || i == 2) && !L->owns_kv) continue;
+            /* one dtype, stored plainly, rows of whole 16-byte chunks */
             if (!W[i]->data || W[i]->bits || W[i]->transposed || W[i]->dtype != dt || (W[i]->cols * es) % 16)
-                return mg_none(why, "a matrix that is quantized, transposed or of another dtype");
+                return NULL;
         }
-        if (L->router->bits || L->router->dtype != dt) return mg_none(why, "a router of another dtype");
+        if (L->router->bits || L->router->dtype != dt) return NULL;
         imax = G3N_MAX(imax, L->n_ff);
     }
     const int qd = m->n_head * m->head_dim, lr_off = (qd + 7) & ~7;
@@ -838,7 +759,7 @@ static mg_kernel mg_pick(cuda_ctx *c, const g3n_dec_model *m, size_t *smem, int 
     act = G3N_MAX(act, (size_t)MG_NW * G * (m->head_dim + 2) + 6 * MG_NT * ept_of(D));
     act = (act + 7) & ~(size_t)7; /* halves of whole groups of 4 (mg_px) */
     *act_n = (int)act;
-    *smem = (size_t)MG_NW * MG_SLOTS * MG_TILE + act * sizeof(float) + (size_t)m->n_layer * MG_PHASES * 4 * 16;
+    *smem = (size_t)MG_NW * MG_SLOTS * MG_TILE + act * sizeof(float);
     mg_kernel k = NULL;
 #define MG_K(TT)                                                                            \
     do {                                                                                    \
@@ -849,9 +770,24 @@ static mg_kernel mg_pick(cuda_ctx *c, const g3n_dec_model *m, size_t *smem, int 
     else if (dt == G3N_F16) MG_K(__half);
     else if (dt == G3N_F32) MG_K(float);
 #undef MG_K
-    if (!k) return mg_none(why, "no instantiation for this width, head layout or dtype");
-    if (*smem + 8192 + sizeof(mg_args) > c->smem_optin) return mg_none(why, "shared memory");
+    if (!k || *smem + 8192 + sizeof(mg_args) > c->smem_optin) return NULL;
     return k;
+}
+
+/* One phase's row of the product table: n products one after another, or
+ * (pairs) products read row by row together, each over all of the phase's units. */
+static void mg_table_set(mg_pd t[4], const g3n_mat *const *W, int n, int pairs) {
+    int end = 0;
+    for (int i = 0; i < 4; i++) {
+        if (i < n) {
+            t[i].W = (const char *)W[i]->data, t[i].K = W[i]->cols;
+            end = pairs ? W[i]->rows : end + W[i]->rows;
+            t[i].end = end;
+        } else {
+            t[i] = t[i - 1];
+        }
+    }
+    for (int i = n; i < 4; i++) t[i].end = end;
 }
 
 /* backend.h decode_layers */
@@ -859,8 +795,7 @@ int cuda_op_decode_layers(g3n_backend *be, const g3n_dec_model *m, const g3n_dec
     cuda_ctx *c = CTX(be);
     size_t smem = 0;
     int act_n = 0;
-    const char *why = NULL;
-    mg_kernel k = mg_pick(c, m, &smem, &act_n, &why);
+    mg_kernel k = mg_pick(c, m, &smem, &act_n);
     if (!k) return 0;
     const int G = m->n_head / m->n_head_kv;
     if (!b) { /* at load: set up once, outside any recording */
@@ -880,7 +815,8 @@ int cuda_op_decode_layers(g3n_backend *be, const g3n_dec_model *m, const g3n_dec
         const char *tr = getenv("G3N_MEGA_TRACE");
         if (tr && atoi(tr) && !c->mg_trace) {
             c->mg_trace_nbar = m->n_layer * 7;
-            CUDA_CHECK(cudaMalloc((void **)&c->mg_trace, ((size_t)(c->n_sm + 1) * c->mg_trace_nbar + 1 + 14 * 40) * 8));
+            CUDA_CHECK(cudaMalloc((void **)&c->mg_trace,
+                                  ((size_t)(c->n_sm + 1) * c->mg_trace_nbar + 1 + 14 * (size_t)m->n_layer) * 8));
         }
         if (c->mg_sync_bytes < sync) {
             if (c->mg_sync) CUDA_CHECK(cudaFree(c->mg_sync));
@@ -890,17 +826,22 @@ int cuda_op_decode_layers(g3n_backend *be, const g3n_dec_model *m, const g3n_dec
         return 1;
     }
     if (c->n_tokens != 1 || !c->mg_part || !c->mg_sync) return 0;
-    mg_args a; /* about 10 KB of kernel parameters */
+    mg_args a; /* about 21 KB of kernel parameters */
     memset(&a, 0, sizeof a);
     a.n_layer = m->n_layer, a.D = m->dim, a.H = m->n_head, a.Hkv = m->n_head_kv, a.hd = m->head_dim;
     a.P = m->n_ple, a.R = m->laurel_rank, a.lr_off = (a.H * a.hd + 7) & ~7, a.eps = m->eps, a.rs = m->res_scale;
     for (int l = 0; l < m->n_layer; l++) {
         const g3n_dec_layer *L = &m->layer[l];
         mg_layer *o = &a.L[l];
-        o->q = L->q->data, o->k = L->owns_kv ? L->k->data : NULL, o->v = L->owns_kv ? L->v->data : NULL;
-        o->o = L->o->data, o->ll = L->laurel_left->data, o->lr = L->laurel_right->data;
-        o->g = L->gate->data, o->u = L->up->data, o->d = L->down->data;
-        o->pg = L->ple_gate->data, o->pp = L->ple_proj->data;
+        /* the products of the layer's six phases, in the order the table's units run */
+        const g3n_mat *P0[4] = {L->q, L->laurel_left, L->k, L->v}, *P1[2] = {L->o, L->laurel_right};
+        const g3n_mat *P2[2] = {L->gate, L->up};
+        mg_table_set(a.tab[l * MG_PHASES], P0, L->owns_kv ? 4 : 2, 0);
+        mg_table_set(a.tab[l * MG_PHASES + 1], P1, 2, 0);
+        mg_table_set(a.tab[l * MG_PHASES + 2], P2, 2, 1);
+        mg_table_set(a.tab[l * MG_PHASES + 3], &L->down, 1, 0);
+        mg_table_set(a.tab[l * MG_PHASES + 4], &L->ple_gate, 1, 0);
+        mg_table_set(a.tab[l * MG_PHASES + 5], &L->ple_proj, 1, 0);
         o->R = L->router->data;
         o->rnorm = L->router_norm.data, o->pcoef = L->pred_coefs.data, o->ccoef = L->corr_coefs.data;
         o->innorm = L->in_norm.data, o->qn = L->q_norm.data, o->kn = L->k_norm.data;

@@ -12,9 +12,7 @@
 #include "cuda_common.cuh"
 
 #define SEL_THREADS 1024
-#ifndef T_CHUNK_SPARSE
 #define T_CHUNK_SPARSE 16   /* index-list entries per block */
-#endif
 #define T_CHUNK_DENSE 128   /* rows of W^T per block without a list */
 
 /* ---- transpose at load ----------------------------------------------------------------- */
@@ -154,7 +152,7 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
             for (int j = 0; j < 8; j++) {
                 const uint32_t q = bits == 4 ? (w[0] >> (4 * j)) & 15u : (w[j >> 2] >> (8 * (j & 3))) & 255u;
-                acc += __fadd_rn(__fmul_rn(sc, (float)q), bi) * u[i + j];
+                acc += qaffine(sc, (float)q, bi) * u[i + j];
             }
         }
     } else {
@@ -184,24 +182,18 @@ __global__ void __launch_bounds__(256)
         for (int r = 0; r < 8; r++)
 #pragma unroll
             for (int j = 0; j < 8; j++) acc[r][j] = 0;
-        for (int kb = k0; kb < k1; kb += 4) { /* four rows' loads in flight at once */
-            raw8<T> rw[4];
+        for (int k = k0; k < k1; k++) {
+            const int row = idx ? idx[k] : k;
+            raw8<T> rw;
+            float w[8];
+            ldraw(rw, WT + (size_t)row * O + o);
+            cvt8(rw, w);
 #pragma unroll
-            for (int t = 0; t < 4; t++)
-                if (kb + t < k1) ldraw(rw[t], WT + (size_t)(idx ? idx[kb + t] : kb + t) * O + o);
+            for (int r = 0; r < 8; r++) {
+                if (r >= rows) break;
+                const float xv = idx ? x[k] : x[(size_t)r * K + k];
 #pragma unroll
-            for (int t = 0; t < 4; t++) {
-                const int k = kb + t;
-                if (k >= k1) break;
-                float w[8];
-                cvt8(rw[t], w);
-#pragma unroll
-                for (int r = 0; r < 8; r++) {
-                    if (r >= rows) break;
-                    const float xv = idx ? x[k] : x[(size_t)r * K + k];
-#pragma unroll
-                    for (int j = 0; j < 8; j++) acc[r][j] += xv * w[j];
-                }
+                for (int j = 0; j < 8; j++) acc[r][j] += xv * w[j];
             }
         }
         for (int r = 0; r < rows; r++) {
@@ -234,12 +226,19 @@ static void gemv_t_launch(cuda_ctx *c, float *y, const T *WT, const float *x, co
            (const float *)c->sp_part, idx, (const int32_t *)c->sp_nnz, K, O, rows, CH);
 }
 
+/* The product with W's transposed form: W^T stored as W->data (transposed), or
+ * a quantized matrix's dequantized f32 W^T (tdata); idx as in k_gemv_t. */
+static void gemv_t_mat(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, const int32_t *idx, int rows) {
+    if (W->tdata) gemv_t_launch(c, y, (const float *)W->tdata, x, idx, W->cols, W->rows, rows);
+    else if (W->dtype == G3N_BF16) gemv_t_launch(c, y, (const __nv_bfloat16 *)W->data, x, idx, W->cols, W->rows, rows);
+    else if (W->dtype == G3N_F16) gemv_t_launch(c, y, (const __half *)W->data, x, idx, W->cols, W->rows, rows);
+    else gemv_t_launch(c, y, (const float *)W->data, x, idx, W->cols, W->rows, rows);
+}
+
 /* y[rows, O] = x . W^T' for a matrix stored transposed (rows <= 8, O % 8 == 0). */
 void cuda_matmul_transposed(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows) {
     G3N_ASSERT(rows <= 8 && W->rows % 8 == 0 && c->sp_part);
-    if (W->dtype == G3N_BF16) gemv_t_launch(c, y, (const __nv_bfloat16 *)W->data, x, NULL, W->cols, W->rows, rows);
-    else if (W->dtype == G3N_F16) gemv_t_launch(c, y, (const __half *)W->data, x, NULL, W->cols, W->rows, rows);
-    else gemv_t_launch(c, y, (const float *)W->data, x, NULL, W->cols, W->rows, rows);
+    gemv_t_mat(c, y, W, x, NULL, rows);
 }
 
 /* The sparse MLP for one row; 0 when the shapes do not fit (caller goes dense).
@@ -271,10 +270,6 @@ int cuda_mlp_sparse_row(cuda_ctx *c, float *y, float *gate, const g3n_mat *Wu, c
         launch(c, k_up_sparse<__half>, grid, dim3(256), 0, c->sp_act, (const __half *)Wu->data, u, idx, val, nnz, K);
     else
         launch(c, k_up_sparse<float>, grid, dim3(256), 0, c->sp_act, (const float *)Wu->data, u, idx, val, nnz, K);
-    const float *act = (const float *)c->sp_act;
-    if (Wd->tdata) gemv_t_launch(c, y, (const float *)Wd->tdata, act, idx, n, Wd->rows, 1);
-    else if (Wd->dtype == G3N_BF16) gemv_t_launch(c, y, (const __nv_bfloat16 *)Wd->data, act, idx, n, Wd->rows, 1);
-    else if (Wd->dtype == G3N_F16) gemv_t_launch(c, y, (const __half *)Wd->data, act, idx, n, Wd->rows, 1);
-    else gemv_t_launch(c, y, (const float *)Wd->data, act, idx, n, Wd->rows, 1);
+    gemv_t_mat(c, y, Wd, (const float *)c->sp_act, idx, 1); /* Wd->cols == n */
     return 1;
 }
