@@ -126,6 +126,11 @@ test-debug: g3n-debug $(TESTS:%=$(DBG)/tests/%) tokenizer-fixture
 test-cuda: tokenizer-fixture
 	$(MAKE) CUDA=1 g3n $(TESTS:%=build/release-cuda/tests/%)
 	@G3N_BIN=./g3n TEST_DIR=build/release-cuda/tests G3N_REQUIRE_CUDA=1 sh tests/run.sh
+	@# the quantized products again on the decode kernels the default leaves out at 4 or 8 bits
+	@for k in mma dp4a; do for t in qmatmul fused_ops_q; do \
+	  out=$$(G3N_QGEMV=$$k G3N_REQUIRE_CUDA=1 build/release-cuda/tests/test_ops $$t) || { echo "$$out"; exit 1; }; \
+	  echo "G3N_QGEMV=$$k test_ops $$t: $$(echo "$$out" | tail -1)"; \
+	  done; done
 
 clean:
 	rm -rf build g3n g3n-debug

@@ -8,11 +8,12 @@
  * scale * sum(q * x) + bias * sum(x): the dequantized weight is never formed and
  * the result differs from the reference (fp32 s*q + b, then the dot) only in
  * rounding. `wpr` warps share a long row; partial sums are added in a fixed order.
- * 4 and 8 bits with 16-bit scales use k_qgemv_s (integer dot products, 4 output
- * rows per warp, weights through a cp.async ring, K split over a cluster; below)
- * for 1-8 rows at once; G3N_QGEMV=old selects this one-row-per-warp k_qgemv
- * instead (A/B timing), and it also serves f32 scales and slices too wide for
- * shared memory. 2, 3, 5 and 6 bits run the one-row kernel once per row
+ * 8 bits with 16-bit scales and 1-2 rows use k_qmma (integer tensor-core
+ * products per group; below), 4 bits and the rest of 1-8 rows k_qgemv_s (integer
+ * dot products, 4 output rows per warp, weights through a cp.async ring, K split
+ * over a cluster; below); G3N_QGEMV (qgemv_env) picks others for A/B timing. This
+ * one-row-per-warp k_qgemv serves f32 scales and slices too wide for shared
+ * memory. 2, 3, 5 and 6 bits run the one-row kernel once per row
  * (correct, slower). G3N_QSPLIT=n (most K slices) and G3N_QJ=n (tiles per
  * warp) override k_qgemv_s's shape, for timing.
  * Prompt-sized products: tiles of rows dequantized to f32 (exactly the
@@ -39,7 +40,8 @@ typedef struct {
     int row0[QMAX + 1];
     int blk0[QMAX + 1]; /* k_qgemv_s: first block (along y) of each product */
     int gsh[QMAX];      /* k_qgemv_s: log2(G / 32) */
-    int n, wpr, ks, J, mode; /* k_qgemv_s: inputs per slice, tiles per warp */ /* mode: QPLAIN, QGELU_MUL (y = gelu(W.x) * m), QGATE_UP (y0 = gelu(W0.x) * W1.x) */
+    int n, wpr, ks, J, mode; /* k_qgemv_s: inputs per slice, tiles per warp (k_qmma: ks groups per slice) */
+    int rb;                  /* k_qmma: row tiles per block */ /* mode: QPLAIN, QGELU_MUL (y = gelu(W.x) * m), QGATE_UP (y0 = gelu(W0.x) * W1.x) */
     const float *m;
 } qargs;
 
@@ -219,6 +221,26 @@ static void qlaunch_each(cuda_ctx *c, const qargs &a, int rows) {
  * consecutive chunks then touch every bank equally), then each chunk's scale 2^e
  * and its sum. */
 
+/* The activations' integer form (k_qgemv_s, k_qmma): for a set of inputs whose
+ * largest magnitude is mx, the exponent e with 2^e * 2^22 > mx and inv = 2^-e
+ * (x * inv is exact: a power of two); a set below 2^-100 counts as zero (e = 0,
+ * inv = 0). */
+__device__ __forceinline__ int q_exponent(float mx, float &inv) {
+    const bool nz = mx >= 0x1p-100f;
+    const int e = nz ? (int)((__float_as_uint(mx) >> 23) & 0xff) - 127 - 21 : 0;
+    inv = nz ? __uint_as_float((uint32_t)(127 - e) << 23) : 0.f;
+    return e;
+}
+
+/* x * inv rounded to an integer v = 65536 h + 256 m + l in signed bytes, stored as
+ * p[0][i] = h, p[1][i] = m, p[2][i] = l (each in the low byte) */
+template <int N> __device__ __forceinline__ void q_bytes3(float x, float inv, uint32_t (&p)[3][N], int i) {
+    const int iv = __float2int_rn(x * inv);
+    const int l = (int)(int8_t)(iv & 0xff), iv1 = (iv - l) >> 8;
+    const int m = (int)(int8_t)(iv1 & 0xff), h = (iv1 - m) >> 8;
+    p[0][i] = (uint32_t)h & 0xffu, p[1][i] = (uint32_t)m & 0xffu, p[2][i] = (uint32_t)l & 0xffu;
+}
+
 __device__ __forceinline__ int dp4a_us(uint32_t a, uint32_t b, int c) {
     int d;
     asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -273,6 +295,49 @@ __device__ __forceinline__ void qdot_s(float (&acc)[QRPW][R], const uint4 (&q)[Q
             const float dot = ((float)d[i][0] * 65536.0f + (float)d[i][1] * 256.0f) + (float)d[i][2];
             acc[i][r] += sc[i] * (dot * e) + bi[i] * dx;
         }
+    }
+}
+
+/* A barrier over the blocks of the cluster (the decode kernels' clusters are
+ * their gridDim.x K slices; sm_90), or over this block when it is alone. */
+__device__ __forceinline__ void q_cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (gridDim.x > 1) {
+        cg::this_cluster().sync();
+        return;
+    }
+#endif
+    __syncthreads();
+}
+
+/* The end of a decode product split over the `gridDim.x` blocks of a cluster, on
+ * rank 0: v (and u, QGATE_UP's up row) added over the ranks' copies in shared
+ * memory in rank order (all loads in flight together), then stored at output
+ * `row` of activation row r: gelu(v) * u in product 0 (QGATE_UP), else v or
+ * gelu(v) * m (QGELU_MUL) in product s. */
+__device__ __forceinline__ void q_finish(const qargs &a, float *pv, float *pu, int s, int row, int r) {
+    float v = *pv, u = pu ? *pu : 0.f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const int nsplit = gridDim.x;
+    if (nsplit > 1) {
+        cg::cluster_group cl = cg::this_cluster();
+        float xv[8], xu[8];
+#pragma unroll
+        for (int k = 1; k < 8; k++)
+            if (k < nsplit) {
+                xv[k] = *cl.map_shared_rank(pv, k);
+                xu[k] = pu ? *cl.map_shared_rank(pu, k) : 0.f;
+            }
+#pragma unroll
+        for (int k = 1; k < 8; k++)
+            if (k < nsplit) v += xv[k], u += xu[k];
+    }
+#endif
+    if (a.mode == QGATE_UP) {
+        if (row < a.O[0]) a.y[0][(size_t)r * a.O[0] + row] = gelu_tanh_d(v) * u;
+    } else if (row < a.O[s]) {
+        const size_t o = (size_t)r * a.O[s] + row;
+        a.y[s][o] = a.mode == QGELU_MUL ? gelu_tanh_d(v) * a.m[o] : v;
     }
 }
 
@@ -378,18 +443,12 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
                 sm += __shfl_xor_sync(0xffffffffu, sm, o);
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
             }
-            /* e: 2^e * 2^22 > mx; x * 2^-e exact (a power of two), rounded to an integer */
-            const int e = mx >= 0x1p-100f ? (int)((__float_as_uint(mx) >> 23) & 0xff) - 127 - 21 : 0;
-            const float inv = mx >= 0x1p-100f ? __uint_as_float((uint32_t)(127 - e) << 23) : 0.f;
+            float inv;
+            const int e = q_exponent(mx, inv);
             const float xv[4] = {v.x, v.y, v.z, v.w};
             uint32_t part[3][4]; /* the three signed bytes of each element */
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const int iv = __float2int_rn(xv[u] * inv);
-                const int l = (int)(int8_t)(iv & 0xff), iv1 = (iv - l) >> 8;
-                const int m = (int)(int8_t)(iv1 & 0xff), h = (iv1 - m) >> 8;
-                part[0][u] = (uint32_t)h & 0xffu, part[1][u] = (uint32_t)m & 0xffu, part[2][u] = (uint32_t)l & 0xffu;
-            }
+            for (int u = 0; u < 4; u++) q_bytes3(xv[u], inv, part, u);
 #pragma unroll
             for (int pt = 0; pt < 3; pt++) {
                 const uint32_t *b4 = part[pt];
@@ -447,47 +506,17 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
             }
     }
     cp_async_wait<0>();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    const int nsplit = gridDim.x;
-    cg::cluster_group cl = cg::this_cluster();
-    if (nsplit > 1) cl.sync();
-    else __syncthreads();
-#else
-    __syncthreads();
-#endif
+    q_cluster_sync();
     /* block 0 of the cluster: element pi (row i, activation row r) of tile j of warp ob */
     if (split == 0) {
         const int nw = gu ? 4 : 8;
         for (int t = threadIdx.x; t < J * nw * PER; t += 256) {
             const int j = t / (nw * PER), ob = t / PER % nw, pi = t % PER, i = pi % QRPW, r = pi / QRPW;
-            float v = red[j][ob][pi], u = gu ? red[j][ob + 4][pi] : 0.f;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-            float pv[8], pu[8]; /* all ranks' loads in flight together, added in rank order */
-#pragma unroll
-            for (int k = 1; k < 8; k++)
-                if (k < nsplit) {
-                    pv[k] = *cl.map_shared_rank(&red[j][ob][pi], k);
-                    pu[k] = gu ? *cl.map_shared_rank(&red[j][ob + 4][pi], k) : 0.f;
-                }
-#pragma unroll
-            for (int k = 1; k < 8; k++)
-                if (k < nsplit) v += pv[k], u += pu[k];
-#endif
-            if (gu) {
-                const int row = (b * 4 * J + ob + 4 * j) * QRPW + i;
-                if (row < a.O[0]) a.y[0][(size_t)r * a.O[0] + row] = gelu_tanh_d(v) * u;
-            } else {
-                const int row = ((b - a.blk0[sx]) * 8 * J + ob + 8 * j) * QRPW + i;
-                if (row < a.O[sx]) {
-                    const size_t o = (size_t)r * a.O[sx] + row;
-                    a.y[sx][o] = a.mode == QGELU_MUL ? gelu_tanh_d(v) * a.m[o] : v;
-                }
-            }
+            const int row = gu ? (b * 4 * J + ob + 4 * j) * QRPW + i : ((b - a.blk0[sx]) * 8 * J + ob + 8 * j) * QRPW + i;
+            q_finish(a, &red[j][ob][pi], gu ? &red[j][ob + 4][pi] : NULL, sx, row, r);
         }
     }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (nsplit > 1) cl.sync(); /* keep this block's red alive until block 0 has read it */
-#endif
+    q_cluster_sync(); /* keep this block's sums alive until rank 0 has read them */
 }
 
 /* k_qgemv_s's dynamic shared memory: the staged slice (3 bytes, a scale and a sum
@@ -574,12 +603,378 @@ static int qlaunch_s_any(cuda_ctx *c, qargs &a, int bits, int R) {
     return 0;
 }
 
-/* G3N_QGEMV=old: the one-row-per-warp kernel (k_qgemv) at 4 and 8 bits too, for A/B timing */
-static int qgemv_old(void) {
+/* ---- decode GEMV at 4 and 8 bits on tensor cores ------------------------------------------
+ *
+ * k_qmma: per group of G inputs, the integer products q . v as exact int32 sums on
+ * tensor cores (mma m16n8k32: unsigned bytes of weights times signed bytes of
+ * activations), finished in float with the group's scale and bias. A warp takes a
+ * tile of 16 output rows over a range of groups; lane (g, t) (g = lane / 4, t = lane
+ * % 4) loads rows g and g + 8, and in each group the t-th quarter of the row's
+ * bytes (8 bytes at 4 bits and G = 64): the four t-lanes of a row read one 32-byte
+ * sector. That quarter is the lane's share of the A fragment in each of the group's
+ * G / 32 mmas: at 4 bits word j of it, its even nibbles (w & 0x0F0F0F0F) as A
+ * columns 4t..4t+3 and its odd ones ((w >> 4) & 0x0F0F0F0F) as 16+4t..16+4t+3; at
+ * 8 bits words 2j and 2j + 1 as they are. The weights are used as stored: a sum
+ * over K does not care which column holds which input, so the activations are
+ * staged in the same order instead.
+ *
+ * Activations: each block stages its slice of groups once, as the dp4a kernel above
+ * does but with one exponent per group: x = 2^e * v, |v| < 2^22 (22 bits below the
+ * group's largest element), v = 65536 h + 256 m + l in signed bytes; B column 3r + p
+ * holds part p of activation row r (R <= 2: one n8 tile). The group's C fragment
+ * (rows g, g + 8, columns 2t, 2t + 1) is finished per lane and column:
+ * acc += scale * (2^e * 2^16|2^8|1 * c), and in part-0 columns bias * sum(x of the
+ * group); the columns of an activation row are added at the end. The only roundings
+ * are the activations' (as in k_qgemv_s) and the float finishing.
+ *
+ * Work: a block's 8 warps take RB row tiles and 8 / RB ranges of the block's
+ * groups; the blocks of a thread-block cluster take consecutive slices of K.
+ * Partial sums are added in a fixed order (warps, then cluster ranks through
+ * distributed shared memory), so results are deterministic. Weights stream through
+ * a per-warp cp.async ring of whole 128-byte lines of the tile's rows (mmslot),
+ * MM_NSLOT - 1 stages ahead, the first before the PDL wait; a lane's copies are
+ * not its fragment, so the warp synchronizes on each stage.
+ *
+ * At 8 bits this is 1.2-1.3x faster per token than k_qgemv_s (H100, E4B/E2B q8);
+ * at 4 bits it is faster alone (no PDL, or events around each op) but about level
+ * to 5% slower inside the PDL-chained step, so 4 bits keep k_qgemv_s (qgemv_env).
+ * It needs an even number of groups per row (scale words are copied two groups at
+ * a time) and at most MM_RMAX activation rows. */
+
+#define MM_RMAX 2 /* k_qmma: activation rows (three columns each, one n8 tile) */
+
+__device__ __forceinline__ void mma_u8s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* One group of a lane's two rows: its quarter of each row's words, scales and biases (raw 16 bits). */
+template <int WL> struct mmgrp {
+    uint32_t a[WL], b[WL];
+    unsigned short s, s8, z, z8;
+};
+
+template <int SDT> __device__ __forceinline__ float mm_sv(unsigned short h) {
+    if (SDT == G3N_BF16) return __uint_as_float((uint32_t)h << 16);
+    return __half2float(__ushort_as_half(h));
+}
+
+/* k_qmma's weight ring (RING): per warp, NSLOT slots of one stage each, a stage being
+ * 128 bytes of each of the tile's 16 rows (SG whole groups) with their scales and
+ * biases; the 16-byte pieces of row r are stored XOR-swizzled by r % 8 so that
+ * the fragment reads touch every bank equally. */
+#define MM_NSLOT 4 /* measured against 2 and 3 (E4B q8 227 / 249 / 257 tok/s) */
+template <int BITS, int G> struct mmslot {
+    static constexpr int GB = G * BITS / 8, SG = GB >= 128 ? 1 : 128 / GB, SW = SG >= 2 ? SG / 2 : 1;
+    uint4 w[16][8];
+    uint32_t s[16][SW], z[16][SW];
+};
+
+template <int BITS, int G, int R, int SDT>
+__global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
+    constexpr int NS = G / 32;            /* mmas per group */
+    constexpr int WL = G * BITS / 128;    /* words per lane and row in a group */
+    constexpr int NC = 3 * R, UPG = G / 8; /* B columns; staging units (8 inputs) per group */
+    constexpr int GB = mmslot<BITS, G>::GB, SG = mmslot<BITS, G>::SG, SW = mmslot<BITS, G>::SW;
+    extern __shared__ float4 mmsm[];
+    __shared__ float red[8][16][R], blk[8][16][R];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int RB = a.rb, KW = 8 / RB, b = blockIdx.y, gu = a.mode == QGATE_UP;
+    int s = 0;
+    while (b >= a.blk0[s + 1]) s++;
+    const int sx = s; /* the product whose activations the block stages */
+    const int tl = warp % RB, sub = warp / RB;
+    int tile;
+    if (gu) tile = b * (RB / 2) + tl % (RB / 2), s = tl / (RB / 2);
+    else tile = (b - a.blk0[s]) * RB + tl;
+    const int K = a.K[s], O = a.O[s], NG = K / G;
+    /* the block's groups (a.ks, a multiple of SG), and the warp's: whole stages */
+    const int gs0 = blockIdx.x * a.ks, nsl = max(0, min(a.ks, a.K[sx] / G - gs0)), nst = (nsl + SG - 1) / SG;
+    const int st_lo = gs0 / SG + sub * nst / KW, st_hi = tile * 16 < O ? gs0 / SG + (sub + 1) * nst / KW : st_lo;
+    const int hi = min(st_hi * SG, gs0 + nsl);
+    const size_t wrow = (size_t)(K / 32) * BITS;
+    const unsigned short *S = (const unsigned short *)a.S[s], *Z = (const unsigned short *)a.B[s];
+    float4 *mul = mmsm;                             /* [group][t]: m(2t), m(2t+1), xs(2t), xs(2t+1) */
+    uint2 *xq = (uint2 *)(mul + (size_t)a.ks * 4); /* [group][step][column][t]: B fragments */
+    mmslot<BITS, G> *ring = (mmslot<BITS, G> *)(xq + (size_t)a.ks * NS * NC * 4) + warp * MM_NSLOT;
+    const unsigned char *wsrc[4]; /* the rows this lane copies pieces of */
+    auto issue = [&](int st, int slot) {
+        if (st < st_hi) {
+            mmslot<BITS, G> &sl = ring[slot];
+            const int gr0 = st * SG;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int row = i * 4 + (lane >> 3), p = lane & 7;
+                if (gr0 + p * 16 / GB < hi) cp_async16(&sl.w[row][p ^ (row & 7)], wsrc[i] + (size_t)gr0 * GB + p * 16);
+            }
+#pragma unroll
+            for (int i = 0; i < 2; i++) /* scale words then bias words: 16 rows x SW each */
+#pragma unroll
+                for (int k = lane; k < 16 * SW; k += 32) {
+                    const int row = k / SW, wd = k % SW;
+                    const size_t wi = ((size_t)min(tile * 16 + row, O - 1) * NG + gr0) / 2 + wd;
+                    if (gr0 / 2 + wd < NG / 2) /* NG is even (host) */
+                        cp_async4(i ? &sl.z[row][wd] : &sl.s[row][wd], (const uint32_t *)(i ? (const void *)Z : (const void *)S) + wi);
+                }
+        }
+        cp_async_commit();
+    };
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+        wsrc[i] = (const unsigned char *)(a.W[s] + (size_t)min(tile * 16 + i * 4 + (lane >> 3), O - 1) * wrow);
+#pragma unroll
+    for (int k = 0; k < MM_NSLOT - 1; k++) issue(st_lo + k, k);
+    /* Only the wait: without launch_dependents the next kernel starts as these
+     * blocks exit. Triggering at the start (as the other kernels do), after the
+     * staging or after the loop was slower on the H100 at 8 bits: E4B q8 259 /
+     * 271 against 280 tok/s (docs/SPEED.md). */
+    pdl_wait();
+    { /* stage: unit u = (r, group, quarter tt, step j) is 8 inputs; a group's UPG units are consecutive lanes */
+        const float *x = a.x[sx];
+        const int Kx = a.K[sx], nun = R * nsl * UPG;
+        for (int u0 = 0; u0 < nun; u0 += 256) {
+            const int u = u0 + (int)threadIdx.x;
+            const bool ok = u < nun;
+            const int r = ok ? u / (nsl * UPG) : 0, ug = ok ? u % (nsl * UPG) : 0;
+            const int grl = ug / UPG, q = ug % UPG, tt = q / NS, j = q % NS;
+            float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            if (ok) {
+                const float4 *p = (const float4 *)(x + (size_t)r * Kx + (size_t)(gs0 + grl) * G + tt * (G / 4) + 8 * j);
+                const float4 v0 = __ldg(p), v1 = __ldg(p + 1);
+                v[0] = v0.x, v[1] = v0.y, v[2] = v0.z, v[3] = v0.w, v[4] = v1.x, v[5] = v1.y, v[6] = v1.z, v[7] = v1.w;
+            }
+            float sm = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])), mx = 0;
+#pragma unroll
+            for (int i = 0; i < 8; i++) mx = fmaxf(mx, fabsf(v[i]));
+#pragma unroll
+            for (int o = 1; o < UPG; o <<= 1) { /* the same sum on every lane of the group (a butterfly) */
+                sm += __shfl_xor_sync(0xffffffffu, sm, o);
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            }
+            float inv;
+            const int e = q_exponent(mx, inv);
+            const bool nz = inv != 0.f;
+            uint32_t by[3][8]; /* the three signed bytes of each input */
+#pragma unroll
+            for (int i = 0; i < 8; i++) q_bytes3(v[i], inv, by, i);
+            if (ok) {
+#pragma unroll
+                for (int p = 0; p < 3; p++) {
+                    const uint32_t *c = by[p];
+                    const uint2 w = BITS == 4 ? make_uint2(c[0] | c[2] << 8 | c[4] << 16 | c[6] << 24,
+                                                           c[1] | c[3] << 8 | c[5] << 16 | c[7] << 24)
+                                              : make_uint2(c[0] | c[1] << 8 | c[2] << 16 | c[3] << 24,
+                                                           c[4] | c[5] << 8 | c[6] << 16 | c[7] << 24);
+                    xq[((size_t)(grl * NS + j) * NC + 3 * r + p) * 4 + tt] = w;
+                }
+                if (q == 0) { /* the group's multipliers for row r's columns (row 0: the unused ones too) */
+                    float *mf = (float *)(mul + (size_t)grl * 4);
+                    const float pw = nz ? __uint_as_float((uint32_t)(127 + e) << 23) : 0.f;
+                    const float f[3] = {65536.f, 256.f, 1.f};
+#pragma unroll
+                    for (int p = 0; p < 3; p++) {
+                        const int col = 3 * r + p;
+                        mf[(col >> 1) * 4 + (col & 1)] = pw * f[p];
+                        mf[(col >> 1) * 4 + 2 + (col & 1)] = p == 0 ? sm : 0.f;
+                    }
+                    if (r == 0)
+                        for (int col = NC; col < 8; col++) mf[(col >> 1) * 4 + (col & 1)] = mf[(col >> 1) * 4 + 2 + (col & 1)] = 0.f;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    float acc[4] = {0, 0, 0, 0}; /* rows g, g+8 x columns 2t, 2t+1 */
+    auto group = [&](const mmgrp<WL> &d, int gr) {
+        const int grl = gr - gs0;
+        int c[4] = {0, 0, 0, 0};
+#pragma unroll
+        for (int j = 0; j < NS; j++) {
+            uint32_t a0, a1, a2, a3;
+            if (BITS == 4) {
+                a0 = d.a[j] & 0x0F0F0F0Fu, a1 = d.b[j] & 0x0F0F0F0Fu;
+                a2 = (d.a[j] >> 4) & 0x0F0F0F0Fu, a3 = (d.b[j] >> 4) & 0x0F0F0F0Fu;
+            } else {
+                a0 = d.a[2 * j], a1 = d.b[2 * j], a2 = d.a[2 * j + 1], a3 = d.b[2 * j + 1];
+            }
+            const uint2 bb = g < NC ? xq[((size_t)(grl * NS + j) * NC + g) * 4 + t] : make_uint2(0u, 0u);
+            mma_u8s8(c, a0, a1, a2, a3, bb.x, bb.y);
+        }
+        const float4 mq = mul[(size_t)grl * 4 + t];
+        const float s0 = mm_sv<SDT>(d.s), s1 = mm_sv<SDT>(d.s8), z0 = mm_sv<SDT>(d.z), z1 = mm_sv<SDT>(d.z8);
+        acc[0] = fmaf(z0, mq.z, fmaf(s0, mq.x * (float)c[0], acc[0]));
+        acc[1] = fmaf(z0, mq.w, fmaf(s0, mq.y * (float)c[1], acc[1]));
+        acc[2] = fmaf(z1, mq.z, fmaf(s1, mq.x * (float)c[2], acc[2]));
+        acc[3] = fmaf(z1, mq.w, fmaf(s1, mq.y * (float)c[3], acc[3]));
+    };
+            for (int st = st_lo, slot = 0; st < st_hi; st++) {
+                issue(st + MM_NSLOT - 1, slot == 0 ? MM_NSLOT - 1 : slot - 1);
+                cp_async_wait<MM_NSLOT - 1>();
+                __syncwarp(); /* every lane's copies of this stage are complete */
+                const mmslot<BITS, G> &sl = ring[slot];
+    #pragma unroll
+                for (int lg = 0; lg < SG; lg++) {
+                    const int gr = st * SG + lg;
+                    if (gr < hi) {
+                        mmgrp<WL> d;
+                        const int off = lg * GB + t * (GB / 4); /* this lane's quarter of the group's bytes */
+    #pragma unroll
+                        for (int h = 0; h < (WL + 3) / 4; h++) {
+                            const int pc = off / 16 + h, in = off % 16 / 4;
+                            const uint32_t *qa = (const uint32_t *)&sl.w[g][pc ^ g] + in;
+                            const uint32_t *qb = (const uint32_t *)&sl.w[g + 8][pc ^ g] + in;
+    #pragma unroll
+                            for (int k = 0; k < (WL < 4 ? WL : 4); k++) d.a[4 * h + k] = qa[k], d.b[4 * h + k] = qb[k];
+                        }
+                        const int wd = SG >= 2 ? lg >> 1 : 0, par = SG >= 2 ? lg & 1 : (st * SG) & 1;
+                        d.s = (unsigned short)(sl.s[g][wd] >> (16 * par)), d.s8 = (unsigned short)(sl.s[g + 8][wd] >> (16 * par));
+                        d.z = (unsigned short)(sl.z[g][wd] >> (16 * par)), d.z8 = (unsigned short)(sl.z[g + 8][wd] >> (16 * par));
+                        group(d, gr);
+                    }
+                }
+                __syncwarp(); /* all lanes are done with the slot before it is refilled */
+                if (++slot == MM_NSLOT) slot = 0;
+            }
+    cp_async_wait<0>();
+    /* the columns of each activation row, added over the four t-lanes */
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            float v = ((2 * t) / 3 == r ? acc[2 * i] : 0.f) + ((2 * t + 1) / 3 == r ? acc[2 * i + 1] : 0.f);
+            v += __shfl_xor_sync(0xffffffffu, v, 1);
+            v += __shfl_xor_sync(0xffffffffu, v, 2);
+            if (t == 0) red[warp][g + 8 * i][r] = v;
+        }
+    __syncthreads();
+    for (int i = threadIdx.x; i < RB * 16 * R; i += 256) { /* the block's sum per tile, warps in order */
+        const int ti = i / (16 * R), row = i / R % 16, r = i % R;
+        float v = 0;
+        for (int k = 0; k < KW; k++) v += red[k * RB + ti][row][r];
+        blk[ti][row][r] = v;
+    }
+    q_cluster_sync();
+    if (blockIdx.x == 0) { /* rank 0 adds the cluster's slices and finishes */
+        const int nt = gu ? RB / 2 : RB;
+        for (int i = threadIdx.x; i < nt * 16 * R; i += 256) {
+            const int ti = i / (16 * R), row = i / R % 16, r = i % R;
+            const int o = (gu ? b * (RB / 2) + ti : (b - a.blk0[sx]) * RB + ti) * 16 + row;
+            q_finish(a, &blk[ti][row][r], gu ? &blk[ti + RB / 2][row][r] : NULL, sx, o, r);
+        }
+    }
+    q_cluster_sync(); /* keep this block's sums alive until rank 0 has read them */
+}
+
+/* The shape of a k_qmma launch: row tiles per block (rb) and cluster slices of K
+ * (cs), from a per-product sweep on the H100 (docs/SPEED.md): the best launches
+ * had about one block per SM or more, each warp with 16-32 groups of 64 inputs
+ * (8-16 ring stages at 4 bits), and the fewest cluster slices and most rows per
+ * block that give that (a block stages its slice of the activations whatever its
+ * rows; clusters cost scheduling and a barrier). The candidates in that order of
+ * preference; the first that passes the strictest test wins. G3N_QMMA=rb,cs
+ * overrides (timing). */
+static void mm_shape(const cuda_ctx *c, int tiles, int ng, int G, int gu, int *rb, int *cs) {
+    static const int cand[][2] = {{8, 1}, {4, 1}, {8, 2}, {2, 1}, {4, 2}, {8, 4}, {2, 2}, {4, 4}, {8, 8},
+                                  {1, 1}, {2, 4}, {4, 8}, {1, 2}, {2, 8}, {1, 4}, {1, 8}};
+    static int fix_rb = -1, fix_cs = 0;
+    if (fix_rb < 0) {
+        const char *e = getenv("G3N_QMMA");
+        fix_rb = 0;
+        if (e && sscanf(e, "%d,%d", &fix_rb, &fix_cs) != 2) fix_rb = 0, fix_cs = 0;
+    }
+    const int n = (int)(sizeof cand / sizeof *cand);
+    int best = -1, best_blocks = 0;
+    for (int pass = 0; pass < 3 && best < 0; pass++)
+        for (int i = 0; i < n; i++) {
+            const int r = cand[i][0], s = cand[i][1];
+            if ((gu && r < 2) || (s > 1 && !c->cluster_ok)) continue;
+            const int blocks = (tiles + r - 1) / r * s, u = ng / (s * (8 / r)) * G / 64; /* per warp: groups of 64 */
+            if (pass == 0 && blocks * 10 >= c->n_sm * 9 && u >= 16 && u <= 32) { best = i; break; }
+            if (pass == 1 && blocks * 20 >= c->n_sm * 9 && u >= 8) { best = i; break; }
+            if (pass == 2 && u >= G3N_MIN(4, ng * G / 64) && blocks > best_blocks) best = i, best_blocks = blocks;
+        }
+    int r = best >= 0 ? cand[best][0] : 8, s = best >= 0 ? cand[best][1] : 1;
+    if (fix_rb == 1 || fix_rb == 2 || fix_rb == 4 || fix_rb == 8) r = G3N_MAX(fix_rb, gu ? 2 : 1);
+    if (fix_cs >= 1 && fix_cs <= 8 && (c->cluster_ok || fix_cs == 1)) s = fix_cs;
+    *rb = r, *cs = s;
+}
+
+/* k_qmma's dynamic shared memory for a slice of `ks` groups: multipliers, B fragments, the warps' rings */
+template <int BITS, int G> static size_t mm_smem(int R, int ks) {
+    return (size_t)ks * (4 * sizeof(float4) + (size_t)(G / 32) * 3 * R * 4 * sizeof(uint2)) +
+           (size_t)8 * MM_NSLOT * sizeof(mmslot<BITS, G>);
+}
+
+template <int BITS, int G, int SDT>
+static int mm_launch(cuda_ctx *c, qargs &a, int R) {
+    constexpr int SG = mmslot<BITS, G>::SG;
+    const int gu = a.mode == QGATE_UP;
+    int ngmax = 0, tiles = 0;
+    for (int i = 0; i < a.n; i++) {
+        if ((a.K[i] / G) % 2) return 0; /* the ring copies scale words, two groups at a time */
+        ngmax = G3N_MAX(ngmax, a.K[i] / G), tiles += (a.O[i] + 15) / 16;
+    }
+    int rb, cs;
+    mm_shape(c, tiles, ngmax, G, gu, &rb, &cs);
+    a.rb = rb;
+    a.ks = ((ngmax + cs - 1) / cs + SG - 1) / SG * SG;
+    cs = (ngmax + a.ks - 1) / a.ks;
+    const size_t smem = mm_smem<BITS, G>(R, a.ks);
+    if (smem > qs_smem_max(c)) return 0;
+    int nb = 0;
+    a.blk0[0] = 0;
+    if (gu) {
+        nb = ((a.O[0] + 15) / 16 + rb / 2 - 1) / (rb / 2);
+        a.blk0[1] = a.blk0[2] = nb;
+    } else {
+        for (int i = 0; i < a.n; i++) a.blk0[i + 1] = nb += ((a.O[i] + 15) / 16 + rb - 1) / rb;
+    }
+    if (nb > 65535) return 0;
+    const dim3 grid((unsigned)cs, (unsigned)nb);
+    static int attr[MM_RMAX]; /* the dynamic shared memory limit, raised once per instantiation */
+#define L(r)                                                                                          \
+    do {                                                                                              \
+        if (!attr[r - 1])                                                                             \
+            CUDA_CHECK(cudaFuncSetAttribute(k_qmma<BITS, G, r, SDT>,                                  \
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)qs_smem_max(c))); \
+        attr[r - 1] = 1;                                                                              \
+        launch_cluster(c, (unsigned)cs, k_qmma<BITS, G, r, SDT>, grid, 256, smem, a);                 \
+    } while (0)
+    if (R == 1) L(1);
+    else L(2);
+#undef L
+    CUDA_LAUNCHED();
+    return 1;
+}
+
+/* k_qmma for 4 or 8 bits, 16-bit scales, groups of 32, 64 or 128 (all products
+ * alike), at most MM_RMAX activation rows; 0: not launched */
+static int mm_launch_any(cuda_ctx *c, qargs &a, int bits, int R) {
+    if (R > MM_RMAX || (bits != 4 && bits != 8)) return 0;
+    for (int i = 0; i < a.n; i++)
+        if (a.sdt[i] != a.sdt[0] || a.G[i] != a.G[0]) return 0;
+    const int G = a.G[0], sd = a.sdt[0];
+    if (sd != G3N_BF16 && sd != G3N_F16) return 0;
+#define B3(bb, sdt)                                                     \
+    (G == 32 ? mm_launch<bb, 32, sdt>(c, a, R) : G == 64 ? mm_launch<bb, 64, sdt>(c, a, R) \
+                                                           : G == 128 ? mm_launch<bb, 128, sdt>(c, a, R) : 0)
+    if (sd == G3N_BF16) return bits == 4 ? B3(4, G3N_BF16) : B3(8, G3N_BF16);
+    return bits == 4 ? B3(4, G3N_F16) : B3(8, G3N_F16);
+#undef B3
+}
+
+/* Which decode kernel takes 4- and 8-bit products (G3N_QGEMV, for A/B timing and
+ * tests): by default k_qmma at 8 bits and k_qgemv_s at 4, where each measured
+ * faster on the H100 (docs/SPEED.md); "mma" k_qmma at both, "dp4a" k_qgemv_s at
+ * both, "old" the one-row-per-warp k_qgemv. */
+enum { QK_DEFAULT, QK_MMA, QK_DP4A, QK_OLD };
+static int qgemv_env(void) {
     static int v = -1;
     if (v < 0) {
         const char *e = getenv("G3N_QGEMV");
-        v = e && strcmp(e, "old") == 0;
+        v = !e ? QK_DEFAULT : !strcmp(e, "mma") ? QK_MMA : !strcmp(e, "dp4a") ? QK_DP4A : !strcmp(e, "old") ? QK_OLD : QK_DEFAULT;
     }
     return v;
 }
@@ -598,7 +993,9 @@ static void qmulti(cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y,
         a.row0[i + 1] = a.row0[i] + W[i]->rows;
         min_k = G3N_MIN(min_k, W[i]->cols);
     }
-    if ((W[0]->bits == 4 || W[0]->bits == 8) && !qgemv_old() && qlaunch_s_any(c, a, W[0]->bits, rows)) return;
+    const int bits = W[0]->bits, k = qgemv_env();
+    if ((k == QK_MMA || (k == QK_DEFAULT && bits == 8)) && mm_launch_any(c, a, bits, rows)) return;
+    if ((bits == 4 || bits == 8) && k != QK_OLD && qlaunch_s_any(c, a, bits, rows)) return;
     /* warps per row: ~8K warps in flight, each with at least 8 chunks of its row */
     a.wpr = 1;
     while (mode != QGATE_UP && a.wpr < 8 && (size_t)a.row0[n] * a.wpr < 8192 && min_k / 32 / (a.wpr * 2) >= 8)
@@ -740,10 +1137,15 @@ void cuda_quant_embed(cuda_ctx *c, float *y, const g3n_mat *W, float scale) {
 
 /* ---- upload -------------------------------------------------------------------------------- */
 
+/* A copy on the device, zero-padded to a multiple of 16 bytes: the decode kernels
+ * copy scales and biases in aligned 4-byte words, and the word holding the last
+ * 16-bit value of an odd count reaches 2 bytes past it. */
 static void *upload(cuda_ctx *c, const void *src, size_t bytes) {
     void *d = NULL;
-    if (cudaMalloc(&d, bytes ? bytes : 256) != cudaSuccess) return NULL;
+    const size_t alloc = bytes ? (bytes + 15) / 16 * 16 : 256;
+    if (cudaMalloc(&d, alloc) != cudaSuccess) return NULL;
     CUDA_CHECK(cudaMemcpy(d, src, bytes, cudaMemcpyHostToDevice));
+    if (alloc > bytes) CUDA_CHECK(cudaMemset((char *)d + bytes, 0, alloc - bytes));
     c->owned = (void **)realloc(c->owned, sizeof(void *) * (size_t)(c->n_owned + 1));
     if (!c->owned) abort();
     c->owned[c->n_owned++] = d;
