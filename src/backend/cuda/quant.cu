@@ -512,7 +512,8 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
         const int nw = gu ? 4 : 8;
         for (int t = threadIdx.x; t < J * nw * PER; t += 256) {
             const int j = t / (nw * PER), ob = t / PER % nw, pi = t % PER, i = pi % QRPW, r = pi / QRPW;
-            const int row = gu ? (b * 4 * J + ob + 4 * j) * QRPW + i : ((b - a.blk0[sx]) * 8 * J + ob + 8 * j) * QRPW + i;
+            const int tile = gu ? b * 4 * J + ob + 4 * j : (b - a.blk0[sx]) * 8 * J + ob + 8 * j;
+            const int row = tile * QRPW + i;
             q_finish(a, &red[j][ob][pi], gu ? &red[j][ob + 4][pi] : NULL, sx, row, r);
         }
     }
@@ -609,10 +610,9 @@ static int qlaunch_s_any(cuda_ctx *c, qargs &a, int bits, int R) {
  * tensor cores (mma m16n8k32: unsigned bytes of weights times signed bytes of
  * activations), finished in float with the group's scale and bias. A warp takes a
  * tile of 16 output rows over a range of groups; lane (g, t) (g = lane / 4, t = lane
- * % 4) loads rows g and g + 8, and in each group the t-th quarter of the row's
- * bytes (8 bytes at 4 bits and G = 64): the four t-lanes of a row read one 32-byte
- * sector. That quarter is the lane's share of the A fragment in each of the group's
- * G / 32 mmas: at 4 bits word j of it, its even nibbles (w & 0x0F0F0F0F) as A
+ * % 4) takes rows g and g + 8, and in each group the t-th quarter of the row's
+ * bytes (8 bytes at 4 bits and G = 64): its share of the A fragment in each of the
+ * group's G / 32 mmas: at 4 bits word j of it, its even nibbles (w & 0x0F0F0F0F) as A
  * columns 4t..4t+3 and its odd ones ((w >> 4) & 0x0F0F0F0F) as 16+4t..16+4t+3; at
  * 8 bits words 2j and 2j + 1 as they are. The weights are used as stored: a sum
  * over K does not care which column holds which input, so the activations are
@@ -661,7 +661,7 @@ template <int SDT> __device__ __forceinline__ float mm_sv(unsigned short h) {
     return __half2float(__ushort_as_half(h));
 }
 
-/* k_qmma's weight ring (RING): per warp, NSLOT slots of one stage each, a stage being
+/* k_qmma's weight ring: per warp, MM_NSLOT slots of one stage each, a stage being
  * 128 bytes of each of the tile's 16 rows (SG whole groups) with their scales and
  * biases; the 16-byte pieces of row r are stored XOR-swizzled by r % 8 so that
  * the fragment reads touch every bank equally. */
@@ -716,7 +716,7 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
                     const int row = k / SW, wd = k % SW;
                     const size_t wi = ((size_t)min(tile * 16 + row, O - 1) * NG + gr0) / 2 + wd;
                     if (gr0 / 2 + wd < NG / 2) /* NG is even (host) */
-                        cp_async4(i ? &sl.z[row][wd] : &sl.s[row][wd], (const uint32_t *)(i ? (const void *)Z : (const void *)S) + wi);
+                        cp_async4(i ? &sl.z[row][wd] : &sl.s[row][wd], (const uint32_t *)(i ? Z : S) + wi);
                 }
         }
         cp_async_commit();
@@ -780,7 +780,8 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
                         mf[(col >> 1) * 4 + 2 + (col & 1)] = p == 0 ? sm : 0.f;
                     }
                     if (r == 0)
-                        for (int col = NC; col < 8; col++) mf[(col >> 1) * 4 + (col & 1)] = mf[(col >> 1) * 4 + 2 + (col & 1)] = 0.f;
+                        for (int col = NC; col < 8; col++)
+                            mf[(col >> 1) * 4 + (col & 1)] = mf[(col >> 1) * 4 + 2 + (col & 1)] = 0.f;
                 }
             }
         }
@@ -809,34 +810,35 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
         acc[2] = fmaf(z1, mq.z, fmaf(s1, mq.x * (float)c[2], acc[2]));
         acc[3] = fmaf(z1, mq.w, fmaf(s1, mq.y * (float)c[3], acc[3]));
     };
-            for (int st = st_lo, slot = 0; st < st_hi; st++) {
-                issue(st + MM_NSLOT - 1, slot == 0 ? MM_NSLOT - 1 : slot - 1);
-                cp_async_wait<MM_NSLOT - 1>();
-                __syncwarp(); /* every lane's copies of this stage are complete */
-                const mmslot<BITS, G> &sl = ring[slot];
-    #pragma unroll
-                for (int lg = 0; lg < SG; lg++) {
-                    const int gr = st * SG + lg;
-                    if (gr < hi) {
-                        mmgrp<WL> d;
-                        const int off = lg * GB + t * (GB / 4); /* this lane's quarter of the group's bytes */
-    #pragma unroll
-                        for (int h = 0; h < (WL + 3) / 4; h++) {
-                            const int pc = off / 16 + h, in = off % 16 / 4;
-                            const uint32_t *qa = (const uint32_t *)&sl.w[g][pc ^ g] + in;
-                            const uint32_t *qb = (const uint32_t *)&sl.w[g + 8][pc ^ g] + in;
-    #pragma unroll
-                            for (int k = 0; k < (WL < 4 ? WL : 4); k++) d.a[4 * h + k] = qa[k], d.b[4 * h + k] = qb[k];
-                        }
-                        const int wd = SG >= 2 ? lg >> 1 : 0, par = SG >= 2 ? lg & 1 : (st * SG) & 1;
-                        d.s = (unsigned short)(sl.s[g][wd] >> (16 * par)), d.s8 = (unsigned short)(sl.s[g + 8][wd] >> (16 * par));
-                        d.z = (unsigned short)(sl.z[g][wd] >> (16 * par)), d.z8 = (unsigned short)(sl.z[g + 8][wd] >> (16 * par));
-                        group(d, gr);
-                    }
+    for (int st = st_lo, slot = 0; st < st_hi; st++) {
+        issue(st + MM_NSLOT - 1, slot == 0 ? MM_NSLOT - 1 : slot - 1);
+        cp_async_wait<MM_NSLOT - 1>();
+        __syncwarp(); /* every lane's copies of this stage are complete */
+        const mmslot<BITS, G> &sl = ring[slot];
+#pragma unroll
+        for (int lg = 0; lg < SG; lg++) {
+            const int gr = st * SG + lg;
+            if (gr < hi) {
+                mmgrp<WL> d;
+                const int off = lg * GB + t * (GB / 4); /* this lane's quarter of the group's bytes */
+#pragma unroll
+                for (int h = 0; h < (WL + 3) / 4; h++) {
+                    const int pc = off / 16 + h, in = off % 16 / 4;
+                    const uint32_t *qa = (const uint32_t *)&sl.w[g][pc ^ g] + in;
+                    const uint32_t *qb = (const uint32_t *)&sl.w[g + 8][pc ^ g] + in;
+#pragma unroll
+                    for (int k = 0; k < (WL < 4 ? WL : 4); k++) d.a[4 * h + k] = qa[k], d.b[4 * h + k] = qb[k];
                 }
-                __syncwarp(); /* all lanes are done with the slot before it is refilled */
-                if (++slot == MM_NSLOT) slot = 0;
+                const int wd = SG >= 2 ? lg >> 1 : 0, par = SG >= 2 ? lg & 1 : (st * SG) & 1;
+                const int sh = 16 * par;
+                d.s = (unsigned short)(sl.s[g][wd] >> sh), d.s8 = (unsigned short)(sl.s[g + 8][wd] >> sh);
+                d.z = (unsigned short)(sl.z[g][wd] >> sh), d.z8 = (unsigned short)(sl.z[g + 8][wd] >> sh);
+                group(d, gr);
             }
+        }
+        __syncwarp(); /* all lanes are done with the slot before it is refilled */
+        if (++slot == MM_NSLOT) slot = 0;
+    }
     cp_async_wait<0>();
     /* the columns of each activation row, added over the four t-lanes */
 #pragma unroll
@@ -974,7 +976,11 @@ static int qgemv_env(void) {
     static int v = -1;
     if (v < 0) {
         const char *e = getenv("G3N_QGEMV");
-        v = !e ? QK_DEFAULT : !strcmp(e, "mma") ? QK_MMA : !strcmp(e, "dp4a") ? QK_DP4A : !strcmp(e, "old") ? QK_OLD : QK_DEFAULT;
+        v = !e                    ? QK_DEFAULT
+            : !strcmp(e, "mma")   ? QK_MMA
+            : !strcmp(e, "dp4a")  ? QK_DP4A
+            : !strcmp(e, "old")   ? QK_OLD
+                                  : QK_DEFAULT;
     }
     return v;
 }
