@@ -243,11 +243,12 @@ TEST(qmatmul_large) {
             }
 }
 
-/* 4- and 8-bit decode products in the shapes the tiled GPU kernel (4 output rows
- * per warp, several warps per row) finds awkward: output counts not a multiple
- * of 4, several products of different shapes in one launch, long rows (more
- * than one batch of loads per lane), 1-8 activation rows and batched steps of
- * 13 and 32 (8 at a time), the fused epilogues. */
+/* 4- and 8-bit decode products in the shapes the tiled GPU kernels (4 or 16 output
+ * rows per warp, several warps per row) find awkward: output counts not a multiple
+ * of 4 or 16, several products of different shapes in one launch, long rows (more
+ * than one batch of loads per lane), odd and even numbers of groups per row, 1-8
+ * activation rows and batched steps of 13 and 32 (8 at a time), the fused
+ * epilogues. */
 TEST(qmatmul_fused_odd) {
     const int groups[] = {32, 64, 128}, sdt[] = {G3N_BF16, G3N_F16, G3N_F32}, rows_s[] = {1, 2, 3, 5, 8, 13, 32};
     for (int bits = 4; bits <= 8; bits += 4)
@@ -255,8 +256,10 @@ TEST(qmatmul_fused_odd) {
             for (int a = 0; a < 7; a++) {
                 const int R = rows_s[a], G = groups[gi], sd = sdt[(gi + a) % 3];
                 if (B_IS_CPU && a > 1) continue;
-                /* three products: O 37 / 6 / 1, K 3G / 16384 / G (x shared by 0 and 2 only if equal K) */
-                const int O[3] = {37, 6, 1}, K[3] = {3 * G, 16384, G};
+                /* three products: O 37 / 6 / 1, K 3G / 16384 / G or 2G / 16384 / 2G (x shared by 0
+                 * and 2 only if equal K): an odd number of groups in a row, which the tensor-core
+                 * kernel declines, or even ones everywhere, which it takes (1-2 rows) */
+                const int odd = (gi + a) % 2, O[3] = {37, 6, 1}, K[3] = {(2 + odd) * G, 16384, (2 - odd) * G};
                 tmat W[3];
                 float *x[3], *dx[3], *y0[3], *dy[3];
                 for (int i = 0; i < 3; i++) {
