@@ -40,8 +40,10 @@ typedef struct {
     int row0[QMAX + 1];
     int blk0[QMAX + 1]; /* k_qgemv_s: first block (along y) of each product */
     int gsh[QMAX];      /* k_qgemv_s: log2(G / 32) */
-    int n, wpr, ks, J, mode; /* k_qgemv_s: inputs per slice, tiles per warp (k_qmma: ks groups per slice) */
-    int rb;                  /* k_qmma: row tiles per block */ /* mode: QPLAIN, QGELU_MUL (y = gelu(W.x) * m), QGATE_UP (y0 = gelu(W0.x) * W1.x) */
+    int n, wpr;
+    int ks, J;  /* k_qgemv_s: inputs per slice, tiles per warp (k_qmma: ks, groups per slice) */
+    int rb, nr; /* k_qmma: row tiles per block, activation rows */
+    int mode;   /* QPLAIN, QGELU_MUL (y = gelu(W.x) * m), QGATE_UP (y0 = gelu(W0.x) * W1.x) */
     const float *m;
 } qargs;
 
@@ -621,8 +623,9 @@ static int qlaunch_s_any(cuda_ctx *c, qargs &a, int bits, int R) {
  * Activations: each block stages its slice of groups once, as the dp4a kernel above
  * does but with one exponent per group: x = 2^e * v, |v| < 2^22 (22 bits below the
  * group's largest element), v = 65536 h + 256 m + l in signed bytes; B column 3r + p
- * holds part p of activation row r (R <= 2: one n8 tile). The group's C fragment
- * (rows g, g + 8, columns 2t, 2t + 1) is finished per lane and column:
+ * holds part p of activation row r, in NCB n8 tiles (1-2 rows: one, 3-5: two, 6-8:
+ * three; each A fragment serves them all). Each tile's C fragment (rows g, g + 8,
+ * columns 2t, 2t + 1) is finished per lane and column:
  * acc += scale * (2^e * 2^16|2^8|1 * c), and in part-0 columns bias * sum(x of the
  * group); the columns of an activation row are added at the end. The only roundings
  * are the activations' (as in k_qgemv_s) and the float finishing.
@@ -641,7 +644,7 @@ static int qlaunch_s_any(cuda_ctx *c, qargs &a, int bits, int R) {
  * It needs an even number of groups per row (scale words are copied two groups at
  * a time) and at most MM_RMAX activation rows. */
 
-#define MM_RMAX 2 /* k_qmma: activation rows (three columns each, one n8 tile) */
+#define MM_RMAX 8 /* k_qmma: activation rows (three B columns each) */
 
 __device__ __forceinline__ void mma_u8s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {
@@ -672,14 +675,17 @@ template <int BITS, int G> struct mmslot {
     uint32_t s[16][SW], z[16][SW];
 };
 
-template <int BITS, int G, int R, int SDT>
+/* RM: the most activation rows of the instantiation (2, 5 or 8), a.nr of them used */
+template <int BITS, int G, int RM, int SDT>
 __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
-    constexpr int NS = G / 32;            /* mmas per group */
-    constexpr int WL = G * BITS / 128;    /* words per lane and row in a group */
-    constexpr int NC = 3 * R, UPG = G / 8; /* B columns; staging units (8 inputs) per group */
+    constexpr int NS = G / 32;               /* mmas per group and n8 tile */
+    constexpr int WL = G * BITS / 128;       /* words per lane and row in a group */
+    constexpr int NCB = (3 * RM + 7) / 8;    /* n8 tiles of B columns */
+    constexpr int UPG = G / 8;               /* staging units (8 inputs) per group */
+    const int R = a.nr, NC = 3 * R;          /* activation rows; B columns in use */
     constexpr int GB = mmslot<BITS, G>::GB, SG = mmslot<BITS, G>::SG, SW = mmslot<BITS, G>::SW;
     extern __shared__ float4 mmsm[];
-    __shared__ float red[8][16][R], blk[8][16][R];
+    __shared__ float red[8][16][RM], blk[8][16][RM];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int RB = a.rb, KW = 8 / RB, b = blockIdx.y, gu = a.mode == QGATE_UP;
     int s = 0;
@@ -696,8 +702,8 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
     const int hi = min(st_hi * SG, gs0 + nsl);
     const size_t wrow = (size_t)(K / 32) * BITS;
     const unsigned short *S = (const unsigned short *)a.S[s], *Z = (const unsigned short *)a.B[s];
-    float4 *mul = mmsm;                             /* [group][t]: m(2t), m(2t+1), xs(2t), xs(2t+1) */
-    uint2 *xq = (uint2 *)(mul + (size_t)a.ks * 4); /* [group][step][column][t]: B fragments */
+    float4 *mul = mmsm; /* [group][tile][t]: m(2t), m(2t+1), xs(2t), xs(2t+1) of the tile's columns */
+    uint2 *xq = (uint2 *)(mul + (size_t)a.ks * NCB * 4); /* [group][step][column][t]: B fragments */
     mmslot<BITS, G> *ring = (mmslot<BITS, G> *)(xq + (size_t)a.ks * NS * NC * 4) + warp * MM_NSLOT;
     const unsigned char *wsrc[4]; /* the rows this lane copies pieces of */
     auto issue = [&](int st, int slot) {
@@ -770,7 +776,7 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
                     xq[((size_t)(grl * NS + j) * NC + 3 * r + p) * 4 + tt] = w;
                 }
                 if (q == 0) { /* the group's multipliers for row r's columns (row 0: the unused ones too) */
-                    float *mf = (float *)(mul + (size_t)grl * 4);
+                    float *mf = (float *)(mul + (size_t)grl * NCB * 4); /* column c: mf[c / 2 * 4 + c % 2] */
                     const float pw = nz ? __uint_as_float((uint32_t)(127 + e) << 23) : 0.f;
                     const float f[3] = {65536.f, 256.f, 1.f};
 #pragma unroll
@@ -780,17 +786,17 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
                         mf[(col >> 1) * 4 + 2 + (col & 1)] = p == 0 ? sm : 0.f;
                     }
                     if (r == 0)
-                        for (int col = NC; col < 8; col++)
+                        for (int col = NC; col < 8 * NCB; col++)
                             mf[(col >> 1) * 4 + (col & 1)] = mf[(col >> 1) * 4 + 2 + (col & 1)] = 0.f;
                 }
             }
         }
     }
     __syncthreads();
-    float acc[4] = {0, 0, 0, 0}; /* rows g, g+8 x columns 2t, 2t+1 */
+    float acc[NCB][4] = {}; /* per tile: rows g, g+8 x columns 2t, 2t+1 */
     auto group = [&](const mmgrp<WL> &d, int gr) {
         const int grl = gr - gs0;
-        int c[4] = {0, 0, 0, 0};
+        int c[NCB][4] = {};
 #pragma unroll
         for (int j = 0; j < NS; j++) {
             uint32_t a0, a1, a2, a3;
@@ -800,15 +806,22 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
             } else {
                 a0 = d.a[2 * j], a1 = d.b[2 * j], a2 = d.a[2 * j + 1], a3 = d.b[2 * j + 1];
             }
-            const uint2 bb = g < NC ? xq[((size_t)(grl * NS + j) * NC + g) * 4 + t] : make_uint2(0u, 0u);
-            mma_u8s8(c, a0, a1, a2, a3, bb.x, bb.y);
+#pragma unroll
+            for (int cb = 0; cb < NCB; cb++) {
+                const int col = cb * 8 + g;
+                const uint2 bb = col < NC ? xq[((size_t)(grl * NS + j) * NC + col) * 4 + t] : make_uint2(0u, 0u);
+                mma_u8s8(c[cb], a0, a1, a2, a3, bb.x, bb.y);
+            }
         }
-        const float4 mq = mul[(size_t)grl * 4 + t];
         const float s0 = mm_sv<SDT>(d.s), s1 = mm_sv<SDT>(d.s8), z0 = mm_sv<SDT>(d.z), z1 = mm_sv<SDT>(d.z8);
-        acc[0] = fmaf(z0, mq.z, fmaf(s0, mq.x * (float)c[0], acc[0]));
-        acc[1] = fmaf(z0, mq.w, fmaf(s0, mq.y * (float)c[1], acc[1]));
-        acc[2] = fmaf(z1, mq.z, fmaf(s1, mq.x * (float)c[2], acc[2]));
-        acc[3] = fmaf(z1, mq.w, fmaf(s1, mq.y * (float)c[3], acc[3]));
+#pragma unroll
+        for (int cb = 0; cb < NCB; cb++) {
+            const float4 mq = mul[((size_t)grl * NCB + cb) * 4 + t];
+            acc[cb][0] = fmaf(z0, mq.z, fmaf(s0, mq.x * (float)c[cb][0], acc[cb][0]));
+            acc[cb][1] = fmaf(z0, mq.w, fmaf(s0, mq.y * (float)c[cb][1], acc[cb][1]));
+            acc[cb][2] = fmaf(z1, mq.z, fmaf(s1, mq.x * (float)c[cb][2], acc[cb][2]));
+            acc[cb][3] = fmaf(z1, mq.w, fmaf(s1, mq.y * (float)c[cb][3], acc[cb][3]));
+        }
     };
     for (int st = st_lo, slot = 0; st < st_hi; st++) {
         issue(st + MM_NSLOT - 1, slot == 0 ? MM_NSLOT - 1 : slot - 1);
@@ -840,12 +853,16 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
         if (++slot == MM_NSLOT) slot = 0;
     }
     cp_async_wait<0>();
-    /* the columns of each activation row, added over the four t-lanes */
-#pragma unroll
+    /* the columns of each activation row (in tile order), added over the four t-lanes */
     for (int r = 0; r < R; r++)
 #pragma unroll
         for (int i = 0; i < 2; i++) {
-            float v = ((2 * t) / 3 == r ? acc[2 * i] : 0.f) + ((2 * t + 1) / 3 == r ? acc[2 * i + 1] : 0.f);
+            float v = 0.f;
+#pragma unroll
+            for (int cb = 0; cb < NCB; cb++) {
+                const int c0 = cb * 8 + 2 * t;
+                v += (c0 / 3 == r ? acc[cb][2 * i] : 0.f) + ((c0 + 1) / 3 == r ? acc[cb][2 * i + 1] : 0.f);
+            }
             v += __shfl_xor_sync(0xffffffffu, v, 1);
             v += __shfl_xor_sync(0xffffffffu, v, 2);
             if (t == 0) red[warp][g + 8 * i][r] = v;
@@ -905,7 +922,8 @@ static void mm_shape(const cuda_ctx *c, int tiles, int ng, int G, int gu, int *r
 
 /* k_qmma's dynamic shared memory for a slice of `ks` groups: multipliers, B fragments, the warps' rings */
 template <int BITS, int G> static size_t mm_smem(int R, int ks) {
-    return (size_t)ks * (4 * sizeof(float4) + (size_t)(G / 32) * 3 * R * 4 * sizeof(uint2)) +
+    const size_t ncb = (size_t)(3 * R + 7) / 8;
+    return (size_t)ks * (ncb * 4 * sizeof(float4) + (size_t)(G / 32) * 3 * R * 4 * sizeof(uint2)) +
            (size_t)8 * MM_NSLOT * sizeof(mmslot<BITS, G>);
 }
 
@@ -935,17 +953,19 @@ static int mm_launch(cuda_ctx *c, qargs &a, int R) {
     }
     if (nb > 65535) return 0;
     const dim3 grid((unsigned)cs, (unsigned)nb);
-    static int attr[MM_RMAX]; /* the dynamic shared memory limit, raised once per instantiation */
-#define L(r)                                                                                          \
+    a.nr = R;
+    static int attr[3]; /* the dynamic shared memory limit, raised once per instantiation */
+#define L(i, rm)                                                                                      \
     do {                                                                                              \
-        if (!attr[r - 1])                                                                             \
-            CUDA_CHECK(cudaFuncSetAttribute(k_qmma<BITS, G, r, SDT>,                                  \
+        if (!attr[i])                                                                                 \
+            CUDA_CHECK(cudaFuncSetAttribute(k_qmma<BITS, G, rm, SDT>,                                 \
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)qs_smem_max(c))); \
-        attr[r - 1] = 1;                                                                              \
-        launch_cluster(c, (unsigned)cs, k_qmma<BITS, G, r, SDT>, grid, 256, smem, a);                 \
+        attr[i] = 1;                                                                                  \
+        launch_cluster(c, (unsigned)cs, k_qmma<BITS, G, rm, SDT>, grid, 256, smem, a);                \
     } while (0)
-    if (R == 1) L(1);
-    else L(2);
+    if (R <= 2) L(0, 2); /* one n8 tile of B columns */
+    else if (R <= 5) L(1, 5);
+    else L(2, 8);
 #undef L
     CUDA_LAUNCHED();
     return 1;
