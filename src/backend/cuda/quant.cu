@@ -8,8 +8,8 @@
  * scale * sum(q * x) + bias * sum(x): the dequantized weight is never formed and
  * the result differs from the reference (fp32 s*q + b, then the dot) only in
  * rounding. `wpr` warps share a long row; partial sums are added in a fixed order.
- * 8 bits with 16-bit scales and 1-2 rows use k_qmma (integer tensor-core
- * products per group; below), 4 bits and the rest of 1-8 rows k_qgemv_s (integer
+ * 8 bits with 16-bit scales use k_qmma for 1-8 rows (integer tensor-core
+ * products per group; below), 4 bits (and what k_qmma declines) k_qgemv_s (integer
  * dot products, 4 output rows per warp, weights through a cp.async ring, K split
  * over a cluster; below); G3N_QGEMV (qgemv_env) picks others for A/B timing. This
  * one-row-per-warp k_qgemv serves f32 scales and slices too wide for shared
