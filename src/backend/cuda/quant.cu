@@ -8,10 +8,10 @@
  * scale * sum(q * x) + bias * sum(x): the dequantized weight is never formed and
  * the result differs from the reference (fp32 s*q + b, then the dot) only in
  * rounding. `wpr` warps share a long row; partial sums are added in a fixed order.
- * 8 bits with 16-bit scales use k_qmma for 1-8 rows (integer tensor-core
- * products per group; below), 4 bits (and what k_qmma declines) k_qgemv_s (integer
- * dot products, 4 output rows per warp, weights through a cp.async ring, K split
- * over a cluster; below); G3N_QGEMV (qgemv_env) picks others for A/B timing. This
+ * 16-bit scales use k_qmma at 8 bits and for 2-8 rows at 4 (integer tensor-core
+ * products per group; below), one row at 4 bits (and what k_qmma declines)
+ * k_qgemv_s (integer dot products, 4 output rows per warp, weights through a
+ * cp.async ring, K split over a cluster; below); G3N_QGEMV (qgemv_env) picks others for A/B timing. This
  * one-row-per-warp k_qgemv serves f32 scales and slices too wide for shared
  * memory. 2, 3, 5 and 6 bits run the one-row kernel once per row
  * (correct, slower). G3N_QSPLIT=n (most K slices) and G3N_QJ=n (tiles per
@@ -639,8 +639,9 @@ static int qlaunch_s_any(cuda_ctx *c, qargs &a, int bits, int R) {
  * not its fragment, so the warp synchronizes on each stage.
  *
  * At 8 bits this is 1.2-1.3x faster per token than k_qgemv_s (H100, E4B/E2B q8);
- * at 4 bits it is faster alone (no PDL, or events around each op) but about level
- * to 5% slower inside the PDL-chained step, so 4 bits keep k_qgemv_s (qgemv_env).
+ * at 4 bits with one row it is faster alone (no PDL, or events around each op) but
+ * about level to 5% slower inside the PDL-chained step, so that case keeps
+ * k_qgemv_s (qgemv_env); batched 4-bit steps of 4-16 rows are 1.2x faster.
  * It needs an even number of groups per row (scale words are copied two groups at
  * a time) and at most MM_RMAX activation rows. */
 
@@ -988,9 +989,9 @@ static int mm_launch_any(cuda_ctx *c, qargs &a, int bits, int R) {
 }
 
 /* Which decode kernel takes 4- and 8-bit products (G3N_QGEMV, for A/B timing and
- * tests): by default k_qmma at 8 bits and k_qgemv_s at 4, where each measured
- * faster on the H100 (docs/SPEED.md); "mma" k_qmma at both, "dp4a" k_qgemv_s at
- * both, "old" the one-row-per-warp k_qgemv. */
+ * tests): by default k_qmma at 8 bits and for 2-8 rows at 4, k_qgemv_s for one row
+ * at 4 bits, where each measured faster on the H100 (docs/SPEED.md); "mma" k_qmma
+ * everywhere, "dp4a" k_qgemv_s everywhere, "old" the one-row-per-warp k_qgemv. */
 enum { QK_DEFAULT, QK_MMA, QK_DP4A, QK_OLD };
 static int qgemv_env(void) {
     static int v = -1;
@@ -1020,7 +1021,7 @@ static void qmulti(cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y,
         min_k = G3N_MIN(min_k, W[i]->cols);
     }
     const int bits = W[0]->bits, k = qgemv_env();
-    if ((k == QK_MMA || (k == QK_DEFAULT && bits == 8)) && mm_launch_any(c, a, bits, rows)) return;
+    if ((k == QK_MMA || (k == QK_DEFAULT && (bits == 8 || rows >= 2))) && mm_launch_any(c, a, bits, rows)) return;
     if ((bits == 4 || bits == 8) && k != QK_OLD && qlaunch_s_any(c, a, bits, rows)) return;
     /* warps per row: ~8K warps in flight, each with at least 8 chunks of its row */
     a.wpr = 1;
