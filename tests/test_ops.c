@@ -258,7 +258,7 @@ TEST(qmatmul_fused_odd) {
                 if (B_IS_CPU && a > 1) continue;
                 /* three products: O 37 / 6 / 1, K 3G / 16384 / G or 2G / 16384 / 2G (x shared by 0
                  * and 2 only if equal K): an odd number of groups in a row, which the tensor-core
-                 * kernel declines, or even ones everywhere, which it takes (1-2 rows) */
+                 * kernel declines, or even ones everywhere, which it takes (8 bits; 2-8 rows at 4) */
                 const int odd = (gi + a) % 2, O[3] = {37, 6, 1}, K[3] = {(2 + odd) * G, 16384, (2 - odd) * G};
                 tmat W[3];
                 float *x[3], *dx[3], *y0[3], *dy[3];
