@@ -55,6 +55,13 @@ static size_t cu_memory_used(g3n_backend *be) {
 
 static void cu_sync(g3n_backend *be) { CUDA_CHECK(cudaStreamSynchronize(CTX(be)->stream)); }
 
+/* d (device memory) freed with the backend. */
+void cuda_own(cuda_ctx *c, void *d) {
+    c->owned = (void **)realloc(c->owned, sizeof(void *) * (size_t)(c->n_owned + 1));
+    if (!c->owned) abort();
+    c->owned[c->n_owned++] = d;
+}
+
 static int cu_mat_prepare(g3n_backend *be, g3n_mat *m, char *err, size_t errlen) {
     cuda_ctx *c = CTX(be);
     if (m->bits) return cuda_quant_prepare(c, m, err, errlen); /* mlx-quantized: quant.cu */
@@ -92,9 +99,7 @@ static int cu_mat_prepare(g3n_backend *be, g3n_mat *m, char *err, size_t errlen)
         m->transposed = 1;
         cuda_sparse_reserve(c, m->rows, m->cols);
     }
-    c->owned = (void **)realloc(c->owned, sizeof(void *) * (size_t)(c->n_owned + 1));
-    if (!c->owned) abort();
-    c->owned[c->n_owned++] = d;
+    cuda_own(c, d);
     m->data = d;
     return 0;
 }

@@ -654,16 +654,11 @@ __device__ __forceinline__ void mma_u8s8(int (&c)[4], uint32_t a0, uint32_t a1, 
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-/* One group of a lane's two rows: its quarter of each row's words, scales and biases (raw 16 bits). */
+/* One group of a lane's two rows (g, g + 8): its quarter of each row's words, the scales and biases. */
 template <int WL> struct mmgrp {
     uint32_t a[WL], b[WL];
-    unsigned short s, s8, z, z8;
+    float s, s8, z, z8;
 };
-
-template <int SDT> __device__ __forceinline__ float mm_sv(unsigned short h) {
-    if (SDT == G3N_BF16) return __uint_as_float((uint32_t)h << 16);
-    return __half2float(__ushort_as_half(h));
-}
 
 /* k_qmma's weight ring: per warp, MM_NSLOT slots of one stage each, a stage being
  * 128 bytes of each of the tile's 16 rows (SG whole groups) with their scales and
@@ -814,7 +809,7 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
                 mma_u8s8(c[cb], a0, a1, a2, a3, bb.x, bb.y);
             }
         }
-        const float s0 = mm_sv<SDT>(d.s), s1 = mm_sv<SDT>(d.s8), z0 = mm_sv<SDT>(d.z), z1 = mm_sv<SDT>(d.z8);
+        const float s0 = d.s, s1 = d.s8, z0 = d.z, z1 = d.z8;
 #pragma unroll
         for (int cb = 0; cb < NCB; cb++) {
             const float4 mq = mul[((size_t)grl * NCB + cb) * 4 + t];
@@ -844,9 +839,8 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
                     for (int k = 0; k < (WL < 4 ? WL : 4); k++) d.a[4 * h + k] = qa[k], d.b[4 * h + k] = qb[k];
                 }
                 const int wd = SG >= 2 ? lg >> 1 : 0, par = SG >= 2 ? lg & 1 : (st * SG) & 1;
-                const int sh = 16 * par;
-                d.s = (unsigned short)(sl.s[g][wd] >> sh), d.s8 = (unsigned short)(sl.s[g + 8][wd] >> sh);
-                d.z = (unsigned short)(sl.z[g][wd] >> sh), d.z8 = (unsigned short)(sl.z[g + 8][wd] >> sh);
+                d.s = sb_value<SDT>(sl.s[g][wd], par), d.s8 = sb_value<SDT>(sl.s[g + 8][wd], par);
+                d.z = sb_value<SDT>(sl.z[g][wd], par), d.z8 = sb_value<SDT>(sl.z[g + 8][wd], par);
                 group(d, gr);
             }
         }
@@ -1173,9 +1167,7 @@ static void *upload(cuda_ctx *c, const void *src, size_t bytes) {
     if (cudaMalloc(&d, alloc) != cudaSuccess) return NULL;
     CUDA_CHECK(cudaMemcpy(d, src, bytes, cudaMemcpyHostToDevice));
     if (alloc > bytes) CUDA_CHECK(cudaMemset((char *)d + bytes, 0, alloc - bytes));
-    c->owned = (void **)realloc(c->owned, sizeof(void *) * (size_t)(c->n_owned + 1));
-    if (!c->owned) abort();
-    c->owned[c->n_owned++] = d;
+    cuda_own(c, d);
     return d;
 }
 
@@ -1228,9 +1220,7 @@ int cuda_quant_prepare(cuda_ctx *c, g3n_mat *m, char *err, size_t errlen) {
         CUDA_LAUNCHED();
         void *t = cuda_transpose_matrix(c, tmp, m->rows, m->cols, sizeof(float));
         CUDA_CHECK(cudaFree(tmp));
-        c->owned = (void **)realloc(c->owned, sizeof(void *) * (size_t)(c->n_owned + 1));
-        if (!c->owned) abort();
-        c->owned[c->n_owned++] = t;
+        cuda_own(c, t);
         m->tdata = t;
         cuda_sparse_reserve(c, m->rows, m->cols);
     }
