@@ -102,12 +102,28 @@ namespace cg = cooperative_groups;
 
 #define DEC_WARPS 8
 
-/* Per-head RMS norm (weight w, may be NULL) and RoPE (theta 0: none) of one
- * hd-vector by one warp, lane-strided (dim lane + 32k; RoPE pairs i, i + hd/2
- * fall in the same lane, except for hd 32), into dst. */
+/* RoPE's cos and sin at position p for this lane's pairs of an hd = 32 * DPL
+ * vector: pair i, i + hd/2 with i = lane + 32k (k < DPL/2), or for hd 32 the
+ * pair (lane & 15, + 16) two lanes apart. Computed before the PDL wait: they
+ * depend on the position only. */
 template <int DPL>
-__device__ __forceinline__ void dec_norm_rope(float *dst, const float *src, const float *w, float p, float theta,
-                                              float eps) {
+__device__ __forceinline__ void rope_cs(float (&cs)[DPL], float (&sn)[DPL], float p, float theta) {
+    constexpr int hd = 32 * DPL, np = DPL == 1 ? 1 : DPL / 2;
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int k = 0; k < np; k++) {
+        const int i = DPL == 1 ? (lane & 15) : lane + 32 * k;
+        const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
+        sincosf(inv_freq * p, &sn[k], &cs[k]);
+    }
+}
+
+/* Per-head RMS norm (weight w, may be NULL) and RoPE (rope: with rope_cs's cos
+ * and sin) of one hd-vector by one warp, lane-strided (dim lane + 32k; RoPE
+ * pairs i, i + hd/2 fall in the same lane, except for hd 32), into dst. */
+template <int DPL>
+__device__ __forceinline__ void dec_norm_rope(float *dst, const float *src, const float *w, const float (&cs)[DPL],
+                                              const float (&sn)[DPL], bool rope, float eps) {
     constexpr int hd = 32 * DPL, half = DPL / 2;
     const int lane = threadIdx.x & 31;
     float x[DPL], ss = 0;
@@ -119,23 +135,15 @@ __device__ __forceinline__ void dec_norm_rope(float *dst, const float *src, cons
     const float inv = rsqrtf(warp_sum(ss) / (float)hd + eps);
 #pragma unroll
     for (int k = 0; k < DPL; k++) x[k] *= w ? inv * w[lane + 32 * k] : inv;
-    if (theta > 0 && DPL == 1) { /* hd 32: the pair (i, i + 16) is two lanes apart */
-        const int i = lane & 15;
+    if (rope && DPL == 1) { /* hd 32: the pair (i, i + 16) is two lanes apart */
         const float other = __shfl_xor_sync(0xffffffffu, x[0], 16);
-        const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
-        float sn, cs;
-        sincosf(inv_freq * p, &sn, &cs);
-        x[0] = lane < 16 ? x[0] * cs - other * sn : x[0] * cs + other * sn;
-    } else if (theta > 0)
+        x[0] = lane < 16 ? x[0] * cs[0] - other * sn[0] : x[0] * cs[0] + other * sn[0];
+    } else if (rope)
 #pragma unroll
         for (int k = 0; k < half; k++) {
-            const int i = lane + 32 * k;
-            const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
-            float sn, cs;
-            sincosf(inv_freq * p, &sn, &cs);
             const float a = x[k], b = x[k + half];
-            x[k] = a * cs - b * sn;
-            x[k + half] = b * cs + a * sn;
+            x[k] = a * cs[k] - b * sn[k];
+            x[k + half] = b * cs[k] + a * sn[k];
         }
 #pragma unroll
     for (int k = 0; k < DPL; k++) dst[lane + 32 * k] = x[k];
@@ -157,17 +165,31 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
     const int nsp = (int)cl.num_blocks(), rank = (int)cl.block_rank();
     const int grp = blockIdx.x / nsp, t = grp / Hkv, hk = grp % Hkv;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, H = Hkv * G, kvd = Hkv * hd;
-    KERNEL_BEGIN();
+    /* Before the PDL wait, what does not depend on the previous kernel: the
+     * position and cache (set before the step), RoPE's cos and sin, and this
+     * warp's first key and value when that position was stored by an earlier
+     * step (the new one, p, is stored by this step: in this kernel, or for a
+     * KV-shared layer by an earlier one) */
     const int p = pos[t];
     const g3n_kv_layer L = kv[(size_t)seq[t] * G3N_KV_MAX_LAYERS + layer];
-    for (int job = warp; job < G + 2 * owns; job += DEC_WARPS) {
-        if (job < G) dec_norm_rope<DPL>(sq[job], q + ((size_t)t * H + hk * G + job) * hd, qn, (float)p, theta, eps);
-        else if (job == G) dec_norm_rope<DPL>(snew[0], k + ((size_t)t * Hkv + hk) * hd, kn, (float)p, theta, eps);
-        else dec_norm_rope<DPL>(snew[1], v + ((size_t)t * Hkv + hk) * hd, NULL, (float)p, 0.0f, eps);
-    }
-    __syncthreads();
+    float cs[DPL], sn[DPL];
+    if (theta > 0) rope_cs<DPL>(cs, sn, (float)p, theta);
     const int lo = window > 0 ? max(0, p - window + 1) : 0, span = p - lo + 1;
     const int share = (span + nsp - 1) / nsp, j0 = lo + rank * share, j1 = min(j0 + share, p + 1);
+    float kr[DPL], vr[DPL];
+    bool have = j0 + warp < j1 && j0 + warp < p;
+    if (have) {
+        const size_t o = (size_t)((j0 + warp) % L.cap) * kvd + (size_t)hk * hd;
+#pragma unroll
+        for (int d = 0; d < DPL; d++) kr[d] = L.k[o + lane + 32 * d], vr[d] = L.v[o + lane + 32 * d];
+    }
+    KERNEL_BEGIN();
+    for (int job = warp; job < G + 2 * owns; job += DEC_WARPS) {
+        if (job < G) dec_norm_rope<DPL>(sq[job], q + ((size_t)t * H + hk * G + job) * hd, qn, cs, sn, theta > 0, eps);
+        else if (job == G) dec_norm_rope<DPL>(snew[0], k + ((size_t)t * Hkv + hk) * hd, kn, cs, sn, theta > 0, eps);
+        else dec_norm_rope<DPL>(snew[1], v + ((size_t)t * Hkv + hk) * hd, NULL, cs, sn, false, eps);
+    }
+    __syncthreads();
     if (owns && p >= j0 && p < j1) { /* this block's share holds the new position */
         const size_t o = (size_t)(p % L.cap) * kvd + (size_t)hk * hd;
         for (int d = threadIdx.x; d < hd; d += blockDim.x) L.k[o + d] = snew[0][d], L.v[o + d] = snew[1][d];
@@ -180,12 +202,15 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
         for (int d = 0; d < DPL; d++) qr[g][d] = sq[g][lane + 32 * d], acc[g][d] = 0;
     }
     for (int j = j0 + warp; j < j1; j += DEC_WARPS) {
-        const size_t o = (size_t)(j % L.cap) * kvd + (size_t)hk * hd;
-        const float *kj = owns && j == p ? snew[0] : L.k + o;
-        const float *vj = owns && j == p ? snew[1] : L.v + o;
-        float kr[DPL], vr[DPL], s[G];
+        if (!have) {
+            const size_t o = (size_t)(j % L.cap) * kvd + (size_t)hk * hd;
+            const float *kj = owns && j == p ? snew[0] : L.k + o;
+            const float *vj = owns && j == p ? snew[1] : L.v + o;
 #pragma unroll
-        for (int d = 0; d < DPL; d++) kr[d] = kj[lane + 32 * d], vr[d] = vj[lane + 32 * d];
+            for (int d = 0; d < DPL; d++) kr[d] = kj[lane + 32 * d], vr[d] = vj[lane + 32 * d];
+        }
+        have = false;
+        float s[G];
 #pragma unroll
         for (int g = 0; g < G; g++) {
             s[g] = 0;
