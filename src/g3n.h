@@ -34,8 +34,12 @@ typedef struct {
                            recorded step (for debugging and comparison) */
     int sparse;         /* cuda: exact activation sparsity in the layers with a
                            top-k target (read only the surviving up rows and down
-                           columns; down matrices stored transposed). Off by default
-                           until its gather kernels beat the dense ones everywhere. */
+                           columns; down matrices stored transposed). 1 on, -1 off,
+                           0 (default): on for checkpoints without quantization
+                           (their down matrices are transposed in place, and it is
+                           faster: docs/SPEED.md), off for quantized ones (a
+                           transposed copy costs memory for ~1% more speed) and
+                           on the CPU. */
     const char *decode_path; /* "fused", "split", "mega" or "auto" (NULL = auto):
                            the per-op path, the fused one, or (cuda, one-token
                            steps) every layer in one kernel; auto times a few
@@ -76,6 +80,7 @@ typedef struct {
     const char *decode_path; /* "fused", "split" or "mega" */
     const char *decode_paths; /* the ones this model and backend have, comma-separated */
     const char *decode_path_why; /* how it was chosen */
+    int sparse;               /* exact activation sparsity on (g3n_model_params.sparse) */
 } g3n_model_info;
 
 g3n_model_info g3n_model_get_info(const g3n_model *m);

@@ -94,7 +94,7 @@ static g3n_model *open_model(const char *dir, const char *device) {
     p.no_graph = NO_GRAPH;
     p.ple_on_gpu = PLE_ON_GPU;
     p.decode_path = PATH;
-    p.sparse = SPARSE;
+    p.sparse = SPARSE ? 1 : -1;
     g3n_model *m = g3n_model_open(dir, &p, err, sizeof err);
     CHECK_MSG(m != NULL, "%s: %s", dir, err);
     return m;

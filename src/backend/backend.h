@@ -39,9 +39,10 @@ typedef struct {
     size_t file_bytes; /* bytes as stored in the checkpoint (packed + scales + biases),
                           set by the loader: what the model reads, whatever form a
                           backend keeps */
-    const void *tdata; /* set by a backend: W^T dequantized to f32 ([cols, rows]) beside
-                          the packed form, for the exact-sparsity gather of a
-                          quantized sparse_cols matrix; NULL otherwise */
+    const void *tdata; /* set by a backend: W^T beside the packed form, for the
+                          exact-sparsity gather of a quantized sparse_cols matrix,
+                          in a form of the backend's (CUDA: the codes, scales and
+                          biases transposed, or f32 values); NULL otherwise */
 } g3n_mat;
 
 /* Bytes of W as stored (packed weights + scales + biases when quantized). */

@@ -95,6 +95,8 @@ int opt_model(model_opts *o, int argc, char **argv, int *i) {
         o->ple_on_gpu = 1;
     } else if (!strcmp(a, "--sparse")) {
         o->sparse = 1;
+    } else if (!strcmp(a, "--no-sparse")) {
+        o->sparse = -1;
     } else if (!strcmp(a, "--no-graph")) {
         o->no_graph = 1;
     } else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) {
@@ -124,9 +126,9 @@ g3n_model *open_model(const model_opts *o) {
     g3n_model_info mi = g3n_model_get_info(m);
     if (!g3n_quiet)
         fprintf(stderr, "g3n: loaded %s (%s, %d layers, %.2f GB of text weights) on %s in %.2f s; "
-                "decode path %s (%s)\n",
+                "decode path %s (%s)%s\n",
                 o->dir, mi.layout, mi.n_layer, mi.weight_bytes / 1e9, mi.backend, now_s() - t0,
-                mi.decode_path, mi.decode_path_why);
+                mi.decode_path, mi.decode_path_why, mi.sparse ? ", exact sparsity" : "");
     return m;
 }
 
@@ -210,8 +212,9 @@ static void usage(FILE *f) {
             "  --no-graph             cuda: launch every kernel each step (no CUDA graph)\n"
             "  --decode-path P        fused, split, mega (cuda: all layers in one kernel) or auto\n"
             "                         (default: auto, measured per device)\n"
-            "  --sparse               cuda: exact activation sparsity in the top-k layers\n"
-            "                         (reads ~5%% of their up/down weights; off by default)\n"
+            "  --sparse, --no-sparse  cuda: exact activation sparsity in the top-k layers\n"
+            "                         (reads ~5%% of their up/down weights); default: on\n"
+            "                         for unquantized checkpoints, off for quantized ones\n"
             "  -t, --threads N        CPU threads (default: all cores)\n"
             "  -c, --ctx-size N       context length (default: 4096 or the model's maximum)\n"
             "  -b, --batch-size N     tokens per forward step (default 256)\n"

@@ -313,7 +313,6 @@ g3n_model *g3n_model_open(const char *dir, const g3n_model_params *params, char 
     }
     g3n_model *m = g3n_calloc(1, sizeof(*m));
     m->dir = g3n_strdup(dir);
-    m->sparse = p.sparse;
     char *cpath = g3n_path_join(dir, "config.json");
     size_t clen;
     char *ctext = g3n_read_file(cpath, &clen, 16u << 20, err, errlen);
@@ -344,6 +343,9 @@ g3n_model *g3n_model_open(const char *dir, const g3n_model_params *params, char 
         else g3n_err(err, errlen, "unknown device \"%s\" (this build has: cpu, cpu-ref)", dev);
 #endif
         rc = m->be ? 0 : -1;
+        /* exact sparsity by default where the backend gathers (CUDA) and the down
+         * matrices can be transposed in place (no quantization block) */
+        m->sparse = p.sparse > 0 || (p.sparse == 0 && dev && !strcmp(dev, "cuda") && !m->quant.bits);
     }
     if (rc == 0) rc = load_weights(m, err, errlen);
     if (rc == 0) fwd_dec_model_init(m);
@@ -397,6 +399,7 @@ g3n_model_info g3n_model_get_info(const g3n_model *m) {
     i.decode_path = fwd_path_name(m->fused);
     i.decode_paths = m->mega_ok ? "fused,split,mega" : "fused,split";
     i.decode_path_why = m->path_why;
+    i.sparse = m->sparse;
     return i;
 }
 

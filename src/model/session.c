@@ -354,8 +354,10 @@ void decode_path_choose(g3n_model *m, const char *want) {
     /* auto on a GPU: cached measurement for this device and model shape, else measure */
     char key[512];
     const g3n_config *c = &m->cfg;
-    snprintf(key, sizeof key, "%s|L%d|D%d|I%d|V%d|dt%d|paths%d", m->be->device_name, c->n_layer, c->n_embd,
-             c->n_ff[0], c->n_vocab, m->w.layers[0].gate_proj.dtype, m->mega_ok ? 3 : 2);
+    const g3n_mat *gp = &m->w.layers[0].gate_proj, *dp = &m->w.layers[c->n_layer - 1].down_proj;
+    snprintf(key, sizeof key, "%s|L%d|D%d|I%d|V%d|dt%d|q%d.%d.%d|sp%d|paths%d", m->be->device_name, c->n_layer,
+             c->n_embd, c->n_ff[0], c->n_vocab, gp->dtype, gp->bits, gp->group_size, dp->bits, m->sparse,
+             m->mega_ok ? 3 : 2);
     for (char *p = key; *p; p++)
         if (*p == ' ' || *p == '\n') *p = '_';
     char *dir = cache_path(), file[1100] = "";

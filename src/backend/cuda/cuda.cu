@@ -284,7 +284,7 @@ static void cu_destroy(g3n_backend *be) {
     if (c->h_meta) cudaFreeHost(c->h_meta);
     if (c->xconv) cudaFree(c->xconv);
     if (c->qscratch) cudaFree(c->qscratch);
-    cudaFree(c->sp_idx), cudaFree(c->sp_val), cudaFree(c->sp_act), cudaFree(c->sp_nnz), cudaFree(c->sp_part);
+    cudaFree(c->sp_part);
     if (c->blas) cublasDestroy(c->blas);
     if (c->blas_ws) cudaFree(c->blas_ws);
     if (c->d_kv) cudaFree(c->d_kv);

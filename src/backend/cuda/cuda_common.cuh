@@ -92,9 +92,8 @@ typedef struct {
     void *xconv;           /* [2][cap_tokens * max_cols] 16-bit halves */
     size_t xconv_bytes;
     /* exact sparsity (sparse.cu): sized at load by the transposed matrices */
-    int32_t *sp_idx, *sp_nnz;
-    float *sp_val, *sp_act, *sp_part;
-    size_t sp_n, sp_part_n;
+    float *sp_part;
+    size_t sp_part_n;
     /* quantized prompt products (quant.cu): one dequantized f32 tile */
     float *qscratch;
     size_t qscratch_n;
@@ -356,8 +355,10 @@ void cuda_own(cuda_ctx *c, void *d);
 void *cuda_transpose_matrix(cuda_ctx *c, const void *w, int rows, int cols, size_t esize);
 void cuda_matmul_transposed(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows);
 void cuda_sparse_reserve(cuda_ctx *c, int rows, int cols);
-int cuda_mlp_sparse_row(cuda_ctx *c, float *y, float *gate, const g3n_mat *Wu, const g3n_mat *Wd,
-                        const float *u, float kappa);
+int cuda_mlp_sparse(cuda_ctx *c, float *y, const float *gate, const g3n_mat *Wu, const g3n_mat *Wd, const float *u,
+                    int rows, float kappa);
+int cuda_qtranspose_ok(const g3n_mat *m);
+void *cuda_qtranspose(cuda_ctx *c, const g3n_mat *m);
 void cuda_op_mlp_sparse(g3n_backend *be, float *y, float *gate, float *up, const g3n_mat *Wg,
                         const g3n_mat *Wu, const g3n_mat *Wd, const float *u, int rows, float kappa);
 void cuda_op_matmul_multi(g3n_backend *be, int n, const g3n_mat *const *W, float *const *y,

@@ -353,12 +353,12 @@ void cuda_op_matmul_gate_up(g3n_backend *be, float *act, float *up, const g3n_ma
 void cuda_op_mlp_sparse(g3n_backend *be, float *y, float *gate, float *up, const g3n_mat *Wg, const g3n_mat *Wu,
                         const g3n_mat *Wd, const float *u, int rows, float kappa) {
     cuda_ctx *c = CTX(be);
-    if (rows == 1 && (Wd->transposed || Wd->tdata) && (Wg->bits || Wg->cols % 8 == 0) && !Wg->transposed) {
+    if (rows <= 8 && (Wd->transposed || Wd->tdata) && (Wg->bits || Wg->cols % 8 == 0) && !Wg->transposed) {
         PROF_BEGIN(c);
-        if (Wg->bits) cuda_quant_matmul(c, gate, Wg, u, 1);
-        else multi_run(c, 1, &Wg, &gate, &u, 1);
-        const int done = cuda_mlp_sparse_row(c, y, gate, Wu, Wd, u, kappa);
-        PROF_END(c, done ? "mlp_sparse (gate, select, up, down)" : "mlp_sparse gate", mat_bytes(Wg));
+        if (Wg->bits) cuda_quant_matmul(c, gate, Wg, u, rows);
+        else multi_run(c, 1, &Wg, &gate, &u, rows);
+        const int done = cuda_mlp_sparse(c, y, gate, Wu, Wd, u, rows, kappa);
+        PROF_END(c, done ? "mlp_sparse (gate, gather, reduce)" : "mlp_sparse gate", mat_bytes(Wg));
         if (done) return;
         cuda_op_matmul(be, up, Wu, u, rows);
     } else {

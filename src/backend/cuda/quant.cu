@@ -1207,19 +1207,23 @@ int cuda_quant_prepare(cuda_ctx *c, g3n_mat *m, char *err, size_t errlen) {
     m->data = d, m->scales = s, m->biases = b;
     m->transposed = 0;
     if (m->sparse_cols && m->rows % 8 == 0) {
-        /* exact sparsity reads columns: keep W^T dequantized (f32: the values
-         * the reference multiplies) beside the packed rows, which dense
-         * products (prompts) still use */
-        float *tmp = NULL;
-        const size_t n = (size_t)m->rows * m->cols;
-        if (cudaMalloc((void **)&tmp, n * sizeof(float)) != cudaSuccess)
-            return g3n_err(err, errlen, "%s: out of GPU memory (exact sparsity)", m->name);
-        launch(c, k_dequant, dim3((unsigned)G3N_MIN((n + 255) / 256, (size_t)65535)), dim3(256), 0, tmp,
-               (const uint32_t *)d, (const void *)s, (const void *)b, m->sdtype, m->bits, m->group_size, m->cols, 0,
-               m->rows);
-        CUDA_LAUNCHED();
-        void *t = cuda_transpose_matrix(c, tmp, m->rows, m->cols, sizeof(float));
-        CUDA_CHECK(cudaFree(tmp));
+        /* exact sparsity reads columns: keep W^T beside the packed rows, which
+         * dense products (prompts) still use: the codes, scales and biases
+         * transposed (cuda_qtranspose), or else dequantized to f32 (the values
+         * the reference multiplies) */
+        void *t = cuda_qtranspose(c, m);
+        if (!t) {
+            float *tmp = NULL;
+            const size_t n = (size_t)m->rows * m->cols;
+            if (cudaMalloc((void **)&tmp, n * sizeof(float)) != cudaSuccess)
+                return g3n_err(err, errlen, "%s: out of GPU memory (exact sparsity)", m->name);
+            launch(c, k_dequant, dim3((unsigned)G3N_MIN((n + 255) / 256, (size_t)65535)), dim3(256), 0, tmp,
+                   (const uint32_t *)d, (const void *)s, (const void *)b, m->sdtype, m->bits, m->group_size, m->cols, 0,
+                   m->rows);
+            CUDA_LAUNCHED();
+            t = cuda_transpose_matrix(c, tmp, m->rows, m->cols, sizeof(float));
+            CUDA_CHECK(cudaFree(tmp));
+        }
         cuda_own(c, t);
         m->tdata = t;
         cuda_sparse_reserve(c, m->rows, m->cols);

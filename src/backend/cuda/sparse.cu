@@ -3,17 +3,15 @@
  * non-zero; only those up rows and down columns are read. The down matrix of
  * such a layer is stored transposed ([I, D]) at load, so a needed column is one
  * contiguous row. Steps (one token row):
- *   gate = Wg . u (gemv.cu)  ->  k_select: cutoff, the surviving indices in
- *   ascending order and gelu(gate - cutoff)  ->  k_up_sparse: act[k] = that *
- *   (Wu[idx[k]] . u)  ->  k_gemv_t: per-chunk partial sums of act[k] * WdT[idx[k]]
- *   ->  k_reduce_t: y in a fixed order (deterministic).
- * The same two last kernels, with no index list, are the product with any
- * transposed matrix (the dense path through such a layer). */
+ *   gate = Wg . u (gemv.cu / quant.cu)  ->  k_mlp_sparse: the cutoff, each
+ *   block's survivors, their activations gelu(g - cutoff) * (Wu[i] . u) and
+ *   partial sums of act_i * WdT[i]  ->  k_reduce_t: y in a fixed order
+ *   (deterministic).
+ * k_gemv_t + k_reduce_t are also the product with any transposed matrix (the
+ * dense path through such a layer: prompts, batches). */
 #include "cuda_common.cuh"
 
-#define SEL_THREADS 1024
-#define T_CHUNK_SPARSE 16   /* index-list entries per block */
-#define T_CHUNK_DENSE 128   /* rows of W^T per block without a list */
+#define T_CHUNK 128 /* rows of W^T per block of k_gemv_t */
 
 /* ---- transpose at load ----------------------------------------------------------------- */
 
@@ -44,20 +42,11 @@ void *cuda_transpose_matrix(cuda_ctx *c, const void *w, int rows, int cols, size
     return t;
 }
 
-/* Scratch of the gather path for a down matrix of rows x cols (sized at load,
- * before any recording). */
+/* Scratch of the transposed products for a down matrix of rows x cols (sized at
+ * load, before any recording): k_gemv_t's partials for up to 8 activation rows,
+ * which also hold k_mlp_sparse's (cols / SP_R of them, one row). */
 void cuda_sparse_reserve(cuda_ctx *c, int rows, int cols) {
-    const size_t n = (size_t)cols;
-    const size_t part = G3N_MAX((n + T_CHUNK_SPARSE - 1) / T_CHUNK_SPARSE * (size_t)rows,
-                                (n + T_CHUNK_DENSE - 1) / T_CHUNK_DENSE * (size_t)rows * 8);
-    if (n > c->sp_n) {
-        cudaFree(c->sp_idx), cudaFree(c->sp_val), cudaFree(c->sp_act), cudaFree(c->sp_nnz);
-        CUDA_CHECK(cudaMalloc((void **)&c->sp_idx, n * sizeof(int32_t)));
-        CUDA_CHECK(cudaMalloc((void **)&c->sp_val, n * sizeof(float)));
-        CUDA_CHECK(cudaMalloc((void **)&c->sp_act, n * sizeof(float)));
-        CUDA_CHECK(cudaMalloc((void **)&c->sp_nnz, sizeof(int32_t)));
-        c->sp_n = n;
-    }
+    const size_t part = (size_t)(cols + T_CHUNK - 1) / T_CHUNK * (size_t)rows * 8;
     if (part > c->sp_part_n) {
         cudaFree(c->sp_part);
         CUDA_CHECK(cudaMalloc((void **)&c->sp_part, part * sizeof(float)));
@@ -65,117 +54,222 @@ void cuda_sparse_reserve(cuda_ctx *c, int rows, int cols) {
     }
 }
 
-/* ---- selection: cutoff, surviving indices (ascending), gelu values -------------------- */
+/* ---- the sparse MLP of one row in one kernel ---------------------------------------------
+ *
+ * Block b owns gate entries [SP_R b, SP_R (b + 1)). Every block computes the
+ * top-k cutoff over the whole gate row itself (the same code on the same values,
+ * so every block gets the same cutoff), keeps its own survivors in ascending
+ * order, computes their activations gelu(g - cutoff) * (Wu[i] . u), and adds
+ * act_i * W_d^T[i] over them into its partial of the output: no selection
+ * kernel, no global index list. k_reduce_t then adds the partials in block order. */
 
-template <int EPT>
-__global__ void __launch_bounds__(SEL_THREADS)
-    k_select(const float *g, int32_t *idx, float *val, int32_t *nnz, int n, float kappa) {
-    KERNEL_BEGIN();
-    __shared__ float red[32];
-    __shared__ int wsum[32];
-    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
-    float v[EPT];
-#pragma unroll
-    for (int k = 0; k < EPT / 4; k++) { /* contiguous per thread: ascending order below */
-        const float4 a = *(const float4 *)(g + (size_t)t * EPT + 4 * k);
-        v[4 * k] = a.x, v[4 * k + 1] = a.y, v[4 * k + 2] = a.z, v[4 * k + 3] = a.w;
-    }
-    const float cutoff = topk_cutoff<EPT>(v, n, kappa, red);
-    int cnt = 0;
-#pragma unroll
-    for (int k = 0; k < EPT; k++) cnt += v[k] > cutoff;
-    /* exclusive scan of the counts over the block */
-    int incl = cnt;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += y;
-    }
-    if (lane == 31) wsum[warp] = incl;
-    __syncthreads();
-    if (warp == 0) {
-        int w = lane < (int)(blockDim.x >> 5) ? wsum[lane] : 0, wi = w;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(0xffffffffu, wi, o);
-            if (lane >= o) wi += y;
-        }
-        wsum[lane] = wi - w; /* exclusive prefix of warp totals */
-        if (lane == 31) *nnz = wi;
-    }
-    __syncthreads();
-    int pos = wsum[warp] + incl - cnt;
-#pragma unroll
-    for (int k = 0; k < EPT; k++)
-        if (v[k] > cutoff) {
-            idx[pos] = t * EPT + k;
-            val[pos] = gelu_tanh_d(v[k] - cutoff);
-            pos++;
-        }
-}
+#define SP_R 256 /* gate entries per block = threads per block */
 
-/* ---- up rows of the survivors ------------------------------------------------------------- */
-
+/* Row w of an up matrix dotted with us (shared memory, K floats) by one warp: 16-bit
+ * or f32 weights 8 at a time (K % 8 == 0), quantized ones dequantized as the
+ * reference does it (4 and 8 bits: 8 weights a step with one scale and bias;
+ * other widths one at a time). */
 template <typename T>
-__global__ void __launch_bounds__(256)
-    k_up_sparse(float *act, const T *Wu, const float *u, const int32_t *idx, const float *val, const int32_t *nnz,
-                int K) {
-    KERNEL_BEGIN();
-    const int k = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
-    if (k >= *nnz) return;
-    const T *w = Wu + (size_t)idx[k] * K;
+__device__ float sp_dot(const T *w, const float *us, int K) {
     float acc = 0;
-    for (int i = lane * 2; i < K; i += 64) {
-        const float2 xv = *(const float2 *)(u + i);
-        acc += (float)w[i] * xv.x + (float)w[i + 1] * xv.y;
+    for (int i = (threadIdx.x & 31) * 8; i < K; i += 32 * 8) {
+        raw8<T> rw;
+        float f[8];
+        ldraw(rw, w + i);
+        cvt8(rw, f);
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc += f[j] * us[i + j];
     }
-    acc = warp_sum(acc);
-    if (lane == 0) act[k] = val[k] * acc;
+    return warp_sum(acc);
 }
 
-/* the same for a quantized Wu: each weight dequantized as the reference does it
- * (4 and 8 bits: 8 weights a step, one scale and bias each; else one at a time) */
-__global__ void __launch_bounds__(256)
-    k_qup_sparse(float *act, const uint32_t *W, const void *S, const void *B, int sdt, int bits, int group,
-                 const float *u, const int32_t *idx, const float *val, const int32_t *nnz, int K) {
-    KERNEL_BEGIN();
-    const int k = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
-    if (k >= *nnz) return;
-    const size_t r = (size_t)idx[k];
+__device__ float sp_qdot(const uint32_t *W, const void *S, const void *B, int sdt, int bits, int group, size_t r,
+                         const float *us, int K) {
+    const int lane = threadIdx.x & 31;
     float acc = 0;
-    if ((bits == 4 || bits == 8) && K % 8 == 0) {
+    if (bits == 4 || bits == 8) { /* K % 8 == 0 (checked by the host) */
         const uint32_t *row = W + r * ((size_t)K * bits / 32);
         for (int i = lane * 8; i < K; i += 32 * 8) {
             const size_t g = r * (size_t)(K / group) + i / group;
             const float sc = load_w(S, sdt, g), bi = load_w(B, sdt, g);
-            uint32_t w[2] = {row[(size_t)i * bits / 32], bits == 8 ? row[(size_t)i * bits / 32 + 1] : 0u};
+            const uint32_t w[2] = {row[(size_t)i * bits / 32], bits == 8 ? row[(size_t)i * bits / 32 + 1] : 0u};
 #pragma unroll
             for (int j = 0; j < 8; j++) {
                 const uint32_t q = bits == 4 ? (w[0] >> (4 * j)) & 15u : (w[j >> 2] >> (8 * (j & 3))) & 255u;
-                acc += qaffine(sc, (float)q, bi) * u[i + j];
+                acc += qaffine(sc, (float)q, bi) * us[i + j];
             }
         }
     } else {
-        for (int i = lane; i < K; i += 32) acc += qdeq(W, S, B, sdt, bits, group, K, r, i) * u[i];
+        for (int i = lane; i < K; i += 32) acc += qdeq(W, S, B, sdt, bits, group, K, r, i) * us[i];
     }
-    acc = warp_sum(acc);
-    if (lane == 0) act[k] = val[k] * acc;
+    return warp_sum(acc);
+}
+
+/* The up matrix as the fused kernel reads it: 16-bit/f32 rows (dtype) or quantized (bits > 0). */
+typedef struct {
+    const void *W, *S, *B;
+    int dtype, bits, group, sdt;
+} sp_up;
+
+/* The down matrix's columns as the fused kernel reads them: row i of W_d^T
+ * ([n, O]), 8 outputs o..o+7 at a time, as the reference's values. */
+template <typename T> struct dn_plain { /* stored transposed, 16-bit or f32 */
+    const T *WT;
+    int O;
+    __device__ __forceinline__ void row8(int i, int o, float w[8]) const {
+        raw8<T> rw;
+        ldraw(rw, WT + (size_t)i * O + o);
+        cvt8(rw, w);
+    }
+};
+/* quantized (BITS 4 or 8, 16-bit scales ST): the transposed codes [n, O] and the
+ * transposed scales and biases [n / G, O] (cuda_qtranspose) */
+template <int BITS, typename ST> struct dn_quant {
+    const uint32_t *qT;
+    const ST *sT, *bT;
+    int O, G;
+    __device__ __forceinline__ void row8(int i, int o, float w[8]) const {
+        const size_t e = (size_t)i * O + o, g = (size_t)(i / G) * O + o;
+        uint32_t q[2];
+        if (BITS == 4) q[0] = __ldcs(qT + e / 8), q[1] = 0;
+        else *(uint2 *)q = __ldcs((const uint2 *)(qT + e / 4));
+        raw8<ST> rs, rb;
+        float sc[8], bi[8];
+        ldraw(rs, sT + g);
+        ldraw(rb, bT + g);
+        cvt8(rs, sc);
+        cvt8(rb, bi);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const uint32_t v = BITS == 4 ? (q[0] >> (4 * j)) & 15u : (q[j >> 2] >> (8 * (j & 3))) & 255u;
+            w[j] = qaffine(sc[j], (float)v, bi[j]);
+        }
+    }
+};
+
+/* Activation row r = blockIdx.y: partial[b][r][o] = sum over block b's survivors i
+ * of act_i * W_d^T[i][o], for a gate row of n entries; K % 8 == 0, O % 8 == 0;
+ * dynamic shared memory: K floats (the row of u). */
+template <typename DN>
+__global__ void __launch_bounds__(SP_R, 1)
+    k_mlp_sparse(float *partial, const float *gate, const float *u, sp_up up, DN dn, int n, int K, float kappa) {
+    extern __shared__ float us[];
+    __shared__ float red[32], sval[SP_R];
+    __shared__ int sidx[SP_R], wcnt[SP_R / 32];
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5, r = blockIdx.y, O = dn.O;
+    const float *g = gate + (size_t)r * n;
+    KERNEL_BEGIN();
+    for (int i = t; i < K; i += SP_R) us[i] = u[(size_t)r * K + i];
+    /* the cutoff: mean + kappa * population std of the whole row (the second pass
+     * reads it again from L1) */
+    float sm = 0;
+#pragma unroll 8
+    for (int i = t; i < n; i += SP_R) sm += g[i];
+    const float mean = block_sum(sm, red) / (float)n;
+    float vv = 0;
+#pragma unroll 8
+    for (int i = t; i < n; i += SP_R) vv += (g[i] - mean) * (g[i] - mean);
+    const float cutoff = mean + sqrtf(block_sum(vv, red) / (float)n) * kappa;
+    /* this block's survivors, in ascending order */
+    const int i0 = blockIdx.x * SP_R;
+    const float gv = i0 + t < n ? g[i0 + t] : 0.0f;
+    const bool keep = i0 + t < n && gv > cutoff;
+    const unsigned bal = __ballot_sync(0xffffffffu, keep);
+    if (lane == 0) wcnt[warp] = __popc(bal);
+    __syncthreads();
+    int pos = __popc(bal & ((1u << lane) - 1)), cnt = 0;
+#pragma unroll
+    for (int w = 0; w < SP_R / 32; w++) {
+        pos += w < warp ? wcnt[w] : 0;
+        cnt += wcnt[w];
+    }
+    if (keep) sidx[pos] = i0 + t, sval[pos] = gelu_tanh_d(gv - cutoff);
+    __syncthreads();
+    /* their up rows: one warp per survivor */
+    for (int j = warp; j < cnt; j += SP_R / 32) {
+        const int i = sidx[j];
+        float d;
+        if (up.bits) d = sp_qdot((const uint32_t *)up.W, up.S, up.B, up.sdt, up.bits, up.group, (size_t)i, us, K);
+        else if (up.dtype == G3N_BF16) d = sp_dot((const __nv_bfloat16 *)up.W + (size_t)i * K, us, K);
+        else if (up.dtype == G3N_F16) d = sp_dot((const __half *)up.W + (size_t)i * K, us, K);
+        else d = sp_dot((const float *)up.W + (size_t)i * K, us, K);
+        if (lane == 0) sval[j] *= d;
+    }
+    __syncthreads();
+    /* their down columns, 8 outputs per thread */
+    for (int o = t * 8; o < O; o += SP_R * 8) {
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll 4
+        for (int j = 0; j < cnt; j++) {
+            float w[8];
+            dn.row8(sidx[j], o, w);
+            const float a = sval[j];
+#pragma unroll
+            for (int q = 0; q < 8; q++) acc[q] += a * w[q];
+        }
+        float *p = partial + ((size_t)blockIdx.x * gridDim.y + r) * O + o;
+        *(float4 *)p = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        *(float4 *)(p + 4) = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    }
+}
+
+/* ---- a quantized down matrix transposed (exact sparsity) --------------------------------- */
+
+/* codes: qT[k][o] = q[o][k], BITS-wide, packed along o (O % 8 == 0) */
+template <int BITS>
+__global__ void k_qtranspose_codes(uint32_t *qT, const uint32_t *W, int O, int K) {
+    constexpr int PW = 32 / BITS; /* codes per word */
+    const size_t nw = (size_t)K * O / PW;
+    for (size_t w = blockIdx.x * (size_t)blockDim.x + threadIdx.x; w < nw; w += (size_t)gridDim.x * blockDim.x) {
+        const int k = (int)(w / (O / PW)), o0 = (int)(w % (O / PW)) * PW;
+        uint32_t v = 0;
+#pragma unroll
+        for (int j = 0; j < PW; j++) {
+            const size_t bit = (size_t)k * BITS;
+            const uint32_t q = (W[(size_t)(o0 + j) * (K / PW) + bit / 32] >> (bit % 32)) & ((1u << BITS) - 1);
+            v |= q << (BITS * j);
+        }
+        qT[w] = v;
+    }
+}
+
+/* One allocation holding a quantized matrix [O, K] (4 or 8 bits, 16-bit scales)
+ * transposed for column reads: codes [K, O], then scales and biases [K / G, O];
+ * NULL when the form does not apply (cuda_qtranspose_ok; the caller keeps an
+ * f32 W^T instead). */
+int cuda_qtranspose_ok(const g3n_mat *m) {
+    return (m->bits == 4 || m->bits == 8) && m->rows % 8 == 0 && m->cols % m->group_size == 0 &&
+           (m->sdtype == G3N_BF16 || m->sdtype == G3N_F16);
+}
+
+void *cuda_qtranspose(cuda_ctx *c, const g3n_mat *m) {
+    const int O = m->rows, K = m->cols, G = m->group_size, bits = m->bits;
+    if (!cuda_qtranspose_ok(m)) return NULL;
+    const size_t qb = (size_t)K * O * bits / 8, sb = (size_t)(K / G) * O * 2;
+    char *t = NULL;
+    CUDA_CHECK(cudaMalloc((void **)&t, qb + 2 * sb));
+    const size_t nw = (size_t)K * O * bits / 32;
+    const dim3 grid((unsigned)G3N_MIN((nw + 255) / 256, (size_t)65535));
+    if (bits == 4) k_qtranspose_codes<4><<<grid, 256, 0, c->stream>>>((uint32_t *)t, (const uint32_t *)m->data, O, K);
+    else k_qtranspose_codes<8><<<grid, 256, 0, c->stream>>>((uint32_t *)t, (const uint32_t *)m->data, O, K);
+    CUDA_LAUNCHED();
+    for (int h = 0; h < 2; h++) {
+        void *st = cuda_transpose_matrix(c, h ? m->biases : m->scales, O, K / G, 2);
+        CUDA_CHECK(cudaMemcpy(t + qb + h * sb, st, sb, cudaMemcpyDeviceToDevice));
+        CUDA_CHECK(cudaFree(st));
+    }
+    return t;
 }
 
 /* ---- products with a transposed matrix: partials per chunk, then a fixed-order sum ---------- */
 
-/* Block b sums entries k in [b*CH, (b+1)*CH) of n (n = *nnz with a list, else K):
- * partial[b][r][o] = sum_k x_k[r] * WT[row_k][o], row_k = idx ? idx[k] : k,
- * x_k[r] = idx ? xs[k] (one row) : x[r*K + k]. O % 8 == 0. */
+/* Block b sums rows k in [b*CH, (b+1)*CH) of W^T [K, O]:
+ * partial[b][r][o] = sum_k x[r*K + k] * WT[k][o]. O % 8 == 0. */
 template <typename T>
 __global__ void __launch_bounds__(256)
-    k_gemv_t(float *partial, const T *WT, const float *x, const int32_t *idx, const int32_t *nnz, int K, int O,
-             int rows, int CH) {
+    k_gemv_t(float *partial, const T *WT, const float *x, int K, int O, int rows, int CH) {
     KERNEL_BEGIN();
-    const int n = idx ? *nnz : K;
-    const int k0 = blockIdx.x * CH;
-    if (k0 >= n) return;
-    const int k1 = min(k0 + CH, n);
+    const int k0 = blockIdx.x * CH, k1 = min(k0 + CH, K);
     for (int o = threadIdx.x * 8; o < O; o += blockDim.x * 8) {
         float acc[8][8];
 #pragma unroll
@@ -183,15 +277,14 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
             for (int j = 0; j < 8; j++) acc[r][j] = 0;
         for (int k = k0; k < k1; k++) {
-            const int row = idx ? idx[k] : k;
             raw8<T> rw;
             float w[8];
-            ldraw(rw, WT + (size_t)row * O + o);
+            ldraw(rw, WT + (size_t)k * O + o);
             cvt8(rw, w);
 #pragma unroll
             for (int r = 0; r < 8; r++) {
                 if (r >= rows) break;
-                const float xv = idx ? x[k] : x[(size_t)r * K + k];
+                const float xv = x[(size_t)r * K + k];
 #pragma unroll
                 for (int j = 0; j < 8; j++) acc[r][j] += xv * w[j];
             }
@@ -204,72 +297,81 @@ __global__ void __launch_bounds__(256)
     }
 }
 
-__global__ void k_reduce_t(float *y, const float *partial, const int32_t *idx, const int32_t *nnz, int K, int O,
-                           int rows, int CH) {
+/* y[r][o] = sum over the nch partials [nch][rows][O] in order (deterministic) */
+__global__ void k_reduce_t(float *y, const float *partial, int nch, int O, int rows) {
     KERNEL_BEGIN();
-    const int n = idx ? *nnz : K, nch = (n + CH - 1) / CH;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < rows * O; i += gridDim.x * blockDim.x) {
-        const int r = i / O, o = i % O;
         float s = 0;
-        for (int ch = 0; ch < nch; ch++) s += partial[((size_t)ch * rows + r) * O + o];
-        y[(size_t)r * O + o] = s;
+        for (int ch = 0; ch < nch; ch++) s += partial[(size_t)ch * rows * O + i];
+        y[i] = s;
     }
+}
+
+static void reduce_launch(cuda_ctx *c, float *y, int nch, int O, int rows) {
+    launch(c, k_reduce_t, dim3((unsigned)G3N_MIN((rows * O + 255) / 256, 1024)), dim3(256), 0, y,
+           (const float *)c->sp_part, nch, O, rows);
 }
 
 template <typename T>
-static void gemv_t_launch(cuda_ctx *c, float *y, const T *WT, const float *x, const int32_t *idx, int K, int O,
-                          int rows) {
-    const int CH = idx ? T_CHUNK_SPARSE : T_CHUNK_DENSE;
-    const dim3 grid((unsigned)((K + CH - 1) / CH));
-    launch(c, k_gemv_t<T>, grid, dim3(256), 0, c->sp_part, WT, x, idx, (const int32_t *)c->sp_nnz, K, O, rows, CH);
-    launch(c, k_reduce_t, dim3((unsigned)G3N_MIN((rows * O + 255) / 256, 1024)), dim3(256), 0, y,
-           (const float *)c->sp_part, idx, (const int32_t *)c->sp_nnz, K, O, rows, CH);
+static void gemv_t_launch(cuda_ctx *c, float *y, const T *WT, const float *x, int K, int O, int rows) {
+    const int nch = (K + T_CHUNK - 1) / T_CHUNK;
+    launch(c, k_gemv_t<T>, dim3((unsigned)nch), dim3(256), 0, c->sp_part, WT, x, K, O, rows, T_CHUNK);
+    reduce_launch(c, y, nch, O, rows);
 }
 
-/* The product with W's transposed form: W^T stored as W->data (transposed), or
- * a quantized matrix's dequantized f32 W^T (tdata); idx as in k_gemv_t. */
-static void gemv_t_mat(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, const int32_t *idx, int rows) {
-    if (W->tdata) gemv_t_launch(c, y, (const float *)W->tdata, x, idx, W->cols, W->rows, rows);
-    else if (W->dtype == G3N_BF16) gemv_t_launch(c, y, (const __nv_bfloat16 *)W->data, x, idx, W->cols, W->rows, rows);
-    else if (W->dtype == G3N_F16) gemv_t_launch(c, y, (const __half *)W->data, x, idx, W->cols, W->rows, rows);
-    else gemv_t_launch(c, y, (const float *)W->data, x, idx, W->cols, W->rows, rows);
-}
-
-/* y[rows, O] = x . W^T' for a matrix stored transposed (rows <= 8, O % 8 == 0). */
+/* y[rows, O] = x . W^T' for a matrix stored transposed (W->data) or with a
+ * dequantized f32 W^T beside it (tdata); rows <= 8, O % 8 == 0. */
 void cuda_matmul_transposed(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows) {
     G3N_ASSERT(rows <= 8 && W->rows % 8 == 0 && c->sp_part);
-    gemv_t_mat(c, y, W, x, NULL, rows);
+    if (W->tdata) gemv_t_launch(c, y, (const float *)W->tdata, x, W->cols, W->rows, rows);
+    else if (W->dtype == G3N_BF16) gemv_t_launch(c, y, (const __nv_bfloat16 *)W->data, x, W->cols, W->rows, rows);
+    else if (W->dtype == G3N_F16) gemv_t_launch(c, y, (const __half *)W->data, x, W->cols, W->rows, rows);
+    else gemv_t_launch(c, y, (const float *)W->data, x, W->cols, W->rows, rows);
 }
 
-/* The sparse MLP for one row; 0 when the shapes do not fit (caller goes dense).
- * Up rows are read as stored (16-bit, f32 or quantized); down columns from W^T
- * (stored transposed, or a quantized matrix's dequantized W^T, tdata). */
-int cuda_mlp_sparse_row(cuda_ctx *c, float *y, float *gate, const g3n_mat *Wu, const g3n_mat *Wd, const float *u,
-                        float kappa) {
-    const int n = Wu->rows, K = Wu->cols;
-    if (!(Wd->transposed || Wd->tdata) || Wd->cols != n || Wd->rows % 8 || n % 4096 || n > 32768 || !c->sp_idx ||
-        K % 2 || Wu->transposed)
-        return 0;
-    const int32_t *nnz = (const int32_t *)c->sp_nnz, *idx = (const int32_t *)c->sp_idx;
-    switch (n / 1024) {
-    case 4: launch(c, k_select<4>, dim3(1), dim3(SEL_THREADS), 0, (const float *)gate, c->sp_idx, c->sp_val, c->sp_nnz, n, kappa); break;
-    case 8: launch(c, k_select<8>, dim3(1), dim3(SEL_THREADS), 0, (const float *)gate, c->sp_idx, c->sp_val, c->sp_nnz, n, kappa); break;
-    case 16: launch(c, k_select<16>, dim3(1), dim3(SEL_THREADS), 0, (const float *)gate, c->sp_idx, c->sp_val, c->sp_nnz, n, kappa); break;
-    case 32: launch(c, k_select<32>, dim3(1), dim3(SEL_THREADS), 0, (const float *)gate, c->sp_idx, c->sp_val, c->sp_nnz, n, kappa); break;
-    default: return 0;
-    }
-    const dim3 grid((unsigned)(((size_t)n * 32 + 255) / 256));
-    const float *val = (const float *)c->sp_val;
-    if (Wu->bits)
-        launch(c, k_qup_sparse, grid, dim3(256), 0, c->sp_act, (const uint32_t *)Wu->data, Wu->scales, Wu->biases,
-               Wu->sdtype, Wu->bits, Wu->group_size, u, idx, val, nnz, K);
-    else if (Wu->dtype == G3N_BF16)
-        launch(c, k_up_sparse<__nv_bfloat16>, grid, dim3(256), 0, c->sp_act, (const __nv_bfloat16 *)Wu->data, u, idx,
-               val, nnz, K);
-    else if (Wu->dtype == G3N_F16)
-        launch(c, k_up_sparse<__half>, grid, dim3(256), 0, c->sp_act, (const __half *)Wu->data, u, idx, val, nnz, K);
-    else
-        launch(c, k_up_sparse<float>, grid, dim3(256), 0, c->sp_act, (const float *)Wu->data, u, idx, val, nnz, K);
-    gemv_t_mat(c, y, Wd, (const float *)c->sp_act, idx, 1); /* Wd->cols == n */
+template <typename DN>
+static int mlp_sparse_n(cuda_ctx *c, float *y, const float *gate, const float *u, const sp_up &up, const DN &dn, int n,
+                        int K, int rows, float kappa) {
+    const int nb = (n + SP_R - 1) / SP_R; /* blocks per row, one per SP_R gate entries */
+    launch(c, k_mlp_sparse<DN>, dim3((unsigned)nb, (unsigned)rows), dim3(SP_R), (size_t)K * sizeof(float), c->sp_part,
+           gate, u, up, dn, n, K, kappa);
+    reduce_launch(c, y, nb, dn.O, rows);
     return 1;
+}
+
+/* The sparse MLP of up to 8 token rows after their gate product; 0 when the
+ * shapes do not fit (the caller goes dense). Up rows are read as stored (16-bit,
+ * f32 or quantized); down columns from W^T: stored transposed, or beside a
+ * quantized matrix (tdata: cuda_qtranspose's form where it applies, else f32). */
+int cuda_mlp_sparse(cuda_ctx *c, float *y, const float *gate, const g3n_mat *Wu, const g3n_mat *Wd, const float *u,
+                    int rows, float kappa) {
+    const int n = Wu->rows, K = Wu->cols, O = Wd->rows;
+    if (!(Wd->transposed || Wd->tdata) || Wd->cols != n || O % 8 || K % 8 || Wu->transposed || !c->sp_part ||
+        rows < 1 || rows > 8 || (size_t)K * sizeof(float) > 48 * 1024 || (Wu->bits && K % Wu->group_size))
+        return 0;
+    const sp_up up = {Wu->data, Wu->scales, Wu->biases, Wu->dtype, Wu->bits, Wu->group_size, Wu->sdtype};
+    if (Wd->tdata && cuda_qtranspose_ok(Wd)) {
+        const uint32_t *qT = (const uint32_t *)Wd->tdata;
+        const size_t qw = (size_t)n * O * Wd->bits / 32, sw = (size_t)(n / Wd->group_size) * O;
+#define DNQ(B, T)                                                                                                   \
+    do {                                                                                                            \
+        const T *sT = (const T *)(qT + qw);                                                                         \
+        const dn_quant<B, T> dn = {qT, sT, sT + sw, O, Wd->group_size};                                             \
+        return mlp_sparse_n(c, y, gate, u, up, dn, n, K, rows, kappa);                                              \
+    } while (0)
+        if (Wd->bits == 4) {
+            if (Wd->sdtype == G3N_BF16) DNQ(4, __nv_bfloat16);
+            DNQ(4, __half);
+        }
+        if (Wd->sdtype == G3N_BF16) DNQ(8, __nv_bfloat16);
+        DNQ(8, __half);
+#undef DNQ
+    }
+    if (Wd->tdata) return mlp_sparse_n(c, y, gate, u, up, dn_plain<float>{(const float *)Wd->tdata, O}, n, K, rows, kappa);
+    if (Wd->dtype == G3N_BF16)
+        return mlp_sparse_n(c, y, gate, u, up, dn_plain<__nv_bfloat16>{(const __nv_bfloat16 *)Wd->data, O}, n, K, rows,
+                            kappa);
+    if (Wd->dtype == G3N_F16)
+        return mlp_sparse_n(c, y, gate, u, up, dn_plain<__half>{(const __half *)Wd->data, O}, n, K, rows, kappa);
+    return mlp_sparse_n(c, y, gate, u, up, dn_plain<float>{(const float *)Wd->data, O}, n, K, rows, kappa);
 }
