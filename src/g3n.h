@@ -74,6 +74,8 @@ typedef struct {
     int bos_id, eos_id, pad_id; /* from config.json (-1 when absent) */
     size_t weight_bytes;   /* bytes of the text weights as stored */
     size_t decode_bytes;   /* weight bytes one decoded token reads (dense) */
+    size_t decode_bytes_sparse; /* the same with exact sparsity (expected: the top-k
+                             layers' up/down bytes times 1 - target); 0 when off */
     const char *layout;    /* which tensor-name layout the files use */
     const char *backend;   /* backend in use */
     const char *device_name; /* the hardware it runs on */

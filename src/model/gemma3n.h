@@ -118,6 +118,7 @@ struct g3n_model {
     char *dir;
     size_t weight_bytes; /* text weights as stored */
     size_t decode_bytes; /* weights read per decoded token (dense) */
+    size_t decode_bytes_sparse; /* the same with exact sparsity, expected; 0 when off */
     void **owned;        /* backend allocations made by the loader (vectors) */
     int fused;           /* decode path (forward.c): FWD_SPLIT, FWD_FUSED or FWD_MEGA */
     g3n_dec_model dec;   /* the layers as the backend's decode_layers sees them */

@@ -292,8 +292,15 @@ int load_weights(g3n_model *m, char *err, size_t errlen) {
     bytes += MB(w->per_layer_model_projection) + MB(w->embed_tokens);
     bytes += MB(w->embed_tokens_per_layer) / (size_t)c->n_vocab_ple;
     bytes += MB(w->embed_tokens) / (size_t)c->n_vocab;
+    /* with exact sparsity a top-k layer reads its target's complement of the up
+     * rows and down columns (in expectation: the cutoff is a Gaussian quantile) */
+    size_t skipped = 0;
+    for (int l = 0; l < c->n_layer && m->sparse; l++)
+        if (c->sparsity[l] > 0)
+            skipped += (size_t)((double)(MB(w->layers[l].up_proj) + MB(w->layers[l].down_proj)) * c->sparsity[l]);
 #undef MB
     m->decode_bytes = bytes;
+    m->decode_bytes_sparse = m->sparse ? bytes - skipped : 0;
     return 0;
 }
 
@@ -393,6 +400,7 @@ g3n_model_info g3n_model_get_info(const g3n_model *m) {
     i.pad_id = c->pad_id;
     i.weight_bytes = m->weight_bytes;
     i.decode_bytes = m->decode_bytes;
+    i.decode_bytes_sparse = m->decode_bytes_sparse;
     i.layout = m->layout;
     i.backend = m->be ? m->be->name : "";
     i.device_name = m->be ? m->be->device_name : "";

@@ -66,19 +66,27 @@ void cuda_sparse_reserve(cuda_ctx *c, int rows, int cols) {
 #define SP_R 256 /* gate entries per block = threads per block */
 
 /* Row w of an up matrix dotted with us (shared memory, K floats) by one warp: 16-bit
- * or f32 weights 8 at a time (K % 8 == 0), quantized ones dequantized as the
- * reference does it (4 and 8 bits: 8 weights a step with one scale and bias;
- * other widths one at a time). */
+ * or f32 weights 8 per lane and step (K % 8 == 0), quantized ones dequantized as
+ * the reference does it (4 and 8 bits: 8 weights a step with one scale and bias;
+ * other widths one at a time). The loads of SP_U steps are issued before any is
+ * used: the kernel is a chain of dependent steps, each costing a memory latency. */
+#define SP_U 8
 template <typename T>
 __device__ float sp_dot(const T *w, const float *us, int K) {
     float acc = 0;
-    for (int i = (threadIdx.x & 31) * 8; i < K; i += 32 * 8) {
-        raw8<T> rw;
-        float f[8];
-        ldraw(rw, w + i);
-        cvt8(rw, f);
+    for (int i0 = (threadIdx.x & 31) * 8; i0 < K; i0 += SP_U * 32 * 8) {
+        raw8<T> rw[SP_U];
 #pragma unroll
-        for (int j = 0; j < 8; j++) acc += f[j] * us[i + j];
+        for (int u = 0; u < SP_U; u++)
+            if (i0 + u * 256 < K) ldraw(rw[u], w + i0 + u * 256);
+#pragma unroll
+        for (int u = 0; u < SP_U; u++)
+            if (i0 + u * 256 < K) {
+                float f[8];
+                cvt8(rw[u], f);
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc += f[j] * us[i0 + u * 256 + j];
+            }
     }
     return warp_sum(acc);
 }
@@ -87,16 +95,30 @@ __device__ float sp_qdot(const uint32_t *W, const void *S, const void *B, int sd
                          const float *us, int K) {
     const int lane = threadIdx.x & 31;
     float acc = 0;
-    if (bits == 4 || bits == 8) { /* K % 8 == 0 (checked by the host) */
+    if (bits == 4 || bits == 8) { /* K % 8 == 0 and K % group == 0 (checked by the host) */
         const uint32_t *row = W + r * ((size_t)K * bits / 32);
-        for (int i = lane * 8; i < K; i += 32 * 8) {
-            const size_t g = r * (size_t)(K / group) + i / group;
-            const float sc = load_w(S, sdt, g), bi = load_w(B, sdt, g);
-            const uint32_t w[2] = {row[(size_t)i * bits / 32], bits == 8 ? row[(size_t)i * bits / 32 + 1] : 0u};
+        for (int i0 = lane * 8; i0 < K; i0 += SP_U * 256) {
+            uint32_t w[SP_U][2];
+            float sc[SP_U], bi[SP_U];
 #pragma unroll
-            for (int j = 0; j < 8; j++) {
-                const uint32_t q = bits == 4 ? (w[0] >> (4 * j)) & 15u : (w[j >> 2] >> (8 * (j & 3))) & 255u;
-                acc += qaffine(sc, (float)q, bi) * us[i + j];
+            for (int u = 0; u < SP_U; u++) {
+                const int i = i0 + u * 256;
+                if (i < K) {
+                    const size_t g = r * (size_t)(K / group) + i / group;
+                    sc[u] = load_w(S, sdt, g), bi[u] = load_w(B, sdt, g);
+                    w[u][0] = row[(size_t)i * bits / 32];
+                    w[u][1] = bits == 8 ? row[(size_t)i * bits / 32 + 1] : 0u;
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < SP_U; u++) {
+                const int i = i0 + u * 256;
+                if (i < K)
+#pragma unroll
+                    for (int j = 0; j < 8; j++) {
+                        const uint32_t q = bits == 4 ? (w[u][0] >> (4 * j)) & 15u : (w[u][j >> 2] >> (8 * (j & 3))) & 255u;
+                        acc += qaffine(sc[u], (float)q, bi[u]) * us[i + j];
+                    }
             }
         }
     } else {
@@ -112,36 +134,41 @@ typedef struct {
 } sp_up;
 
 /* The down matrix's columns as the fused kernel reads them: row i of W_d^T
- * ([n, O]), 8 outputs o..o+7 at a time, as the reference's values. */
+ * ([n, O]), 8 outputs o..o+7 at a time (load, then cvt: the reference's values);
+ * NB rows' loads in flight at once. */
 template <typename T> struct dn_plain { /* stored transposed, 16-bit or f32 */
+    static constexpr int NB = 16;
     const T *WT;
     int O;
-    __device__ __forceinline__ void row8(int i, int o, float w[8]) const {
-        raw8<T> rw;
-        ldraw(rw, WT + (size_t)i * O + o);
-        cvt8(rw, w);
-    }
+    typedef raw8<T> raw;
+    __device__ __forceinline__ void load(raw &x, int i, int o) const { ldraw(x, WT + (size_t)i * O + o); }
+    __device__ __forceinline__ void cvt(const raw &x, float w[8]) const { cvt8(x, w); }
 };
 /* quantized (BITS 4 or 8, 16-bit scales ST): the transposed codes [n, O] and the
  * transposed scales and biases [n / G, O] (cuda_qtranspose) */
 template <int BITS, typename ST> struct dn_quant {
+    static constexpr int NB = 8;
     const uint32_t *qT;
     const ST *sT, *bT;
     int O, G;
-    __device__ __forceinline__ void row8(int i, int o, float w[8]) const {
-        const size_t e = (size_t)i * O + o, g = (size_t)(i / G) * O + o;
+    struct raw {
         uint32_t q[2];
-        if (BITS == 4) q[0] = __ldcs(qT + e / 8), q[1] = 0;
-        else *(uint2 *)q = __ldcs((const uint2 *)(qT + e / 4));
-        raw8<ST> rs, rb;
+        raw8<ST> s, b;
+    };
+    __device__ __forceinline__ void load(raw &x, int i, int o) const {
+        const size_t e = (size_t)i * O + o, g = (size_t)(i / G) * O + o;
+        if (BITS == 4) x.q[0] = __ldcs(qT + e / 8), x.q[1] = 0;
+        else *(uint2 *)x.q = __ldcs((const uint2 *)(qT + e / 4));
+        ldraw(x.s, sT + g);
+        ldraw(x.b, bT + g);
+    }
+    __device__ __forceinline__ void cvt(const raw &x, float w[8]) const {
         float sc[8], bi[8];
-        ldraw(rs, sT + g);
-        ldraw(rb, bT + g);
-        cvt8(rs, sc);
-        cvt8(rb, bi);
+        cvt8(x.s, sc);
+        cvt8(x.b, bi);
 #pragma unroll
         for (int j = 0; j < 8; j++) {
-            const uint32_t v = BITS == 4 ? (q[0] >> (4 * j)) & 15u : (q[j >> 2] >> (8 * (j & 3))) & 255u;
+            const uint32_t v = BITS == 4 ? (x.q[0] >> (4 * j)) & 15u : (x.q[j >> 2] >> (8 * (j & 3))) & 255u;
             w[j] = qaffine(sc[j], (float)v, bi[j]);
         }
     }
@@ -159,16 +186,35 @@ __global__ void __launch_bounds__(SP_R, 1)
     const int t = threadIdx.x, lane = t & 31, warp = t >> 5, r = blockIdx.y, O = dn.O;
     const float *g = gate + (size_t)r * n;
     KERNEL_BEGIN();
+#pragma unroll 8
     for (int i = t; i < K; i += SP_R) us[i] = u[(size_t)r * K + i];
-    /* the cutoff: mean + kappa * population std of the whole row (the second pass
-     * reads it again from L1) */
-    float sm = 0;
-#pragma unroll 8
-    for (int i = t; i < n; i += SP_R) sm += g[i];
+    /* the cutoff: mean + kappa * population std of the whole row (16 loads a
+     * thread in flight at once; the second pass reads the row again from L1) */
+    float sm = 0, vv = 0;
+    if (n % 4 == 0) {
+        const float4 *g4 = (const float4 *)g;
+#pragma unroll 16
+        for (int i = t; i < n / 4; i += SP_R) {
+            const float4 x = g4[i];
+            sm += (x.x + x.y) + (x.z + x.w);
+        }
+    } else {
+#pragma unroll 16
+        for (int i = t; i < n; i += SP_R) sm += g[i];
+    }
     const float mean = block_sum(sm, red) / (float)n;
-    float vv = 0;
-#pragma unroll 8
-    for (int i = t; i < n; i += SP_R) vv += (g[i] - mean) * (g[i] - mean);
+    if (n % 4 == 0) {
+        const float4 *g4 = (const float4 *)g;
+#pragma unroll 16
+        for (int i = t; i < n / 4; i += SP_R) {
+            const float4 x = g4[i];
+            vv += ((x.x - mean) * (x.x - mean) + (x.y - mean) * (x.y - mean)) +
+                  ((x.z - mean) * (x.z - mean) + (x.w - mean) * (x.w - mean));
+        }
+    } else {
+#pragma unroll 16
+        for (int i = t; i < n; i += SP_R) vv += (g[i] - mean) * (g[i] - mean);
+    }
     const float cutoff = mean + sqrtf(block_sum(vv, red) / (float)n) * kappa;
     /* this block's survivors, in ascending order */
     const int i0 = blockIdx.x * SP_R;
@@ -199,13 +245,20 @@ __global__ void __launch_bounds__(SP_R, 1)
     /* their down columns, 8 outputs per thread */
     for (int o = t * 8; o < O; o += SP_R * 8) {
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-#pragma unroll 4
-        for (int j = 0; j < cnt; j++) {
-            float w[8];
-            dn.row8(sidx[j], o, w);
-            const float a = sval[j];
+        for (int j0 = 0; j0 < cnt; j0 += DN::NB) {
+            typename DN::raw rw[DN::NB];
 #pragma unroll
-            for (int q = 0; q < 8; q++) acc[q] += a * w[q];
+            for (int u = 0; u < DN::NB; u++)
+                if (j0 + u < cnt) dn.load(rw[u], sidx[j0 + u], o);
+#pragma unroll
+            for (int u = 0; u < DN::NB; u++)
+                if (j0 + u < cnt) {
+                    float w[8];
+                    dn.cvt(rw[u], w);
+                    const float a = sval[j0 + u];
+#pragma unroll
+                    for (int q = 0; q < 8; q++) acc[q] += a * w[q];
+                }
         }
         float *p = partial + ((size_t)blockIdx.x * gridDim.y + r) * O + o;
         *(float4 *)p = make_float4(acc[0], acc[1], acc[2], acc[3]);
@@ -297,19 +350,30 @@ __global__ void __launch_bounds__(256)
     }
 }
 
-/* y[r][o] = sum over the nch partials [nch][rows][O] in order (deterministic) */
-__global__ void k_reduce_t(float *y, const float *partial, int nch, int O, int rows) {
+/* y[r][o] = sum over the nch partials [nch][rows][O]: a block takes 32
+ * consecutive outputs, its warp w the partials w, w + 8, ... (loads in flight
+ * together), then warp 0 adds the 8 sums in order (deterministic). */
+__global__ void __launch_bounds__(256) k_reduce_t(float *y, const float *partial, int nch, int O, int rows) {
+    __shared__ float sm[8][32];
     KERNEL_BEGIN();
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < rows * O; i += gridDim.x * blockDim.x) {
-        float s = 0;
-        for (int ch = 0; ch < nch; ch++) s += partial[(size_t)ch * rows * O + i];
-        y[i] = s;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, i = blockIdx.x * 32 + lane, n = rows * O;
+    float s = 0;
+    if (i < n)
+#pragma unroll 8
+        for (int ch = w; ch < nch; ch += 8) s += partial[(size_t)ch * n + i];
+    sm[w][lane] = s;
+    __syncthreads();
+    if (w == 0 && i < n) {
+        float t = 0;
+#pragma unroll
+        for (int k = 0; k < 8; k++) t += sm[k][lane];
+        y[i] = t;
     }
 }
 
 static void reduce_launch(cuda_ctx *c, float *y, int nch, int O, int rows) {
-    launch(c, k_reduce_t, dim3((unsigned)G3N_MIN((rows * O + 255) / 256, 1024)), dim3(256), 0, y,
-           (const float *)c->sp_part, nch, O, rows);
+    launch(c, k_reduce_t, dim3((unsigned)((rows * O + 31) / 32)), dim3(256), 0, y, (const float *)c->sp_part, nch, O,
+           rows);
 }
 
 template <typename T>
