@@ -805,11 +805,16 @@ TEST(fused_ops) {
             }
             free(Wt.mem);
         }
-        const int shapes[2][2] = {{4096, 64}, {8192, 96}}; /* (I, D): 16 and 32 blocks of the gather kernel */
-        for (int sh = 0; sh < 2; sh++) {
-            const int I = shapes[sh][0], DD = shapes[sh][1];
-            tmat Wg = make_mat(G3N_BF16, I, DD, 0), Wu = make_mat(G3N_BF16, I, DD, 0);
-            tmat Wd = make_mat_ex(G3N_BF16, DD, I, 0, 1);
+        /* (I, D, dtype): 16 and 32 blocks of the gather kernel, an n_ff that is not
+         * a multiple of its 256, and every stored dtype of the up and down matrices */
+        const int shapes[7][4] = {{4096, 64, G3N_BF16, G3N_BF16}, {8192, 96, G3N_BF16, G3N_BF16},
+                                  {1056, 64, G3N_BF16, G3N_BF16}, {4096, 64, G3N_F16, G3N_F16},
+                                  {4096, 64, G3N_F32, G3N_BF16}, {4096, 64, G3N_BF16, G3N_F32},
+                                  {4096, 64, G3N_F32, G3N_F32}};
+        for (int sh = 0; sh < 7; sh++) {
+            const int I = shapes[sh][0], DD = shapes[sh][1], dt = shapes[sh][2], dtd = shapes[sh][3];
+            tmat Wg = make_mat(G3N_BF16, I, DD, 0), Wu = make_mat(dt, I, DD, 0);
+            tmat Wd = make_mat_ex(dtd, DD, I, 0, 1);
             for (int rows = 1; rows <= 3; rows += 2) {
                 float *u = rnd((size_t)rows * DD, 1.0f), *du = dev(u, (size_t)rows * DD);
                 float *g = malloc(4 * (size_t)rows * I), *up = malloc(4 * (size_t)rows * I), ys[3 * 96];
@@ -817,7 +822,8 @@ TEST(fused_ops) {
                 REF->mlp_sparse(REF, ys, g, up, &Wg.ref, &Wu.ref, &Wd.ref, u, rows, 1.6448533535f);
                 B->mlp_sparse(B, dy, dg, dup, &Wg.b, &Wu.b, &Wd.b, du, rows, 1.6448533535f);
                 char what[64];
-                snprintf(what, sizeof what, "mlp_sparse I %d D %d rows %d", I, DD, rows);
+                snprintf(what, sizeof what, "mlp_sparse %s/%s I %d D %d rows %d", g3n_dtype_name(dt),
+                         g3n_dtype_name(dtd), I, DD, rows);
                 /* sums of ~I/20 terms: the absolute bound scales with their size */
                 cmp(what, dy, ys, (size_t)rows * DD, 1e-5, (QBITS ? 1e-4 : 1e-5) + rms_tol(ys, (size_t)rows * DD, 2e-5));
                 int nz = 0;

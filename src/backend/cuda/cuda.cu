@@ -55,6 +55,16 @@ static size_t cu_memory_used(g3n_backend *be) {
 
 static void cu_sync(g3n_backend *be) { CUDA_CHECK(cudaStreamSynchronize(CTX(be)->stream)); }
 
+/* dst <- src on the backend's stream, and waited for. The stream is non-blocking:
+ * a plain cudaMemcpy or cudaMemset (the legacy stream) is not ordered with its
+ * kernels, and a pageable host-to-device cudaMemcpy may return before its last
+ * bytes land, so a kernel launched next (a transpose at upload) could read them
+ * before they arrive. */
+void cuda_copy_wait(cuda_ctx *c, void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, kind, c->stream));
+    CUDA_CHECK(cudaStreamSynchronize(c->stream));
+}
+
 /* d (device memory) freed with the backend. */
 void cuda_own(cuda_ctx *c, void *d) {
     c->owned = (void **)realloc(c->owned, sizeof(void *) * (size_t)(c->n_owned + 1));
@@ -90,7 +100,7 @@ static int cu_mat_prepare(g3n_backend *be, g3n_mat *m, char *err, size_t errlen)
         return g3n_err(err, errlen, "%s: out of GPU memory (%.2f GB needed, %.2f GB free)",
                        m->name ? m->name : "?", bytes / 1e9, fr / 1e9);
     }
-    CUDA_CHECK(cudaMemcpy(d, m->data, bytes, cudaMemcpyHostToDevice));
+    cuda_copy_wait(c, d, m->data, bytes, cudaMemcpyHostToDevice);
     if (m->sparse_cols && m->rows % 8 == 0) {
         /* read by columns (exact sparsity): keep W^T so a column is one row */
         void *t = cuda_transpose_matrix(c, d, m->rows, m->cols, g3n_dtype_size((g3n_dtype)m->dtype));

@@ -352,6 +352,7 @@ void cuda_op_ple_combine(g3n_backend *be, float *out, const float *proj, const f
                          float out_scale);
 double cuda_read_bandwidth(g3n_backend *be, size_t bytes);
 void cuda_own(cuda_ctx *c, void *d);
+void cuda_copy_wait(cuda_ctx *c, void *dst, const void *src, size_t bytes, cudaMemcpyKind kind);
 void *cuda_transpose_matrix(cuda_ctx *c, const void *w, int rows, int cols, size_t esize);
 void cuda_matmul_transposed(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows);
 void cuda_sparse_reserve(cuda_ctx *c, int rows, int cols);

@@ -888,7 +888,7 @@ void cuda_mega_report(cuda_ctx *c) {
     const int nbar = c->mg_trace_nbar, nb = c->n_sm, nl = nbar / 7;
     const size_t n = (size_t)(nb + 1) * nbar + 1;
     unsigned long long *t = (unsigned long long *)malloc((n + 14 * nl) * 8);
-    CUDA_CHECK(cudaMemcpy(t, c->mg_trace, (n + 14 * nl) * 8, cudaMemcpyDeviceToHost));
+    cuda_copy_wait(c, t, c->mg_trace, (n + 14 * nl) * 8, cudaMemcpyDeviceToHost);
     const unsigned long long *exit_ = t + (size_t)nb * nbar, start = t[n - 1];
     static const char *name[7] = {"q/ll/k/v", "attention", "o/lr", "gate/up", "down", "ple gate", "ple proj"};
     double first[7] = {0}, last[7] = {0}, bar[7] = {0};

@@ -1165,8 +1165,8 @@ static void *upload(cuda_ctx *c, const void *src, size_t bytes) {
     void *d = NULL;
     const size_t alloc = bytes ? (bytes + 15) / 16 * 16 : 256;
     if (cudaMalloc(&d, alloc) != cudaSuccess) return NULL;
-    CUDA_CHECK(cudaMemcpy(d, src, bytes, cudaMemcpyHostToDevice));
-    if (alloc > bytes) CUDA_CHECK(cudaMemset((char *)d + bytes, 0, alloc - bytes));
+    if (alloc > bytes) CUDA_CHECK(cudaMemsetAsync((char *)d + bytes, 0, alloc - bytes, c->stream));
+    cuda_copy_wait(c, d, src, bytes, cudaMemcpyHostToDevice);
     cuda_own(c, d);
     return d;
 }

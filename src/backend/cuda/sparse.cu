@@ -308,7 +308,7 @@ void *cuda_qtranspose(cuda_ctx *c, const g3n_mat *m) {
     CUDA_LAUNCHED();
     for (int h = 0; h < 2; h++) {
         void *st = cuda_transpose_matrix(c, h ? m->biases : m->scales, O, K / G, 2);
-        CUDA_CHECK(cudaMemcpy(t + qb + h * sb, st, sb, cudaMemcpyDeviceToDevice));
+        cuda_copy_wait(c, t + qb + h * sb, st, sb, cudaMemcpyDeviceToDevice);
         CUDA_CHECK(cudaFree(st));
     }
     return t;
