@@ -28,13 +28,11 @@ static void cu_free(g3n_backend *be, void *p) {
 }
 
 static void cu_write(g3n_backend *be, void *dst, const void *src, size_t bytes) {
-    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, CTX(be)->stream));
-    CUDA_CHECK(cudaStreamSynchronize(CTX(be)->stream));
+    cuda_copy_wait(CTX(be), dst, src, bytes, cudaMemcpyHostToDevice);
 }
 
 static void cu_read(g3n_backend *be, void *dst, const void *src, size_t bytes) {
-    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, CTX(be)->stream));
-    CUDA_CHECK(cudaStreamSynchronize(CTX(be)->stream));
+    cuda_copy_wait(CTX(be), dst, src, bytes, cudaMemcpyDeviceToHost);
 }
 
 static void *cu_host_alloc(g3n_backend *be, size_t bytes) {

@@ -30,15 +30,20 @@ __global__ void k_transpose(E *dst, const E *src, int rows, int cols) {
     }
 }
 
-/* W [rows, cols] on the device -> a new buffer holding W^T [cols, rows]. */
-void *cuda_transpose_matrix(cuda_ctx *c, const void *w, int rows, int cols, size_t esize) {
-    void *t = NULL;
-    CUDA_CHECK(cudaMalloc(&t, (size_t)rows * cols * esize));
+/* W [rows, cols] on the device -> W^T [cols, rows] at t (2- or 4-byte elements), waited for. */
+static void transpose_into(cuda_ctx *c, void *t, const void *w, int rows, int cols, size_t esize) {
     dim3 grid((cols + 31) / 32, (rows + 31) / 32), block(32, 8);
     if (esize == 2) k_transpose<uint16_t><<<grid, block, 0, c->stream>>>((uint16_t *)t, (const uint16_t *)w, rows, cols);
     else k_transpose<float><<<grid, block, 0, c->stream>>>((float *)t, (const float *)w, rows, cols);
     CUDA_LAUNCHED();
     CUDA_CHECK(cudaStreamSynchronize(c->stream));
+}
+
+/* W [rows, cols] on the device -> a new buffer holding W^T [cols, rows]. */
+void *cuda_transpose_matrix(cuda_ctx *c, const void *w, int rows, int cols, size_t esize) {
+    void *t = NULL;
+    CUDA_CHECK(cudaMalloc(&t, (size_t)rows * cols * esize));
+    transpose_into(c, t, w, rows, cols, esize);
     return t;
 }
 
@@ -71,6 +76,12 @@ void cuda_sparse_reserve(cuda_ctx *c, int rows, int cols) {
  * other widths one at a time). The loads of SP_U steps are issued before any is
  * used: the kernel is a chain of dependent steps, each costing a memory latency. */
 #define SP_U 8
+
+/* Code j (0-7) of 8 consecutive BITS-wide codes (4 or 8) packed in w[0] (4 bits) or w[0..1] (8 bits). */
+__device__ __forceinline__ uint32_t sp_code(const uint32_t *w, int bits, int j) {
+    return bits == 4 ? (w[0] >> (4 * j)) & 15u : (w[j >> 2] >> (8 * (j & 3))) & 255u;
+}
+
 template <typename T>
 __device__ float sp_dot(const T *w, const float *us, int K) {
     float acc = 0;
@@ -116,8 +127,7 @@ __device__ float sp_qdot(const uint32_t *W, const void *S, const void *B, int sd
                 if (i < K)
 #pragma unroll
                     for (int j = 0; j < 8; j++) {
-                        const uint32_t q = bits == 4 ? (w[u][0] >> (4 * j)) & 15u : (w[u][j >> 2] >> (8 * (j & 3))) & 255u;
-                        acc += qaffine(sc[u], (float)q, bi[u]) * us[i + j];
+                        acc += qaffine(sc[u], (float)sp_code(w[u], bits, j), bi[u]) * us[i + j];
                     }
             }
         }
@@ -167,10 +177,7 @@ template <int BITS, typename ST> struct dn_quant {
         cvt8(x.s, sc);
         cvt8(x.b, bi);
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const uint32_t v = BITS == 4 ? (x.q[0] >> (4 * j)) & 15u : (x.q[j >> 2] >> (8 * (j & 3))) & 255u;
-            w[j] = qaffine(sc[j], (float)v, bi[j]);
-        }
+        for (int j = 0; j < 8; j++) w[j] = qaffine(sc[j], (float)sp_code(x.q, BITS, j), bi[j]);
     }
 };
 
@@ -306,11 +313,8 @@ void *cuda_qtranspose(cuda_ctx *c, const g3n_mat *m) {
     if (bits == 4) k_qtranspose_codes<4><<<grid, 256, 0, c->stream>>>((uint32_t *)t, (const uint32_t *)m->data, O, K);
     else k_qtranspose_codes<8><<<grid, 256, 0, c->stream>>>((uint32_t *)t, (const uint32_t *)m->data, O, K);
     CUDA_LAUNCHED();
-    for (int h = 0; h < 2; h++) {
-        void *st = cuda_transpose_matrix(c, h ? m->biases : m->scales, O, K / G, 2);
-        cuda_copy_wait(c, t + qb + h * sb, st, sb, cudaMemcpyDeviceToDevice);
-        CUDA_CHECK(cudaFree(st));
-    }
+    transpose_into(c, t + qb, m->scales, O, K / G, 2);
+    transpose_into(c, t + qb + sb, m->biases, O, K / G, 2);
     return t;
 }
 
