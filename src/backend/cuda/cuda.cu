@@ -222,12 +222,16 @@ static void cu_batch_set(g3n_backend *be, const g3n_batch *b) {
     /* activation conversion scratch for cuBLAS products: sized before any
      * recording so a recorded step never allocates */
     size_t need = (size_t)3 * 2 * (size_t)c->cap_tokens * (size_t)G3N_MAX(c->max_cols, 16384);
-    if (b->n > 8 && need > c->xconv_bytes) {
+    if (b->n >= G3N_MIN(9, c->blas_rows) && need > c->xconv_bytes) {
         CUDA_CHECK(cudaStreamSynchronize(c->stream));
         graphs_clear(c);
         if (c->xconv) CUDA_CHECK(cudaFree(c->xconv));
         CUDA_CHECK(cudaMalloc(&c->xconv, need));
         c->xconv_bytes = need;
+        if (!c->ysplit) {
+            CUDA_CHECK(cudaMalloc((void **)&c->ysplit, CUDA_YSPLIT_BYTES));
+            c->ysplit_n = CUDA_YSPLIT_BYTES / sizeof(float);
+        }
     }
     c->n_tokens = b->n;
     c->n_seq = b->n_seq;
@@ -291,6 +295,7 @@ static void cu_destroy(g3n_backend *be) {
     if (c->d_meta) cudaFree(c->d_meta);
     if (c->h_meta) cudaFreeHost(c->h_meta);
     if (c->xconv) cudaFree(c->xconv);
+    if (c->ysplit) cudaFree(c->ysplit);
     if (c->qscratch) cudaFree(c->qscratch);
     cudaFree(c->sp_part);
     if (c->blas) cublasDestroy(c->blas);
@@ -348,6 +353,9 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     c->cluster_ok = prop.major >= 9;
     c->smem_optin = (size_t)prop.sharedMemPerBlockOptin;
     c->pdl = prop.major >= 9 && !(pdl && strcmp(pdl, "0") == 0);
+    const char *br = getenv("G3N_BLAS_ROWS"), *bm = getenv("G3N_BLAS_MB");
+    c->blas_rows = br ? G3N_MAX(2, atoi(br)) : 3; /* measured: docs/SPEED.md, seventh session */
+    c->blas_bytes = (size_t)(bm ? G3N_MAX(0, atoi(bm)) : 16) << 20;
     const char *sk = getenv("G3N_CUDA_SKIP");
     if (sk) snprintf(c->skip, sizeof c->skip, "%s", sk);
     const char *pe = getenv("G3N_CUDA_PROFILE");

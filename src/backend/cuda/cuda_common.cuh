@@ -36,6 +36,7 @@ extern "C" {
 #define CUDA_MAX_GRAPHS 32
 #define CUDA_MAX_HOST_GATHER 16
 #define CUDA_MAX_HEAD_DIM 256
+#define CUDA_YSPLIT_BYTES ((size_t)64 << 20)
 
 typedef struct {
     const void *host;  /* the matrix in host memory (the mmap) */
@@ -89,8 +90,12 @@ typedef struct {
     /* prompt-sized products: cuBLAS on activations split into bf16/f16 hi + lo */
     cublasHandle_t blas;
     void *blas_ws;
-    void *xconv;           /* [2][cap_tokens * max_cols] 16-bit halves */
+    void *xconv;           /* [cap_tokens][3][max_cols] 16-bit parts */
     size_t xconv_bytes;
+    float *ysplit;         /* the parts' products before they are added (CUDA_YSPLIT_BYTES) */
+    size_t ysplit_n;       /* floats */
+    int blas_rows;         /* decode steps of this many rows (up to 8) ... */
+    size_t blas_bytes;     /* ... take cuBLAS for matrices of this size and more (gemv.cu use_blas) */
     /* exact sparsity (sparse.cu): sized at load by the transposed matrices */
     float *sp_part;
     size_t sp_part_n;

@@ -8,8 +8,9 @@
  * are loaded before the kernel waits for the previous one (PDL): the stream of
  * weights starts while the previous kernel finishes. The partial sums of a row's
  * warps are added in a fixed order, so results do not depend on timing.
- * Prompt-sized products (more than 8 rows) go to cuBLAS on the tensor cores,
- * with the f32 activations split into 16-bit parts that sum to ~24 bits. */
+ * Prompt-sized products (more than 8 rows), and those of 3-8 rows with a matrix
+ * of 16 MB or more (batched decode), go to cuBLAS on the tensor cores, with the
+ * f32 activations split into 16-bit parts that sum to ~24 bits. */
 #include "cuda_common.cuh"
 
 #define MULTI_MAX 8
@@ -151,32 +152,48 @@ static int pick_wpr(int total_rows, int min_k) {
     return wpr;
 }
 
-/* ---- prompt-sized products: cuBLAS --------------------------------------------------- */
+/* ---- prompt-sized and batched products: cuBLAS --------------------------------------- */
 
 /* x (f32) -> parts in the weights' 16-bit type whose sum is x to ~24 bits:
  * three bf16 parts (8 bits each) or two f16 parts (11 bits each). The products
  * W.part, summed in f32 on the tensor cores, match the f32 product to float
- * rounding (products of a bf16 weight and a bf16 part are exact in f32). */
-__global__ void k_split_bf16(__nv_bfloat16 *p0, __nv_bfloat16 *p1, __nv_bfloat16 *p2, const float *x, size_t n) {
+ * rounding (products of a bf16 weight and a bf16 part are exact in f32).
+ * Layout [rows][parts][K]: a row's parts side by side, so the parts of a run of
+ * rows are one K x parts*rows column-major matrix, and one product reads W once
+ * for all of them (three products, one per part, read it three times: what
+ * batched decode steps of 4-32 rows paid before). */
+__global__ void k_split_bf16(__nv_bfloat16 *out, const float *x, size_t n, int K) {
     KERNEL_BEGIN();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const __nv_bfloat16 a = __float2bfloat16_rn(x[i]);
         const float r = x[i] - __bfloat162float(a);
         const __nv_bfloat16 b = __float2bfloat16_rn(r);
-        p0[i] = a;
-        p1[i] = b;
-        p2[i] = __float2bfloat16_rn(r - __bfloat162float(b));
+        __nv_bfloat16 *o = out + (i / K) * 3 * K + i % K;
+        o[0] = a;
+        o[K] = b;
+        o[2 * (size_t)K] = __float2bfloat16_rn(r - __bfloat162float(b));
     }
 }
 /* f16: the low part is scaled by 2^11 so it does not underflow into f16's
- * subnormals; its product is scaled back by alpha = 2^-11. */
+ * subnormals; its product is scaled back by 2^-11 when the parts are added. */
 #define F16_LO_SCALE 2048.0f
-__global__ void k_split_f16(__half *hi, __half *lo, const float *x, size_t n) {
+__global__ void k_split_f16(__half *out, const float *x, size_t n, int K) {
     KERNEL_BEGIN();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const __half h = __float2half_rn(x[i]);
-        hi[i] = h;
-        lo[i] = __float2half_rn((x[i] - __half2float(h)) * F16_LO_SCALE);
+        __half *o = out + (i / K) * 2 * K + i % K;
+        o[0] = h;
+        o[K] = __float2half_rn((x[i] - __half2float(h)) * F16_LO_SCALE);
+    }
+}
+
+/* y [rows, O] = the sum of the parts' products, ys [rows][parts][O] (part 1 of two
+ * scaled back by lo), added in part order */
+__global__ void k_sum_parts(float *y, const float *ys, size_t n, int O, int parts, float lo) {
+    KERNEL_BEGIN();
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float *p = ys + (i / O) * parts * O + i % O;
+        y[i] = parts == 3 ? (p[0] + p[O]) + p[2 * (size_t)O] : p[0] + p[O] * lo;
     }
 }
 
@@ -204,20 +221,24 @@ static void matmul_blas(cuda_ctx *c, float *y, const g3n_mat *W, const float *x,
     const int lda = W->transposed ? O : K;
     const size_t n = (size_t)rows * K;
     const int parts = W->dtype == G3N_BF16 ? 3 : 2;
-    G3N_ASSERT(c->xconv && parts * n * 2 <= c->xconv_bytes);
+    G3N_ASSERT(c->xconv && parts * n * 2 <= c->xconv_bytes && c->ysplit);
     char *p = (char *)c->xconv;
     const dim3 grid((unsigned)G3N_MIN((n + 255) / 256, (size_t)4096));
     const cudaDataType_t t = W->dtype == G3N_BF16 ? CUDA_R_16BF : CUDA_R_16F;
-    if (W->dtype == G3N_BF16)
-        launch(c, k_split_bf16, grid, 256, 0, (__nv_bfloat16 *)p, (__nv_bfloat16 *)(p + 2 * n),
-               (__nv_bfloat16 *)(p + 4 * n), x, n);
-    else
-        launch(c, k_split_f16, grid, 256, 0, (__half *)p, (__half *)(p + 2 * n), x, n);
-    const float lo_alpha = 1.0f / F16_LO_SCALE;
-    for (int k = 0; k < parts; k++)
-        BLAS_CHECK(cublasGemmEx(c->blas, opA, CUBLAS_OP_N, O, rows, K,
-                                W->dtype == G3N_F16 && k ? &lo_alpha : &one, W->data, t, lda, p + 2 * n * k, t, K,
-                                k ? &one : &zero, y, CUDA_R_32F, O, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (W->dtype == G3N_BF16) launch(c, k_split_bf16, grid, 256, 0, (__nv_bfloat16 *)p, x, n, K);
+    else launch(c, k_split_f16, grid, 256, 0, (__half *)p, x, n, K);
+    /* one product per run of rows whose parts' results fit the scratch (all the
+     * rows of a decode step, 21 at a time for the 262k-row tied lm_head) */
+    const int run = (int)G3N_MAX((size_t)1, G3N_MIN((size_t)rows, c->ysplit_n / ((size_t)parts * O)));
+    for (int r0 = 0; r0 < rows; r0 += run) {
+        const int nr = G3N_MIN(run, rows - r0);
+        BLAS_CHECK(cublasGemmEx(c->blas, opA, CUBLAS_OP_N, O, parts * nr, K, &one, W->data, t, lda,
+                                p + (size_t)2 * parts * r0 * K, t, K, &zero, c->ysplit, CUDA_R_32F, O,
+                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        const size_t m = (size_t)nr * O;
+        launch(c, k_sum_parts, dim3((unsigned)G3N_MIN((m + 255) / 256, (size_t)4096)), 256, 0, y + (size_t)r0 * O,
+               (const float *)c->ysplit, m, O, parts, 1.0f / F16_LO_SCALE);
+    }
 }
 
 /* ---- entry points -------------------------------------------------------------------- */
@@ -241,10 +262,20 @@ static void multi_run(cuda_ctx *c, int n, const g3n_mat *const *W, float *const 
     else gemv_launch<float>(c, a, rows);
 }
 
+/* Whether cuBLAS takes y = W . x of `rows` rows: more than 8 rows (k_gemv takes 8 at
+ * most), or at least c->blas_rows of a matrix of c->blas_bytes or more, where one
+ * tensor-core product reads W once at a higher rate than k_gemv's R-row loop
+ * (G3N_BLAS_ROWS, G3N_BLAS_MB). */
+static int use_blas(const cuda_ctx *c, const g3n_mat *W, int rows) {
+    if (W->bits || !c->xconv || (size_t)rows * W->cols * 6 > c->xconv_bytes) return 0;
+    return rows > 8 || (rows >= c->blas_rows && (size_t)W->rows * W->cols * g3n_dtype_size((g3n_dtype)W->dtype) >=
+                                                    c->blas_bytes);
+}
+
 static void matmul_one(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows) {
     const int O = W->rows, K = W->cols;
     if (rows <= 0 || O <= 0) return;
-    if (rows > 8 && c->xconv && (size_t)rows * K * 6 <= c->xconv_bytes) { /* prompt-sized: tensor cores */
+    if (use_blas(c, W, rows)) { /* prompt-sized, or a large matrix in a batched step: tensor cores */
         matmul_blas(c, y, W, x, rows);
         return;
     }
@@ -284,7 +315,8 @@ void cuda_op_matmul_multi(g3n_backend *be, int n, const g3n_mat *const *W, float
         if (W[i]->bits) return cuda_quant_op_multi(be, n, W, y, x, rows); /* quant.cu */
     cuda_ctx *c = CTX(be);
     int ok = n <= MULTI_MAX && rows <= 8;
-    for (int i = 0; i < n && ok; i++) ok = W[i]->cols % 8 == 0 && W[i]->dtype == W[0]->dtype && !W[i]->transposed;
+    for (int i = 0; i < n && ok; i++)
+        ok = W[i]->cols % 8 == 0 && W[i]->dtype == W[0]->dtype && !W[i]->transposed && !use_blas(c, W[i], rows);
     if (!ok) { /* prompt-sized or unusual: one product at a time */
         for (int i = 0; i < n; i++) cuda_op_matmul(be, y[i], W[i], x[i], rows);
         return;
@@ -311,7 +343,7 @@ __global__ void k_gelu_mul_ip(float *y, const float *m, size_t n) {
 void cuda_op_matmul_gelu_mul(g3n_backend *be, float *y, const g3n_mat *W, const float *x, const float *m, int rows) {
     if (W->bits) return cuda_quant_op_gelu_mul(be, y, W, x, m, rows); /* quant.cu */
     cuda_ctx *c = CTX(be);
-    if (rows > 8 || W->cols % 8 != 0) {
+    if (rows > 8 || W->cols % 8 != 0 || use_blas(c, W, rows)) {
         cuda_op_matmul(be, y, W, x, rows);
         const size_t n = (size_t)rows * W->rows;
         launch(c, k_gelu_mul_ip, dim3((unsigned)G3N_MIN((n + 255) / 256, (size_t)4096)), dim3(256), 0, y, m, n);
@@ -330,7 +362,8 @@ void cuda_op_matmul_gate_up(g3n_backend *be, float *act, float *up, const g3n_ma
                             const float *x, int rows) {
     if (Wg->bits || Wu->bits) return cuda_quant_op_gate_up(be, act, up, Wg, Wu, x, rows); /* quant.cu */
     cuda_ctx *c = CTX(be);
-    if (rows > 8 || Wg->cols % 8 != 0 || Wg->dtype != Wu->dtype || Wg->rows != Wu->rows || Wg->cols != Wu->cols) {
+    if (rows > 8 || Wg->cols % 8 != 0 || Wg->dtype != Wu->dtype || Wg->rows != Wu->rows || Wg->cols != Wu->cols ||
+        use_blas(c, Wg, rows)) {
         const size_t n = (size_t)rows * Wg->rows;
         cuda_op_matmul(be, act, Wg, x, rows);
         cuda_op_matmul(be, up, Wu, x, rows);
