@@ -32,14 +32,18 @@ typedef struct {
                            (default: in host memory, one row per token is copied) */
     int no_graph;       /* cuda: issue every op each step instead of replaying a
                            recorded step (for debugging and comparison) */
-    int sparse;         /* cuda: exact activation sparsity in the layers with a
-                           top-k target (read only the surviving up rows and down
-                           columns; down matrices stored transposed). 1 on, -1 off,
-                           0 (default): on for checkpoints without quantization
-                           (their down matrices are transposed in place, and it is
-                           faster: docs/SPEED.md), off for quantized ones (a
-                           transposed copy costs memory for ~1% more speed) and
-                           on the CPU. */
+    int sparse;         /* exact activation sparsity in the layers with a top-k
+                           target (decode steps read only the surviving up rows and
+                           down columns; down matrices stored transposed). 1 on,
+                           -1 off, 0 (default): on CUDA, on for checkpoints without
+                           quantization (their down matrices are transposed in
+                           place, and it is faster: docs/SPEED.md), off for
+                           quantized ones (a transposed copy costs memory for ~1%
+                           more speed); off on the CPU, where it keeps a W^T copy
+                           of each top-k layer's down matrix in RAM (E2B 0.34 GB,
+                           E4B 0.67 GB; unquantized checkpoints only) for ~11%
+                           faster decode, and decode then equals prefill to float
+                           rounding instead of bitwise. */
     const char *decode_path; /* "fused", "split", "mega" or "auto" (NULL = auto):
                            the per-op path, the fused one, or (cuda, one-token
                            steps) every layer in one kernel; auto times a few

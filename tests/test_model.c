@@ -307,6 +307,35 @@ TEST(layouts_agree) {
     for (int i = 0; i < 3; i++) free(lg[i]);
 }
 
+/* Exact sparsity on the CPU (--sparse): one-token steps gather the surviving
+ * units (up rows, down columns from W^T), so they equal the dense steps to float
+ * rounding but not bitwise, which shows the gather ran. */
+TEST(sparse_cpu_gathers) {
+    int32_t ids[6] = {2, 17, 300, 45, 9, 123};
+    float *lg[2] = {0};
+    int V = 0;
+    for (int sp = 0; sp < 2; sp++) {
+        SPARSE = sp;
+        g3n_model *m = open_model(FIX "conditional", "cpu");
+        if (!m) break;
+        g3n_model_info mi = g3n_model_get_info(m);
+        CHECK(mi.sparse == sp);
+        V = mi.n_vocab;
+        char err[512];
+        g3n_session *s = g3n_session_create(m, 16, 1, err, sizeof err);
+        lg[sp] = malloc(sizeof(float) * (size_t)V);
+        for (int i = 0; i < 6; i++) CHECK(g3n_session_eval(s, ids + i, 1, lg[sp], err, sizeof err) == 0);
+        g3n_session_free(s);
+        g3n_model_close(m);
+    }
+    SPARSE = 1;
+    if (lg[0] && lg[1]) {
+        test_close("sparse vs dense decode", lg[1], lg[0], (size_t)V, 1e-5, 1e-5 + 1e-5 * rms(lg[0], V));
+        CHECK_MSG(memcmp(lg[0], lg[1], sizeof(float) * (size_t)V) != 0, "the gather path did not run");
+    }
+    free(lg[0]), free(lg[1]);
+}
+
 /* Batched decode: three sessions at different positions (one wraps its sliding
  * ring during the test), stepped together with g3n_batch_decode, membership
  * changing between steps, give at every step the logits each gives alone. */
@@ -527,6 +556,16 @@ int main(int argc, char **argv) {
     RUN(session_errors);
     RUN(quantized);
     RUN(decode_equals_prefill_q4);
+    printf("-- cpu with exact sparsity (--sparse: decode steps gather, prefill stays dense)\n");
+    SPARSE = 1;
+    SELF_TOL = 5e-5; /* two fp32 orders (gather vs dense), as on CUDA: half the transformers bound */
+    RUN(sparse_cpu_gathers);
+    RUN(conditional_cpu);
+    RUN(mlx_cpu);
+    RUN(decode_equals_prefill);
+    RUN(batch_decode_equals_alone);
+    SPARSE = 0;
+    SELF_TOL = 0.0;
 #ifdef G3N_CUDA
     if (cuda_available()) {
         DEVICE = "cuda";

@@ -293,13 +293,16 @@ int load_weights(g3n_model *m, char *err, size_t errlen) {
     bytes += MB(w->embed_tokens_per_layer) / (size_t)c->n_vocab_ple;
     bytes += MB(w->embed_tokens) / (size_t)c->n_vocab;
     /* with exact sparsity a top-k layer reads its target's complement of the up
-     * rows and down columns (in expectation: the cutoff is a Gaussian quantile) */
+     * rows and down columns (in expectation: the cutoff is a Gaussian quantile),
+     * where the backend keeps the down matrix in a form it gathers from (W^T, in
+     * place or beside); else the layer runs dense */
     size_t skipped = 0;
     for (int l = 0; l < c->n_layer && m->sparse; l++)
-        if (c->sparsity[l] > 0)
+        if (c->sparsity[l] > 0 && (w->layers[l].down_proj.transposed || w->layers[l].down_proj.tdata))
             skipped += (size_t)((double)(MB(w->layers[l].up_proj) + MB(w->layers[l].down_proj)) * c->sparsity[l]);
 #undef MB
     m->decode_bytes = bytes;
+    if (!skipped) m->sparse = 0; /* no layer the backend gathers from: dense, and said so */
     m->decode_bytes_sparse = m->sparse ? bytes - skipped : 0;
     return 0;
 }

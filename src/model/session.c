@@ -347,8 +347,9 @@ void decode_path_choose(g3n_model *m, const char *want) {
         return;
     }
     if (!m->be->graph_begin) { /* CPU: the fused ops are the split ops in sequence */
-        m->fused = FWD_SPLIT;
-        snprintf(why, sizeof m->path_why, "the CPU backend runs the fused ops as the split ones");
+        m->fused = m->sparse ? FWD_FUSED : FWD_SPLIT;
+        snprintf(why, sizeof m->path_why, "%s", m->sparse ? "exact sparsity is an op of the fused path"
+                                                         : "the CPU backend runs the fused ops as the split ones");
         return;
     }
     /* auto on a GPU: cached measurement for this device and model shape, else measure */

@@ -16,6 +16,11 @@ typedef struct {
     float **tscratch; /* per-thread scratch */
     size_t *tscratch_n;
     int n_threads;
+    void **owned;     /* W^T copies made at load (exact sparsity), freed with the backend */
+    int n_owned;
+    int *sp_idx;      /* exact sparsity: the surviving units of a row, and their activations */
+    float *sp_act;
+    size_t sp_n;
 } cpu_ctx;
 
 /* A scratch buffer of at least count floats (reference ops, one thread). */
