@@ -296,7 +296,47 @@ static float dot(const float *a, const float *b, int n) {
  * weights, w = scale * q + bias (product rounded, then the sum: g3n_quant_w) and
  * acc += w * x. The values are those g3n_mat_row gives and the accumulation is the
  * f32 kernels' (k1x4 / k4x4), so a row's sum is the same whether it came through
- * here (decode) or through dequantized rows (prompt): bitwise, as for bf16. */
+ * here (decode) or through dequantized rows (prompt): bitwise, as for bf16.
+ *
+ * 4 bits on AVX-512 / AVX2: a byte holds elements 2k (low nibble) and 2k+1, so
+ * one zero-extension of QB/2 bytes gives QB/2 lanes of pairs, and a mask and a
+ * shift split them into the even and the odd elements (QB = 32 / 16 elements a
+ * block: two vectors). Both paths then run over K in that order, each block of QB
+ * inputs as its evens then its odds (q4_perm: x, and the prompt path's
+ * dequantized rows), so they still sum every output the same way. */
+
+/* Elements of a 4-bit block whose evens and odds the kernels take apart (0: none). */
+static int q4_block(int bits) {
+#ifdef G3N_X86
+    if (bits == 4 && cpu_isa == ISA_AVX512) return 32;
+    if (bits == 4 && cpu_isa == ISA_AVX2) return 16;
+#endif
+    (void)bits;
+    return 0;
+}
+
+/* dst = src with each block of qb elements as its evens, then its odds (K % qb == 0). */
+static void q4_perm(float *dst, const float *src, int K, int qb) {
+    for (int b = 0; b < K; b += qb)
+        for (int j = 0; j < qb / 2; j++) dst[b + j] = src[b + 2 * j], dst[b + qb / 2 + j] = src[b + 2 * j + 1];
+}
+
+/* Row r of a 4-bit W dequantized as g3n_mat_row does it (g3n_quant_w), straight
+ * into q4_perm order (byte j of a block: element 2j in its low nibble, 2j+1 high). */
+static void q4_row_perm(const g3n_mat *W, int r, float *dst, int qb) {
+    const int K = W->cols, G = W->group_size;
+    const size_t ng = (size_t)(K / G), es = g3n_dtype_size((g3n_dtype)W->sdtype);
+    const uint8_t *q = (const uint8_t *)((const uint32_t *)W->data + (size_t)r * g3n_quant_row_words(K, 4));
+    const char *sp = (const char *)W->scales + (size_t)r * ng * es, *bp = (const char *)W->biases + (size_t)r * ng * es;
+    for (int g = 0; g < K / G; g++) {
+        const float sc = g3n_quant_param(sp, W->sdtype, (size_t)g), bi = g3n_quant_param(bp, W->sdtype, (size_t)g);
+        for (int b = g * G; b < (g + 1) * G; b += qb)
+            for (int j = 0; j < qb / 2; j++) {
+                const uint32_t v = q[b / 2 + j];
+                dst[b + j] = g3n_quant_w(sc, bi, v & 15u), dst[b + qb / 2 + j] = g3n_quant_w(sc, bi, v >> 4);
+            }
+    }
+}
 
 typedef struct {
     const uint32_t *q[4]; /* packed rows */
@@ -330,13 +370,9 @@ static void k1x4q_scalar(const qrows4 *R, const float *x, int K, float out[4]) {
 }
 
 #ifdef G3N_X86
-/* q of elements c0..c0+7 (c0 a multiple of 8) as 8 int32 lanes */
+/* q of elements c0..c0+7 (c0 a multiple of 8) as 8 int32 lanes (not 4 bits: see above) */
 __attribute__((target("avx2,fma"), always_inline)) static inline __m256i unpack8_avx2(const uint32_t *row,
                                                                                      int bits, int c0) {
-    if (bits == 4)
-        return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)row[c0 / 8]),
-                                                  _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
-                                _mm256_set1_epi32(15));
     if (bits == 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)row + c0)));
     int32_t v[8];
     for (int i = 0; i < 8; i++) v[i] = (int32_t)g3n_quant_get(row, bits, c0 + i);
@@ -354,14 +390,27 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void k1x4q_avx2
             sc[o] = _mm256_set1_ps(g3n_quant_param(R->s[o], R->sdtype, (size_t)g));
             bi[o] = _mm256_set1_ps(g3n_quant_param(R->b[o], R->sdtype, (size_t)g));
         }
-        for (int i = g * R->group; i < (g + 1) * R->group; i += 8) {
-            const __m256 xv = _mm256_loadu_ps(x + i);
-            for (int o = 0; o < 4; o++) {
-                const __m256 q = _mm256_cvtepi32_ps(unpack8_avx2(R->q[o], bits, i));
-                const __m256 w = _mm256_add_ps(_mm256_mul_ps(sc[o], q), bi[o]);
-                acc[o] = _mm256_fmadd_ps(w, xv, acc[o]);
+        if (bits == 4) /* x in q4_perm order: 16 inputs as 8 evens, then 8 odds */
+            for (int i = g * R->group; i < (g + 1) * R->group; i += 16) {
+                const __m256 xe = _mm256_loadu_ps(x + i), xo = _mm256_loadu_ps(x + i + 8);
+                for (int o = 0; o < 4; o++) {
+                    const __m256i v =
+                        _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)R->q[o] + i / 2)));
+                    const __m256 qe = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+                    const __m256 qo = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+                    acc[o] = _mm256_fmadd_ps(_mm256_add_ps(_mm256_mul_ps(sc[o], qe), bi[o]), xe, acc[o]);
+                    acc[o] = _mm256_fmadd_ps(_mm256_add_ps(_mm256_mul_ps(sc[o], qo), bi[o]), xo, acc[o]);
+                }
             }
-        }
+        else
+            for (int i = g * R->group; i < (g + 1) * R->group; i += 8) {
+                const __m256 xv = _mm256_loadu_ps(x + i);
+                for (int o = 0; o < 4; o++) {
+                    const __m256 q = _mm256_cvtepi32_ps(unpack8_avx2(R->q[o], bits, i));
+                    const __m256 w = _mm256_add_ps(_mm256_mul_ps(sc[o], q), bi[o]);
+                    acc[o] = _mm256_fmadd_ps(w, xv, acc[o]);
+                }
+            }
     }
     for (int o = 0; o < 4; o++) out[o] = hsum256(acc[o]);
 }
@@ -372,14 +421,9 @@ __attribute__((target("avx2,fma"))) static void k1x4q_avx2(const qrows4 *R, cons
     else k1x4q_avx2_bits(R, x, K, out, R->bits);
 }
 
+/* q of elements c0..c0+15 as 16 int32 lanes (not 4 bits: see above) */
 __attribute__((target("avx512f,avx512bw"), always_inline)) static inline __m512i unpack16_avx512(const uint32_t *row,
                                                                                                int bits, int c0) {
-    if (bits == 4) {
-        const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32((int)row[c0 / 8])),
-                                             _mm256_set1_epi32((int)row[c0 / 8 + 1]), 1);
-        const __m512i sh = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
-        return _mm512_and_si512(_mm512_srlv_epi32(w, sh), _mm512_set1_epi32(15));
-    }
     if (bits == 8) return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)row + c0)));
     int32_t v[16];
     for (int i = 0; i < 16; i++) v[i] = (int32_t)g3n_quant_get(row, bits, c0 + i);
@@ -395,14 +439,27 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) static inline void k1
             sc[o] = _mm512_set1_ps(g3n_quant_param(R->s[o], R->sdtype, (size_t)g));
             bi[o] = _mm512_set1_ps(g3n_quant_param(R->b[o], R->sdtype, (size_t)g));
         }
-        for (int i = g * R->group; i < (g + 1) * R->group; i += 16) {
-            const __m512 xv = _mm512_loadu_ps(x + i);
-            for (int o = 0; o < 4; o++) {
-                const __m512 q = _mm512_cvtepi32_ps(unpack16_avx512(R->q[o], bits, i));
-                const __m512 w = _mm512_add_ps(_mm512_mul_ps(sc[o], q), bi[o]);
-                acc[o] = _mm512_fmadd_ps(w, xv, acc[o]);
+        if (bits == 4) /* x in q4_perm order: 32 inputs as 16 evens, then 16 odds */
+            for (int i = g * R->group; i < (g + 1) * R->group; i += 32) {
+                const __m512 xe = _mm512_loadu_ps(x + i), xo = _mm512_loadu_ps(x + i + 16);
+                for (int o = 0; o < 4; o++) {
+                    const __m512i v =
+                        _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)R->q[o] + i / 2)));
+                    const __m512 qe = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+                    const __m512 qo = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                    acc[o] = _mm512_fmadd_ps(_mm512_add_ps(_mm512_mul_ps(sc[o], qe), bi[o]), xe, acc[o]);
+                    acc[o] = _mm512_fmadd_ps(_mm512_add_ps(_mm512_mul_ps(sc[o], qo), bi[o]), xo, acc[o]);
+                }
             }
-        }
+        else
+            for (int i = g * R->group; i < (g + 1) * R->group; i += 16) {
+                const __m512 xv = _mm512_loadu_ps(x + i);
+                for (int o = 0; o < 4; o++) {
+                    const __m512 q = _mm512_cvtepi32_ps(unpack16_avx512(R->q[o], bits, i));
+                    const __m512 w = _mm512_add_ps(_mm512_mul_ps(sc[o], q), bi[o]);
+                    acc[o] = _mm512_fmadd_ps(w, xv, acc[o]);
+                }
+            }
     }
     for (int o = 0; o < 4; o++) out[o] = _mm512_reduce_add_ps(acc[o]);
 }
@@ -482,6 +539,17 @@ static void cpu_matmul(g3n_backend *be, float *y, const g3n_mat *W, const float 
     const int O = W->rows, K = W->cols;
     const size_t esz = W->bits ? 0 : g3n_dtype_size((g3n_dtype)W->dtype);
     const char *wbase = W->data;
+    const int qb = W->bits ? q4_block(W->bits) : 0;
+    if (qb) { /* 4 bits: x (and below, the dequantized rows) in the kernels' order */
+        if ((size_t)rows * K > c->xperm_n) {
+            free(c->xperm);
+            c->xperm = g3n_malloc(sizeof(float) * (size_t)rows * K);
+            c->xperm_n = (size_t)rows * K;
+        }
+        float *xp = c->xperm;
+        for (int r = 0; r < rows; r++) q4_perm(xp + (size_t)r * K, x + (size_t)r * K, K, qb);
+        x = xp;
+    }
     if (rows < 4) {
         /* decode: one pass over W, 4 rows at a time, read in the stored dtype */
         const int ngrp = (O + 3) / 4;
@@ -509,8 +577,10 @@ static void cpu_matmul(g3n_backend *be, float *y, const g3n_mat *W, const float 
         const int o0 = bi * MM_BLOCK, no = G3N_MIN(MM_BLOCK, O - o0);
         float *wt = tscratch(c, (size_t)MM_BLOCK * K);
         for (int j = 0; j < MM_BLOCK; j++) { /* short blocks repeat the last row */
-            if (W->bits) g3n_mat_row(W, o0 + G3N_MIN(j, no - 1), wt + (size_t)j * K);
-            else cvt_row(W->dtype, wbase + (size_t)(o0 + G3N_MIN(j, no - 1)) * K * esz, wt + (size_t)j * K, K);
+            const int r = o0 + G3N_MIN(j, no - 1);
+            if (qb) q4_row_perm(W, r, wt + (size_t)j * K, qb);
+            else if (W->bits) g3n_mat_row(W, r, wt + (size_t)j * K);
+            else cvt_row(W->dtype, wbase + (size_t)r * K * esz, wt + (size_t)j * K, K);
         }
         for (int j = 0; j < no; j += 4) {
             const float *wj = wt + (size_t)j * K;
@@ -746,7 +816,7 @@ static void cpu_destroy(g3n_backend *be) {
     cpu_ctx *c = be->ctx;
     for (int i = 0; i < c->n_owned; i++) free(c->owned[i]);
     free(c->owned);
-    free(c->sp_idx), free(c->sp_act);
+    free(c->sp_idx), free(c->sp_act), free(c->xperm);
     for (int t = 0; t < c->n_threads; t++) free(c->tscratch[t]);
     free(c->tscratch);
     free(c->tscratch_n);

@@ -21,6 +21,8 @@ typedef struct {
     int *sp_idx;      /* exact sparsity: the surviving units of a row, and their activations */
     float *sp_act;
     size_t sp_n;
+    float *xperm;     /* 4-bit products: x in the kernels' order (cpu.c q4_perm) */
+    size_t xperm_n;
 } cpu_ctx;
 
 /* A scratch buffer of at least count floats (reference ops, one thread). */
