@@ -393,7 +393,8 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void k1x4q_avx2
         if (bits == 4) /* x in q4_perm order: 16 inputs as 8 evens, then 8 odds */
             for (int i = g * R->group; i < (g + 1) * R->group; i += 16) {
                 const __m256 xe = _mm256_loadu_ps(x + i), xo = _mm256_loadu_ps(x + i + 8);
-                for (int o = 0; o < 4; o++) {
+#pragma GCC unroll 4
+                for (int o = 0; o < 4; o++) { /* unrolled: acc, sc, bi stay in registers */
                     const __m256i v =
                         _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)R->q[o] + i / 2)));
                     const __m256 qe = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
@@ -442,7 +443,8 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) static inline void k1
         if (bits == 4) /* x in q4_perm order: 32 inputs as 16 evens, then 16 odds */
             for (int i = g * R->group; i < (g + 1) * R->group; i += 32) {
                 const __m512 xe = _mm512_loadu_ps(x + i), xo = _mm512_loadu_ps(x + i + 16);
-                for (int o = 0; o < 4; o++) {
+#pragma GCC unroll 4
+                for (int o = 0; o < 4; o++) { /* unrolled: acc, sc, bi stay in registers */
                     const __m512i v =
                         _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)R->q[o] + i / 2)));
                     const __m512 qe = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
