@@ -406,6 +406,7 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void k1x4q_avx2
         else
             for (int i = g * R->group; i < (g + 1) * R->group; i += 8) {
                 const __m256 xv = _mm256_loadu_ps(x + i);
+#pragma GCC unroll 4
                 for (int o = 0; o < 4; o++) {
                     const __m256 q = _mm256_cvtepi32_ps(unpack8_avx2(R->q[o], bits, i));
                     const __m256 w = _mm256_add_ps(_mm256_mul_ps(sc[o], q), bi[o]);
@@ -456,6 +457,7 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) static inline void k1
         else
             for (int i = g * R->group; i < (g + 1) * R->group; i += 16) {
                 const __m512 xv = _mm512_loadu_ps(x + i);
+#pragma GCC unroll 4
                 for (int o = 0; o < 4; o++) {
                     const __m512 q = _mm512_cvtepi32_ps(unpack16_avx512(R->q[o], bits, i));
                     const __m512 w = _mm512_add_ps(_mm512_mul_ps(sc[o], q), bi[o]);
