@@ -794,10 +794,12 @@ static void cpu_mlp_sparse(g3n_backend *be, float *y, float *gate, float *up, co
         for (int i = 0; i < I; i++)
             if (g[i] != 0) idx[n++] = i;
 #pragma omp parallel for schedule(static) num_threads(c->n_threads)
-        for (int k = 0; k < n; k++) { /* the survivors' up rows */
-            float *w = tscratch(c, (size_t)K);
-            cvt_row(Wu->dtype, (const char *)Wu->data + (size_t)idx[k] * K * eu, w, K);
-            act[k] = cpu_gelu_tanh(g[idx[k]]) * dot(w, ur, K);
+        for (int k0 = 0; k0 < n; k0 += 4) { /* the survivors' up rows, four at a time (the matmul kernel) */
+            const void *wr[4];
+            float out[4];
+            for (int j = 0; j < 4; j++) wr[j] = (const char *)Wu->data + (size_t)idx[G3N_MIN(k0 + j, n - 1)] * K * eu;
+            k1x4(Wu->dtype, wr, ur, K, out);
+            for (int j = 0; j < 4 && k0 + j < n; j++) act[k0 + j] = cpu_gelu_tanh(g[idx[k0 + j]]) * out[j];
         }
         /* y[o] = sum over survivors of act * W^T[unit][o], in unit order, 256 outputs a task */
         const int nt = (D + 255) / 256;

@@ -87,7 +87,7 @@ typedef struct {
     void **owned;
     int n_owned;
     int max_cols;          /* widest matrix: sizes the activation-conversion scratch */
-    /* prompt-sized products: cuBLAS on activations split into bf16/f16 hi + lo */
+    /* prompt-sized and batched products: cuBLAS on activations split into bf16/f16 parts */
     cublasHandle_t blas;
     void *blas_ws;
     void *xconv;           /* [cap_tokens][3][max_cols] 16-bit parts */
