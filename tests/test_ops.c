@@ -536,10 +536,10 @@ static void qkv_attention_case(int H, int Hkv, int hd, int window, int cap, int 
     float *dq = dev(q, qn), *dk = dev(k, kn_), *dv = dev(v, kn_), *dwq = dev(wq, hd), *dwk = dev(wk, hd);
     float *o0 = malloc(4 * qn), *dout = dev_nan(qn);
     const int store = owns ? 5 : -1;
-    REF->qkv_attention(REF, o0, q, k, v, (g3n_vec){hd, wq}, (g3n_vec){hd, wk}, store, 5, H, Hkv, hd, 10000.0f,
-                       1e-6f, window);
-    B->qkv_attention(B, dout, dq, dk, dv, (g3n_vec){hd, dwq}, (g3n_vec){hd, dwk}, store, 5, H, Hkv, hd, 10000.0f,
-                     1e-6f, window);
+    /* a KV-shared layer has no k_norm (load.c does not read one) */
+    const g3n_vec rk = owns ? (g3n_vec){hd, wk} : (g3n_vec){0, NULL}, bk = owns ? (g3n_vec){hd, dwk} : (g3n_vec){0, NULL};
+    REF->qkv_attention(REF, o0, q, k, v, (g3n_vec){hd, wq}, rk, store, 5, H, Hkv, hd, 10000.0f, 1e-6f, window);
+    B->qkv_attention(B, dout, dq, dk, dv, (g3n_vec){hd, dwq}, bk, store, 5, H, Hkv, hd, 10000.0f, 1e-6f, window);
     char what[128];
     snprintf(what, sizeof what, "qkv_attention H%d/%d hd%d win%d cap%d seqs%d x%d pos%d owns%d", H, Hkv, hd, window,
              cap, n_seq, per_seq, pos0, owns);
@@ -557,6 +557,7 @@ TEST(qkv_attention) {
     qkv_attention_case(8, 2, 256, 512, 515, 1, 1, 700, 1);  /* E4B sliding layer, decode */
     qkv_attention_case(8, 2, 256, 0, 4096, 1, 1, 3000, 1);  /* full layer, long context: 8 shares */
     qkv_attention_case(8, 2, 256, 0, 4096, 1, 1, 3000, 0);  /* a KV-shared layer reads the cache only */
+    qkv_attention_case(8, 2, 256, 512, 515, 2, 1, 700, 0);  /* KV-shared, sliding, two sequences */
     qkv_attention_case(4, 2, 32, 8, 12, 3, 1, 5, 1);        /* three sequences, ring of window + 4 */
     qkv_attention_case(4, 4, 64, 0, 300, 4, 1, 0, 1);       /* G = 1; a sequence at position 0 */
     qkv_attention_case(4, 1, 128, 0, 200, 2, 1, 70, 1);     /* G = 4, hd 128 */

@@ -296,7 +296,7 @@ void cuda_op_qkv_attention(g3n_backend *be, float *out, float *q, float *k, floa
     /* one kernel when the step is a decode step and the layer stores into the
      * cache it reads (or stores nothing: a KV-shared layer) */
     if (!off && c->one_per_seq && c->cluster_ok && head_dim % 32 == 0 && n_head % n_head_kv == 0 && q_norm.data &&
-        k_norm.data && (layer < 0 || layer == attn_layer)) {
+        (layer < 0 || (k_norm.data && layer == attn_layer))) { /* a KV-shared layer has no k_norm */
         /* blocks per (token, KV head): about 64 keys each for the widest cache any
          * sequence of the step has in this layer, at most 8 (a portable cluster) */
         int cap = 1;

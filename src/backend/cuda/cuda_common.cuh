@@ -56,6 +56,8 @@ typedef struct {
     long calls;
 } cuda_prof;
 
+#define QTRACE_RECS (1 << 22) /* G3N_QTRACE records (k_qgemv_s blocks) */
+
 typedef struct {
     int device;
     int n_sm; /* multiprocessors */
@@ -99,6 +101,11 @@ typedef struct {
     /* exact sparsity (sparse.cu): sized at load by the transposed matrices */
     float *sp_part;
     size_t sp_part_n;
+    /* G3N_QTRACE=file: per block of k_qgemv_s, its start, PDL release, staged
+     * activations, last item and end (%globaltimer), a ring of QTRACE_RECS records
+     * of 8 words after a count, written to the file at exit
+     * (tools/qtrace_report.py reads it) */
+    unsigned long long *qtrace;
     /* quantized prompt products (quant.cu): one dequantized f32 tile */
     float *qscratch;
     size_t qscratch_n;

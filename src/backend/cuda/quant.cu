@@ -45,7 +45,14 @@ typedef struct {
     int rb, nr; /* k_qmma: row tiles per block, activation rows */
     int mode;   /* QPLAIN, QGELU_MUL (y = gelu(W.x) * m), QGATE_UP (y0 = gelu(W0.x) * W1.x) */
     const float *m;
+    unsigned long long *trace; /* G3N_QTRACE: per block times (cuda.cu) */
 } qargs;
+
+__device__ __forceinline__ unsigned long long gtime() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+    return t;
+}
 
 enum { QPLAIN = 0, QGELU_MUL = 1, QGATE_UP = 2 };
 
@@ -371,6 +378,8 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
     if (gridDim.x > 1) __trap(); /* clusters: sm_90 and later (the host splits K only there) */
 #endif
     constexpr int PER = QRPW * R;
+    unsigned long long tt[5];
+    tt[0] = gtime();
     extern __shared__ float4 qsm[]; /* staged slice, chunk scales and sums, [8][QSTAGES] slots */
     __shared__ float red[QJMAX][8][PER];
     const int ks = a.ks, ncs = ks / 32, J = a.J; /* chunk positions per slice, tiles per warp */
@@ -424,6 +433,7 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
 #pragma unroll
     for (int k = 0; k < QSTAGES - 1; k++) issue();
     KERNEL_BEGIN();
+    tt[1] = gtime();
     { /* stage the slice: 8 consecutive threads hold one chunk's 8 float4s (ks/4 is a multiple of 256) */
         const int Kx = a.K[sx], k0 = split * ks, n4 = ks / 4;
         const float *x = a.x[sx];
@@ -468,6 +478,7 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
         }
     }
     __syncthreads();
+    tt[2] = gtime();
     float acc[QRPW][R];
 #pragma unroll
     for (int i = 0; i < QRPW; i++)
@@ -507,6 +518,7 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
                 acc[i][r] = 0;
             }
     }
+    tt[3] = gtime();
     cp_async_wait<0>();
     q_cluster_sync();
     /* block 0 of the cluster: element pi (row i, activation row r) of tile j of warp ob */
@@ -520,6 +532,17 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
         }
     }
     q_cluster_sync(); /* keep this block's sums alive until rank 0 has read them */
+    if (a.trace && threadIdx.x == 0) {
+        tt[4] = gtime();
+        unsigned smid;
+        asm("mov.u32 %0, %%smid;" : "=r"(smid));
+        const unsigned long long i = atomicAdd(a.trace, 1ull) % QTRACE_RECS;
+        unsigned long long *rec = a.trace + 8 + i * 8;
+        rec[0] = (unsigned long long)a.O[0] << 32 | (unsigned)a.K[0];
+        rec[1] = (unsigned long long)gridDim.x << 48 | (unsigned long long)gridDim.y << 32 | blockIdx.x << 16 | blockIdx.y;
+        rec[2] = smid;
+        for (int k = 0; k < 5; k++) rec[3 + k] = tt[k];
+    }
 }
 
 /* k_qgemv_s's dynamic shared memory: the staged slice (3 bytes, a scale and a sum
@@ -553,6 +576,38 @@ template <int BITS, int SDT> static int qs_blocks_per_sm(const cuda_ctx *c, int 
     return v[R];
 }
 
+/* Clusters of `cs` blocks of k_qgemv_s<BITS, R, SDT> with `smem` bytes of shared
+ * memory that the device holds at once. A cluster must fit inside one GPC, so
+ * on the H100 32 clusters of 8 (256 blocks) do not all fit where 264 single
+ * blocks do: the last clusters then run as a second wave. */
+template <int BITS, int SDT> static int qs_resident_clusters(const cuda_ctx *c, int R, unsigned cs, size_t smem) {
+    static struct {
+        int R;
+        unsigned cs;
+        size_t smem;
+        int n;
+    } memo[64];
+    static int n_memo;
+    for (int i = 0; i < n_memo; i++)
+        if (memo[i].R == R && memo[i].cs == cs && memo[i].smem == smem) return memo[i].n;
+    int n = 0;
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeClusterDimension;
+    at[0].val.clusterDim.x = cs, at[0].val.clusterDim.y = 1, at[0].val.clusterDim.z = 1;
+    cfg.gridDim = dim3(cs, 1), cfg.blockDim = dim3(256), cfg.dynamicSmemBytes = smem;
+    cfg.attrs = at, cfg.numAttrs = 1;
+#define Q(r) (void)cudaOccupancyMaxActiveClusters(&n, k_qgemv_s<BITS, r, SDT>, &cfg)
+    ROWS_SWITCH(R, Q)
+#undef Q
+    if (n <= 0) { /* not answered: the blocks that fit, as if clusters cost nothing */
+        (void)cudaGetLastError();
+        n = c->n_sm * qs_blocks_per_sm<BITS, SDT>(c, R) / (int)cs;
+    }
+    if (n_memo < 64) memo[n_memo].R = R, memo[n_memo].cs = cs, memo[n_memo].smem = smem, memo[n_memo++].n = n;
+    return n;
+}
+
 /* Returns 0 (nothing launched) when the staged slice does not fit in shared memory. */
 template <int BITS, int SDT>
 static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
@@ -566,28 +621,67 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
         kmax = G3N_MAX(kmax, a.K[i]), tiles += (a.O[i] + QRPW - 1) / QRPW;
         for (a.gsh[i] = 0; (32 << a.gsh[i]) < a.G[i];) a.gsh[i]++;
     }
-    static int max_split = -1, fix_j = -1; /* G3N_QSPLIT, G3N_QJ: timing experiments */
-    if (max_split < 0) {
+    static int max_split = -1, fix_j = -1, split_kb = 0, one_wave = 1; /* timing experiments: */
+    if (max_split < 0) { /* G3N_QSPLIT, G3N_QJ, G3N_QSPLIT_KB, G3N_QWAVE */
+        one_wave = getenv("G3N_QWAVE") ? atoi(getenv("G3N_QWAVE")) : 1;
         max_split = getenv("G3N_QSPLIT") ? atoi(getenv("G3N_QSPLIT")) : 8;
         fix_j = getenv("G3N_QJ") ? atoi(getenv("G3N_QJ")) : 0;
+        split_kb = getenv("G3N_QSPLIT_KB") ? atoi(getenv("G3N_QSPLIT_KB")) : 4096;
     }
+    size_t kb = 0;
+    for (int i = 0; i < a.n; i++) kb += (size_t)a.O[i] * a.K[i] * BITS / 8 / 1024;
     int nsplit = 1;
-    if (c->cluster_ok)
+    if (c->cluster_ok && kb >= (size_t)split_kb)
         while (nsplit < max_split && tiles * nsplit < slots && kmax > 1024 * nsplit) nsplit *= 2;
-    a.ks = G3N_MAX(1024, ((kmax + nsplit - 1) / nsplit + 1023) / 1024 * 1024);
+    auto slice = [&](int ns) { /* inputs per slice for at most ns slices */
+        return G3N_MAX(1024, ((kmax + ns - 1) / ns + 1023) / 1024 * 1024);
+    };
+    auto blocks = [&](int J) { /* the blocks along y for J tiles per warp (and a.blk0) */
+        int nb = 0;
+        a.blk0[0] = 0;
+        if (a.mode == QGATE_UP) {
+            nb = ((a.O[0] + QRPW - 1) / QRPW + 4 * J - 1) / (4 * J);
+            a.blk0[1] = a.blk0[2] = nb;
+        } else {
+            for (int i = 0; i < a.n; i++) a.blk0[i + 1] = nb += ((a.O[i] + QRPW - 1) / QRPW + 8 * J - 1) / (8 * J);
+        }
+        return nb;
+    };
+    a.ks = slice(nsplit);
     nsplit = (kmax + a.ks - 1) / a.ks;
     /* two tiles per warp once the warps fill the GPU (measured best at 4 and 8 bits on E4B) */
     a.J = fix_j > 0 ? G3N_MIN(QJMAX, fix_j) : tiles * nsplit >= slots ? 2 : 1;
+    if (one_wave && fix_j <= 0) {
+        /* A launch that the GPU cannot hold at once runs its last clusters as a
+         * second wave, which pays the whole ramp again (docs/SPEED.md, eighth
+         * session). Of the shapes with as many or fewer slices and 1, 2 or 4
+         * tiles per warp whose clusters are all resident at once, take the one
+         * with the most blocks (the most loads in flight); none: the rule above. */
+        int best_ns = 0, best_j = 0, best_blocks = 0;
+        for (int ns = nsplit; ns >= 1; ns /= 2) {
+            const int ks = slice(ns), n = (kmax + ks - 1) / ks;
+            const size_t sm = qs_smem<BITS>(R, ks);
+            if (n != ns || sm > qs_smem_max(c)) continue;
+            for (int J = 1; J <= QJMAX; J *= 2) {
+                const int nb = blocks(J);
+                if (nb <= qs_resident_clusters<BITS, SDT>(c, R, (unsigned)ns, sm)) {
+                    if (nb * ns > best_blocks) best_ns = ns, best_j = J, best_blocks = nb * ns;
+                    break;
+                }
+            }
+        }
+        if (best_blocks) a.ks = slice(best_ns), nsplit = best_ns, a.J = best_j;
+    }
+    static const char *force = getenv("G3N_QFORCE"); /* "O,K,slices,J": that product's shape (timing) */
+    int fo, fk, fs, fj;
+    if (force && sscanf(force, "%d,%d,%d,%d", &fo, &fk, &fs, &fj) == 4 && fo == a.O[0] && fk == a.K[0])
+        a.ks = slice(fs), nsplit = (kmax + a.ks - 1) / a.ks, a.J = G3N_MIN(QJMAX, G3N_MAX(1, fj));
+    if (getenv("G3N_QDEBUG"))
+        fprintf(stderr, "qgemv_s O%d K%d n%d: slices %d J %d blocks %d resident clusters %d\n", a.O[0], a.K[0], a.n,
+                nsplit, a.J, blocks(a.J), qs_resident_clusters<BITS, SDT>(c, R, (unsigned)nsplit, qs_smem<BITS>(R, a.ks)));
     const size_t smem = qs_smem<BITS>(R, a.ks);
     if (smem > qs_smem_max(c)) return 0;
-    int nb = 0;
-    a.blk0[0] = 0;
-    if (a.mode == QGATE_UP) {
-        nb = ((a.O[0] + QRPW - 1) / QRPW + 4 * a.J - 1) / (4 * a.J);
-        a.blk0[1] = a.blk0[2] = nb;
-    } else {
-        for (int i = 0; i < a.n; i++) a.blk0[i + 1] = nb += ((a.O[i] + QRPW - 1) / QRPW + 8 * a.J - 1) / (8 * a.J);
-    }
+    const int nb = blocks(a.J);
     if (nb > 65535) return 0;
     const dim3 grid((unsigned)nsplit, (unsigned)nb);
 #define L(r) launch_cluster(c, (unsigned)nsplit, k_qgemv_s<BITS, r, SDT>, grid, 256, smem, a)
@@ -1015,6 +1109,7 @@ static void qmulti(cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y,
         min_k = G3N_MIN(min_k, W[i]->cols);
     }
     const int bits = W[0]->bits, k = qgemv_env();
+    a.trace = c->qtrace;
     if ((k == QK_MMA || (k == QK_DEFAULT && (bits == 8 || rows >= 2))) && mm_launch_any(c, a, bits, rows)) return;
     if ((bits == 4 || bits == 8) && k != QK_OLD && qlaunch_s_any(c, a, bits, rows)) return;
     /* warps per row: ~8K warps in flight, each with at least 8 chunks of its row */

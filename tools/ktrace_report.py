@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""ktrace_report.py: where a decode step's time goes, from tools/ktrace.c's trace.
+
+Splits the trace into steps at each k_qembed / k_embed launch that starts one,
+keeps the steps of the most common shape (the fused decode steps), drops the
+first and last few, and prints for each kernel, summed over its launches in a
+step and averaged over the steps:
+  inc  the time it adds to the step: its end minus the latest end before it
+  dur  its own start-to-end (with PDL it starts before the previous one ends)
+Usage: python3 tools/ktrace_report.py trace.txt [--demangle] [--layer]"""
+import subprocess
+import sys
+from collections import OrderedDict, defaultdict
+
+
+def load(path):
+    rows = []
+    with open(path) as f:
+        for line in f:
+            p = line.split()
+            if len(p) < 8:
+                continue
+            rows.append((int(p[0]), int(p[1]), (int(p[2]), int(p[3])), int(p[6]), p[7]))
+    rows.sort()
+    return rows
+
+
+def demangle(names):
+    try:
+        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.split("\n")
+        return {n: o.split("(")[0].replace("void ", "") for n, o in zip(names, out)}
+    except OSError:
+        return {n: n for n in names}
+
+
+def main():
+    rows = load(sys.argv[1])
+    names = demangle(sorted({r[4] for r in rows}))
+    steps, cur = [], []
+    for r in rows:
+        n = names[r[4]]
+        if n in ("k_qembed", "k_embed") and cur and names[cur[-1][4]] not in ("k_qembed", "k_embed"):
+            steps.append(cur)
+            cur = []
+        cur.append(r)
+    steps.append(cur)
+    shapes = defaultdict(list)
+    for s in steps:
+        shapes[tuple(names[r[4]] for r in s)].append(s)
+    shape, sel = max(shapes.items(), key=lambda kv: len(kv[1]))
+    sel = sel[3:-3] if len(sel) > 10 else sel
+    n = len(sel)
+    tot = sum(s[-1][1] - s[0][0] for s in sel) / n
+    print(f"{n} steps of {len(shape)} kernels; step {tot / 1e3:.1f} us ({1e9 / tot:.1f} tok/s under tracing)")
+    inc = OrderedDict()
+    dur = defaultdict(float)
+    cnt = defaultdict(int)
+    per_pos = [0.0] * len(shape)
+    for s in sel:
+        last = s[0][0]
+        for i, r in enumerate(s):
+            key = (names[r[4]], r[2])
+            d = max(0, r[1] - last)
+            inc[key] = inc.get(key, 0) + d
+            per_pos[i] += d
+            dur[key] += r[1] - r[0]
+            cnt[key] += 1
+            last = max(last, r[1])
+    print(f"{'kernel':40s} {'grid':>10s} {'per step':>8s} {'inc us':>9s} {'inc/launch':>10s} {'dur/launch':>10s}")
+    for key, v in sorted(inc.items(), key=lambda kv: -kv[1]):
+        c = cnt[key] / n
+        print(f"{key[0][:40]:40s} {str(key[1][0])+'x'+str(key[1][1]):>10s} {c:8.0f} {v / n / 1e3:9.1f} "
+              f"{v / n / c / 1e3:10.2f} {dur[key] / n / c / 1e3:10.2f}")
+    if "--layer" in sys.argv:  # one middle layer, kernel by kernel
+        idx = [i for i, nm in enumerate(shape) if nm.startswith("k_predict")]
+        a, b = idx[len(idx) // 2], idx[len(idx) // 2 + 1]
+        print("\none layer (positions %d..%d), averaged over steps:" % (a, b - 1))
+        for i in range(a, b):
+            ds = sum(s[i][1] - s[i][0] for s in sel) / n / 1e3
+            gap = sum(s[i][0] - s[i - 1][1] for s in sel) / n / 1e3
+            print(f"  {shape[i][:40]:40s} {str(sel[0][i][2]):>12s} inc {per_pos[i] / n / 1e3:6.2f}  dur {ds:6.2f}  start-prev_end {gap:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
