@@ -350,20 +350,27 @@ template <int A>
 __global__ void __launch_bounds__(1024)
     k_predict_reg(float *pred, float *x, float *S, const float *ple, const float *ple_w, const void *R, int rdtype,
                   const float *rnorm, const float *coefs, const float *innorm, int rows, int dim, float eps) {
-    __shared__ float red[32 * (A > 2 ? A : 2)];
+    __shared__ float red[32 * (A + 2)], scoef[A * A * A];
     const int r = blockIdx.x, d = 2 * threadIdx.x;
     const size_t plane = (size_t)rows * dim, o = (size_t)r * dim + d;
     /* weights first: they do not depend on the previous kernel */
     float2 wr[A];
     router_w2<A>(wr, R, rdtype, dim, d);
     const float2 rn = ld2(rnorm, d), inn = ld2(innorm, d), pw = ple ? ld2(ple_w, d) : make_float2(0, 0);
+    for (int i = threadIdx.x; i < A * A * A; i += blockDim.x) scoef[i] = coefs[i]; /* read after the first block sum */
     KERNEL_BEGIN();
     float2 s[A];
 #pragma unroll
     for (int j = 0; j < A; j++) s[j] = ld2(S + j * plane, (int)o);
     const float2 p = ple ? ld2(ple + (size_t)r * dim, d) : make_float2(0, 0);
-    float sums[2] = {s[0].x * s[0].x + s[0].y * s[0].y, p.x * p.x + p.y * p.y};
-    block_sum_n<2>(sums, red);
+    /* one block sum for both norms and the router's dot products: the router
+     * reads plane 0, which the per-layer input does not touch, and its norm's
+     * 1/rms is a common factor, applied after the sum */
+    float sums[2 + A];
+    sums[0] = s[0].x * s[0].x + s[0].y * s[0].y, sums[1] = p.x * p.x + p.y * p.y;
+#pragma unroll
+    for (int a = 0; a < A; a++) sums[2 + a] = wr[a].x * (s[0].x * rn.x) + wr[a].y * (s[0].y * rn.y);
+    block_sum_n<2 + A>(sums, red);
     if (ple) { /* the previous layer's per-layer input joins planes 1.. of the state */
         const float ip = rsqrtf(sums[1] / (float)dim + eps);
         const float gx = p.x * ip * pw.x, gy = p.y * ip * pw.y;
@@ -373,14 +380,10 @@ __global__ void __launch_bounds__(1024)
             st2(S + j * plane, (int)o, s[j]);
         }
     }
-    const float inv = rsqrtf(sums[0] / (float)dim + eps), inv_dim = 1.0f / (float)dim;
-    const float vx = s[0].x * inv * rn.x * inv_dim, vy = s[0].y * inv * rn.y * inv_dim;
+    const float inv = rsqrtf(sums[0] / (float)dim + eps) / (float)dim;
     float m[A];
 #pragma unroll
-    for (int a = 0; a < A; a++) m[a] = wr[a].x * vx + wr[a].y * vy;
-    block_sum_n<A>(m, red);
-#pragma unroll
-    for (int a = 0; a < A; a++) m[a] = tanhf(m[a]);
+    for (int a = 0; a < A; a++) m[a] = tanhf(sums[2 + a] * inv);
     float2 p0;
     float ss0 = 0;
 #pragma unroll
@@ -390,7 +393,7 @@ __global__ void __launch_bounds__(1024)
         for (int j = 0; j < A; j++) {
             float cij = 0;
 #pragma unroll
-            for (int k = 0; k < A; k++) cij += __ldg(coefs + (i * A + j) * A + k) * m[k];
+            for (int k = 0; k < A; k++) cij += scoef[(i * A + j) * A + k] * m[k];
             acc.x += cij * s[j].x, acc.y += cij * s[j].y;
         }
         st2(pred + i * plane, (int)o, acc);

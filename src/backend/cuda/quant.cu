@@ -654,7 +654,7 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
     if (one_wave && fix_j <= 0) {
         /* A launch that the GPU cannot hold at once runs its last clusters as a
          * second wave, which pays the whole ramp again (docs/SPEED.md, eighth
-         * session). Of the shapes with as many or fewer slices and 1, 2 or 4
+         * session). Of the shapes with as many or fewer slices and 1 to QJMAX
          * tiles per warp whose clusters are all resident at once, take the one
          * with the most blocks (the most loads in flight); none: the rule above. */
         int best_ns = 0, best_j = 0, best_blocks = 0;
@@ -662,7 +662,7 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
             const int ks = slice(ns), n = (kmax + ks - 1) / ks;
             const size_t sm = qs_smem<BITS>(R, ks);
             if (n != ns || sm > qs_smem_max(c)) continue;
-            for (int J = 1; J <= QJMAX; J *= 2) {
+            for (int J = 1; J <= QJMAX; J++) {
                 const int nb = blocks(J);
                 if (nb <= qs_resident_clusters<BITS, SDT>(c, R, (unsigned)ns, sm)) {
                     if (nb * ns > best_blocks) best_ns = ns, best_j = J, best_blocks = nb * ns;
