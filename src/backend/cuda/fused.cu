@@ -407,7 +407,7 @@ template <int A>
 __global__ void __launch_bounds__(1024)
     k_correct_reg(float *pred, float *qs, float *f, const float *s, const float *w_ff, const void *R, int rdtype,
                   const float *rnorm, const float *coefs, const float *oscale, int rows, int dim, float eps) {
-    __shared__ float red[32 * (A > 2 ? A : 2)];
+    __shared__ float red[32 * (A + 1)];
     const int r = blockIdx.x, d = 2 * threadIdx.x;
     const size_t plane = (size_t)rows * dim, o = (size_t)r * dim + d;
     float2 wr[A];
@@ -423,15 +423,17 @@ __global__ void __launch_bounds__(1024)
     const float i1 = rsqrtf(block_sum(fv.x * fv.x + fv.y * fv.y, red) / (float)dim + eps);
     const float2 ov = make_float2(sv.x + fv.x * i1 * wf.x, sv.y + fv.y * i1 * wf.y);
     st2(f, (int)o, ov);
-    const float i2 = rsqrtf(block_sum(ov.x * ov.x + ov.y * ov.y, red) / (float)dim + eps);
-    const float inv_dim = 1.0f / (float)dim;
-    const float vx = ov.x * i2 * rn.x * inv_dim, vy = ov.y * i2 * rn.y * inv_dim;
+    /* one block sum for the router input's norm and the router's dot products
+     * (its 1/rms is a common factor, applied after the sum, as in k_predict_reg) */
+    float sums[1 + A];
+    sums[0] = ov.x * ov.x + ov.y * ov.y;
+#pragma unroll
+    for (int a = 0; a < A; a++) sums[1 + a] = wr[a].x * (ov.x * rn.x) + wr[a].y * (ov.y * rn.y);
+    block_sum_n<1 + A>(sums, red);
+    const float i2 = rsqrtf(sums[0] / (float)dim + eps) / (float)dim;
     float m[A];
 #pragma unroll
-    for (int a = 0; a < A; a++) m[a] = wr[a].x * vx + wr[a].y * vy;
-    block_sum_n<A>(m, red);
-#pragma unroll
-    for (int a = 0; a < A; a++) m[a] = tanhf(m[a]);
+    for (int a = 0; a < A; a++) m[a] = tanhf(sums[1 + a] * i2);
     const float dx = ov.x - pv[0].x, dy = ov.y - pv[0].y;
 #pragma unroll
     for (int i = 0; i < A; i++) {
