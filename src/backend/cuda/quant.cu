@@ -614,7 +614,9 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
     /* Fill the GPU's resident warps (two blocks of 8 per SM at R <= 2) about once:
      * K split into slices (multiples of 1024 inputs, at most 8: a portable cluster)
      * while there are fewer warp tiles than that, more tiles per warp while there
-     * are more, so that each warp has several items to pipeline. */
+     * are more, so that each warp has several items to pipeline. Products under
+     * 4 MB (G3N_QSPLIT_KB) are not split: for them a cluster's scheduling and
+     * barriers cost more than its warps gain (docs/SPEED.md, eighth session). */
     const int slots = c->n_sm * 8 * qs_blocks_per_sm<BITS, SDT>(c, R);
     int kmax = 0, tiles = 0;
     for (int i = 0; i < a.n; i++) {
@@ -673,10 +675,12 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
         if (best_blocks) a.ks = slice(best_ns), nsplit = best_ns, a.J = best_j;
     }
     static const char *force = getenv("G3N_QFORCE"); /* "O,K,slices,J": that product's shape (timing) */
+    static const int debug = getenv("G3N_QDEBUG") != NULL; /* print each launch's shape */
     int fo, fk, fs, fj;
-    if (force && sscanf(force, "%d,%d,%d,%d", &fo, &fk, &fs, &fj) == 4 && fo == a.O[0] && fk == a.K[0])
+    if (force && sscanf(force, "%d,%d,%d,%d", &fo, &fk, &fs, &fj) == 4 && fo == a.O[0] && fk == a.K[0] && fs >= 1 &&
+        fs <= 8 && (fs == 1 || c->cluster_ok))
         a.ks = slice(fs), nsplit = (kmax + a.ks - 1) / a.ks, a.J = G3N_MIN(QJMAX, G3N_MAX(1, fj));
-    if (getenv("G3N_QDEBUG"))
+    if (debug)
         fprintf(stderr, "qgemv_s O%d K%d n%d: slices %d J %d blocks %d resident clusters %d\n", a.O[0], a.K[0], a.n,
                 nsplit, a.J, blocks(a.J), qs_resident_clusters<BITS, SDT>(c, R, (unsigned)nsplit, qs_smem<BITS>(R, a.ks)));
     const size_t smem = qs_smem<BITS>(R, a.ks);
