@@ -10,7 +10,10 @@ the way in, every launch is printed with quantiles (0, 10, 25, 50, 75, 90,
 100%) of its blocks' start, release and end, relative to the end of the
 launch before it. Usage:
   G3N_QTRACE=/tmp/qt.bin g3n bench -m DIR -p 0 -n 16 -r 1 --decode-path fused
-  python3 tools/qtrace_report.py /tmp/qt.bin"""
+  python3 tools/qtrace_report.py /tmp/qt.bin [STEP]
+STEP: which step to print (default: one a quarter of the way in); the
+launches per step are printed first, so that steps of other decode paths
+(bench times every path) can be told apart."""
 import array
 import sys
 
@@ -41,8 +44,10 @@ def main():
     L = launches(sys.argv[1])
     top = max(sig[0] for sig, _ in L)  # the LM head ends every step that makes logits
     starts = [i + 1 for i, (sig, _) in enumerate(L) if sig[0] == top and i + 1 < len(L)] or [0]
-    a = starts[len(starts) // 4]
-    b = starts[len(starts) // 4 + 1] if len(starts) // 4 + 1 < len(starts) else len(L)
+    k = int(sys.argv[2]) if len(sys.argv) > 2 else len(starts) // 4  # which step
+    print("launches per step:", [y - x for x, y in zip(starts, starts[1:])])
+    a = starts[k]
+    b = starts[k + 1] if k + 1 < len(starts) else len(L)
     print("%d launches, %d steps; step %d..%d (us from the previous launch's end)" % (len(L), len(starts), a, b))
     prev = None
     for sig, blocks in L[a:b]:

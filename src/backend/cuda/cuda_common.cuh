@@ -202,6 +202,25 @@ static inline void launch(cuda_ctx *c, void (*kernel)(KArgs...), dim3 grid, dim3
 
 /* ---- device helpers ---------------------------------------------------------------- */
 
+/* G3N_QTRACE (cuda_ctx.qtrace): %globaltimer, and one block's record: its
+ * product (O, K), grid and index, SM, and five times t (start, PDL release,
+ * activations staged, last item, end) */
+__device__ __forceinline__ unsigned long long gtime() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ void trace_block(unsigned long long *trace, int O, int K, const unsigned long long t[5]) {
+    unsigned smid;
+    asm("mov.u32 %0, %%smid;" : "=r"(smid));
+    const unsigned long long i = atomicAdd(trace, 1ull) % QTRACE_RECS;
+    unsigned long long *rec = trace + 8 + i * 8;
+    rec[0] = (unsigned long long)O << 32 | (unsigned)K;
+    rec[1] = (unsigned long long)gridDim.x << 48 | (unsigned long long)gridDim.y << 32 | blockIdx.x << 16 | blockIdx.y;
+    rec[2] = smid;
+    for (int k = 0; k < 5; k++) rec[3 + k] = t[k];
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

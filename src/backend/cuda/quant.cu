@@ -48,11 +48,6 @@ typedef struct {
     unsigned long long *trace; /* G3N_QTRACE: per block times (cuda.cu) */
 } qargs;
 
-__device__ __forceinline__ unsigned long long gtime() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
-    return t;
-}
 
 enum { QPLAIN = 0, QGELU_MUL = 1, QGATE_UP = 2 };
 
@@ -534,14 +529,7 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
     q_cluster_sync(); /* keep this block's sums alive until rank 0 has read them */
     if (a.trace && threadIdx.x == 0) {
         tt[4] = gtime();
-        unsigned smid;
-        asm("mov.u32 %0, %%smid;" : "=r"(smid));
-        const unsigned long long i = atomicAdd(a.trace, 1ull) % QTRACE_RECS;
-        unsigned long long *rec = a.trace + 8 + i * 8;
-        rec[0] = (unsigned long long)a.O[0] << 32 | (unsigned)a.K[0];
-        rec[1] = (unsigned long long)gridDim.x << 48 | (unsigned long long)gridDim.y << 32 | blockIdx.x << 16 | blockIdx.y;
-        rec[2] = smid;
-        for (int k = 0; k < 5; k++) rec[3 + k] = tt[k];
+        trace_block(a.trace, a.O[0], a.K[0], tt);
     }
 }
 
