@@ -196,7 +196,7 @@ static void check_matmul(const char *what, tmat *W, int R) {
 TEST(matmul) {
     int rows_s[] = {1, 2, 3, 4, 5, 7, 9, 17};
     int out_s[] = {1, 3, 4, 5, 17, 33};
-    int in_s[] = {1, 7, 8, 15, 16, 17, 31, 33, 64, 100, 256, 257, 1032};
+    int in_s[] = {1, 7, 8, 15, 16, 17, 31, 33, 64, 96, 100, 256, 257, 1032};
     for (int d = 0; d < 3; d++)
         for (size_t a = 0; a < sizeof rows_s / sizeof *rows_s; a++)
             for (size_t b = 0; b < sizeof out_s / sizeof *out_s; b++)
