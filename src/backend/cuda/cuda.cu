@@ -281,10 +281,10 @@ static void cu_destroy(g3n_backend *be) {
     cudaStreamSynchronize(c->stream);
     cuda_mega_report(c);
     if (c->qtrace) { /* G3N_QTRACE: the last QTRACE_RECS k_qgemv_s blocks */
-        const size_t n = 8 + (size_t)QTRACE_RECS * 8;
-        unsigned long long *h = (unsigned long long *)malloc(n * 8);
+        unsigned long long *h = (unsigned long long *)malloc(QTRACE_BYTES);
         FILE *f = fopen(getenv("G3N_QTRACE"), "wb");
-        if (h && f && cudaMemcpy(h, c->qtrace, n * 8, cudaMemcpyDeviceToHost) == cudaSuccess) fwrite(h, 8, n, f);
+        if (h && f && cudaMemcpy(h, c->qtrace, QTRACE_BYTES, cudaMemcpyDeviceToHost) == cudaSuccess)
+            fwrite(h, 1, QTRACE_BYTES, f);
         if (f) fclose(f);
         free(h);
         cudaFree(c->qtrace);
@@ -364,8 +364,8 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     c->pdl = prop.major >= 9 && !(pdl && strcmp(pdl, "0") == 0);
     const char *br = getenv("G3N_BLAS_ROWS"), *bm = getenv("G3N_BLAS_MB");
     if (getenv("G3N_QTRACE")) {
-        CUDA_CHECK(cudaMalloc((void **)&c->qtrace, (8 + (size_t)QTRACE_RECS * 8) * 8));
-        CUDA_CHECK(cudaMemset(c->qtrace, 0, (8 + (size_t)QTRACE_RECS * 8) * 8));
+        CUDA_CHECK(cudaMalloc((void **)&c->qtrace, QTRACE_BYTES));
+        CUDA_CHECK(cudaMemset(c->qtrace, 0, QTRACE_BYTES));
     }
     c->blas_rows = br ? G3N_MAX(2, atoi(br)) : 3; /* measured: docs/SPEED.md, seventh session */
     c->blas_bytes = (size_t)(bm ? G3N_MAX(0, atoi(bm)) : 16) << 20;

@@ -57,6 +57,7 @@ typedef struct {
 } cuda_prof;
 
 #define QTRACE_RECS (1 << 22) /* G3N_QTRACE records (k_qgemv_s blocks) */
+#define QTRACE_BYTES ((8 + (size_t)QTRACE_RECS * 8) * 8) /* a count, padding, 8 words a record */
 
 typedef struct {
     int device;

@@ -607,8 +607,10 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
      * barriers cost more than its warps gain (docs/SPEED.md, eighth session). */
     const int slots = c->n_sm * 8 * qs_blocks_per_sm<BITS, SDT>(c, R);
     int kmax = 0, tiles = 0;
+    size_t kb = 0; /* the products' packed KB */
     for (int i = 0; i < a.n; i++) {
         kmax = G3N_MAX(kmax, a.K[i]), tiles += (a.O[i] + QRPW - 1) / QRPW;
+        kb += (size_t)a.O[i] * a.K[i] * BITS / 8 / 1024;
         for (a.gsh[i] = 0; (32 << a.gsh[i]) < a.G[i];) a.gsh[i]++;
     }
     static int max_split = -1, fix_j = -1, split_kb = 0, one_wave = 1; /* timing experiments: */
@@ -618,8 +620,6 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
         fix_j = getenv("G3N_QJ") ? atoi(getenv("G3N_QJ")) : 0;
         split_kb = getenv("G3N_QSPLIT_KB") ? atoi(getenv("G3N_QSPLIT_KB")) : 4096;
     }
-    size_t kb = 0;
-    for (int i = 0; i < a.n; i++) kb += (size_t)a.O[i] * a.K[i] * BITS / 8 / 1024;
     int nsplit = 1;
     if (c->cluster_ok && kb >= (size_t)split_kb)
         while (nsplit < max_split && tiles * nsplit < slots && kmax > 1024 * nsplit) nsplit *= 2;
