@@ -91,16 +91,50 @@ void cuda_op_attention(g3n_backend *be, float *out, const float *q, int layer, i
  * several sequences). One cluster of `nsp` blocks per (token, KV head): each block
  * normalises and rotates the G = H/Hkv query heads that share the KV head (and,
  * in a layer that owns its cache, the new key and value), then takes an equal
- * share of the visible keys; its warps walk the keys with an online softmax for
- * all G heads at once, so each key and value is read once. The block's partial
- * results meet in block 0 of the cluster through distributed shared memory and
- * are merged in rank order: the result does not depend on timing. The block
- * whose share holds the new position uses the new key/value from shared memory
- * and writes them to the cache. */
+ * share of the visible keys; its warps walk the keys two at a time with an online
+ * softmax for all G heads at once, so each key and value is read once. The keys
+ * and values stored by earlier steps stream into a per-warp ring of shared memory
+ * (cp.async), the first nb of them before the PDL wait, while the q/k/v product
+ * still runs. The block whose share holds the new position uses the new
+ * key/value from shared memory and writes them to the cache. The partial results
+ * meet through distributed shared memory: rank r of the cluster owns a slice of
+ * the outputs, every block pushes its partial of that slice (and its softmax max
+ * and sum) into rank r's memory, and after one cluster barrier each rank merges
+ * its slice in rank order from its own memory: the result does not depend on
+ * timing.
+ *
+ * Built with -DATT_TRACE, thread 0 of each block records %globaltimer at the PDL
+ * release and after each stage, and the mean of each stage over the last half
+ * of the run's blocks is printed at exit (how the stages below were measured;
+ * docs/SPEED.md, ninth session). */
 #include <cooperative_groups.h>
 namespace cg = cooperative_groups;
 
 #define DEC_WARPS 8
+#ifdef ATT_TRACE
+__device__ unsigned long long att_tr[1 << 18][8];
+__device__ unsigned att_trn;
+#define ATT_T(k) unsigned long long tt##k = threadIdx.x == 0 ? gtime() : 0
+#define ATT_DONE() if (threadIdx.x == 0) { unsigned i_ = atomicAdd(&att_trn, 1); if (i_ < (1u << 18)) { \
+    att_tr[i_][0] = tt0, att_tr[i_][1] = tt1, att_tr[i_][2] = tt2, att_tr[i_][3] = tt3, att_tr[i_][4] = tt4, \
+    att_tr[i_][5] = tt5, att_tr[i_][6] = tt6, att_tr[i_][7] = tt7; } }
+static void att_trace_dump(void) {
+    unsigned n = 0;
+    cudaMemcpyFromSymbol(&n, att_trn, sizeof n);
+    if (n > (1u << 18)) n = 1u << 18;
+    static unsigned long long h[1 << 18][8];
+    cudaMemcpyFromSymbol(h, att_tr, (size_t)n * 64);
+    double s[8] = {0};
+    unsigned m = 0;
+    for (unsigned i = n / 2; i < n; i++, m++) for (int k = 1; k < 8; k++) s[k] += (double)(h[i][k] - h[i][k - 1]);
+    fprintf(stderr, "att trace: %u blocks (last %u):", n, m);
+    for (int k = 1; k < 8; k++) fprintf(stderr, " %d:%.2f", k, s[k] / m / 1000.0);
+    fprintf(stderr, " us\n");
+}
+#else
+#define ATT_T(k)
+#define ATT_DONE()
+#endif
 
 /* RoPE's cos and sin at position p for this lane's pairs of an hd = 32 * DPL
  * vector: pair i, i + hd/2 with i = lane + 32k (k < DPL/2), or for hd 32 the
@@ -149,47 +183,81 @@ __device__ __forceinline__ void dec_norm_rope(float *dst, const float *src, cons
     for (int k = 0; k < DPL; k++) dst[lane + 32 * k] = x[k];
 }
 
+/* cp.async.wait_group with a run-time depth (the ring's nb, 1..DEC_RING) */
+__device__ __forceinline__ void cp_async_wait_rt(int n) {
+    switch (n) {
+    case 0: cp_async_wait<0>(); break;
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    case 3: cp_async_wait<3>(); break;
+    case 4: cp_async_wait<4>(); break;
+    case 5: cp_async_wait<5>(); break;
+    case 6: cp_async_wait<6>(); break;
+    default: cp_async_wait<7>(); break;
+    }
+}
+
+/* A cluster barrier in two halves: arrive early, wait where it matters */
+__device__ __forceinline__ void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait;" ::: "memory"); }
+
 template <int G, int DPL>
 __global__ void __launch_bounds__(DEC_WARPS * 32)
     k_attn_decode(float *out, const float *q, const float *k, const float *v, const float *qn, const float *kn,
                   const g3n_kv_layer *kv, int owns, int layer, const int32_t *pos, const int32_t *seq,
-                  int Hkv, float theta, float eps, int window) {
+                  int Hkv, float theta, float eps, int window, int nb) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
     __trap(); /* clusters: sm_90 and later only (the host never launches it there) */
 #else
     constexpr int hd = 32 * DPL;
+    extern __shared__ float4 dec_dyn[]; /* per warp: nb slots of a key and its value; then its partial */
     __shared__ float sq[G][hd], snew[2][hd];
-    __shared__ float wm[DEC_WARPS][G], wl[DEC_WARPS][G], wacc[DEC_WARPS][G][hd];
-    __shared__ float bm[G], bl[G], bacc[G][hd]; /* this block's partial, read by rank 0 */
+    __shared__ float wm[DEC_WARPS][G], wl[DEC_WARPS][G];
+    __shared__ float we[DEC_WARPS][G];     /* the warps' weights in this block's partial */
+    __shared__ float pm[8][G], pl[8][G];   /* every rank's max and sum, pushed by the ranks */
+    __shared__ float pacc[G * hd + 8];     /* every rank's partial of this rank's outputs, pushed */
     cg::cluster_group cl = cg::this_cluster();
     const int nsp = (int)cl.num_blocks(), rank = (int)cl.block_rank();
     const int grp = blockIdx.x / nsp, t = grp / Hkv, hk = grp % Hkv;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, H = Hkv * G, kvd = Hkv * hd;
+    float *ring = (float *)dec_dyn + (size_t)warp * nb * 2 * hd;
     /* Before the PDL wait, what does not depend on the previous kernel: the
-     * position and cache (set before the step), RoPE's cos and sin, and this
-     * warp's first key and value when that position was stored by an earlier
-     * step (the new one, p, is stored by this step: in this kernel, or for a
-     * KV-shared layer by an earlier one) */
+     * position and cache (set before the step), RoPE's cos and sin, and the
+     * loads of this warp's first nb keys and values stored by earlier steps
+     * (the new one, p, is stored by this step: in this kernel, or for a
+     * KV-shared layer by an earlier one, and is read after the wait). The warp
+     * takes keys j0 + warp + i * DEC_WARPS; key i goes to slot i % nb, and each
+     * slot's copy is one cp.async group, so the warp waits for its oldest only. */
     const int p = pos[t];
     const g3n_kv_layer L = kv[(size_t)seq[t] * G3N_KV_MAX_LAYERS + layer];
     float cs[DPL], sn[DPL];
     if (theta > 0) rope_cs<DPL>(cs, sn, (float)p, theta);
     const int lo = window > 0 ? max(0, p - window + 1) : 0, span = p - lo + 1;
     const int share = (span + nsp - 1) / nsp, j0 = lo + rank * share, j1 = min(j0 + share, p + 1);
-    float kr[DPL], vr[DPL];
-    bool have = j0 + warp < j1 && j0 + warp < p;
-    if (have) {
-        const size_t o = (size_t)((j0 + warp) % L.cap) * kvd + (size_t)hk * hd;
-#pragma unroll
-        for (int d = 0; d < DPL; d++) kr[d] = L.k[o + lane + 32 * d], vr[d] = L.v[o + lane + 32 * d];
-    }
+    const int nw = j0 + warp < j1 ? (j1 - j0 - warp + DEC_WARPS - 1) / DEC_WARPS : 0;
+    auto issue = [&](int i, float *slot) {
+        const int j = j0 + warp + i * DEC_WARPS;
+        if (i < nw && j < p) {
+            const size_t o = (size_t)(j % L.cap) * kvd + (size_t)hk * hd;
+            for (int c4 = lane; c4 < hd / 4; c4 += 32) {
+                cp_async16(slot + 4 * c4, L.k + o + 4 * c4);
+                cp_async16(slot + hd + 4 * c4, L.v + o + 4 * c4);
+            }
+        }
+        cp_async_commit();
+    };
+    for (int i = 0; i < nb; i++) issue(i, ring + (size_t)i * 2 * hd);
+    cluster_arrive_relaxed(); /* waited for before the first store to another block's memory */
+    ATT_T(0);
     KERNEL_BEGIN();
+    ATT_T(1);
     for (int job = warp; job < G + 2 * owns; job += DEC_WARPS) {
         if (job < G) dec_norm_rope<DPL>(sq[job], q + ((size_t)t * H + hk * G + job) * hd, qn, cs, sn, theta > 0, eps);
         else if (job == G) dec_norm_rope<DPL>(snew[0], k + ((size_t)t * Hkv + hk) * hd, kn, cs, sn, theta > 0, eps);
         else dec_norm_rope<DPL>(snew[1], v + ((size_t)t * Hkv + hk) * hd, NULL, cs, sn, false, eps);
     }
     __syncthreads();
+    ATT_T(2);
     if (owns && p >= j0 && p < j1) { /* this block's share holds the new position */
         const size_t o = (size_t)(p % L.cap) * kvd + (size_t)hk * hd;
         for (int d = threadIdx.x; d < hd; d += blockDim.x) L.k[o + d] = snew[0][d], L.v[o + d] = snew[1][d];
@@ -201,80 +269,144 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
 #pragma unroll
         for (int d = 0; d < DPL; d++) qr[g][d] = sq[g][lane + 32 * d], acc[g][d] = 0;
     }
-    for (int j = j0 + warp; j < j1; j += DEC_WARPS) {
-        if (!have) {
-            const size_t o = (size_t)(j % L.cap) * kvd + (size_t)hk * hd;
-            const float *kj = owns && j == p ? snew[0] : L.k + o;
-            const float *vj = owns && j == p ? snew[1] : L.v + o;
-#pragma unroll
-            for (int d = 0; d < DPL; d++) kr[d] = kj[lane + 32 * d], vr[d] = vj[lane + 32 * d];
+    /* two keys an iteration: their dot products' reductions overlap */
+    auto key_at = [&](int i, int si, const float *&kj, const float *&vj) {
+        const int j = j0 + warp + i * DEC_WARPS;
+        kj = ring + (size_t)si * 2 * hd, vj = kj + hd;
+        if (j == p) {
+            const size_t o = (size_t)(p % L.cap) * kvd + (size_t)hk * hd;
+            kj = owns ? snew[0] : L.k + o;
+            vj = owns ? snew[1] : L.v + o;
         }
-        have = false;
-        float s[G];
+    };
+    for (int i = 0, si = 0; i < nw; i += 2) {
+        const int si2 = si + 1 == nb ? 0 : si + 1, two = i + 1 < nw;
+        cp_async_wait_rt(nb - 2); /* keys i and i + 1: nb + i groups committed, at most nb - 2 pending */
+        __syncwarp();
+        const float *ka, *va, *kb, *vb;
+        key_at(i, si, ka, va);
+        key_at(two ? i + 1 : i, two ? si2 : si, kb, vb);
+        float kr[2][DPL], vr[2][DPL];
+#pragma unroll
+        for (int d = 0; d < DPL; d++) {
+            kr[0][d] = ka[lane + 32 * d], vr[0][d] = va[lane + 32 * d];
+            kr[1][d] = kb[lane + 32 * d], vr[1][d] = vb[lane + 32 * d];
+        }
+        __syncwarp(); /* every lane has read the slots: refill them */
+        issue(i + nb, ring + (size_t)si * 2 * hd);
+        issue(i + 1 + nb, ring + (size_t)si2 * 2 * hd);
+        si = si2 + 1 == nb ? 0 : si2 + 1;
+        float sa[G], sb[G];
 #pragma unroll
         for (int g = 0; g < G; g++) {
-            s[g] = 0;
+            sa[g] = 0, sb[g] = 0;
 #pragma unroll
-            for (int d = 0; d < DPL; d++) s[g] += qr[g][d] * kr[d];
-            s[g] = warp_sum(s[g]);
-            const float m2 = fmaxf(m[g], s[g]), corr = __expf(m[g] - m2), e = __expf(s[g] - m2);
-            l[g] = l[g] * corr + e;
+            for (int d = 0; d < DPL; d++) sa[g] += qr[g][d] * kr[0][d], sb[g] += qr[g][d] * kr[1][d];
+        }
 #pragma unroll
-            for (int d = 0; d < DPL; d++) acc[g][d] = acc[g][d] * corr + e * vr[d];
+        for (int g = 0; g < G; g++) sa[g] = warp_sum(sa[g]), sb[g] = warp_sum(sb[g]);
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            const float sbg = two ? sb[g] : -INFINITY;
+            const float m2 = fmaxf(m[g], fmaxf(sa[g], sbg)), corr = __expf(m[g] - m2);
+            const float ea = __expf(sa[g] - m2), eb = two ? __expf(sbg - m2) : 0.0f;
+            l[g] = l[g] * corr + ea + eb;
+#pragma unroll
+            for (int d = 0; d < DPL; d++) acc[g][d] = acc[g][d] * corr + ea * vr[0][d] + eb * vr[1][d];
             m[g] = m2;
         }
     }
+    cp_async_wait<0>(); /* (every group left is empty) */
+    ATT_T(3);
+    __syncwarp();
+    float *wacc = (float *)dec_dyn; /* [DEC_WARPS][G][hd]: warp w's part lies in its own ring */
 #pragma unroll
     for (int g = 0; g < G; g++) {
         if (lane == 0) wm[warp][g] = m[g], wl[warp][g] = l[g];
 #pragma unroll
-        for (int d = 0; d < DPL; d++) wacc[warp][g][lane + 32 * d] = acc[g][d];
+        for (int d = 0; d < DPL; d++) wacc[((size_t)warp * nb * 2 + g) * hd + lane + 32 * d] = acc[g][d];
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) { /* merge the warps, in order */
-        const int g = i / hd, d = i % hd;
-        float M = -INFINITY, Ls = 0, As = 0;
+    /* Merge the warps, in order: each head's weights once (threads < G), then
+     * every output a sum of independent shared-memory loads */
+    if (threadIdx.x < G) {
+        const int g = threadIdx.x;
+        float M = -INFINITY, Ls = 0;
         for (int w = 0; w < DEC_WARPS; w++)
             if (wl[w][g] > 0) M = fmaxf(M, wm[w][g]);
-        for (int w = 0; w < DEC_WARPS; w++)
-            if (wl[w][g] > 0) {
-                const float e = __expf(wm[w][g] - M);
-                Ls += wl[w][g] * e;
-                As += wacc[w][g][d] * e;
-            }
-        bacc[g][d] = As;
-        if (d == 0) bm[g] = M, bl[g] = Ls;
-    }
-    cl.sync();
-    if (rank == 0)
-        for (int i = threadIdx.x; i < G * hd; i += blockDim.x) { /* merge the blocks, in rank order */
-            const int g = i / hd, d = i % hd;
-            float M = -INFINITY, Ls = 0, As = 0;
-            for (int r = 0; r < nsp; r++) {
-                const float lr = *cl.map_shared_rank(&bl[g], r);
-                if (lr > 0) M = fmaxf(M, *cl.map_shared_rank(&bm[g], r));
-            }
-            for (int r = 0; r < nsp; r++) {
-                const float lr = *cl.map_shared_rank(&bl[g], r);
-                if (lr > 0) {
-                    const float e = __expf(*cl.map_shared_rank(&bm[g], r) - M);
-                    Ls += lr * e;
-                    As += *cl.map_shared_rank(&bacc[g][d], r) * e;
-                }
-            }
-            out[((size_t)t * H + hk * G + g) * hd + d] = As / Ls;
+        for (int w = 0; w < DEC_WARPS; w++) {
+            const float e = wl[w][g] > 0 ? __expf(wm[w][g] - M) : 0.0f;
+            we[w][g] = e;
+            Ls += wl[w][g] * e;
         }
-    cl.sync(); /* keep every block's shared memory alive until rank 0 has read it */
+        /* push this block's max and sum to every rank of the cluster */
+        cluster_wait(); /* every block has started (the arrive at the top) */
+        for (int r = 0; r < nsp; r++) *cl.map_shared_rank(&pm[rank][g], r) = M, *cl.map_shared_rank(&pl[rank][g], r) = Ls;
+    } else
+        cluster_wait();
+    __syncthreads();
+    ATT_T(4);
+    /* Merge the blocks, in rank order: rank r owns outputs [r per, (r + 1) per);
+     * each block pushes its partial of those into rank r's shared memory, so
+     * after one cluster barrier every rank reads its own memory only */
+    const int per = (G * hd + nsp - 1) / nsp;
+    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
+        const int g = i / hd, d = i % hd, dst = i / per;
+        float As = 0;
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; w++) As += wacc[((size_t)w * nb * 2 + g) * hd + d] * we[w][g];
+        *cl.map_shared_rank(&pacc[rank * per + i - dst * per], dst) = As;
+    }
+    ATT_T(5);
+    cl.sync();
+    ATT_T(6);
+    const int i1 = min((rank + 1) * per, G * hd);
+    for (int i = rank * per + threadIdx.x; i < i1; i += blockDim.x) {
+        const int g = i / hd, d = i % hd;
+        float M = -INFINITY, Ls = 0, As = 0;
+        for (int r = 0; r < nsp; r++)
+            if (pl[r][g] > 0) M = fmaxf(M, pm[r][g]);
+        for (int r = 0; r < nsp; r++)
+            if (pl[r][g] > 0) {
+                const float e = __expf(pm[r][g] - M);
+                Ls += pl[r][g] * e;
+                As += pacc[r * per + i - rank * per] * e;
+            }
+        out[((size_t)t * H + hk * G + g) * hd + d] = As / Ls;
+    }
+    ATT_T(7); ATT_DONE();
 #endif
 }
 
+#define DEC_RING 8 /* most slots per warp: all of a warp's keys of a 512-key window in flight at once */
+
+/* k_attn_decode's dynamic shared memory: each warp's ring of nb keys and values */
+static size_t dec_smem(int nb, int hd) { return (size_t)DEC_WARPS * nb * 2 * hd * sizeof(float); }
+
+template <int G, int DPL>
+static void dec_launch(cuda_ctx *c, unsigned nsp, int nb, float *out, const float *q, const float *k, const float *v,
+                       const float *qn, const float *kn, int owns, int layer, int Hkv, float theta, float eps,
+                       int window) {
+    static int raised; /* the kernel may take the widest ring (once per instantiation) */
+#ifdef ATT_TRACE
+    static int reg;
+    if (!reg) atexit(att_trace_dump), reg = 1;
+#endif
+    const size_t smem = dec_smem(nb, 32 * DPL);
+    if (!raised) {
+        CUDA_CHECK(cudaFuncSetAttribute(k_attn_decode<G, DPL>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)dec_smem(DEC_RING, 32 * DPL)));
+        raised = 1;
+    }
+    launch_cluster(c, nsp, k_attn_decode<G, DPL>, dim3((unsigned)c->n_tokens * Hkv * nsp), dim3(DEC_WARPS * 32),
+                   smem, out, q, k, v, qn, kn, c->d_kv, owns, layer, d_pos(c), d_seq(c), Hkv, theta, eps, window, nb);
+}
+
 template <int G>
-static int attn_decode_launch(cuda_ctx *c, int dpl, unsigned nsp, float *out, const float *q, const float *k,
+static int attn_decode_launch(cuda_ctx *c, int dpl, unsigned nsp, int nb, float *out, const float *q, const float *k,
                               const float *v, const float *qn, const float *kn, int owns, int layer, int Hkv,
                               float theta, float eps, int window) {
-    const dim3 grid((unsigned)c->n_tokens * Hkv * nsp), block(DEC_WARPS * 32);
-#define DEC(D) launch_cluster(c, nsp, k_attn_decode<G, D>, grid, block, 0, out, q, k, v, qn, kn, c->d_kv, owns, \
-                              layer, d_pos(c), d_seq(c), Hkv, theta, eps, window)
+#define DEC(D) dec_launch<G, D>(c, nsp, nb, out, q, k, v, qn, kn, owns, layer, Hkv, theta, eps, window)
     switch (dpl) {
     case 1: DEC(1); return 1;
     case 2: DEC(2); return 1;
@@ -304,8 +436,16 @@ void cuda_op_qkv_attention(g3n_backend *be, float *out, float *q, float *k, floa
         if (window > 0) cap = G3N_MIN(cap, window);
         unsigned nsp = 1;
         while (nsp < 8 && (int)nsp * 64 < cap) nsp *= 2;
+        /* ring slots per warp: as many as its keys at that width, at most DEC_RING,
+         * at least the two keys an iteration takes, and enough to hold the warp's
+         * partial (G vectors) after the walk */
+        static int nb_env = -1;
+        if (nb_env < 0) nb_env = getenv("G3N_ATT_RING") ? atoi(getenv("G3N_ATT_RING")) : 0;
+        int nb = (cap + (int)nsp * DEC_WARPS - 1) / ((int)nsp * DEC_WARPS);
+        if (nb_env > 0) nb = nb_env;
+        nb = G3N_MAX(G3N_MIN(nb, DEC_RING), G3N_MAX(2, (G + 1) / 2));
         PROF_BEGIN(c);
-#define DEC_G(g) done = attn_decode_launch<g>(c, dpl, nsp, out, q, k, v, q_norm.data, k_norm.data, layer >= 0, \
+#define DEC_G(g) done = attn_decode_launch<g>(c, dpl, nsp, nb, out, q, k, v, q_norm.data, k_norm.data, layer >= 0, \
                                             attn_layer, n_head_kv, theta, eps, window)
         if (G == 1) DEC_G(1);
         else if (G == 2) DEC_G(2);
