@@ -126,7 +126,8 @@ int g3n_session_n_ctx(const g3n_session *s);
 int g3n_session_eval(g3n_session *s, const int32_t *ids, int n, float *logits_out, char *err,
                      size_t errlen);
 
-/* Logits of the last evaluated token (n_vocab floats), NULL before any eval. */
+/* Logits of the last evaluated token (n_vocab floats), NULL before any eval. On
+ * a GPU the row is copied to the host at the first call after an eval. */
 const float *g3n_session_logits(const g3n_session *s);
 
 /* Keep the first n positions of the sequence and forget the rest (to reuse a
@@ -263,6 +264,22 @@ int32_t g3n_sampler_sample(g3n_sampler *s, const float *logits);
 /* The distribution sample() would draw from (n_vocab floats into probs), with no
  * random draw. Returns the number of tokens with non-zero probability. */
 int g3n_sampler_probs(g3n_sampler *s, const float *logits, float *probs);
+
+/* The candidates path: sample reads only the best few logits (in the order logit
+ * descending, then id ascending; NaN as -inf, +inf as FLT_MAX) when no penalty
+ * is set and it is greedy (1) or has a top-k below 256 (top_k + 1). top_need
+ * says how many, or 0 when it needs the whole row. sample_top picks from the
+ * best m = top_need exactly what sample picks from the row, drawing the same
+ * random number; -2 (no draw) when fewer than m logits are finite and the row
+ * is needed after all. */
+int g3n_sampler_top_need(const g3n_sampler *s);
+int g3n_sampler_vocab(const g3n_sampler *s); /* the n_vocab it was made with */
+int32_t g3n_sampler_sample_top(g3n_sampler *s, const float *vals, const int32_t *ids, int m);
+
+/* The next token by smp from the session's last logits: from the device's best
+ * candidates where the backend and the sampler allow (no copy of the whole row
+ * to the host), else from the row. -1 as g3n_sampler_sample. */
+int32_t g3n_session_sample(g3n_session *s, g3n_sampler *smp);
 
 #ifdef __cplusplus
 }

@@ -7,6 +7,7 @@
 #ifndef G3N_TEST_H
 #define G3N_TEST_H
 
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -113,6 +114,22 @@ static inline unsigned long long test_rand_u64(void) {
 /* uniform in [-1, 1) */
 static inline float test_randf(void) {
     return (float)((double)(test_rand_u64() >> 11) * (1.0 / 9007199254740992.0) * 2.0 - 1.0);
+}
+
+/* The sampler's order of a row of logits (logit descending, then id ascending;
+ * NaN as -inf, +inf as FLT_MAX): idx[0..n) sorted that way, by qsort. */
+static inline float test_clean_logit(float x) { return x != x ? -INFINITY : (x > FLT_MAX ? FLT_MAX : x); }
+static const float *test_order_row;
+static int test_order_cmp(const void *a, const void *b) {
+    const int i = *(const int *)a, j = *(const int *)b;
+    const float x = test_clean_logit(test_order_row[i]), y = test_clean_logit(test_order_row[j]);
+    if (x != y) return x > y ? -1 : 1;
+    return i < j ? -1 : 1;
+}
+static inline void test_logit_order(const float *row, int n, int *idx) {
+    for (int i = 0; i < n; i++) idx[i] = i;
+    test_order_row = row;
+    qsort(idx, (size_t)n, sizeof(int), test_order_cmp);
 }
 
 #endif

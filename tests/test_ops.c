@@ -6,6 +6,7 @@
  * few reference ops against values computed here, so the oracle is checked too,
  * and the CPU kernel property the model tests rely on: a row gives bitwise the
  * same output alone as inside a block of rows. */
+#include <float.h>
 #include <math.h>
 
 #include "test.h"
@@ -970,6 +971,52 @@ TEST(ref_ops_exact) {
     free(xr);
 }
 
+/* logits_top (where a backend offers it) against a sort in the sampler's order:
+ * rows the width of Gemma's vocabulary and a narrow one, with ties, NaN, +-inf,
+ * all -inf but a few, and the best crowded into one slice. */
+TEST(logits_top) {
+    if (!B->logits_top) {
+        printf("  (no logits_top on this backend)\n");
+        return;
+    }
+    const int ns[2] = {262144, 5000}, ms[5] = {1, 2, 65, 201, 256};
+    float vals[256];
+    int32_t ids[256];
+    for (int ni = 0; ni < 2; ni++)
+        for (int kind = 0; kind < 5; kind++) {
+            const int n = ns[ni];
+            float *l = malloc(4 * (size_t)n);
+            int *idx = malloc(sizeof(int) * (size_t)n);
+            for (int i = 0; i < n; i++) {
+                float x = test_randf() * 8.0f;
+                if (kind == 1) x = floorf(x); /* ties */
+                if (kind == 2 && i % 101 == 3) x = NAN;
+                if (kind == 2 && i % 307 == 9) x = i % 2 ? INFINITY : -INFINITY;
+                if (kind == 3) x = -INFINITY;
+                if (kind == 4 && i >= 2048 * 3 && i < 2048 * 3 + 600) x += 100.0f; /* one slice */
+                l[i] = x;
+            }
+            if (kind == 3)
+                for (int j = 0; j < 40; j++) l[(j * 7919) % n] = test_randf();
+            test_logit_order(l, n, idx);
+            float *dl = dev(l, (size_t)n);
+            for (int mi = 0; mi < 5; mi++) {
+                const int m = ms[mi];
+                if (!B->logits_top(B, dl, n, m, vals, ids)) {
+                    CHECK_MSG(0, "logits_top declined n %d kind %d m %d", n, kind, m);
+                    continue;
+                }
+                int bad = 0;
+                for (int i = 0; i < m; i++) {
+                    const float want = test_clean_logit(l[idx[i]]);
+                    bad += ids[i] != idx[i] || memcmp(&vals[i], &want, 4) != 0;
+                }
+                CHECK_MSG(!bad, "logits_top n %d kind %d m %d: %d of the best differ", n, kind, m, bad);
+            }
+            B->free(B, dl), free(l), free(idx);
+        }
+}
+
 static void run_backend(void) {
     /* a wide step first: lets a GPU backend size its prompt-product scratch, so
      * the products of more than a few rows take that path */
@@ -990,6 +1037,7 @@ static void run_backend(void) {
     RUN(fused_ops);
     RUN(fused_ops_q4);
     RUN(fused_ops_q8);
+    RUN(logits_top);
 }
 
 int main(int argc, char **argv) {

@@ -1009,6 +1009,62 @@ TEST(gemma_vocab_vs_brute) {
  * compare builds (the SSE2 and the plain-C paths must agree bit for bit:
  * build once with -DG3N_SAMPLER_SCALAR and compare the lines). Asserts only that
  * every id is valid. */
+/* The candidates path (g3n_sampler_top_need / sample_top, what g3n_session_sample
+ * runs on a GPU) picks exactly what sample picks from the whole row, with the
+ * same random draws: rows with ties, NaN, +-inf and only a few finite logits,
+ * greedy and top-k with top-p, min-p and temperature. The candidates are the
+ * row's best m in the sampler's order, made here by sorting. */
+TEST(candidates_path) {
+    enum { V = 4096 };
+    float *l = g3n_malloc(V * sizeof(float)), vals[256];
+    int *idx = g3n_malloc(V * sizeof(int));
+    int32_t ids[256];
+    struct { float t; int k; float top_p, min_p; } ps[] = {
+        {0.0f, 0, 1.0f, 0.0f},  {1.0f, 64, 0.95f, 0.0f}, {1.0f, 1, 1.0f, 0.0f},   {0.7f, 10, 1.0f, 0.1f},
+        {1.3f, 200, 0.9f, 0.05f}, {1.0f, 255, 1.0f, 0.0f}, {0.0f, 64, 0.95f, 0.0f}};
+    int fallbacks = 0;
+    for (size_t pi = 0; pi < sizeof ps / sizeof ps[0]; pi++) {
+        g3n_sampler_params p = plain();
+        p.temperature = ps[pi].t, p.top_k = ps[pi].k, p.top_p = ps[pi].top_p, p.min_p = ps[pi].min_p;
+        g3n_sampler *a = mk(&p, V), *b = mk(&p, V);
+        const int m = g3n_sampler_top_need(b);
+        CHECK(m == (p.temperature <= 0 ? 1 : p.top_k + 1));
+        for (int row = 0; row < 60; row++) {
+            test_seed(1000 * pi + row);
+            const int kind = row % 6;
+            for (int i = 0; i < V; i++) {
+                float x = test_randf() * 6.0f;
+                if (kind == 1) x = floorf(x * 2.0f) * 0.5f; /* many ties */
+                if (kind == 2 && i % 97 == 5) x = NAN;
+                if (kind == 2 && i % 211 == 7) x = INFINITY;
+                if (kind == 3 || kind == 4) x = -INFINITY;
+                l[i] = x;
+            }
+            if (kind == 3) /* a few finite: fewer than m for most m */
+                for (int j = 0; j < 12; j++) l[(j * 331 + row) % V] = test_randf();
+            if (kind == 5) l[row * 13] = 40.0f; /* one dominant */
+            test_logit_order(l, V, idx);
+            for (int i = 0; i < m; i++) ids[i] = idx[i], vals[i] = test_clean_logit(l[idx[i]]);
+            const int32_t want = g3n_sampler_sample(a, l);
+            int32_t got = g3n_sampler_sample_top(b, vals, ids, m);
+            if (got == -2) got = g3n_sampler_sample(b, l), fallbacks++;
+            CHECK_MSG(got == want, "params %zu row %d: candidates %d, row %d", pi, row, (int)got, (int)want);
+        }
+        g3n_sampler_free(a), g3n_sampler_free(b);
+    }
+    CHECK(fallbacks > 0); /* the few-finite rows took the row */
+    g3n_sampler_params p = plain();
+    p.top_k = 64, p.repeat_penalty = 1.1f;
+    g3n_sampler *s = mk(&p, V);
+    CHECK(g3n_sampler_top_need(s) == 0); /* penalties: the whole row */
+    g3n_sampler_free(s);
+    p = plain();
+    s = mk(&p, V);
+    CHECK(g3n_sampler_top_need(s) == 0); /* no top-k: the whole row */
+    g3n_sampler_free(s);
+    free(l), free(idx);
+}
+
 TEST(fingerprint) {
     float *l = g3n_malloc(GEMMA_V * sizeof(float));
     uint64_t h = 1469598103934665603ull;
@@ -1111,6 +1167,7 @@ int main(int argc, char **argv) {
     RUN(seeds_and_reset);
     RUN(sampling_nan_inf);
     RUN(gemma_vocab_vs_brute);
+    RUN(candidates_path);
     RUN(fingerprint);
     RUN(speed_report);
     return test_summary();

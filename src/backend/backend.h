@@ -64,6 +64,7 @@ typedef struct {
 } g3n_kv_layer;
 
 #define G3N_KV_MAX_LAYERS 128
+#define G3N_TOP_MAX 256 /* logits_top: candidates at most */
 typedef struct {
     g3n_kv_layer layer[G3N_KV_MAX_LAYERS];
 } g3n_kv;
@@ -286,6 +287,11 @@ struct g3n_backend {
      * S out. Returns 0, doing nothing, where the backend does not take this
      * model or step. bufs NULL: at load, prepare and answer whether it would. */
     int (*decode_layers)(g3n_backend *be, const g3n_dec_model *m, const g3n_dec_bufs *bufs);
+    /* Optional (NULL): the best m (1..G3N_TOP_MAX) of a row of n logits in
+     * backend memory, in the sampler's order (logit descending, then id
+     * ascending; NaN counts as -inf, +inf as FLT_MAX), into host arrays vals and
+     * ids. Returns 1, or 0 where it declines (the caller reads the whole row). */
+    int (*logits_top)(g3n_backend *be, const float *logits, int n, int m, float *vals, int32_t *ids);
 };
 
 /* Constructors. NULL + err when the backend cannot start. */

@@ -1,8 +1,9 @@
 /* cli_bench.c: `g3n bench`, llama-bench style: prefill (pp) and decode (tg)
  * tokens per second over repetitions, mean and standard deviation, plus the
  * bytes one decoded token reads and that rate against the measured memory
- * bandwidth. Tokenization and sampling are excluded; decoding feeds back the
- * argmax and prints a checksum of the ids, so a fast but wrong build shows.
+ * bandwidth. Tokenization is excluded; decoding feeds back the greedy pick (timed
+ * with the step: on a GPU the device's best logit, no copy of the row) and
+ * prints a checksum of the ids, so a fast but wrong build shows.
  * --parallel P1,P2,...: aggregate decode of P sequences per batched step instead. */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
@@ -23,13 +24,6 @@ static stat2 stats(const double *v, int n) {
     for (int i = 0; i < n; i++) s.sd += (v[i] - s.mean) * (v[i] - s.mean);
     s.sd = n > 1 ? sqrt(s.sd / (n - 1)) : 0;
     return s;
-}
-
-static int32_t argmax(const float *x, int n) {
-    int32_t b = 0;
-    for (int i = 1; i < n; i++)
-        if (x[i] > x[b]) b = i;
-    return b;
 }
 
 /* --parallel 1,8,32: aggregate decode tok/s of P sequences stepped together
@@ -153,10 +147,16 @@ int cmd_bench(int argc, char **argv) {
         st = st * 6364136223846793005ull + 1442695040888963407ull;
         prompt[i] = (int32_t)(3 + (st >> 33) % (uint64_t)(mi.n_vocab_text - 3));
     }
-    /* warm-up: page in the weights, grow scratch, let libraries pick kernels */
+    /* warm-up: page in the weights, grow scratch, let libraries pick kernels
+     * (and the greedy pick its buffers) */
+    g3n_sampler_params gp = g3n_sampler_default_params();
+    gp.temperature = 0;
+    g3n_sampler *greedy = g3n_sampler_create(&gp, mi.n_vocab_text, err, sizeof err);
+    if (!greedy) die("%s", err);
     int32_t w0 = 2;
     if (g3n_session_eval(s, &w0, 1, NULL, err, sizeof err)) die("%s", err);
     if (g3n_session_eval(s, &w0, 1, NULL, err, sizeof err)) die("%s", err);
+    (void)g3n_session_sample(s, greedy);
     if (n_prompt > 0) {
         g3n_session_reset(s);
         if (g3n_session_eval(s, prompt, n_prompt, NULL, err, sizeof err)) die("%s", err);
@@ -170,6 +170,7 @@ int cmd_bench(int argc, char **argv) {
         if (strcmp(all[i], paths[0]) && strstr(mi.decode_paths, all[i])) paths[n_paths++] = all[i];
     double *pp = calloc((size_t)reps, sizeof(double)), *tg = calloc((size_t)reps * 3, sizeof(double));
     uint64_t checksum[3] = {0, 0, 0};
+
     for (int r = 0; r < reps; r++) {
         if (n_prompt > 0) {
             g3n_session_reset(s);
@@ -186,12 +187,14 @@ int cmd_bench(int argc, char **argv) {
                 if (g3n_session_eval(s, &tok, 1, NULL, err, sizeof err)) die("%s", err);
                 g3n_session_reset(s);
             }
-            double spent = 0; /* model time only: picking the next id is excluded */
+            /* the step and its greedy pick (what `g3n generate --temp 0` does per
+             * token: on a GPU the device's best logit, not a copy of the row) */
+            double spent = 0;
             for (int i = 0; i < n_gen; i++) {
                 double t0 = now_s();
                 if (g3n_session_eval(s, &tok, 1, NULL, err, sizeof err)) die("%s", err);
+                tok = g3n_session_sample(s, greedy);
                 spent += now_s() - t0;
-                tok = argmax(g3n_session_logits(s), mi.n_vocab_text);
                 h = (h ^ (uint64_t)tok) * 1099511628211ull;
             }
             tg[pi * reps + r] = n_gen / spent;
@@ -247,6 +250,7 @@ int cmd_bench(int argc, char **argv) {
     free(pp);
     free(tg);
     free(prompt);
+    g3n_sampler_free(greedy);
     g3n_session_free(s);
     g3n_model_close(m);
     return 0;

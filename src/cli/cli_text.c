@@ -154,7 +154,7 @@ static int generate(gen_state *g, const int32_t *ids, int n, int n_predict) {
     int made = 0;
     t0 = now_s();
     while (n_predict < 0 || made < n_predict) {
-        int32_t tok = g3n_sampler_sample(g->smp, g3n_session_logits(g->s));
+        int32_t tok = g3n_session_sample(g->s, g->smp);
         if (tok < 0) die("every logit is -inf or NaN: the model produced no usable distribution");
         if (g->n_out == g->cap_out) {
             g->cap_out = g->cap_out ? 2 * g->cap_out : 256;

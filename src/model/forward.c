@@ -289,6 +289,8 @@ static void output_logits(g3n_model *M, fwd_scratch *f, int n, int r0, int nr, f
     if (c->final_softcap > 0) be->softcap(be, logits, (size_t)nr * c->n_vocab, c->final_softcap);
 }
 
+const float *fwd_logits(const fwd_scratch *f) { return f->logits; }
+
 const char *fwd_path_name(int path) {
     return path == FWD_MEGA ? "mega" : path == FWD_FUSED ? "fused" : "split";
 }
@@ -384,9 +386,10 @@ void fwd_run(g3n_model *M, fwd_scratch *f, const g3n_batch *b, int out_row0, flo
             f->pred = pred_orig;
             if (recording) be->graph_end(be);
         }
-        if (n_out > 0) be->read(be, logits_host, f->logits, (size_t)n_out * V * sizeof(float));
+        if (n_out > 0 && logits_host) be->read(be, logits_host, f->logits, (size_t)n_out * V * sizeof(float));
         return;
     }
+    G3N_ASSERT(logits_host);
     embed_tokens(M, f, n);
     layers_run(M, f, n);
     for (int r0 = out_row0; r0 < n; r0 += f->lm_rows) {

@@ -18,6 +18,9 @@ void fwd_scratch_free(g3n_model *m, fwd_scratch *f);
  * batch names, and copy the soft-capped logits of rows [out_row0, n) into
  * logits_host ((n - out_row0) x n_vocab floats). Ids must already be validated. */
 void fwd_run(g3n_model *m, fwd_scratch *f, const g3n_batch *b, int out_row0, float *logits_host);
+/* The logits of the last step in backend memory (row 0: the first row asked
+ * for); fwd_run leaves them there when logits_host is NULL (at most lm_rows rows). */
+const float *fwd_logits(const fwd_scratch *f);
 
 /* Decode paths (m->fused): one op per step of the maths, the fused ops, or the
  * fused ops with every layer of a one-token step in one backend call. */

@@ -17,6 +17,7 @@ struct g3n_session {
     int32_t *ids, *posv, *seqv; /* [n_batch] host step metadata */
     float *logits;     /* [n_vocab] host, last token */
     int have_logits;
+    int logits_on_dev; /* the last logits are still only in fwd's device row: copied on demand */
 };
 
 /* One allocation for the K and V of every layer that owns a cache; views in *kv.
@@ -101,11 +102,36 @@ void g3n_session_reset(g3n_session *s) {
     s->pos = 0;
     s->hi = 0;
     s->have_logits = 0;
+    s->logits_on_dev = 0;
 }
 
 int g3n_session_pos(const g3n_session *s) { return s->pos; }
 int g3n_session_n_ctx(const g3n_session *s) { return s->n_ctx; }
-const float *g3n_session_logits(const g3n_session *s) { return s->have_logits ? s->logits : NULL; }
+const float *g3n_session_logits(const g3n_session *s) {
+    if (!s->have_logits) return NULL;
+    if (s->logits_on_dev) { /* a cache filled on first use: logically const */
+        g3n_session *w = (g3n_session *)s;
+        g3n_backend *be = s->m->be;
+        be->read(be, w->logits, fwd_logits(s->fwd), (size_t)s->m->cfg.n_vocab * sizeof(float));
+        w->logits_on_dev = 0;
+    }
+    return s->logits;
+}
+
+int32_t g3n_session_sample(g3n_session *s, g3n_sampler *smp) {
+    if (!s->have_logits) return -1;
+    g3n_backend *be = s->m->be;
+    const int m = g3n_sampler_top_need(smp), n = g3n_sampler_vocab(smp);
+    if (m > 0 && s->logits_on_dev && be->logits_top && m <= G3N_TOP_MAX && n <= s->m->cfg.n_vocab) {
+        float vals[G3N_TOP_MAX];
+        int32_t ids[G3N_TOP_MAX];
+        if (be->logits_top(be, fwd_logits(s->fwd), n, m, vals, ids)) {
+            const int32_t t = g3n_sampler_sample_top(smp, vals, ids, m);
+            if (t != -2) return t;
+        }
+    }
+    return g3n_sampler_sample(smp, g3n_session_logits(s));
+}
 
 /* Position q < pos is still in every cache iff no later position q' < hi with
  * q' = q (mod cap) overwrote it: q >= hi - cap. Truncating to n needs the window
@@ -160,8 +186,10 @@ int g3n_session_eval(g3n_session *s, const int32_t *ids, int n, float *logits_ou
             fwd_run(s->m, s->fwd, &b, 0, logits_out + (size_t)i0 * V);
             if (last) memcpy(s->logits, logits_out + (size_t)(n - 1) * V, V * sizeof(float));
         } else {
-            fwd_run(s->m, s->fwd, &b, last ? nb - 1 : nb, s->logits);
+            fwd_run(s->m, s->fwd, &b, last ? nb - 1 : nb, NULL); /* the last row stays on the device */
         }
+        s->logits_on_dev = !logits_out;
+        if (!logits_out && last && s->m->be->sync) s->m->be->sync(s->m->be); /* eval returns when done */
         s->pos += nb;
         s->hi = G3N_MAX(s->hi, s->pos);
     }
@@ -295,6 +323,7 @@ int g3n_batch_decode(g3n_batcher *bt, g3n_session **ss, const int32_t *ids, int 
         memcpy(s->logits, bt->logits + (size_t)i * V, V * sizeof(float));
         if (logits_out) memcpy(logits_out + (size_t)i * V, s->logits, V * sizeof(float));
         s->have_logits = 1;
+        s->logits_on_dev = 0;
         s->pos++;
         s->hi = G3N_MAX(s->hi, s->pos);
     }

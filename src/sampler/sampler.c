@@ -801,6 +801,41 @@ static int gather_at_least(const float *w, int n, float thr, cand *c, int max_n)
     return k;
 }
 
+/* Step 4 on a list: the best n candidates s->c[0..n) cut to the shortest prefix
+ * holding top_p of their untempered mass. Returns the new n. */
+static int top_p_list(g3n_sampler *s, int n, float lmax) {
+    const cand *c = s->c;
+    double z = 0;
+    for (int i = 0; i < n; i++) z += fexp(c[i].l - lmax);
+    double target = ((double)s->p.top_p - TOL) * z, cum = 0;
+    for (int i = 0; i < n; i++) {
+        cum += fexp(c[i].l - lmax);
+        if (cum >= target) return i + 1;
+    }
+    return n;
+}
+
+/* Step 5's threshold: the smallest float f with f >= lmax + log(min_p) - TOL,
+ * computed in double; finite, so masked tokens never pass. */
+static float min_p_thr(const g3n_sampler *s, float lmax) {
+    double t = (double)lmax + (log((double)s->p.min_p) - TOL);
+    float thr = (float)t;
+    if ((double)thr < t) thr = nextafterf(thr, INFINITY);
+    if (thr > lmax) thr = lmax; /* cannot happen (lmax >= t); the best stays */
+    if (thr < -FLT_MAX) thr = -FLT_MAX;
+    return thr;
+}
+
+/* Step 5 on a list: keep the candidates at or above thr (the best always passes:
+ * log(min_p) <= 0). Returns the new n. */
+static int min_p_list(g3n_sampler *s, int n, float thr) {
+    int k = 0;
+    for (int i = 0; i < n; i++) {
+        if (s->c[i].l >= thr) s->c[k++] = s->c[i];
+    }
+    return k;
+}
+
 /* Steps 0-5. */
 static chain_out run_chain(g3n_sampler *s, const float *logits) {
     chain_out o = {OUT_NONE, -1, 0, -INFINITY, -INFINITY};
@@ -836,34 +871,16 @@ static chain_out run_chain(g3n_sampler *s, const float *logits) {
     }
     if (p->top_p < 1.0f) { /* 4. top-p on the untempered distribution */
         if (o.kind == OUT_LIST) {
-            double z = 0;
-            for (int i = 0; i < n; i++) z += fexp(c[i].l - lmax);
-            double target = ((double)p->top_p - TOL) * z, cum = 0;
-            for (int i = 0; i < n; i++) {
-                cum += fexp(c[i].l - lmax);
-                if (cum >= target) {
-                    n = i + 1;
-                    break;
-                }
-            }
+            n = top_p_list(s, n, lmax);
         } else {
             n = top_p_full(s, n_fin, lmax);
             o.kind = OUT_LIST;
         }
     }
     if (p->min_p > 0) { /* 5. min-p, relative to the best token */
-        /* the smallest float f with f >= lmax + log(min_p) - TOL, computed in double */
-        double t = (double)lmax + (log((double)p->min_p) - TOL);
-        float thr = (float)t;
-        if ((double)thr < t) thr = nextafterf(thr, INFINITY);
-        if (thr > lmax) thr = lmax; /* cannot happen (lmax >= t); the best stays */
-        if (thr < -FLT_MAX) thr = -FLT_MAX; /* finite, so masked tokens never pass */
+        float thr = min_p_thr(s, lmax);
         if (o.kind == OUT_LIST) {
-            int k = 0; /* the best token passes (log(min_p) <= 0) */
-            for (int i = 0; i < n; i++) {
-                if (c[i].l >= thr) c[k++] = c[i];
-            }
-            n = k;
+            n = min_p_list(s, n, thr);
         } else {
             /* few survivors: list them, so the draw skips the full-width exp */
             n = gather_at_least(w, nv, thr, c, nv / 4);
@@ -890,25 +907,23 @@ static double list_weights(g3n_sampler *s, const chain_out *o) {
     return tot;
 }
 
-/* Run the chain on logits (n_vocab floats, unchanged) and return the chosen id, or
- * -1 when every logit is -inf or NaN. Draws one uniform unless greedy. */
-int32_t g3n_sampler_sample(g3n_sampler *s, const float *logits) {
-    chain_out o = run_chain(s, logits);
-    if (o.kind == OUT_NONE) return -1;
+/* Step 6: the draw from the chain's result (one uniform unless greedy). */
+static int32_t draw(g3n_sampler *s, const chain_out *o) {
+    if (o->kind == OUT_NONE) return -1;
     float t = s->p.temperature;
-    if (t <= 0) return o.id;
+    if (t <= 0) return o->id;
     double u = rng_uniform(s->rng); /* one draw per non-greedy sample, always */
-    if (o.kind == OUT_ONE) return o.id;
-    if (o.kind == OUT_LIST) {
-        double r = u * list_weights(s, &o), cum = 0;
-        for (int i = 0; i < o.n; i++) {
+    if (o->kind == OUT_ONE) return o->id;
+    if (o->kind == OUT_LIST) {
+        double r = u * list_weights(s, o), cum = 0;
+        for (int i = 0; i < o->n; i++) {
             cum += s->e[i];
             if (s->e[i] > 0 && cum > r) return s->c[i].id;
         }
-        return o.id; /* rounding: not reached in practice */
+        return o->id; /* rounding: not reached in practice */
     }
     /* full vocabulary: find the block, then the token */
-    double tot = exp_weights(s->w, s->e, s->bsum, s->n_vocab, o.lmax, t, o.thr);
+    double tot = exp_weights(s->w, s->e, s->bsum, s->n_vocab, o->lmax, t, o->thr);
     double r = u * tot, cum = 0;
     for (int b = 0, i0 = 0; i0 < s->n_vocab; b++, i0 += BLOCK) {
         if (cum + s->bsum[b] > r) {
@@ -920,7 +935,52 @@ int32_t g3n_sampler_sample(g3n_sampler *s, const float *logits) {
         }
         cum += s->bsum[b];
     }
-    return o.id; /* rounding: not reached in practice */
+    return o->id; /* rounding: not reached in practice */
+}
+
+/* Run the chain on logits (n_vocab floats, unchanged) and return the chosen id, or
+ * -1 when every logit is -inf or NaN. Draws one uniform unless greedy. */
+int32_t g3n_sampler_sample(g3n_sampler *s, const float *logits) {
+    chain_out o = run_chain(s, logits);
+    return draw(s, &o);
+}
+
+/* The candidates path. The chain reads only the best top_k cleaned logits when
+ * no penalty changes them and more than top_k are finite (steps 3-6 then run on
+ * that list), and only the best one when greedy; with the best top_k + 1 the
+ * second condition can be checked. */
+#define SAMPLE_TOP_MAX 256
+
+int g3n_sampler_vocab(const g3n_sampler *s) { return s->n_vocab; }
+
+int g3n_sampler_top_need(const g3n_sampler *s) {
+    const g3n_sampler_params *p = &s->p;
+    if (p->repeat_penalty != 1.0f || p->presence_penalty != 0.0f || p->frequency_penalty != 0.0f) return 0;
+    if (p->temperature <= 0) return 1;
+    if (p->top_k > 0 && p->top_k < SAMPLE_TOP_MAX && p->top_k < s->n_vocab) return p->top_k + 1;
+    return 0;
+}
+
+int32_t g3n_sampler_sample_top(g3n_sampler *s, const float *vals, const int32_t *ids, int m) {
+    const g3n_sampler_params *p = &s->p;
+    G3N_ASSERT(m == g3n_sampler_top_need(s) && m > 0);
+    int n_fin = 0; /* finite ones come first */
+    while (n_fin < m && vals[n_fin] > -INFINITY) n_fin++;
+    chain_out o = {OUT_NONE, -1, 0, -INFINITY, -INFINITY};
+    if (n_fin == 0) return -1;
+    o.lmax = vals[0], o.id = ids[0];
+    if (p->temperature <= 0 || n_fin == 1) {
+        o.kind = OUT_ONE;
+        return draw(s, &o);
+    }
+    if (n_fin < m) return -2; /* n_fin <= top_k: the chain skips top-k; it needs the row */
+    int n = p->top_k;
+    for (int i = 0; i < n; i++) s->c[i] = (cand){vals[i], ids[i]};
+    o.kind = OUT_LIST;
+    if (p->top_p < 1.0f) n = top_p_list(s, n, o.lmax);
+    if (p->min_p > 0) n = min_p_list(s, n, min_p_thr(s, o.lmax));
+    o.n = n;
+    return draw(s, &o);
 }
 
 /* The distribution g3n_sampler_sample would draw

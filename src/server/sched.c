@@ -283,7 +283,7 @@ static void prefill_step(sched *S) {
         memcpy(sl->cached + sl->n_cached, r->prompt + sl->n_cached, sizeof(int32_t) * (size_t)n);
         sl->n_cached += n;
         if (sl->n_cached == r->n_prompt)
-            slot_token(S, sl, g3n_sampler_sample(sl->smp, g3n_session_logits(sl->s)));
+            slot_token(S, sl, g3n_session_sample(sl->s, sl->smp));
         return;
     }
 }
@@ -306,7 +306,7 @@ static void decode_step(sched *S) {
     for (int k = 0; k < n; k++) {
         slot *sl = &S->slots[S->bslot[k]];
         sl->cached[sl->n_cached++] = S->bids[k];
-        slot_token(S, sl, g3n_sampler_sample(sl->smp, g3n_session_logits(sl->s)));
+        slot_token(S, sl, g3n_session_sample(sl->s, sl->smp));
     }
 }
 

@@ -311,6 +311,8 @@ static void cu_destroy(g3n_backend *be) {
     if (c->blas_ws) cudaFree(c->blas_ws);
     if (c->d_kv) cudaFree(c->d_kv);
     if (c->mg_part) cudaFree(c->mg_part);
+    if (c->top_buf) cudaFree(c->top_buf);
+    if (c->top_host) cudaFreeHost(c->top_host);
     if (c->mg_sync) cudaFree(c->mg_sync);
     if (c->mg_trace) cudaFree(c->mg_trace);
     if (c->h_kv) cudaFreeHost(c->h_kv);
@@ -426,6 +428,7 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     be->altup_correct_fused = cuda_op_altup_correct_fused;
     be->ple_add = cuda_op_ple_add;
     be->decode_layers = cuda_op_decode_layers;
+    be->logits_top = cuda_op_logits_top;
     return be;
 }
 

@@ -114,6 +114,10 @@ typedef struct {
     float *mg_part;
     unsigned *mg_sync;
     size_t mg_part_bytes, mg_sync_bytes;
+    /* logits_top (top.cu): the slices' candidates and the result, its pinned copy */
+    void *top_buf;
+    float *top_host;
+    size_t top_bytes;
     unsigned long long *mg_trace; /* G3N_MEGA_TRACE=1: barrier times of the last step */
     int mg_trace_nbar;
     /* recorded steps */
@@ -428,6 +432,7 @@ void cuda_quant_embed(cuda_ctx *c, float *y, const g3n_mat *W, float scale);
 void cuda_quant_host_row(const cuda_host_table *t, int r, float *out);
 void cuda_op_ple_add(g3n_backend *be, float *pred, float *proj, g3n_vec post_norm, int A, int rows,
                      int dim, float eps);
+int cuda_op_logits_top(g3n_backend *be, const float *logits, int n, int m, float *vals, int32_t *ids);
 int cuda_op_decode_layers(g3n_backend *be, const g3n_dec_model *m, const g3n_dec_bufs *b);
 void cuda_mega_report(cuda_ctx *c);
 

@@ -1,0 +1,183 @@
+/* top.cu: the best m logits of a row on the device (backend.h: logits_top), so
+ * that a decode step hands the sampler a few candidates instead of copying the
+ * whole row (262,144 floats, 1 MB) to the host and scanning it there.
+ *
+ * The order is the sampler's (sampler.c: before): logit descending, then id
+ * ascending, over the cleaned logits (NaN as -inf, +inf as FLT_MAX). Each (logit,
+ * id) becomes one 64-bit key, the logit's bits made monotone in the high word and
+ * ~id in the low one, so the order is the keys' descending order and no two keys
+ * are equal.
+ *
+ *  1. k_top_slices: a block per slice of TOP_SLICE logits sorts the slice's keys
+ *     (bitonic, in shared memory) and writes its best p2 (m rounded up to a power
+ *     of two).
+ *  2. k_top_merge: one block. The m-th best key of any m keys of the row is at
+ *     most the row's m-th best, so every key of the row's best m is at least t,
+ *     the m-th best of the union of each slice's first few: each slice
+ *     contributes the prefix of its list at or above t. Those are sorted and
+ *     the best m written with a count; more than TOP_CAP of them (the row's best
+ *     crowded into a few slices) and the op declines, and the caller takes the
+ *     whole row.
+ * m = 1 (greedy) takes one pass instead: each block's best key, then a 64-bit
+ * atomicMax (the maximum does not depend on the order). */
+#include "cuda_common.cuh"
+#include <float.h>
+
+#define TOP_SLICE 2048 /* logits per block of k_top_slices */
+#define TOP_CAP 4096   /* keys k_top_merge sorts at most */
+
+__device__ __forceinline__ unsigned long long top_key(float x, int id) {
+    x = x != x ? -INFINITY : (x > FLT_MAX ? FLT_MAX : x);
+    uint32_t u = __float_as_uint(x);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return (unsigned long long)u << 32 | (uint32_t)~(uint32_t)id;
+}
+
+__device__ __forceinline__ float top_value(unsigned long long k) {
+    const uint32_t u = (uint32_t)(k >> 32);
+    return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
+}
+
+/* Sort s[0..n) descending (n a power of two), all threads of the block. */
+__device__ void top_bitonic(unsigned long long *s, int n) {
+    for (int k = 2; k <= n; k <<= 1)
+        for (int j = k >> 1; j > 0; j >>= 1) {
+            __syncthreads();
+            for (int i = threadIdx.x; i < n; i += blockDim.x) {
+                const int p = i ^ j;
+                if (p > i) {
+                    const unsigned long long a = s[i], b = s[p];
+                    const bool desc = (i & k) == 0; /* this run sorts descending */
+                    if (desc ? a < b : a > b) s[i] = b, s[p] = a;
+                }
+            }
+        }
+    __syncthreads();
+}
+
+__global__ void __launch_bounds__(256) k_top_slices(unsigned long long *cand, const float *x, int n, int p2) {
+    __shared__ unsigned long long s[TOP_SLICE];
+    KERNEL_BEGIN();
+    const int i0 = blockIdx.x * TOP_SLICE;
+    for (int i = threadIdx.x; i < TOP_SLICE; i += blockDim.x) s[i] = i0 + i < n ? top_key(x[i0 + i], i0 + i) : 0ull;
+    top_bitonic(s, TOP_SLICE);
+    for (int i = threadIdx.x; i < p2; i += blockDim.x) cand[(size_t)blockIdx.x * p2 + i] = s[i];
+}
+
+/* out: m values, m ids (as floats' bits), then the count written (m, or 0: declined) */
+__global__ void __launch_bounds__(1024) k_top_merge(float *out, const unsigned long long *cand, int nb, int p2, int m) {
+    __shared__ unsigned long long s[TOP_CAP];
+    __shared__ int off[1025];
+    KERNEL_BEGIN();
+    /* t: the m-th best of the union of every slice's best q (at least m keys of
+     * the row, so at most its m-th best), q such that the union is ~TOP_CAP / 2 */
+    const int q = min(p2, max((m + nb - 1) / nb, TOP_CAP / 2 / nb));
+    int nu = 1;
+    while (nu < nb * q) nu <<= 1;
+    for (int i = threadIdx.x; i < nu; i += blockDim.x) s[i] = i < nb * q ? cand[(size_t)(i / q) * p2 + i % q] : 0ull;
+    top_bitonic(s, nu);
+    const unsigned long long t = s[m - 1];
+    __syncthreads();
+    const int b = threadIdx.x; /* nb <= blockDim.x: a thread per slice */
+    int lo = 0;
+    if (b < nb) { /* the slice's prefix at or above t: the first index below it */
+        int hi = p2;
+        while (lo < hi) {
+            const int mid = (lo + hi) / 2;
+            if (cand[(size_t)b * p2 + mid] >= t) lo = mid + 1;
+            else hi = mid;
+        }
+    }
+    off[b + 1] = lo; /* inclusive scan over the slices (Hillis-Steele) */
+    if (b == 0) off[0] = 0;
+    __syncthreads();
+    for (int d = 1; d < (int)blockDim.x; d <<= 1) {
+        const int v = b >= d ? off[b + 1 - d] : 0;
+        __syncthreads();
+        off[b + 1] += v;
+        __syncthreads();
+    }
+    const int total = off[nb];
+    if (total > TOP_CAP) {
+        if (threadIdx.x == 0) out[2 * m] = 0.0f;
+        return;
+    }
+    if (b < nb)
+        for (int i = 0; i < lo; i++) s[off[b] + i] = cand[(size_t)b * p2 + i];
+    int n2 = 1;
+    while (n2 < total) n2 <<= 1;
+    for (int i = total + threadIdx.x; i < n2; i += blockDim.x) s[i] = 0ull;
+    top_bitonic(s, n2);
+    for (int i = threadIdx.x; i < m; i += blockDim.x) {
+        out[i] = top_value(s[i]);
+        out[m + i] = __int_as_float((int)~(uint32_t)s[i]);
+    }
+    if (threadIdx.x == 0) out[2 * m] = (float)m;
+}
+
+/* m = 1 (greedy): the best key of the row in one pass, blocks meeting in a
+ * 64-bit atomicMax (order-free: the maximum does not depend on timing) */
+__global__ void __launch_bounds__(256) k_top1(unsigned long long *best, const float *x, int n) {
+    __shared__ unsigned long long wm[8];
+    KERNEL_BEGIN();
+    unsigned long long v = 0;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) v = max(v, top_key(x[i], i));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if ((threadIdx.x & 31) == 0) wm[threadIdx.x >> 5] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < 8; w++) v = max(v, wm[w]);
+        atomicMax(best, v);
+    }
+}
+
+int cuda_op_logits_top(g3n_backend *be, const float *logits, int n, int m, float *vals, int32_t *ids) {
+    cuda_ctx *c = CTX(be);
+    static int off = -1; /* G3N_LOGITS_TOP=0: decline (the host takes the whole row; for comparisons) */
+    if (off < 0) off = getenv("G3N_LOGITS_TOP") && !atoi(getenv("G3N_LOGITS_TOP"));
+    if (off || m < 1 || m > G3N_TOP_MAX || n < 2 * TOP_SLICE) return 0;
+    int p2 = 1;
+    while (p2 < m) p2 <<= 1;
+    const int nb = (n + TOP_SLICE - 1) / TOP_SLICE;
+    if (nb > 1024) return 0;
+    /* sized for the widest list at once: no reallocation when m changes */
+    const size_t need = (size_t)nb * G3N_TOP_MAX * sizeof(unsigned long long) + (2 * G3N_TOP_MAX + 1) * sizeof(float);
+    if (c->top_bytes < need) {
+        if (c->top_buf) CUDA_CHECK(cudaFree(c->top_buf));
+        CUDA_CHECK(cudaMalloc(&c->top_buf, need));
+        if (!c->top_host) CUDA_CHECK(cudaMallocHost(&c->top_host, (2 * G3N_TOP_MAX + 1) * sizeof(float)));
+        c->top_bytes = need;
+    }
+    unsigned long long *cand = (unsigned long long *)c->top_buf;
+    float *out = (float *)(cand + (size_t)nb * p2);
+    if (m == 1) {
+        PROF_BEGIN(c);
+        CUDA_CHECK(cudaMemsetAsync(cand, 0, sizeof(unsigned long long), c->stream));
+        launch(c, k_top1, dim3(c->n_sm * 2), dim3(256), 0, cand, logits, n);
+        CUDA_LAUNCHED();
+        unsigned long long k;
+        cuda_copy_wait(c, c->top_host, cand, sizeof k, cudaMemcpyDeviceToHost);
+        memcpy(&k, c->top_host, sizeof k);
+        PROF_END(c, "logits_top (1)", (double)n * sizeof(float));
+        const uint32_t u = (uint32_t)(k >> 32), id = ~(uint32_t)k;
+        const uint32_t bits = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
+        memcpy(&vals[0], &bits, 4);
+        ids[0] = (int32_t)id;
+        return 1;
+    }
+    PROF_BEGIN(c);
+    launch(c, k_top_slices, dim3(nb), dim3(256), 0, cand, logits, n, p2);
+    CUDA_LAUNCHED();
+    launch(c, k_top_merge, dim3(1), dim3(1024), 0, out, (const unsigned long long *)cand, nb, p2, m);
+    CUDA_LAUNCHED();
+    cuda_copy_wait(c, c->top_host, out, (2 * (size_t)m + 1) * sizeof(float), cudaMemcpyDeviceToHost);
+    PROF_END(c, "logits_top", (double)n * sizeof(float));
+    const float *h = c->top_host;
+    if (h[2 * m] != (float)m) return 0;
+    for (int i = 0; i < m; i++) {
+        vals[i] = h[i];
+        memcpy(&ids[i], &h[m + i], sizeof(int32_t));
+    }
+    return 1;
+}
