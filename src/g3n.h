@@ -281,6 +281,14 @@ int32_t g3n_sampler_sample_top(g3n_sampler *s, const float *vals, const int32_t 
  * to the host), else from the row. -1 as g3n_sampler_sample. */
 int32_t g3n_session_sample(g3n_session *s, g3n_sampler *smp);
 
+/* g3n_batch_decode, then the next token of ss[i] by sampler smps[i] into out[i],
+ * what g3n_session_sample would pick from that session's logits (-1 when every
+ * logit is masked): on a GPU from the device's best candidates where the
+ * samplers allow, with no copy of the rows. The sessions' logits are not kept
+ * (g3n_session_logits gives NULL) except where a row was needed whole. */
+int g3n_batch_decode_sample(g3n_batcher *bt, g3n_session **ss, const int32_t *ids, int n,
+                            g3n_sampler **smps, int32_t *out, char *err, size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif

@@ -403,6 +403,64 @@ TEST(batch_decode_equals_alone) {
     g3n_model_close(m);
 }
 
+/* Picking from the backend's candidates (g3n_session_sample, g3n_batch_decode_sample)
+ * gives the token the sampler picks from the whole row, with the same draws:
+ * twin sessions and samplers (Gemma's sampling, greedy, top-k with a penalty:
+ * the whole row) stepped the two ways for a few steps, tokens fed back. */
+TEST(sample_from_candidates) {
+    g3n_model *m = open_model(FIX "conditional", DEVICE);
+    if (!m) return;
+    const g3n_model_info mi = g3n_model_get_info(m);
+    char err[512];
+    enum { S = 3, STEPS = 10 };
+    g3n_session *a[S], *b[S], *c = g3n_session_create(m, 64, 4, err, sizeof err);
+    g3n_sampler *sa[S], *sb[S], *sc1, *sc2;
+    int32_t ta[S], tb[S], prompt[6] = {2, 17, 101, 55, 230, 9};
+    for (int i = 0; i < S; i++) {
+        g3n_sampler_params p = g3n_sampler_default_params();
+        p.seed = 40 + i;
+        if (i == 1) p.temperature = 0;
+        if (i == 2) p.top_k = 10, p.repeat_penalty = 1.3f;
+        sa[i] = g3n_sampler_create(&p, mi.n_vocab_text, err, sizeof err);
+        sb[i] = g3n_sampler_create(&p, mi.n_vocab_text, err, sizeof err);
+        a[i] = g3n_session_create(m, 64, 8, err, sizeof err);
+        b[i] = g3n_session_create(m, 64, 8, err, sizeof err);
+        CHECK(g3n_session_eval(a[i], prompt, 6 - i, NULL, err, sizeof err) == 0);
+        CHECK(g3n_session_eval(b[i], prompt, 6 - i, NULL, err, sizeof err) == 0);
+        ta[i] = tb[i] = prompt[5 - i];
+    }
+    g3n_sampler_params p = g3n_sampler_default_params();
+    p.seed = 9;
+    sc1 = g3n_sampler_create(&p, mi.n_vocab_text, err, sizeof err);
+    sc2 = g3n_sampler_create(&p, mi.n_vocab_text, err, sizeof err);
+    CHECK(g3n_session_eval(c, prompt, 6, NULL, err, sizeof err) == 0);
+    g3n_batcher *bta = g3n_batcher_create(m, 4, err, sizeof err), *btb = g3n_batcher_create(m, 4, err, sizeof err);
+    int32_t tc = 0;
+    for (int step = 0; step < STEPS && bta && btb; step++) {
+        CHECK_MSG(g3n_batch_decode(bta, a, ta, S, NULL, err, sizeof err) == 0, "%s", err);
+        int32_t pb[S];
+        CHECK_MSG(g3n_batch_decode_sample(btb, b, tb, S, sb, pb, err, sizeof err) == 0, "%s", err);
+        for (int i = 0; i < S; i++) {
+            const int32_t pa = g3n_sampler_sample(sa[i], g3n_session_logits(a[i]));
+            CHECK_MSG(pa == pb[i] && pa >= 0, "step %d session %d: row %d, candidates %d", step, i, (int)pa, (int)pb[i]);
+            g3n_sampler_accept(sa[i], pa), g3n_sampler_accept(sb[i], pb[i]);
+            ta[i] = pa, tb[i] = pb[i];
+        }
+        /* one session: its own step, the pick from the candidates, then from the row */
+        const int32_t c1 = g3n_session_sample(c, sc1), c2 = g3n_sampler_sample(sc2, g3n_session_logits(c));
+        CHECK_MSG(c1 == c2 && c1 >= 0, "step %d: session candidates %d, row %d", step, (int)c1, (int)c2);
+        tc = c1;
+        CHECK(g3n_session_eval(c, &tc, 1, NULL, err, sizeof err) == 0);
+    }
+    g3n_batcher_free(bta), g3n_batcher_free(btb);
+    for (int i = 0; i < S; i++) {
+        g3n_sampler_free(sa[i]), g3n_sampler_free(sb[i]);
+        g3n_session_free(a[i]), g3n_session_free(b[i]);
+    }
+    g3n_sampler_free(sc1), g3n_sampler_free(sc2), g3n_session_free(c);
+    g3n_model_close(m);
+}
+
 /* Prefix reuse: truncating a session to a prefix and evaluating a new suffix
  * gives the logits of evaluating prefix + suffix from scratch; truncation that
  * the sliding ring can no longer serve is refused. */
@@ -538,6 +596,7 @@ static void path_suite(void) {
     RUN(mlx_cuda);
     RUN(decode_equals_prefill);
     RUN(batch_decode_equals_alone);
+    RUN(sample_from_candidates);
     RUN(session_truncate);
 }
 #endif
@@ -551,6 +610,7 @@ int main(int argc, char **argv) {
     RUN(conditional_cpu_ref);
     RUN(decode_equals_prefill);
     RUN(batch_decode_equals_alone);
+    RUN(sample_from_candidates);
     RUN(session_truncate);
     RUN(layouts_agree);
     RUN(session_errors);

@@ -979,37 +979,47 @@ TEST(logits_top) {
         printf("  (no logits_top on this backend)\n");
         return;
     }
-    const int ns[2] = {262144, 5000}, ms[5] = {1, 2, 65, 201, 256};
-    float vals[256];
-    int32_t ids[256];
-    for (int ni = 0; ni < 2; ni++)
+    /* rows of Gemma's width, a narrow one, one narrower than a slice; three rows
+     * of each at a stride wider than a row */
+    const int ns[3] = {262144, 5000, 700}, ms[5] = {1, 2, 65, 201, 256}, R = 3;
+    float vals[3 * 256];
+    int32_t ids[3 * 256];
+    uint8_t ok[3];
+    for (int ni = 0; ni < 3; ni++)
         for (int kind = 0; kind < 5; kind++) {
             const int n = ns[ni];
-            float *l = malloc(4 * (size_t)n);
-            int *idx = malloc(sizeof(int) * (size_t)n);
-            for (int i = 0; i < n; i++) {
+            const size_t stride = (size_t)n + 37;
+            float *l = malloc(4 * stride * R);
+            int *idx = malloc(sizeof(int) * (size_t)n * R);
+            for (size_t i = 0; i < stride * R; i++) {
+                const int c = (int)(i % stride);
                 float x = test_randf() * 8.0f;
                 if (kind == 1) x = floorf(x); /* ties */
-                if (kind == 2 && i % 101 == 3) x = NAN;
-                if (kind == 2 && i % 307 == 9) x = i % 2 ? INFINITY : -INFINITY;
+                if (kind == 2 && c % 101 == 3) x = NAN;
+                if (kind == 2 && c % 307 == 9) x = c % 2 ? INFINITY : -INFINITY;
                 if (kind == 3) x = -INFINITY;
-                if (kind == 4 && i >= 2048 * 3 && i < 2048 * 3 + 600) x += 100.0f; /* one slice */
-                l[i] = x;
+                if (kind == 4 && c >= 2048 * 1 && c < 2048 * 1 + 600) x += 100.0f; /* one slice */
+                l[i] = c < n ? x : 1e30f; /* past the row: never a candidate */
             }
             if (kind == 3)
-                for (int j = 0; j < 40; j++) l[(j * 7919) % n] = test_randf();
-            test_logit_order(l, n, idx);
-            float *dl = dev(l, (size_t)n);
+                for (int r = 0; r < R; r++)
+                    for (int j = 0; j < 40; j++) l[r * stride + (size_t)((j * 7919 + r) % n)] = test_randf();
+            for (int r = 0; r < R; r++) test_logit_order(l + r * stride, n, idx + (size_t)r * n);
+            float *dl = dev(l, stride * R);
             for (int mi = 0; mi < 5; mi++) {
                 const int m = ms[mi];
-                if (!B->logits_top(B, dl, n, m, vals, ids)) {
+                if (!B->logits_top(B, dl, R, stride, n, m, vals, ids, ok)) {
                     CHECK_MSG(0, "logits_top declined n %d kind %d m %d", n, kind, m);
                     continue;
                 }
                 int bad = 0;
-                for (int i = 0; i < m; i++) {
-                    const float want = test_clean_logit(l[idx[i]]);
-                    bad += ids[i] != idx[i] || memcmp(&vals[i], &want, 4) != 0;
+                for (int r = 0; r < R; r++) {
+                    CHECK_MSG(ok[r], "logits_top row %d not done: n %d kind %d m %d", r, n, kind, m);
+                    for (int i = 0; i < m && ok[r]; i++) {
+                        const int want_id = idx[(size_t)r * n + i];
+                        const float want = test_clean_logit(l[r * stride + (size_t)want_id]);
+                        bad += ids[r * m + i] != want_id || memcmp(&vals[r * m + i], &want, 4) != 0;
+                    }
                 }
                 CHECK_MSG(!bad, "logits_top n %d kind %d m %d: %d of the best differ", n, kind, m, bad);
             }

@@ -287,11 +287,14 @@ struct g3n_backend {
      * S out. Returns 0, doing nothing, where the backend does not take this
      * model or step. bufs NULL: at load, prepare and answer whether it would. */
     int (*decode_layers)(g3n_backend *be, const g3n_dec_model *m, const g3n_dec_bufs *bufs);
-    /* Optional (NULL): the best m (1..G3N_TOP_MAX) of a row of n logits in
-     * backend memory, in the sampler's order (logit descending, then id
-     * ascending; NaN counts as -inf, +inf as FLT_MAX), into host arrays vals and
-     * ids. Returns 1, or 0 where it declines (the caller reads the whole row). */
-    int (*logits_top)(g3n_backend *be, const float *logits, int n, int m, float *vals, int32_t *ids);
+    /* Optional (NULL): for each of `rows` rows of n logits in backend memory
+     * (row r at logits + r * stride), its best m (1..G3N_TOP_MAX) in the
+     * sampler's order (logit descending, then id ascending; NaN counts as -inf,
+     * +inf as FLT_MAX) into host arrays vals and ids ([rows][m]), and ok[r] = 1;
+     * ok[r] = 0 where it could not (the caller reads that row). Returns 0 where
+     * it declines the whole call. */
+    int (*logits_top)(g3n_backend *be, const float *logits, int rows, size_t stride, int n, int m, float *vals,
+                      int32_t *ids, uint8_t *ok);
 };
 
 /* Constructors. NULL + err when the backend cannot start. */

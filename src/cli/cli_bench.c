@@ -29,7 +29,8 @@ static stat2 stats(const double *v, int n) {
 /* --parallel 1,8,32: aggregate decode tok/s of P sequences stepped together
  * through g3n_batch_decode (what `g3n serve` does with P busy slots). Each
  * sequence first gets its own n_prompt-token prompt; two untimed steps record
- * the batched step; then n_gen timed steps, argmax fed back. */
+ * the batched step; then n_gen timed steps with each stream's greedy pick
+ * (g3n_batch_decode_sample), fed back. */
 static void bench_parallel(g3n_model *m, const model_opts *mo, const int *counts, int n_counts, int n_prompt,
                            int n_gen, int reps, int json) {
     g3n_model_info mi = g3n_model_get_info(m);
@@ -44,7 +45,12 @@ static void bench_parallel(g3n_model *m, const model_opts *mo, const int *counts
         g3n_session **ss = malloc(sizeof(*ss) * (size_t)P);
         int32_t *tok = malloc(sizeof(int32_t) * (size_t)P), *prompt = malloc(sizeof(int32_t) * (size_t)(n_prompt + 1));
         g3n_batcher *bt = g3n_batcher_create(m, (int)P, err, sizeof err);
-        if (!ss || !tok || !prompt || !bt) die("bench: %s", bt ? "out of memory" : err);
+        g3n_sampler **greedy = malloc(sizeof(*greedy) * (size_t)P);
+        if (!ss || !tok || !prompt || !bt || !greedy) die("bench: %s", bt ? "out of memory" : err);
+        g3n_sampler_params gp = g3n_sampler_default_params();
+        gp.temperature = 0;
+        for (int i = 0; i < P; i++)
+            if (!(greedy[i] = g3n_sampler_create(&gp, mi.n_vocab_text, err, sizeof err))) die("%s", err);
         for (int i = 0; i < P; i++) ss[i] = open_session(m, &so);
         double *tg = calloc((size_t)reps, sizeof(double));
         uint64_t h = 1469598103934665603ull;
@@ -63,18 +69,11 @@ static void bench_parallel(g3n_model *m, const model_opts *mo, const int *counts
             }
             double spent = 0;
             h = 1469598103934665603ull;
-            for (int k = 0; k < n_gen + 2; k++) {
+            for (int k = 0; k < n_gen + 2; k++) { /* the step and every stream's greedy pick, as `g3n serve` */
                 double t0 = now_s();
-                if (g3n_batch_decode(bt, ss, tok, (int)P, NULL, err, sizeof err)) die("%s", err);
+                if (g3n_batch_decode_sample(bt, ss, tok, (int)P, greedy, tok, err, sizeof err)) die("%s", err);
                 if (k >= 2) spent += now_s() - t0;
-                for (int i = 0; i < P; i++) {
-                    const float *lg = g3n_session_logits(ss[i]);
-                    int32_t b = 0;
-                    for (int v = 1; v < mi.n_vocab_text; v++)
-                        if (lg[v] > lg[b]) b = v;
-                    tok[i] = b;
-                    h = (h ^ (uint64_t)b) * 1099511628211ull;
-                }
+                for (int i = 0; i < P; i++) h = (h ^ (uint64_t)tok[i]) * 1099511628211ull;
             }
             tg[r] = (double)P * n_gen / spent;
         }
@@ -92,7 +91,8 @@ static void bench_parallel(g3n_model *m, const model_opts *mo, const int *counts
         else
             printf("| %s | %s | %ld | %.2f ± %.2f | %.2f | |\n", mo->dir, mi.backend, P, sg.mean, sg.sd, sg.mean / P);
         fflush(stdout);
-        for (int i = 0; i < P; i++) g3n_session_free(ss[i]);
+        for (int i = 0; i < P; i++) g3n_session_free(ss[i]), g3n_sampler_free(greedy[i]);
+        free(greedy);
         g3n_batcher_free(bt);
         free(ss);
         free(tok);

@@ -118,14 +118,30 @@ const float *g3n_session_logits(const g3n_session *s) {
     return s->logits;
 }
 
+/* The candidates g3n_session_sample and g3n_batch_decode_sample need: the largest
+ * top_need of the samplers, 0 if one needs its whole row or the backend cannot. */
+static int top_want(g3n_model *m, g3n_sampler *const *smps, int n) {
+    if (!m->be->logits_top) return 0;
+    int want = 0;
+    for (int i = 0; i < n; i++) {
+        const int k = g3n_sampler_top_need(smps[i]);
+        if (k == 0 || g3n_sampler_vocab(smps[i]) != g3n_sampler_vocab(smps[0]) ||
+            g3n_sampler_vocab(smps[i]) > m->cfg.n_vocab)
+            return 0;
+        want = G3N_MAX(want, k);
+    }
+    return want <= G3N_TOP_MAX ? want : 0;
+}
+
 int32_t g3n_session_sample(g3n_session *s, g3n_sampler *smp) {
     if (!s->have_logits) return -1;
     g3n_backend *be = s->m->be;
-    const int m = g3n_sampler_top_need(smp), n = g3n_sampler_vocab(smp);
-    if (m > 0 && s->logits_on_dev && be->logits_top && m <= G3N_TOP_MAX && n <= s->m->cfg.n_vocab) {
+    const int m = top_want(s->m, &smp, 1);
+    if (m > 0 && s->logits_on_dev) {
         float vals[G3N_TOP_MAX];
         int32_t ids[G3N_TOP_MAX];
-        if (be->logits_top(be, fwd_logits(s->fwd), n, m, vals, ids)) {
+        uint8_t ok = 0;
+        if (be->logits_top(be, fwd_logits(s->fwd), 1, 0, g3n_sampler_vocab(smp), m, vals, ids, &ok) && ok) {
             const int32_t t = g3n_sampler_sample_top(smp, vals, ids, m);
             if (t != -2) return t;
         }
@@ -288,8 +304,9 @@ static int kv_entry(g3n_batcher *bt, g3n_session *s) {
     return best;
 }
 
-int g3n_batch_decode(g3n_batcher *bt, g3n_session **ss, const int32_t *ids, int n,
-                     float *logits_out, char *err, size_t errlen) {
+/* The step of g3n_batch_decode: check, run; the logits of rows 0..n-1 stay in
+ * bt->fwd's backend memory (row i for ss[i]). */
+static int batch_step(g3n_batcher *bt, g3n_session **ss, const int32_t *ids, int n, char *err, size_t errlen) {
     const g3n_config *c = &bt->m->cfg;
     if (n < 1 || n > bt->cap)
         return g3n_err(err, errlen, "batch decode of %d sessions (this batcher takes 1..%d)", n, bt->cap);
@@ -316,17 +333,68 @@ int g3n_batch_decode(g3n_batcher *bt, g3n_session **ss, const int32_t *ids, int 
         bt->seq[i] = bt->cap;
     }
     g3n_batch b = {nr, bt->ids, bt->pos, bt->seq, bt->kv, bt->cap + 1};
-    fwd_run(bt->m, bt->fwd, &b, 0, bt->logits);
-    const size_t V = (size_t)c->n_vocab;
+    fwd_run(bt->m, bt->fwd, &b, 0, NULL);
     for (int i = 0; i < n; i++) {
         g3n_session *s = ss[i];
-        memcpy(s->logits, bt->logits + (size_t)i * V, V * sizeof(float));
-        if (logits_out) memcpy(logits_out + (size_t)i * V, s->logits, V * sizeof(float));
-        s->have_logits = 1;
+        s->have_logits = 0;
         s->logits_on_dev = 0;
         s->pos++;
         s->hi = G3N_MAX(s->hi, s->pos);
     }
+    return 0;
+}
+
+/* Row i of the last batched step into session ss's host logits. */
+static void batch_row(g3n_batcher *bt, g3n_session *s, int i) {
+    const size_t V = (size_t)bt->m->cfg.n_vocab;
+    bt->m->be->read(bt->m->be, s->logits, fwd_logits(bt->fwd) + (size_t)i * V, V * sizeof(float));
+    s->have_logits = 1;
+}
+
+int g3n_batch_decode(g3n_batcher *bt, g3n_session **ss, const int32_t *ids, int n,
+                     float *logits_out, char *err, size_t errlen) {
+    if (batch_step(bt, ss, ids, n, err, errlen)) return -1;
+    const size_t V = (size_t)bt->m->cfg.n_vocab;
+    g3n_backend *be = bt->m->be;
+    be->read(be, bt->logits, fwd_logits(bt->fwd), (size_t)n * V * sizeof(float)); /* the real rows only */
+    for (int i = 0; i < n; i++) {
+        memcpy(ss[i]->logits, bt->logits + (size_t)i * V, V * sizeof(float));
+        if (logits_out) memcpy(logits_out + (size_t)i * V, ss[i]->logits, V * sizeof(float));
+        ss[i]->have_logits = 1;
+    }
+    return 0;
+}
+
+int g3n_batch_decode_sample(g3n_batcher *bt, g3n_session **ss, const int32_t *ids, int n, g3n_sampler **smps,
+                            int32_t *out, char *err, size_t errlen) {
+    for (int i = 0; i < n; i++)
+        if (!smps || !smps[i]) return g3n_err(err, errlen, "batch decode: sampler %d is missing", i);
+    if (batch_step(bt, ss, ids, n, err, errlen)) return -1;
+    g3n_backend *be = bt->m->be;
+    const size_t V = (size_t)bt->m->cfg.n_vocab;
+    const int m = top_want(bt->m, smps, n);
+    float *vals = NULL;
+    int32_t *cids = NULL;
+    uint8_t *ok = g3n_calloc((size_t)n, 1);
+    if (m > 0) {
+        vals = g3n_malloc(sizeof(float) * (size_t)n * m);
+        cids = g3n_malloc(sizeof(int32_t) * (size_t)n * m);
+        if (!be->logits_top(be, fwd_logits(bt->fwd), n, V, g3n_sampler_vocab(smps[0]), m, vals, cids, ok))
+            memset(ok, 0, (size_t)n);
+    }
+    for (int i = 0; i < n; i++) {
+        int32_t t = -2;
+        if (ok[i]) { /* the sampler's own count of the row's best m (a sorted prefix) */
+            const int k = g3n_sampler_top_need(smps[i]);
+            t = g3n_sampler_sample_top(smps[i], vals + (size_t)i * m, cids + (size_t)i * m, k);
+        }
+        if (t == -2) {
+            batch_row(bt, ss[i], i);
+            t = g3n_sampler_sample(smps[i], ss[i]->logits);
+        }
+        out[i] = t;
+    }
+    free(vals), free(cids), free(ok);
     return 0;
 }
 

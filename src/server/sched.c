@@ -5,7 +5,8 @@
  *   2. free the slots of cancelled requests (client gone),
  *   3. evaluate one prompt chunk (n_batch tokens) of one prefilling slot, so a
  *      long prompt delays the running streams by one chunk per step at most,
- *   4. one g3n_batch_decode step over every decoding slot, then sample each.
+ *   4. one g3n_batch_decode_sample step over every decoding slot (each slot's
+ *      sampler picks its next token; on a GPU from the device's candidates).
  * Text goes to the request through the streaming detokenizer and the stop-string
  * filter (text that may still become a stop string is held back). */
 #define _GNU_SOURCE
@@ -99,6 +100,8 @@ struct sched {
     g3n_session **bss;  /* [parallel] step arguments */
     int32_t *bids;
     int *bslot;
+    g3n_sampler **bsmp; /* the slots' samplers, and the tokens they pick */
+    int32_t *bout;
     int prefill_rr;     /* round robin over prefilling slots */
     uint64_t tick;
 
@@ -295,18 +298,19 @@ static void decode_step(sched *S) {
         if (sl->state != SLOT_DECODE) continue;
         S->bss[n] = sl->s;
         S->bids[n] = sl->next;
+        S->bsmp[n] = sl->smp;
         S->bslot[n++] = i;
     }
     if (!n) return;
     char err[256];
-    if (g3n_batch_decode(S->bt, S->bss, S->bids, n, NULL, err, sizeof err) != 0) {
+    if (g3n_batch_decode_sample(S->bt, S->bss, S->bids, n, S->bsmp, S->bout, err, sizeof err) != 0) {
         fprintf(stderr, "g3n serve: %s\n", err);
         abort(); /* every argument is the engine's own: a broken invariant */
     }
     for (int k = 0; k < n; k++) {
         slot *sl = &S->slots[S->bslot[k]];
         sl->cached[sl->n_cached++] = S->bids[k];
-        slot_token(S, sl, g3n_session_sample(sl->s, sl->smp));
+        slot_token(S, sl, S->bout[k]);
     }
 }
 
@@ -379,6 +383,8 @@ sched *sched_start(g3n_model *m, g3n_tokenizer *tk, const srv_config *cfg, char 
     S->bss = xrealloc(NULL, sizeof(g3n_session *) * (size_t)P);
     S->bids = xrealloc(NULL, sizeof(int32_t) * (size_t)P);
     S->bslot = xrealloc(NULL, sizeof(int) * (size_t)P);
+    S->bsmp = xrealloc(NULL, sizeof(g3n_sampler *) * (size_t)P);
+    S->bout = xrealloc(NULL, sizeof(int32_t) * (size_t)P);
     S->q_cap = P + cfg->queue;
     S->queue = xrealloc(NULL, sizeof(srv_req *) * (size_t)S->q_cap);
     if (!S->bt || pthread_create(&S->thread, NULL, engine_main, S) != 0) {
@@ -419,6 +425,8 @@ void sched_stop(sched *S) {
     free(S->bss);
     free(S->bids);
     free(S->bslot);
+    free(S->bsmp);
+    free(S->bout);
     free(S->queue);
     free(S);
 }

@@ -432,7 +432,8 @@ void cuda_quant_embed(cuda_ctx *c, float *y, const g3n_mat *W, float scale);
 void cuda_quant_host_row(const cuda_host_table *t, int r, float *out);
 void cuda_op_ple_add(g3n_backend *be, float *pred, float *proj, g3n_vec post_norm, int A, int rows,
                      int dim, float eps);
-int cuda_op_logits_top(g3n_backend *be, const float *logits, int n, int m, float *vals, int32_t *ids);
+int cuda_op_logits_top(g3n_backend *be, const float *logits, int rows, size_t stride, int n, int m, float *vals,
+                       int32_t *ids, uint8_t *ok);
 int cuda_op_decode_layers(g3n_backend *be, const g3n_dec_model *m, const g3n_dec_bufs *b);
 void cuda_mega_report(cuda_ctx *c);
 

@@ -55,9 +55,11 @@ __device__ void top_bitonic(unsigned long long *s, int n) {
     __syncthreads();
 }
 
-__global__ void __launch_bounds__(256) k_top_slices(unsigned long long *cand, const float *x, int n, int p2) {
+__global__ void __launch_bounds__(256) k_top_slices(unsigned long long *cand, const float *x, size_t stride, int n,
+                                                    int p2) {
     __shared__ unsigned long long s[TOP_SLICE];
     KERNEL_BEGIN();
+    x += blockIdx.y * stride, cand += (size_t)blockIdx.y * gridDim.x * p2; /* row blockIdx.y */
     const int i0 = blockIdx.x * TOP_SLICE;
     for (int i = threadIdx.x; i < TOP_SLICE; i += blockDim.x) s[i] = i0 + i < n ? top_key(x[i0 + i], i0 + i) : 0ull;
     top_bitonic(s, TOP_SLICE);
@@ -69,6 +71,7 @@ __global__ void __launch_bounds__(1024) k_top_merge(float *out, const unsigned l
     __shared__ unsigned long long s[TOP_CAP];
     __shared__ int off[1025];
     KERNEL_BEGIN();
+    out += blockIdx.x * (2 * (size_t)m + 1), cand += (size_t)blockIdx.x * nb * p2; /* row blockIdx.x */
     /* t: the m-th best of the union of every slice's best q (at least m keys of
      * the row, so at most its m-th best), q such that the union is ~TOP_CAP / 2 */
     const int q = min(p2, max((m + nb - 1) / nb, TOP_CAP / 2 / nb));
@@ -117,9 +120,10 @@ __global__ void __launch_bounds__(1024) k_top_merge(float *out, const unsigned l
 
 /* m = 1 (greedy): the best key of the row in one pass, blocks meeting in a
  * 64-bit atomicMax (order-free: the maximum does not depend on timing) */
-__global__ void __launch_bounds__(256) k_top1(unsigned long long *best, const float *x, int n) {
+__global__ void __launch_bounds__(256) k_top1(unsigned long long *best, const float *x, size_t stride, int n) {
     __shared__ unsigned long long wm[8];
     KERNEL_BEGIN();
+    x += blockIdx.y * stride, best += blockIdx.y; /* row blockIdx.y */
     unsigned long long v = 0;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) v = max(v, top_key(x[i], i));
 #pragma unroll
@@ -132,52 +136,58 @@ __global__ void __launch_bounds__(256) k_top1(unsigned long long *best, const fl
     }
 }
 
-int cuda_op_logits_top(g3n_backend *be, const float *logits, int n, int m, float *vals, int32_t *ids) {
+int cuda_op_logits_top(g3n_backend *be, const float *logits, int rows, size_t stride, int n, int m, float *vals,
+                       int32_t *ids, uint8_t *ok) {
     cuda_ctx *c = CTX(be);
     static int off = -1; /* G3N_LOGITS_TOP=0: decline (the host takes the whole row; for comparisons) */
     if (off < 0) off = getenv("G3N_LOGITS_TOP") && !atoi(getenv("G3N_LOGITS_TOP"));
-    if (off || m < 1 || m > G3N_TOP_MAX || n < 2 * TOP_SLICE) return 0;
+    if (off || rows < 1 || rows > 65535 || m < 1 || m > G3N_TOP_MAX || n < m) return 0;
     int p2 = 1;
     while (p2 < m) p2 <<= 1;
     const int nb = (n + TOP_SLICE - 1) / TOP_SLICE;
     if (nb > 1024) return 0;
-    /* sized for the widest list at once: no reallocation when m changes */
-    const size_t need = (size_t)nb * G3N_TOP_MAX * sizeof(unsigned long long) + (2 * G3N_TOP_MAX + 1) * sizeof(float);
+    /* sized for the widest lists at once: no reallocation when m changes */
+    const size_t res = (size_t)rows * (2 * G3N_TOP_MAX + 1) * sizeof(float);
+    const size_t need = (size_t)rows * nb * G3N_TOP_MAX * sizeof(unsigned long long) + res;
     if (c->top_bytes < need) {
         if (c->top_buf) CUDA_CHECK(cudaFree(c->top_buf));
+        if (c->top_host) CUDA_CHECK(cudaFreeHost(c->top_host));
         CUDA_CHECK(cudaMalloc(&c->top_buf, need));
-        if (!c->top_host) CUDA_CHECK(cudaMallocHost(&c->top_host, (2 * G3N_TOP_MAX + 1) * sizeof(float)));
+        CUDA_CHECK(cudaMallocHost(&c->top_host, res));
         c->top_bytes = need;
     }
     unsigned long long *cand = (unsigned long long *)c->top_buf;
-    float *out = (float *)(cand + (size_t)nb * p2);
-    if (m == 1) {
-        PROF_BEGIN(c);
-        CUDA_CHECK(cudaMemsetAsync(cand, 0, sizeof(unsigned long long), c->stream));
-        launch(c, k_top1, dim3(c->n_sm * 2), dim3(256), 0, cand, logits, n);
-        CUDA_LAUNCHED();
-        unsigned long long k;
-        cuda_copy_wait(c, c->top_host, cand, sizeof k, cudaMemcpyDeviceToHost);
-        memcpy(&k, c->top_host, sizeof k);
-        PROF_END(c, "logits_top (1)", (double)n * sizeof(float));
-        const uint32_t u = (uint32_t)(k >> 32), id = ~(uint32_t)k;
-        const uint32_t bits = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
-        memcpy(&vals[0], &bits, 4);
-        ids[0] = (int32_t)id;
-        return 1;
-    }
+    float *out = (float *)(cand + (size_t)rows * nb * p2);
     PROF_BEGIN(c);
-    launch(c, k_top_slices, dim3(nb), dim3(256), 0, cand, logits, n, p2);
-    CUDA_LAUNCHED();
-    launch(c, k_top_merge, dim3(1), dim3(1024), 0, out, (const unsigned long long *)cand, nb, p2, m);
-    CUDA_LAUNCHED();
-    cuda_copy_wait(c, c->top_host, out, (2 * (size_t)m + 1) * sizeof(float), cudaMemcpyDeviceToHost);
-    PROF_END(c, "logits_top", (double)n * sizeof(float));
-    const float *h = c->top_host;
-    if (h[2 * m] != (float)m) return 0;
-    for (int i = 0; i < m; i++) {
-        vals[i] = h[i];
-        memcpy(&ids[i], &h[m + i], sizeof(int32_t));
+    if (m == 1) {
+        CUDA_CHECK(cudaMemsetAsync(cand, 0, (size_t)rows * sizeof(unsigned long long), c->stream));
+        launch(c, k_top1, dim3(c->n_sm * 2, rows), dim3(256), 0, cand, logits, stride, n);
+        CUDA_LAUNCHED();
+        cuda_copy_wait(c, c->top_host, cand, (size_t)rows * sizeof(unsigned long long), cudaMemcpyDeviceToHost);
+        for (int r = 0; r < rows; r++) {
+            unsigned long long k;
+            memcpy(&k, (const char *)c->top_host + (size_t)r * sizeof k, sizeof k);
+            const uint32_t u = (uint32_t)(k >> 32), bits = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
+            memcpy(&vals[r], &bits, 4);
+            ids[r] = (int32_t)~(uint32_t)k;
+            ok[r] = 1;
+        }
+    } else {
+        launch(c, k_top_slices, dim3(nb, rows), dim3(256), 0, cand, logits, stride, n, p2);
+        CUDA_LAUNCHED();
+        launch(c, k_top_merge, dim3(rows), dim3(1024), 0, out, (const unsigned long long *)cand, nb, p2, m);
+        CUDA_LAUNCHED();
+        const size_t per = 2 * (size_t)m + 1;
+        cuda_copy_wait(c, c->top_host, out, (size_t)rows * per * sizeof(float), cudaMemcpyDeviceToHost);
+        for (int r = 0; r < rows; r++) {
+            const float *h = c->top_host + (size_t)r * per;
+            ok[r] = h[2 * m] == (float)m;
+            for (int i = 0; i < m; i++) {
+                vals[(size_t)r * m + i] = h[i];
+                memcpy(&ids[(size_t)r * m + i], &h[m + i], sizeof(int32_t));
+            }
+        }
     }
+    PROF_END(c, m == 1 ? "logits_top (1)" : "logits_top", (double)rows * n * sizeof(float));
     return 1;
 }
