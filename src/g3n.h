@@ -271,14 +271,15 @@ int g3n_sampler_probs(g3n_sampler *s, const float *logits, float *probs);
  * says how many, or 0 when it needs the whole row. sample_top picks from the
  * best m = top_need exactly what sample picks from the row, drawing the same
  * random number; -2 (no draw) when fewer than m logits are finite and the row
- * is needed after all. */
+ * is needed after all, or when m is not top_need. */
 int g3n_sampler_top_need(const g3n_sampler *s);
 int g3n_sampler_vocab(const g3n_sampler *s); /* the n_vocab it was made with */
 int32_t g3n_sampler_sample_top(g3n_sampler *s, const float *vals, const int32_t *ids, int m);
 
 /* The next token by smp from the session's last logits: from the device's best
  * candidates where the backend and the sampler allow (no copy of the whole row
- * to the host), else from the row. -1 as g3n_sampler_sample. */
+ * to the host), else from the row. -1 as g3n_sampler_sample, and when the
+ * session has no logits (none evaluated, or g3n_batch_decode_sample kept none). */
 int32_t g3n_session_sample(g3n_session *s, g3n_sampler *smp);
 
 /* g3n_batch_decode, then the next token of ss[i] by sampler smps[i] into out[i],

@@ -963,7 +963,7 @@ int g3n_sampler_top_need(const g3n_sampler *s) {
 
 int32_t g3n_sampler_sample_top(g3n_sampler *s, const float *vals, const int32_t *ids, int m) {
     const g3n_sampler_params *p = &s->p;
-    G3N_ASSERT(m == g3n_sampler_top_need(s) && m > 0);
+    if (m <= 0 || m != g3n_sampler_top_need(s)) return -2; /* not what this sampler can decide from */
     int n_fin = 0; /* finite ones come first */
     while (n_fin < m && vals[n_fin] > -INFINITY) n_fin++;
     chain_out o = {OUT_NONE, -1, 0, -INFINITY, -INFINITY};

@@ -117,7 +117,7 @@ typedef struct {
     /* logits_top (top.cu): the slices' candidates and the result, its pinned copy */
     void *top_buf;
     float *top_host;
-    size_t top_bytes;
+    size_t top_bytes, top_host_bytes;
     unsigned long long *mg_trace; /* G3N_MEGA_TRACE=1: barrier times of the last step */
     int mg_trace_nbar;
     /* recorded steps */

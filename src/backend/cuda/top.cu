@@ -146,15 +146,18 @@ int cuda_op_logits_top(g3n_backend *be, const float *logits, int rows, size_t st
     while (p2 < m) p2 <<= 1;
     const int nb = (n + TOP_SLICE - 1) / TOP_SLICE;
     if (nb > 1024) return 0;
-    /* sized for the widest lists at once: no reallocation when m changes */
-    const size_t res = (size_t)rows * (2 * G3N_TOP_MAX + 1) * sizeof(float);
-    const size_t need = (size_t)rows * nb * G3N_TOP_MAX * sizeof(unsigned long long) + res;
-    if (c->top_bytes < need) {
+    const size_t res = (size_t)rows * (2 * (size_t)m + 1) * sizeof(float);
+    const size_t need = (size_t)rows * nb * p2 * sizeof(unsigned long long) + res;
+    if (c->top_bytes < need) { /* grows, never shrinks */
         if (c->top_buf) CUDA_CHECK(cudaFree(c->top_buf));
-        if (c->top_host) CUDA_CHECK(cudaFreeHost(c->top_host));
         CUDA_CHECK(cudaMalloc(&c->top_buf, need));
-        CUDA_CHECK(cudaMallocHost(&c->top_host, res));
         c->top_bytes = need;
+    }
+    const size_t hneed = G3N_MAX(res, (size_t)rows * sizeof(unsigned long long)); /* the results */
+    if (c->top_host_bytes < hneed) {
+        if (c->top_host) CUDA_CHECK(cudaFreeHost(c->top_host));
+        CUDA_CHECK(cudaMallocHost(&c->top_host, hneed));
+        c->top_host_bytes = hneed;
     }
     unsigned long long *cand = (unsigned long long *)c->top_buf;
     float *out = (float *)(cand + (size_t)rows * nb * p2);
