@@ -279,7 +279,8 @@ int32_t g3n_sampler_sample_top(g3n_sampler *s, const float *vals, const int32_t 
 /* The next token by smp from the session's last logits: from the device's best
  * candidates where the backend and the sampler allow (no copy of the whole row
  * to the host), else from the row. -1 as g3n_sampler_sample, and when the
- * session has no logits (none evaluated, or g3n_batch_decode_sample kept none). */
+ * session has no logits (none evaluated, or g3n_batch_decode_sample kept none)
+ * or the sampler covers more tokens than the model's logits. */
 int32_t g3n_session_sample(g3n_session *s, g3n_sampler *smp);
 
 /* g3n_batch_decode, then the next token of ss[i] by sampler smps[i] into out[i],

@@ -134,7 +134,7 @@ static int top_want(g3n_model *m, g3n_sampler *const *smps, int n) {
 }
 
 int32_t g3n_session_sample(g3n_session *s, g3n_sampler *smp) {
-    if (!s->have_logits) return -1;
+    if (!s->have_logits || g3n_sampler_vocab(smp) > s->m->cfg.n_vocab) return -1;
     g3n_backend *be = s->m->be;
     const int m = top_want(s->m, &smp, 1);
     if (m > 0 && s->logits_on_dev) {
@@ -234,6 +234,9 @@ struct g3n_batcher {
     g3n_kv pad_kv;      /* padding rows: positions 0..rows-1 of a private cache */
     void *pad_mem;
     float *logits;      /* [rows, n_vocab] host */
+    float *top_vals;    /* [cap, G3N_TOP_MAX] g3n_batch_decode_sample's candidates */
+    int32_t *top_ids;
+    uint8_t *top_ok;    /* [cap] */
 };
 
 /* Rows a step of n sessions runs: n, or on recording backends the next of
@@ -268,6 +271,9 @@ g3n_batcher *g3n_batcher_create(g3n_model *m, int max_seqs, char *err, size_t er
     bt->pad_mem = kv_alloc(m, bt->rows, bt->rows, &bt->pad_kv);
     for (int i = 0; i <= max_seqs; i++) bt->kv[i] = &bt->pad_kv;
     bt->logits = logits_alloc(m, (size_t)bt->rows);
+    bt->top_vals = g3n_malloc(sizeof(float) * (size_t)max_seqs * G3N_TOP_MAX);
+    bt->top_ids = g3n_malloc(sizeof(int32_t) * (size_t)max_seqs * G3N_TOP_MAX);
+    bt->top_ok = g3n_calloc((size_t)max_seqs, 1);
     return bt;
 }
 
@@ -276,6 +282,7 @@ void g3n_batcher_free(g3n_batcher *bt) {
     fwd_scratch_free(bt->m, bt->fwd);
     bt->m->be->free(bt->m->be, bt->pad_mem);
     logits_free(bt->m, bt->logits);
+    free(bt->top_vals), free(bt->top_ids), free(bt->top_ok);
     free(bt->ids);
     free(bt->pos);
     free(bt->seq);
@@ -367,21 +374,24 @@ int g3n_batch_decode(g3n_batcher *bt, g3n_session **ss, const int32_t *ids, int 
 
 int g3n_batch_decode_sample(g3n_batcher *bt, g3n_session **ss, const int32_t *ids, int n, g3n_sampler **smps,
                             int32_t *out, char *err, size_t errlen) {
-    for (int i = 0; i < n; i++)
+    const size_t V = (size_t)bt->m->cfg.n_vocab;
+    if (n < 1 || n > bt->cap)
+        return g3n_err(err, errlen, "batch decode of %d sessions (this batcher takes 1..%d)", n, bt->cap);
+    for (int i = 0; i < n; i++) {
         if (!smps || !smps[i]) return g3n_err(err, errlen, "batch decode: sampler %d is missing", i);
+        if ((size_t)g3n_sampler_vocab(smps[i]) > V)
+            return g3n_err(err, errlen, "batch decode: sampler %d covers %d tokens, the model's logits %zu", i,
+                           g3n_sampler_vocab(smps[i]), V);
+    }
     if (batch_step(bt, ss, ids, n, err, errlen)) return -1;
     g3n_backend *be = bt->m->be;
-    const size_t V = (size_t)bt->m->cfg.n_vocab;
     const int m = top_want(bt->m, smps, n);
-    float *vals = NULL;
-    int32_t *cids = NULL;
-    uint8_t *ok = g3n_calloc((size_t)n, 1);
-    if (m > 0) {
-        vals = g3n_malloc(sizeof(float) * (size_t)n * m);
-        cids = g3n_malloc(sizeof(int32_t) * (size_t)n * m);
-        if (!be->logits_top(be, fwd_logits(bt->fwd), n, V, g3n_sampler_vocab(smps[0]), m, vals, cids, ok))
-            memset(ok, 0, (size_t)n);
-    }
+    float *vals = bt->top_vals;
+    int32_t *cids = bt->top_ids;
+    uint8_t *ok = bt->top_ok;
+    memset(ok, 0, (size_t)n);
+    if (m > 0 && !be->logits_top(be, fwd_logits(bt->fwd), n, V, g3n_sampler_vocab(smps[0]), m, vals, cids, ok))
+        memset(ok, 0, (size_t)n);
     for (int i = 0; i < n; i++) {
         int32_t t = -2;
         if (ok[i]) { /* the sampler's own count of the row's best m (a sorted prefix) */
@@ -394,7 +404,6 @@ int g3n_batch_decode_sample(g3n_batcher *bt, g3n_session **ss, const int32_t *id
         }
         out[i] = t;
     }
-    free(vals), free(cids), free(ok);
     return 0;
 }
 
