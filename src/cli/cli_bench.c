@@ -27,7 +27,7 @@ static stat2 stats(const double *v, int n) {
 }
 
 /* --parallel 1,8,32: aggregate decode tok/s of P sequences stepped together
- * through g3n_batch_decode (what `g3n serve` does with P busy slots). Each
+ * through g3n_batch_decode_sample (what `g3n serve` does with P busy slots). Each
  * sequence first gets its own n_prompt-token prompt; two untimed steps record
  * the batched step; then n_gen timed steps with each stream's greedy pick
  * (g3n_batch_decode_sample), fed back. */
@@ -170,7 +170,6 @@ int cmd_bench(int argc, char **argv) {
         if (strcmp(all[i], paths[0]) && strstr(mi.decode_paths, all[i])) paths[n_paths++] = all[i];
     double *pp = calloc((size_t)reps, sizeof(double)), *tg = calloc((size_t)reps * 3, sizeof(double));
     uint64_t checksum[3] = {0, 0, 0};
-
     for (int r = 0; r < reps; r++) {
         if (n_prompt > 0) {
             g3n_session_reset(s);

@@ -48,7 +48,6 @@ typedef struct {
     unsigned long long *trace; /* G3N_QTRACE: per block times (cuda.cu) */
 } qargs;
 
-
 enum { QPLAIN = 0, QGELU_MUL = 1, QGATE_UP = 2 };
 
 /* 32 weights: `bits` words, loaded as wide as alignment allows (rows start on
