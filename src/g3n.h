@@ -37,9 +37,10 @@ typedef struct {
                            down columns; down matrices stored transposed). 1 on,
                            -1 off, 0 (default): on CUDA, on for checkpoints without
                            quantization (their down matrices are transposed in
-                           place, and it is faster: docs/SPEED.md), off for
-                           quantized ones (a transposed copy costs memory for ~1%
-                           more speed); off on the CPU, where it keeps a W^T copy
+                           place) and 4- and 8-bit ones (a transposed copy of the
+                           top-k layers' down codes, scales and biases: ~0.2 GB
+                           for E4B q4), faster on all (docs/SPEED.md), off for
+                           other widths; off on the CPU, where it keeps a W^T copy
                            of each top-k layer's down matrix in RAM (E2B 0.34 GB,
                            E4B 0.67 GB; unquantized checkpoints only) for ~11%
                            faster decode, and decode then equals prefill to float

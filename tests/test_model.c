@@ -656,7 +656,7 @@ int main(int argc, char **argv) {
         RUN(decode_equals_prefill);
         PATH = "split";
         RUN(causal_cuda);
-        printf("-- cuda, quantized checkpoints (fused path, then split; sparse falls back to dense)\n");
+        printf("-- cuda, quantized checkpoints (fused path, then split, then fused with exact sparsity)\n");
         SPARSE = 0;
         QTOL = 1e-4; /* fp32 GEMV with the affine form factored per 32 weights; f32 cuBLAS prefill */
         PATH = "fused";
@@ -666,6 +666,7 @@ int main(int argc, char **argv) {
         RUN(quantized);
         SPARSE = 1, PATH = "fused";
         RUN(quantized);
+        RUN(decode_equals_prefill_q4);
         NO_GRAPH = PLE_ON_GPU = 1, SPARSE = 0;
         RUN(quantized);
     } else {

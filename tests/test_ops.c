@@ -807,19 +807,22 @@ TEST(fused_ops) {
             }
             free(Wt.mem);
         }
-        /* (I, D, dtype): 16 and 32 blocks of the gather kernel, an n_ff that is not
-         * a multiple of its 256, and every stored dtype of the up and down matrices */
-        const int shapes[7][4] = {{4096, 64, G3N_BF16, G3N_BF16}, {8192, 96, G3N_BF16, G3N_BF16},
-                                  {1056, 64, G3N_BF16, G3N_BF16}, {4096, 64, G3N_F16, G3N_F16},
-                                  {4096, 64, G3N_F32, G3N_BF16}, {4096, 64, G3N_BF16, G3N_F32},
-                                  {4096, 64, G3N_F32, G3N_F32}};
-        for (int sh = 0; sh < 7; sh++) {
+        /* (I, D, dtype): gate rows over many and few blocks of the gather kernel, an
+         * n_ff that is not a multiple of its block's entries, more than 256 groups of 8
+         * outputs (more threads than gate entries), and every stored dtype of the up
+         * and down matrices */
+        const int shapes[8][4] = {{4096, 64, G3N_BF16, G3N_BF16}, {8192, 96, G3N_BF16, G3N_BF16},
+                                  {1056, 64, G3N_BF16, G3N_BF16}, {2048, 2112, G3N_BF16, G3N_BF16},
+                                  {4096, 64, G3N_F16, G3N_F16},   {4096, 64, G3N_F32, G3N_BF16},
+                                  {4096, 64, G3N_BF16, G3N_F32},  {4096, 64, G3N_F32, G3N_F32}};
+        for (int sh = 0; sh < 8; sh++) {
             const int I = shapes[sh][0], DD = shapes[sh][1], dt = shapes[sh][2], dtd = shapes[sh][3];
             tmat Wg = make_mat(G3N_BF16, I, DD, 0), Wu = make_mat(dt, I, DD, 0);
             tmat Wd = make_mat_ex(dtd, DD, I, 0, 1);
             for (int rows = 1; rows <= 3; rows += 2) {
                 float *u = rnd((size_t)rows * DD, 1.0f), *du = dev(u, (size_t)rows * DD);
-                float *g = malloc(4 * (size_t)rows * I), *up = malloc(4 * (size_t)rows * I), ys[3 * 96];
+                float *g = malloc(4 * (size_t)rows * I), *up = malloc(4 * (size_t)rows * I);
+                float *ys = malloc(4 * (size_t)rows * DD);
                 float *dg = dev_nan((size_t)rows * I), *dup = dev_nan((size_t)rows * I), *dy = dev_nan((size_t)rows * DD);
                 REF->mlp_sparse(REF, ys, g, up, &Wg.ref, &Wu.ref, &Wd.ref, u, rows, 1.6448533535f);
                 B->mlp_sparse(B, dy, dg, dup, &Wg.b, &Wu.b, &Wd.b, du, rows, 1.6448533535f);
@@ -831,7 +834,7 @@ TEST(fused_ops) {
                 int nz = 0;
                 for (int i = 0; i < I; i++) nz += g[i] != 0;
                 CHECK_MSG(nz > I / 50 && nz < I / 8, "top-k kept %d of %d", nz, I);
-                free(u), free(g), free(up), B->free(B, du), B->free(B, dg), B->free(B, dup);
+                free(u), free(g), free(up), free(ys), B->free(B, du), B->free(B, dg), B->free(B, dup);
             }
             free(Wg.mem), free(Wu.mem), free(Wd.mem);
         }

@@ -7,7 +7,7 @@ first and last few, and prints for each kernel, summed over its launches in a
 step and averaged over the steps:
   inc  the time it adds to the step: its end minus the latest end before it
   dur  its own start-to-end (with PDL it starts before the previous one ends)
-Usage: python3 tools/ktrace_report.py trace.txt [--demangle] [--layer]"""
+Usage: python3 tools/ktrace_report.py trace.txt [--demangle] [--layer [--at L]]"""
 import subprocess
 import sys
 from collections import OrderedDict, defaultdict
@@ -73,7 +73,10 @@ def main():
               f"{v / n / c / 1e3:10.2f} {dur[key] / n / c / 1e3:10.2f}")
     if "--layer" in sys.argv:  # one middle layer, kernel by kernel
         idx = [i for i, nm in enumerate(shape) if nm.startswith("k_predict")]
-        a, b = idx[len(idx) // 2], idx[len(idx) // 2 + 1]
+        k = len(idx) // 2
+        if "--at" in sys.argv:  # --at L: layer L instead (its predict launch is the L-th)
+            k = min(int(sys.argv[sys.argv.index("--at") + 1]), len(idx) - 2)
+        a, b = idx[k], idx[k + 1]
         print("\none layer (positions %d..%d), averaged over steps:" % (a, b - 1))
         for i in range(a, b):
             ds = sum(s[i][1] - s[i][0] for s in sel) / n / 1e3

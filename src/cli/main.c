@@ -214,7 +214,7 @@ static void usage(FILE *f) {
             "                         (default: auto, measured per device)\n"
             "  --sparse, --no-sparse  exact activation sparsity in the top-k layers (decode\n"
             "                         reads ~5%% of their up/down weights); default on cuda:\n"
-            "                         on for unquantized checkpoints, off for quantized ones;\n"
+            "                         on for unquantized, 4- and 8-bit checkpoints;\n"
             "                         cpu: off (--sparse: unquantized only, a W^T copy in RAM)\n"
             "  -t, --threads N        CPU threads (default: all cores)\n"
             "  -c, --ctx-size N       context length (default: 4096 or the model's maximum)\n"

@@ -353,9 +353,12 @@ g3n_model *g3n_model_open(const char *dir, const g3n_model_params *params, char 
         else g3n_err(err, errlen, "unknown device \"%s\" (this build has: cpu, cpu-ref)", dev);
 #endif
         rc = m->be ? 0 : -1;
-        /* exact sparsity by default where the backend gathers (CUDA) and the down
-         * matrices can be transposed in place (no quantization block) */
-        m->sparse = p.sparse > 0 || (p.sparse == 0 && dev && !strcmp(dev, "cuda") && !m->quant.bits);
+        /* exact sparsity by default where the backend gathers (CUDA): unquantized
+         * checkpoints (down matrices transposed in place) and 4- and 8-bit ones
+         * (codes, scales and biases transposed beside the packed rows; other
+         * widths would need an f32 copy of W^T: docs/SPEED.md, tenth session) */
+        m->sparse = p.sparse > 0 || (p.sparse == 0 && dev && !strcmp(dev, "cuda") &&
+                                     (!m->quant.bits || m->quant.bits == 4 || m->quant.bits == 8));
     }
     if (rc == 0) rc = load_weights(m, err, errlen);
     if (rc == 0) fwd_dec_model_init(m);
