@@ -12,8 +12,8 @@
  * products per group; below), one row at 4 bits (and what k_qmma declines)
  * k_qgemv_s (integer dot products, 4 output rows per warp, weights through a
  * cp.async ring, K split over a cluster; below); G3N_QGEMV (qgemv_env) picks others for A/B timing. This
- * one-row-per-warp k_qgemv serves f32 scales and slices too wide for shared
- * memory. 2, 3, 5 and 6 bits run the one-row kernel once per row
+ * one-row-per-warp k_qgemv serves f32 scales, slices too wide for shared
+ * memory and one-row 4-bit products under 1 MB (qmulti). 2, 3, 5 and 6 bits run the one-row kernel once per row
  * (correct, slower). G3N_QSPLIT=n (most K slices) and G3N_QJ=n (tiles per
  * warp) override k_qgemv_s's shape, for timing.
  * Prompt-sized products: tiles of rows dequantized to f32 (exactly the
@@ -1099,7 +1099,20 @@ static void qmulti(cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y,
         a.row0[i + 1] = a.row0[i] + W[i]->rows;
         min_k = G3N_MIN(min_k, W[i]->cols);
     }
-    const int bits = W[0]->bits, k = qgemv_env();
+    const int bits = W[0]->bits;
+    int k = qgemv_env();
+    if (k == QK_DEFAULT && bits == 4 && rows == 1) {
+        /* One-row 4-bit products under 1 MB packed (the per-layer input's gate and
+         * projection) take the one-row kernel: its chain (weights before the PDL
+         * wait, activations read as floats) is shorter than staging the slice as
+         * integers (docs/SPEED.md, tenth session: E4B q4 +0.8-1.8%, E2B +0.5%).
+         * G3N_QSMALL_KB sets the bound (0: none), for timing. */
+        static int small_kb = -1;
+        if (small_kb < 0) small_kb = getenv("G3N_QSMALL_KB") ? atoi(getenv("G3N_QSMALL_KB")) : 1024;
+        size_t kb = 0;
+        for (int i = 0; i < n; i++) kb += (size_t)W[i]->rows * W[i]->cols / 2 / 1024;
+        if (kb < (size_t)small_kb) k = QK_OLD;
+    }
     a.trace = c->qtrace;
     if ((k == QK_MMA || (k == QK_DEFAULT && (bits == 8 || rows >= 2))) && mm_launch_any(c, a, bits, rows)) return;
     if ((bits == 4 || bits == 8) && k != QK_OLD && qlaunch_s_any(c, a, bits, rows)) return;
