@@ -6,6 +6,7 @@
  * few reference ops against values computed here, so the oracle is checked too,
  * and the CPU kernel property the model tests rely on: a row gives bitwise the
  * same output alone as inside a block of rows. */
+#define _POSIX_C_SOURCE 200809L /* setenv */
 #include <float.h>
 #include <math.h>
 
@@ -726,6 +727,27 @@ TEST(small_ops) {
     for (size_t i = 0; i < sizeof dev_ptrs / sizeof *dev_ptrs; i++) B->free(B, dev_ptrs[i]);
 }
 
+/* The whole sparse MLP (gate, top-k, gathered up rows and down columns) of 1 and
+ * 3 token rows on the backend against the reference; abs: the absolute bound's
+ * floor (sums of ~I/20 terms: it also scales with their size). */
+static void sparse_mlp_case(const char *what, tmat *Wg, tmat *Wu, tmat *Wd, int I, int DD, double abs) {
+    for (int rows = 1; rows <= 3; rows += 2) {
+        float *u = rnd((size_t)rows * DD, 1.0f), *du = dev(u, (size_t)rows * DD);
+        float *g = malloc(4 * (size_t)rows * I), *up = malloc(4 * (size_t)rows * I);
+        float *ys = malloc(4 * (size_t)rows * DD);
+        float *dg = dev_nan((size_t)rows * I), *dup = dev_nan((size_t)rows * I), *dy = dev_nan((size_t)rows * DD);
+        REF->mlp_sparse(REF, ys, g, up, &Wg->ref, &Wu->ref, &Wd->ref, u, rows, 1.6448533535f);
+        B->mlp_sparse(B, dy, dg, dup, &Wg->b, &Wu->b, &Wd->b, du, rows, 1.6448533535f);
+        char name[96];
+        snprintf(name, sizeof name, "%s rows %d", what, rows);
+        cmp(name, dy, ys, (size_t)rows * DD, 1e-5, abs + rms_tol(ys, (size_t)rows * DD, 2e-5));
+        int nz = 0;
+        for (int i = 0; i < I; i++) nz += g[i] != 0;
+        CHECK_MSG(nz > I / 50 && nz < I / 8, "%s: top-k kept %d of %d", name, nz, I);
+        free(u), free(g), free(up), free(ys), B->free(B, du), B->free(B, dg), B->free(B, dup); /* cmp freed dy */
+    }
+}
+
 /* The fused ops against the reference's definition (sequences of basic ops). */
 static float *vdev(float *h, int n) { return dev(h, (size_t)n); }
 
@@ -819,24 +841,20 @@ TEST(fused_ops) {
             const int I = shapes[sh][0], DD = shapes[sh][1], dt = shapes[sh][2], dtd = shapes[sh][3];
             tmat Wg = make_mat(G3N_BF16, I, DD, 0), Wu = make_mat(dt, I, DD, 0);
             tmat Wd = make_mat_ex(dtd, DD, I, 0, 1);
-            for (int rows = 1; rows <= 3; rows += 2) {
-                float *u = rnd((size_t)rows * DD, 1.0f), *du = dev(u, (size_t)rows * DD);
-                float *g = malloc(4 * (size_t)rows * I), *up = malloc(4 * (size_t)rows * I);
-                float *ys = malloc(4 * (size_t)rows * DD);
-                float *dg = dev_nan((size_t)rows * I), *dup = dev_nan((size_t)rows * I), *dy = dev_nan((size_t)rows * DD);
-                REF->mlp_sparse(REF, ys, g, up, &Wg.ref, &Wu.ref, &Wd.ref, u, rows, 1.6448533535f);
-                B->mlp_sparse(B, dy, dg, dup, &Wg.b, &Wu.b, &Wd.b, du, rows, 1.6448533535f);
-                char what[64];
-                snprintf(what, sizeof what, "mlp_sparse %s/%s I %d D %d rows %d", g3n_dtype_name(dt),
-                         g3n_dtype_name(dtd), I, DD, rows);
-                /* sums of ~I/20 terms: the absolute bound scales with their size */
-                cmp(what, dy, ys, (size_t)rows * DD, 1e-5, (QBITS ? 1e-4 : 1e-5) + rms_tol(ys, (size_t)rows * DD, 2e-5));
-                int nz = 0;
-                for (int i = 0; i < I; i++) nz += g[i] != 0;
-                CHECK_MSG(nz > I / 50 && nz < I / 8, "top-k kept %d of %d", nz, I);
-                free(u), free(g), free(up), free(ys), B->free(B, du), B->free(B, dg), B->free(B, dup);
-            }
+            char what[64];
+            snprintf(what, sizeof what, "mlp_sparse %s/%s I %d D %d", g3n_dtype_name(dt), g3n_dtype_name(dtd), I, DD);
+            sparse_mlp_case(what, &Wg, &Wu, &Wd, I, DD, QBITS ? 1e-4 : 1e-5);
             free(Wg.mem), free(Wu.mem), free(Wd.mem);
+        }
+        if (!QBITS) { /* 4 bits in groups of 128 that straddle the gather kernel's blocks (96 entries
+                       * each, G3N_SP_PER, read when the matrices are uploaded and at each launch) */
+            setenv("G3N_SP_PER", "96", 1);
+            const int I = 4096, DD = 128;
+            tmat Wg = make_qmat_ex(4, 128, G3N_BF16, I, DD, 0, 0, 0), Wu = make_qmat_ex(4, 128, G3N_BF16, I, DD, 0, 0, 0);
+            tmat Wd = make_qmat_ex(4, 128, G3N_BF16, DD, I, 0, 1, 0);
+            sparse_mlp_case("mlp_sparse q4 g128, 96 entries a block", &Wg, &Wu, &Wd, I, DD, 1e-4);
+            free(Wg.mem), free(Wu.mem), free(Wd.mem);
+            unsetenv("G3N_SP_PER");
         }
     }
     /* qkv_post with a cache store, two tokens at positions 3 and 20 */

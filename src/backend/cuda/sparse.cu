@@ -193,13 +193,13 @@ template <typename T> struct dn_plain { /* stored transposed, 16-bit or f32 */
 /* quantized (BITS 4 or 8, 16-bit scales ST): the transposed codes [n, O] and the
  * transposed scales and biases [n / G, O] (cuda_qtranspose). A slot holds a
  * row's codes; the block's groups (those of entries i0..i0 + per - 1, at most
- * per / G + 1) each hold their scale row, then their bias row. */
+ * ceil(per / G) + 1) each hold their scale row, then their bias row. */
 template <int BITS, typename ST> struct dn_quant {
     static constexpr int SB = BITS, GB = 32;
     const uint32_t *qT;
     const ST *sT, *bT;
     int O, G;
-    __host__ __device__ int ngroups(int per) const { return per / G + 1; }
+    __host__ __device__ int ngroups(int per) const { return (per + G - 1) / G + 1; } /* straddling groups too */
     __device__ __forceinline__ void stage_groups(char *gs, int nt, int i0, int per, int n, int o) const {
         const int t = threadIdx.x, g0 = i0 / G, g1 = (min(i0 + per, n) - 1) / G;
         for (int k = 0; k <= g1 - g0; k++) {
@@ -231,10 +231,11 @@ template <int BITS, typename ST> struct dn_quant {
 };
 
 /* k_mlp_sparse's gate entries per block for a gate row of n: about one block per
- * SM (a multiple of 32, 32 to SP_RMAX); G3N_SP_PER=k sets it, for timing. */
+ * SM (a multiple of 32, 32 to SP_RMAX); G3N_SP_PER=k sets it (timing, and
+ * test_ops' groups that straddle blocks), read at each call. */
 static int sp_per(const cuda_ctx *c, int n) {
-    static int fixed = -1;
-    if (fixed < 0) fixed = getenv("G3N_SP_PER") ? atoi(getenv("G3N_SP_PER")) : 0;
+    const char *e = getenv("G3N_SP_PER");
+    const int fixed = e ? atoi(e) : 0;
     const int per = fixed > 0 ? fixed : (n / G3N_MAX(c->n_sm, 1) + 31) / 32 * 32;
     return G3N_MIN(G3N_MAX(per, 32), SP_RMAX) / 32 * 32;
 }
