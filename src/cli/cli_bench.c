@@ -26,6 +26,16 @@ static stat2 stats(const double *v, int n) {
     return s;
 }
 
+/* A greedy sampler (the pick bench feeds back), or die. */
+static g3n_sampler *greedy_sampler(int n_vocab) {
+    char err[256];
+    g3n_sampler_params gp = g3n_sampler_default_params();
+    gp.temperature = 0;
+    g3n_sampler *s = g3n_sampler_create(&gp, n_vocab, err, sizeof err);
+    if (!s) die("%s", err);
+    return s;
+}
+
 /* --parallel 1,8,32: aggregate decode tok/s of P sequences stepped together
  * through g3n_batch_decode_sample (what `g3n serve` does with P busy slots). Each
  * sequence first gets its own n_prompt-token prompt; two untimed steps record
@@ -47,10 +57,7 @@ static void bench_parallel(g3n_model *m, const model_opts *mo, const int *counts
         g3n_batcher *bt = g3n_batcher_create(m, (int)P, err, sizeof err);
         g3n_sampler **greedy = malloc(sizeof(*greedy) * (size_t)P);
         if (!ss || !tok || !prompt || !bt || !greedy) die("bench: %s", bt ? "out of memory" : err);
-        g3n_sampler_params gp = g3n_sampler_default_params();
-        gp.temperature = 0;
-        for (int i = 0; i < P; i++)
-            if (!(greedy[i] = g3n_sampler_create(&gp, mi.n_vocab_text, err, sizeof err))) die("%s", err);
+        for (int i = 0; i < P; i++) greedy[i] = greedy_sampler(mi.n_vocab_text);
         for (int i = 0; i < P; i++) ss[i] = open_session(m, &so);
         double *tg = calloc((size_t)reps, sizeof(double));
         uint64_t h = 1469598103934665603ull;
@@ -149,10 +156,7 @@ int cmd_bench(int argc, char **argv) {
     }
     /* warm-up: page in the weights, grow scratch, let libraries pick kernels
      * (and the greedy pick its buffers) */
-    g3n_sampler_params gp = g3n_sampler_default_params();
-    gp.temperature = 0;
-    g3n_sampler *greedy = g3n_sampler_create(&gp, mi.n_vocab_text, err, sizeof err);
-    if (!greedy) die("%s", err);
+    g3n_sampler *greedy = greedy_sampler(mi.n_vocab_text);
     int32_t w0 = 2;
     if (g3n_session_eval(s, &w0, 1, NULL, err, sizeof err)) die("%s", err);
     if (g3n_session_eval(s, &w0, 1, NULL, err, sizeof err)) die("%s", err);

@@ -244,7 +244,8 @@ static int sp_per(const cuda_ctx *c, int n) {
  * load, before any recording): k_gemv_t's partials and k_mlp_sparse's, for up to
  * 8 activation rows. */
 void cuda_sparse_reserve(cuda_ctx *c, int rows, int cols) {
-    const size_t chunks = G3N_MAX((cols + T_CHUNK - 1) / T_CHUNK, (cols + sp_per(c, cols) - 1) / sp_per(c, cols));
+    const int per = sp_per(c, cols);
+    const size_t chunks = G3N_MAX((cols + T_CHUNK - 1) / T_CHUNK, (cols + per - 1) / per);
     const size_t part = chunks * (size_t)rows * 8;
     if (part > c->sp_part_n) {
         cudaFree(c->sp_part);

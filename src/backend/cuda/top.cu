@@ -33,10 +33,13 @@ __device__ __forceinline__ unsigned long long top_key(float x, int id) {
     return (unsigned long long)u << 32 | (uint32_t)~(uint32_t)id;
 }
 
-__device__ __forceinline__ float top_value(unsigned long long k) {
+/* the bits of a key's logit (top_key's high word undone; host and device) */
+__host__ __device__ __forceinline__ uint32_t top_bits(unsigned long long k) {
     const uint32_t u = (uint32_t)(k >> 32);
-    return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
+    return (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
 }
+
+__device__ __forceinline__ float top_value(unsigned long long k) { return __uint_as_float(top_bits(k)); }
 
 /* Sort s[0..n) descending (n a power of two), all threads of the block. */
 __device__ void top_bitonic(unsigned long long *s, int n) {
@@ -170,7 +173,7 @@ int cuda_op_logits_top(g3n_backend *be, const float *logits, int rows, size_t st
         for (int r = 0; r < rows; r++) {
             unsigned long long k;
             memcpy(&k, (const char *)c->top_host + (size_t)r * sizeof k, sizeof k);
-            const uint32_t u = (uint32_t)(k >> 32), bits = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
+            const uint32_t bits = top_bits(k);
             memcpy(&vals[r], &bits, 4);
             ids[r] = (int32_t)~(uint32_t)k;
             ok[r] = 1;
