@@ -7,6 +7,8 @@ first and last few, and prints for each kernel, summed over its launches in a
 step and averaged over the steps:
   inc  the time it adds to the step: its end minus the latest end before it
   dur  its own start-to-end (with PDL it starts before the previous one ends)
+Kernels on the L2-prefetch side stream (k_l2_prefetch) are left out of the
+steps and summarized on their own.
 Usage: python3 tools/ktrace_report.py trace.txt [--demangle] [--layer [--at L]]"""
 import subprocess
 import sys
@@ -36,6 +38,12 @@ def demangle(names):
 def main():
     rows = load(sys.argv[1])
     names = demangle(sorted({r[4] for r in rows}))
+    side = [r for r in rows if names[r[4]].startswith("k_l2_prefetch")]
+    rows = [r for r in rows if not names[r[4]].startswith("k_l2_prefetch")]
+    if side:
+        d = sorted((r[1] - r[0]) / 1e3 for r in side)
+        print(f"side stream: {len(side)} k_l2_prefetch, us each: median {d[len(d) // 2]:.2f}, "
+              f"p90 {d[len(d) * 9 // 10]:.2f}, max {d[-1]:.2f}")
     steps, cur = [], []
     for r in rows:
         n = names[r[4]]

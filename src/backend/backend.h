@@ -281,6 +281,12 @@ struct g3n_backend {
     /* Per-layer input: planes 1..A-1 of pred += rmsnorm(proj, post_norm). */
     void (*ple_add)(g3n_backend *be, float *pred, float *proj, g3n_vec post_norm, int A, int rows,
                     int dim, float eps);
+    /* Optional (NULL): a hint that the ops after the next few read W[0..n)
+     * whole, in that order (a layer's MLP products, hinted at the layer's
+     * start). A GPU backend may pull them, or the first of them, into its cache
+     * while the ops before them run, which are bound by latency and leave the
+     * memory idle. No result changes. */
+    void (*prefetch)(g3n_backend *be, const g3n_mat *const *W, int n);
     /* Optional (NULL): every decoder layer of a step of one token in one pass
      * (the "mega" decode path), the maths of decoder_layer_fused over all
      * layers, then the last layer's per-layer input added to planes 1..: S in,

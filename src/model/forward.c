@@ -208,6 +208,20 @@ static void decoder_layer(g3n_model *M, fwd_scratch *f, int l, int n) {
     f->pred = tmp;
 }
 
+/* The backend's prefetch hint (backend.h) at a layer's start: the MLP's
+ * matrices that its products read whole, in the order they are read (a sparse
+ * layer reads its gate whole, few up rows and down columns). The ops before the
+ * MLP (AltUp predict, attention, the small products) are bound by latency; the
+ * memory can fetch these meanwhile. */
+static void prefetch_mlp(g3n_model *M, int l) {
+    g3n_backend *be = M->be;
+    const g3n_config *c = &M->cfg;
+    const g3n_layer_weights *lw = &M->w.layers[l];
+    if (!be->prefetch) return;
+    const g3n_mat *W[3] = {&lw->gate_proj, &lw->up_proj, &lw->down_proj};
+    be->prefetch(be, W, c->sparsity[l] > 0 && M->sparse ? 1 : 3);
+}
+
 /* The same layer through the backend's fused ops (backend.h defines each as a
  * sequence of the basic ops above, in the same order): fewer passes over the
  * activations and fewer kernel launches on a GPU. */
@@ -221,6 +235,7 @@ static void decoder_layer_fused(g3n_model *M, fwd_scratch *f, int l, int n) {
 
     /* the previous layer's per-layer input (in f->ple_out) is added here */
     float *ple_prev = l > 0 ? f->ple_out : NULL;
+    prefetch_mlp(M, l);
     g3n_vec ple_norm = l > 0 ? M->w.layers[l - 1].post_per_layer_input_norm : (g3n_vec){0, NULL};
     be->altup_predict_fused(be, f->pred, f->x, f->S, ple_prev, ple_norm, &lw->altup_router,
                             lw->altup_router_norm, lw->altup_prediction_coefs, lw->input_layernorm,

@@ -173,9 +173,83 @@ static int cu_graph_begin(g3n_backend *be, uint64_t key) {
     return 0;
 }
 
+/* ---- L2 prefetch of the next products' weights --------------------------------------- */
+
+#define PF_MAX 9
+typedef struct {
+    const char *p[PF_MAX];
+    size_t n[PF_MAX];
+    int k;
+} pf_ranges;
+
+/* Each thread asks the L2 for 16 KB chunks of the ranges, strided over the grid:
+ * on sm_90 one bulk prefetch each (the copy engine fetches, the thread moves on),
+ * before that one prefetch a 128-byte line. Nothing waits for the data. */
+#define PF_CHUNK 16384u
+__global__ void k_l2_prefetch(pf_ranges r) {
+    const size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x, nt = (size_t)gridDim.x * blockDim.x;
+    for (int i = 0; i < r.k; i++) {
+        const char *p = r.p[i];
+        const size_t n = r.n[i] & ~(size_t)15;
+        for (size_t o = tid * PF_CHUNK; o < n; o += nt * PF_CHUNK) {
+            const unsigned len = (unsigned)(n - o < PF_CHUNK ? n - o : PF_CHUNK);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + o), "r"(len) : "memory");
+#else
+            for (unsigned b = 0; b < len; b += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(p + o + b));
+#endif
+        }
+    }
+}
+
+/* The hint of backend.h, taken while a decode step is recorded: a kernel on a
+ * side stream, forked here and joined at the step's end, asks the L2 for the
+ * bytes of the first matrices that fit together in 3/4 of it (more would push
+ * out each other and everything else), so their products read them from the
+ * L2. E4B 4-bit: gate and up, 37.7 MB of the H100's 52; E2B 4-bit: down too.
+ * 16 blocks: more slow the small products that run meanwhile (docs/SPEED.md,
+ * eleventh session). */
+static void cu_prefetch(g3n_backend *be, const g3n_mat *const *W, int n) {
+    cuda_ctx *c = CTX(be);
+    if (!c->pf_on || !c->capturing || c->n_tokens > 8) return;
+    pf_ranges r = {};
+    size_t tot = 0;
+    for (int i = 0; i < n && r.k + 3 <= PF_MAX; i++) {
+        const g3n_mat *m = W[i];
+        if (!m->data || m->transposed) break;
+        const size_t sb = m->bits ? (size_t)m->rows * (size_t)(m->cols / m->group_size) *
+                                        g3n_dtype_size((g3n_dtype)m->sdtype) : 0;
+        const size_t db = m->bits ? (size_t)m->rows * ((size_t)m->cols * m->bits / 32) * 4
+                                  : (size_t)m->rows * m->cols * g3n_dtype_size((g3n_dtype)m->dtype);
+        if (tot + db + 2 * sb > c->l2_bytes / 4 * 3) break;
+        tot += db + 2 * sb;
+        r.p[r.k] = (const char *)m->data, r.n[r.k++] = db;
+        if (sb) {
+            r.p[r.k] = (const char *)m->scales, r.n[r.k++] = sb;
+            r.p[r.k] = (const char *)m->biases, r.n[r.k++] = sb;
+        }
+    }
+    if (!r.k) return;
+    if (!c->pf_stream) {
+        CUDA_CHECK(cudaStreamCreateWithFlags(&c->pf_stream, cudaStreamNonBlocking));
+        CUDA_CHECK(cudaEventCreateWithFlags(&c->pf_fork, cudaEventDisableTiming));
+        CUDA_CHECK(cudaEventCreateWithFlags(&c->pf_join, cudaEventDisableTiming));
+    }
+    CUDA_CHECK(cudaEventRecord(c->pf_fork, c->stream));
+    CUDA_CHECK(cudaStreamWaitEvent(c->pf_stream, c->pf_fork, 0));
+    k_l2_prefetch<<<16, 128, 0, c->pf_stream>>>(r);
+    CUDA_LAUNCHED();
+    c->pf_pending = 1;
+}
+
 static void cu_graph_end(g3n_backend *be) {
     cuda_ctx *c = CTX(be);
     if (!c->capturing) return;
+    if (c->pf_pending) { /* join the side stream: a recorded step ends with it */
+        CUDA_CHECK(cudaEventRecord(c->pf_join, c->pf_stream));
+        CUDA_CHECK(cudaStreamWaitEvent(c->stream, c->pf_join, 0));
+        c->pf_pending = 0;
+    }
     cudaGraph_t g;
     CUDA_CHECK(cudaStreamEndCapture(c->stream, &g));
     c->capturing = 0;
@@ -316,6 +390,11 @@ static void cu_destroy(g3n_backend *be) {
     if (c->mg_sync) cudaFree(c->mg_sync);
     if (c->mg_trace) cudaFree(c->mg_trace);
     if (c->h_kv) cudaFreeHost(c->h_kv);
+    if (c->pf_stream) {
+        cudaStreamDestroy(c->pf_stream);
+        cudaEventDestroy(c->pf_fork);
+        cudaEventDestroy(c->pf_join);
+    }
     cudaStreamDestroy(c->stream);
     free(c);
     free(be);
@@ -371,6 +450,9 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     }
     c->blas_rows = br ? G3N_MAX(2, atoi(br)) : 3; /* measured: docs/SPEED.md, seventh session */
     c->blas_bytes = (size_t)(bm ? G3N_MAX(0, atoi(bm)) : 16) << 20;
+    const char *pf = getenv("G3N_PF");
+    c->pf_on = !(pf && strcmp(pf, "0") == 0);
+    c->l2_bytes = (size_t)prop.l2CacheSize;
     const char *sk = getenv("G3N_CUDA_SKIP");
     if (sk) snprintf(c->skip, sizeof c->skip, "%s", sk);
     const char *pe = getenv("G3N_CUDA_PROFILE");
@@ -429,6 +511,7 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     be->ple_add = cuda_op_ple_add;
     be->decode_layers = cuda_op_decode_layers;
     be->logits_top = cuda_op_logits_top;
+    be->prefetch = cu_prefetch;
     return be;
 }
 

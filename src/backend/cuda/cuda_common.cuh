@@ -120,6 +120,13 @@ typedef struct {
     size_t top_bytes, top_host_bytes;
     unsigned long long *mg_trace; /* G3N_MEGA_TRACE=1: barrier times of the last step */
     int mg_trace_nbar;
+    /* L2 prefetch of the next products' weights (cu_prefetch; G3N_PF=0 turns it
+     * off): a side stream forked from the step's stream while a step is
+     * recorded, joined at the step's end */
+    int pf_on, pf_pending;
+    size_t l2_bytes;
+    cudaStream_t pf_stream;
+    cudaEvent_t pf_fork, pf_join;
     /* recorded steps */
     uint64_t graph_key[CUDA_MAX_GRAPHS];
     cudaGraphExec_t graph_exec[CUDA_MAX_GRAPHS];
