@@ -18,9 +18,22 @@ int cuda_fast_correct(cuda_ctx *c, float *pred, float *qs, float *f, const float
                       const g3n_mat *router, const float *rnorm, const float *coefs, const float *oscale, int A,
                       int rows, int dim, float eps);
 template <int EPT> __global__ void k_mlp_act_reg(float *g, const float *up, int n, float kappa);
+template <int P>
 __global__ void k_attn_residual_reg(float *s, float *u, const float *att, const float *lau, const float *x,
                                     const float *a, const float *w_att, const float *w_lau, const float *w_ff, int dim,
                                     float eps, float rs);
+
+/* Pairs of elements per thread of the register-resident row kernels for a row of
+ * dim: 2 where dim allows (512 threads at 2048), else 1, within the kernels'
+ * launch bounds; 0 where none fits. G3N_ROW_PAIRS=1 or 4 asks for another (4:
+ * 256 threads, measured level with 2; 1 slower). */
+static int row_pairs(int dim) {
+    static int want = -1;
+    if (want < 0) want = getenv("G3N_ROW_PAIRS") ? atoi(getenv("G3N_ROW_PAIRS")) : 2;
+    for (int p = want >= 4 ? 4 : want >= 2 ? 2 : 1; p >= 1; p /= 2)
+        if (dim % (64 * p) == 0 && dim / (2 * p) <= 1024 / p) return p;
+    return 0;
+}
 
 /* ---- AltUp predict with router and input norm ----------------------------------------------- */
 
@@ -205,9 +218,13 @@ void cuda_op_attn_residual(g3n_backend *be, float *s, float *u, float *att, floa
                            float eps, float res_scale) {
     cuda_ctx *c = CTX(be);
     PROF_BEGIN(c);
-    if (dim % 64 == 0 && dim <= 2048)
-        launch(c, k_attn_residual_reg, dim3(rows), dim3(dim / 2), 0, s, u, (const float *)att, (const float *)lau_raw, x,
-               a, post_att.data, post_laurel.data, pre_ff.data, dim, eps, res_scale);
+    const int P = row_pairs(dim);
+#define RES(P) launch(c, k_attn_residual_reg<P>, dim3(rows), dim3(dim / (2 * P)), 0, s, u, (const float *)att, \
+                      (const float *)lau_raw, x, a, post_att.data, post_laurel.data, pre_ff.data, dim, eps, res_scale)
+    if (P == 4) RES(4);
+    else if (P == 2) RES(2);
+    else if (P == 1) RES(1);
+#undef RES
     else
     launch(c, k_attn_residual, dim3(rows), dim3(ROW_THREADS), 0, s, u, att, lau_raw, x, a, post_att.data, post_laurel.data,
                                                          pre_ff.data, dim, eps, res_scale);
@@ -329,7 +346,8 @@ void cuda_op_ple_add(g3n_backend *be, float *pred, float *proj, g3n_vec post_nor
 
 /* ---- register-resident row kernels ----------------------------------------------------------
  * The same ops for the common shapes (dim a multiple of 64 up to 2048, one block
- * of dim/2 threads, two adjacent elements per thread; A known at compile time):
+ * of dim / (2 P) threads, P pairs of adjacent elements per thread (row_pairs);
+ * A known at compile time):
  * every global load is issued at the start (weights before the PDL wait), the
  * values stay in registers, and only the block reductions remain as steps. A
  * single block is latency-bound, so the fewer dependent steps, the faster. */
@@ -346,124 +364,188 @@ __device__ __forceinline__ void router_w2(float2 (&wr)[A], const void *R, int rd
         wr[a] = make_float2(load_w(R, rdtype, (size_t)a * dim + d), load_w(R, rdtype, (size_t)a * dim + d + 1));
 }
 
-template <int A>
-__global__ void __launch_bounds__(1024)
+/* Column d of this thread's pair k (P pairs a thread, blockDim dim / (2 P)):
+ * fewer threads wait less for their block reductions and fit on an SM sooner
+ * (512 threads instead of 1024: E4B 4-bit +2%, bf16 +1.5%; docs/SPEED.md,
+ * eleventh session). */
+template <int P>
+__device__ __forceinline__ int pair_col(int k) { return 2 * ((int)threadIdx.x + k * (int)blockDim.x); }
+
+template <int A, int P>
+__global__ void __launch_bounds__(1024 / P)
     k_predict_reg(float *pred, float *x, float *S, const float *ple, const float *ple_w, const void *R, int rdtype,
                   const float *rnorm, const float *coefs, const float *innorm, int rows, int dim, float eps) {
     __shared__ float red[32 * (A + 2)], scoef[A * A * A];
-    const int r = blockIdx.x, d = 2 * threadIdx.x;
-    const size_t plane = (size_t)rows * dim, o = (size_t)r * dim + d;
+    const int r = blockIdx.x;
+    const size_t plane = (size_t)rows * dim, row = (size_t)r * dim;
     /* weights first: they do not depend on the previous kernel */
-    float2 wr[A];
-    router_w2<A>(wr, R, rdtype, dim, d);
-    const float2 rn = ld2(rnorm, d), inn = ld2(innorm, d), pw = ple ? ld2(ple_w, d) : make_float2(0, 0);
+    float2 wr[P][A], rn[P], inn[P], pw[P];
+#pragma unroll
+    for (int k = 0; k < P; k++) {
+        const int d = pair_col<P>(k);
+        router_w2<A>(wr[k], R, rdtype, dim, d);
+        rn[k] = ld2(rnorm, d), inn[k] = ld2(innorm, d), pw[k] = ple ? ld2(ple_w, d) : make_float2(0, 0);
+    }
     for (int i = threadIdx.x; i < A * A * A; i += blockDim.x) scoef[i] = coefs[i]; /* read after the first block sum */
     KERNEL_BEGIN();
-    float2 s[A];
-#pragma unroll
-    for (int j = 0; j < A; j++) s[j] = ld2(S + j * plane, (int)o);
-    const float2 p = ple ? ld2(ple + (size_t)r * dim, d) : make_float2(0, 0);
+    float2 sv[P][A], p[P];
     /* one block sum for both norms and the router's dot products: the router
      * reads plane 0, which the per-layer input does not touch, and its norm's
      * 1/rms is a common factor, applied after the sum */
-    float sums[2 + A];
-    sums[0] = s[0].x * s[0].x + s[0].y * s[0].y, sums[1] = p.x * p.x + p.y * p.y;
+    float sums[2 + A] = {};
 #pragma unroll
-    for (int a = 0; a < A; a++) sums[2 + a] = wr[a].x * (s[0].x * rn.x) + wr[a].y * (s[0].y * rn.y);
+    for (int k = 0; k < P; k++) {
+        const size_t o = row + pair_col<P>(k);
+#pragma unroll
+        for (int j = 0; j < A; j++) sv[k][j] = ld2(S + j * plane, (int)o);
+        p[k] = ple ? ld2(ple + row, pair_col<P>(k)) : make_float2(0, 0);
+        sums[0] += sv[k][0].x * sv[k][0].x + sv[k][0].y * sv[k][0].y, sums[1] += p[k].x * p[k].x + p[k].y * p[k].y;
+#pragma unroll
+        for (int a = 0; a < A; a++)
+            sums[2 + a] += wr[k][a].x * (sv[k][0].x * rn[k].x) + wr[k][a].y * (sv[k][0].y * rn[k].y);
+    }
     block_sum_n<2 + A>(sums, red);
     if (ple) { /* the previous layer's per-layer input joins planes 1.. of the state */
         const float ip = rsqrtf(sums[1] / (float)dim + eps);
-        const float gx = p.x * ip * pw.x, gy = p.y * ip * pw.y;
 #pragma unroll
-        for (int j = 1; j < A; j++) {
-            s[j].x += gx, s[j].y += gy;
-            st2(S + j * plane, (int)o, s[j]);
+        for (int k = 0; k < P; k++) {
+            const float gx = p[k].x * ip * pw[k].x, gy = p[k].y * ip * pw[k].y;
+#pragma unroll
+            for (int j = 1; j < A; j++) {
+                sv[k][j].x += gx, sv[k][j].y += gy;
+                st2(S + j * plane, (int)row + pair_col<P>(k), sv[k][j]);
+            }
         }
     }
     const float inv = rsqrtf(sums[0] / (float)dim + eps) / (float)dim;
-    float m[A];
+    float m[A], c[A][A];
 #pragma unroll
     for (int a = 0; a < A; a++) m[a] = tanhf(sums[2 + a] * inv);
-    float2 p0;
-    float ss0 = 0;
 #pragma unroll
-    for (int i = 0; i < A; i++) {
-        float2 acc = s[i];
+    for (int i = 0; i < A; i++)
 #pragma unroll
         for (int j = 0; j < A; j++) {
-            float cij = 0;
+            c[i][j] = 0;
 #pragma unroll
-            for (int k = 0; k < A; k++) cij += scoef[(i * A + j) * A + k] * m[k];
-            acc.x += cij * s[j].x, acc.y += cij * s[j].y;
+            for (int k = 0; k < A; k++) c[i][j] += scoef[(i * A + j) * A + k] * m[k];
         }
-        st2(pred + i * plane, (int)o, acc);
-        if (i == 0) p0 = acc, ss0 = acc.x * acc.x + acc.y * acc.y;
-    }
+    float2 p0[P];
+    float ss0 = 0;
+#pragma unroll
+    for (int k = 0; k < P; k++)
+#pragma unroll
+        for (int i = 0; i < A; i++) {
+            float2 acc = sv[k][i];
+#pragma unroll
+            for (int j = 0; j < A; j++) acc.x += c[i][j] * sv[k][j].x, acc.y += c[i][j] * sv[k][j].y;
+            st2(pred + i * plane, (int)row + pair_col<P>(k), acc);
+            if (i == 0) p0[k] = acc, ss0 += acc.x * acc.x + acc.y * acc.y;
+        }
     const float inv0 = rsqrtf(block_sum(ss0, red) / (float)dim + eps);
-    st2(x, (int)o, make_float2(p0.x * inv0 * inn.x, p0.y * inv0 * inn.y));
+#pragma unroll
+    for (int k = 0; k < P; k++)
+        st2(x, (int)row + pair_col<P>(k), make_float2(p0[k].x * inv0 * inn[k].x, p0[k].y * inv0 * inn[k].y));
 }
 
-template <int A>
-__global__ void __launch_bounds__(1024)
+template <int A, int P>
+__global__ void __launch_bounds__(1024 / P)
     k_correct_reg(float *pred, float *qs, float *f, const float *s, const float *w_ff, const void *R, int rdtype,
                   const float *rnorm, const float *coefs, const float *oscale, int rows, int dim, float eps) {
     __shared__ float red[32 * (A + 1)];
-    const int r = blockIdx.x, d = 2 * threadIdx.x;
-    const size_t plane = (size_t)rows * dim, o = (size_t)r * dim + d;
-    float2 wr[A];
-    router_w2<A>(wr, R, rdtype, dim, d);
-    const float2 wf = ld2(w_ff, d), rn = ld2(rnorm, d), os = oscale ? ld2(oscale, d) : make_float2(1, 1);
+    const size_t plane = (size_t)rows * dim, row = (size_t)blockIdx.x * dim;
+    float2 wr[P][A], wf[P], rn[P], os[P];
+#pragma unroll
+    for (int k = 0; k < P; k++) {
+        const int d = pair_col<P>(k);
+        router_w2<A>(wr[k], R, rdtype, dim, d);
+        wf[k] = ld2(w_ff, d), rn[k] = ld2(rnorm, d), os[k] = oscale ? ld2(oscale, d) : make_float2(1, 1);
+    }
     float cf[A * A];
 #pragma unroll
     for (int k = 0; k < A * A; k++) cf[k] = coefs[k];
     KERNEL_BEGIN();
-    float2 fv = ld2(f, (int)o), sv = ld2(s, (int)o), pv[A];
+    float2 fv[P], sv[P], pv[P][A];
+    float ff = 0;
 #pragma unroll
-    for (int j = 0; j < A; j++) pv[j] = ld2(pred + j * plane, (int)o);
-    const float i1 = rsqrtf(block_sum(fv.x * fv.x + fv.y * fv.y, red) / (float)dim + eps);
-    const float2 ov = make_float2(sv.x + fv.x * i1 * wf.x, sv.y + fv.y * i1 * wf.y);
-    st2(f, (int)o, ov);
+    for (int k = 0; k < P; k++) {
+        const int o = (int)row + pair_col<P>(k);
+        fv[k] = ld2(f, o), sv[k] = ld2(s, o);
+#pragma unroll
+        for (int j = 0; j < A; j++) pv[k][j] = ld2(pred + j * plane, o);
+        ff += fv[k].x * fv[k].x + fv[k].y * fv[k].y;
+    }
+    const float i1 = rsqrtf(block_sum(ff, red) / (float)dim + eps);
     /* one block sum for the router input's norm and the router's dot products
      * (its 1/rms is a common factor, applied after the sum, as in k_predict_reg) */
-    float sums[1 + A];
-    sums[0] = ov.x * ov.x + ov.y * ov.y;
+    float2 ov[P];
+    float sums[1 + A] = {};
 #pragma unroll
-    for (int a = 0; a < A; a++) sums[1 + a] = wr[a].x * (ov.x * rn.x) + wr[a].y * (ov.y * rn.y);
+    for (int k = 0; k < P; k++) {
+        ov[k] = make_float2(sv[k].x + fv[k].x * i1 * wf[k].x, sv[k].y + fv[k].y * i1 * wf[k].y);
+        st2(f, (int)row + pair_col<P>(k), ov[k]);
+        sums[0] += ov[k].x * ov[k].x + ov[k].y * ov[k].y;
+#pragma unroll
+        for (int a = 0; a < A; a++) sums[1 + a] += wr[k][a].x * (ov[k].x * rn[k].x) + wr[k][a].y * (ov[k].y * rn[k].y);
+    }
     block_sum_n<1 + A>(sums, red);
     const float i2 = rsqrtf(sums[0] / (float)dim + eps) / (float)dim;
-    float m[A];
+    float m[A], g[A];
 #pragma unroll
     for (int a = 0; a < A; a++) m[a] = tanhf(sums[1 + a] * i2);
-    const float dx = ov.x - pv[0].x, dy = ov.y - pv[0].y;
 #pragma unroll
     for (int i = 0; i < A; i++) {
-        float k = 0;
+        g[i] = 0;
 #pragma unroll
-        for (int j = 0; j < A; j++) k += cf[i * A + j] * m[j];
-        k += 1.0f;
-        pv[i].x += k * dx, pv[i].y += k * dy;
-        st2(pred + i * plane, (int)o, pv[i]);
+        for (int j = 0; j < A; j++) g[i] += cf[i * A + j] * m[j];
+        g[i] += 1.0f;
     }
-    st2(qs, (int)o, make_float2(pv[0].x * os.x, pv[0].y * os.y));
+#pragma unroll
+    for (int k = 0; k < P; k++) {
+        const int o = (int)row + pair_col<P>(k);
+        const float dx = ov[k].x - pv[k][0].x, dy = ov[k].y - pv[k][0].y;
+#pragma unroll
+        for (int i = 0; i < A; i++) {
+            pv[k][i].x += g[i] * dx, pv[k][i].y += g[i] * dy;
+            st2(pred + i * plane, o, pv[k][i]);
+        }
+        st2(qs, o, make_float2(pv[k][0].x * os[k].x, pv[k][0].y * os[k].y));
+    }
 }
 
-__global__ void __launch_bounds__(1024)
+template <int P>
+__global__ void __launch_bounds__(1024 / P)
     k_attn_residual_reg(float *s, float *u, const float *att, const float *lau, const float *x, const float *a,
                         const float *w_att, const float *w_lau, const float *w_ff, int dim, float eps, float rs) {
     __shared__ float red[64];
-    const int d = 2 * threadIdx.x;
-    const size_t o = (size_t)blockIdx.x * dim + d;
-    const float2 wa = ld2(w_att, d), wl = ld2(w_lau, d), wf = ld2(w_ff, d);
+    float2 wa[P], wl[P], wf[P], at[P], la[P], xv[P], av[P], sv[P];
+    const size_t row = (size_t)blockIdx.x * dim;
+#pragma unroll
+    for (int k = 0; k < P; k++) {
+        const int d = pair_col<P>(k);
+        wa[k] = ld2(w_att, d), wl[k] = ld2(w_lau, d), wf[k] = ld2(w_ff, d);
+    }
     KERNEL_BEGIN();
-    const float2 at = ld2(att, (int)o), la = ld2(lau, (int)o), xv = ld2(x, (int)o), av = ld2(a, (int)o);
-    float sums[2] = {at.x * at.x + at.y * at.y, la.x * la.x + la.y * la.y};
+    float sums[2] = {0, 0};
+#pragma unroll
+    for (int k = 0; k < P; k++) {
+        const int o = (int)row + pair_col<P>(k);
+        at[k] = ld2(att, o), la[k] = ld2(lau, o), xv[k] = ld2(x, o), av[k] = ld2(a, o);
+        sums[0] += at[k].x * at[k].x + at[k].y * at[k].y, sums[1] += la[k].x * la[k].x + la[k].y * la[k].y;
+    }
     block_sum_n<2>(sums, red);
     const float i1 = rsqrtf(sums[0] / (float)dim + eps), i2 = rsqrtf(sums[1] / (float)dim + eps);
-    const float lx = la.x * i2 * wl.x + xv.x, ly = la.y * i2 * wl.y + xv.y;
-    const float2 sv = make_float2((av.x + at.x * i1 * wa.x + lx) * rs, (av.y + at.y * i1 * wa.y + ly) * rs);
-    st2(s, (int)o, sv);
-    const float i3 = rsqrtf(block_sum(sv.x * sv.x + sv.y * sv.y, red) / (float)dim + eps);
-    st2(u, (int)o, make_float2(sv.x * i3 * wf.x, sv.y * i3 * wf.y));
+    float ss = 0;
+#pragma unroll
+    for (int k = 0; k < P; k++) {
+        const float lx = la[k].x * i2 * wl[k].x + xv[k].x, ly = la[k].y * i2 * wl[k].y + xv[k].y;
+        sv[k] = make_float2((av[k].x + at[k].x * i1 * wa[k].x + lx) * rs, (av[k].y + at[k].y * i1 * wa[k].y + ly) * rs);
+        st2(s, (int)row + pair_col<P>(k), sv[k]);
+        ss += sv[k].x * sv[k].x + sv[k].y * sv[k].y;
+    }
+    const float i3 = rsqrtf(block_sum(ss, red) / (float)dim + eps);
+#pragma unroll
+    for (int k = 0; k < P; k++)
+        st2(u, (int)row + pair_col<P>(k), make_float2(sv[k].x * i3 * wf[k].x, sv[k].y * i3 * wf[k].y));
 }
 
 /* top-k + gelu * up for n = EPT * 1024: EPT values per thread in registers */
@@ -495,23 +577,30 @@ __global__ void __launch_bounds__(1024) k_mlp_act_reg(float *g, const float *up,
     }
 }
 
-/* Dispatch: 1 when a register-resident kernel took the op. */
-static int reg_shape_ok(int dim) { return dim % 64 == 0 && dim <= 2048; }
-
 int cuda_fast_predict(cuda_ctx *c, float *pred, float *x, float *S, const float *ple, const float *ple_w,
                       const g3n_mat *router, const float *rnorm, const float *coefs, const float *innorm, int A,
                       int rows, int dim, float eps) {
-    if (A != 4 || !reg_shape_ok(dim)) return 0;
-    launch(c, k_predict_reg<4>, dim3(rows), dim3(dim / 2), 0, pred, x, S, ple, ple_w, router->data, router->dtype,
-           rnorm, coefs, innorm, rows, dim, eps);
+    const int P = row_pairs(dim);
+    if (A != 4 || !P) return 0;
+#define PRED(P) launch(c, k_predict_reg<4, P>, dim3(rows), dim3(dim / (2 * P)), 0, pred, x, S, ple, ple_w, \
+                       router->data, router->dtype, rnorm, coefs, innorm, rows, dim, eps)
+    if (P == 4) PRED(4);
+    else if (P == 2) PRED(2);
+    else PRED(1);
+#undef PRED
     return 1;
 }
 
 int cuda_fast_correct(cuda_ctx *c, float *pred, float *qs, float *f, const float *s, const float *w_ff,
                       const g3n_mat *router, const float *rnorm, const float *coefs, const float *oscale, int A,
                       int rows, int dim, float eps) {
-    if (A != 4 || !reg_shape_ok(dim)) return 0;
-    launch(c, k_correct_reg<4>, dim3(rows), dim3(dim / 2), 0, pred, qs, f, s, w_ff, router->data, router->dtype,
-           rnorm, coefs, oscale, rows, dim, eps);
+    const int P = row_pairs(dim);
+    if (A != 4 || !P) return 0;
+#define CORR(P) launch(c, k_correct_reg<4, P>, dim3(rows), dim3(dim / (2 * P)), 0, pred, qs, f, s, w_ff, \
+                       router->data, router->dtype, rnorm, coefs, oscale, rows, dim, eps)
+    if (P == 4) CORR(4);
+    else if (P == 2) CORR(2);
+    else CORR(1);
+#undef CORR
     return 1;
 }
