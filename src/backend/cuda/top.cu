@@ -19,7 +19,18 @@
  *     crowded into a few slices) and the op declines, and the caller takes the
  *     whole row.
  * m = 1 (greedy) takes one pass instead: each block's best key, then a 64-bit
- * atomicMax (the maximum does not depend on the order). */
+ * atomicMax (the maximum does not depend on the order).
+ * m <= the number of slices (Gemma's vocabulary: 128 slices, so the sampler's
+ * top-k 64) takes a threshold instead of sorting every slice (two full sorts
+ * cost ~90 us a token; docs/SPEED.md, eleventh session):
+ *  1. k_top_max: each slice's best key.
+ *  2. k_top_gather: t, the m-th best of the slices' best keys, is at most the
+ *     row's m-th best (those m keys are m keys of the row), so the row's best m
+ *     are among its keys at or above t; every block appends its slice's to the
+ *     row's list (atomic slots: the list's order varies, its set does not).
+ *  3. k_top_sort: one block sorts the list and writes the best m; more than
+ *     TOP_CAP keys at or above t (ties of -inf, say) and it declines, and the
+ *     row goes through the two steps above. */
 #include "cuda_common.cuh"
 #include <float.h>
 
@@ -56,6 +67,15 @@ __device__ void top_bitonic(unsigned long long *s, int n) {
             }
         }
     __syncthreads();
+}
+
+/* the best m of sorted keys s: m values, m ids (as floats' bits), the count m */
+__device__ void top_write(float *out, const unsigned long long *s, int m) {
+    for (int i = threadIdx.x; i < m; i += blockDim.x) {
+        out[i] = top_value(s[i]);
+        out[m + i] = __int_as_float((int)~(uint32_t)s[i]);
+    }
+    if (threadIdx.x == 0) out[2 * m] = (float)m;
 }
 
 __global__ void __launch_bounds__(256) k_top_slices(unsigned long long *cand, const float *x, size_t stride, int n,
@@ -114,11 +134,72 @@ __global__ void __launch_bounds__(1024) k_top_merge(float *out, const unsigned l
     while (n2 < total) n2 <<= 1;
     for (int i = total + threadIdx.x; i < n2; i += blockDim.x) s[i] = 0ull;
     top_bitonic(s, n2);
-    for (int i = threadIdx.x; i < m; i += blockDim.x) {
-        out[i] = top_value(s[i]);
-        out[m + i] = __int_as_float((int)~(uint32_t)s[i]);
+    top_write(out, s, m);
+}
+
+/* The threshold path (steps 1-3 of the top): cnt[row] counts the row's list
+ * (zeroed by step 1, which runs before step 2's first append) */
+__global__ void __launch_bounds__(256) k_top_max(unsigned long long *smax, unsigned *cnt, const float *x, size_t stride,
+                                                 int n) {
+    __shared__ unsigned long long wm[8];
+    KERNEL_BEGIN();
+    x += blockIdx.y * stride;
+    const int i0 = blockIdx.x * TOP_SLICE, i1 = min(n, i0 + TOP_SLICE);
+    unsigned long long v = 0;
+    for (int i = i0 + threadIdx.x; i < i1; i += blockDim.x) v = max(v, top_key(x[i], i));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if ((threadIdx.x & 31) == 0) wm[threadIdx.x >> 5] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < 8; w++) v = max(v, wm[w]);
+        smax[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = v;
+        if (blockIdx.x == 0) cnt[blockIdx.y] = 0;
     }
-    if (threadIdx.x == 0) out[2 * m] = (float)m;
+}
+
+__global__ void __launch_bounds__(1024) k_top_gather(unsigned long long *list, unsigned *cnt,
+                                                    const unsigned long long *smax, const float *x, size_t stride,
+                                                    int n, int m) {
+    __shared__ unsigned long long sm[1024], t;
+    KERNEL_BEGIN();
+    const int nb = gridDim.x;
+    x += blockIdx.y * stride, smax += (size_t)blockIdx.y * nb, list += (size_t)blockIdx.y * TOP_CAP;
+    for (int i = threadIdx.x; i < nb; i += blockDim.x) sm[i] = smax[i];
+    __syncthreads();
+    if (threadIdx.x < nb) { /* the key with m - 1 keys above it (the keys differ) */
+        const unsigned long long v = sm[threadIdx.x];
+        int above = 0;
+        for (int j = 0; j < nb; j++) above += sm[j] > v;
+        if (above == m - 1) t = v;
+    }
+    __syncthreads();
+    const int i0 = blockIdx.x * TOP_SLICE, i1 = min(n, i0 + TOP_SLICE);
+    for (int i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
+        const unsigned long long k = top_key(x[i], i);
+        if (k >= t) {
+            const unsigned slot = atomicAdd(&cnt[blockIdx.y], 1u);
+            if (slot < TOP_CAP) list[slot] = k;
+        }
+    }
+}
+
+/* out as k_top_merge's */
+__global__ void __launch_bounds__(1024) k_top_sort(float *out, const unsigned long long *list, const unsigned *cnt,
+                                                  int m) {
+    __shared__ unsigned long long s[TOP_CAP];
+    KERNEL_BEGIN();
+    out += blockIdx.x * (2 * (size_t)m + 1), list += (size_t)blockIdx.x * TOP_CAP;
+    const unsigned total = cnt[blockIdx.x];
+    if (total > TOP_CAP || total < (unsigned)m) { /* (fewer: cannot happen) */
+        if (threadIdx.x == 0) out[2 * m] = 0.0f;
+        return;
+    }
+    int n2 = 1;
+    while (n2 < (int)total) n2 <<= 1;
+    for (int i = threadIdx.x; i < n2; i += blockDim.x) s[i] = i < (int)total ? list[i] : 0ull;
+    top_bitonic(s, n2);
+    top_write(out, s, m);
 }
 
 /* m = 1 (greedy): the best key of the row in one pass, blocks meeting in a
@@ -149,8 +230,16 @@ int cuda_op_logits_top(g3n_backend *be, const float *logits, int rows, size_t st
     while (p2 < m) p2 <<= 1;
     const int nb = (n + TOP_SLICE - 1) / TOP_SLICE;
     if (nb > 1024) return 0;
-    const size_t res = (size_t)rows * (2 * (size_t)m + 1) * sizeof(float);
-    const size_t need = (size_t)rows * nb * p2 * sizeof(unsigned long long) + res;
+    static int sort_all = -1; /* G3N_TOP_SORT=1: every slice sorted, never the threshold path */
+    if (sort_all < 0) sort_all = getenv("G3N_TOP_SORT") && atoi(getenv("G3N_TOP_SORT"));
+    const int thresh = m > 1 && m <= nb && !sort_all;
+    /* device scratch: the sorted path's candidates [rows][nb][p2], or the
+     * threshold path's slice maxima [rows][nb], lists [rows][TOP_CAP] and counts
+     * [rows]; then the results [rows][2m + 1] */
+    const size_t per = 2 * (size_t)m + 1, res = (size_t)rows * per * sizeof(float);
+    const size_t sorted_b = (size_t)rows * nb * p2 * sizeof(unsigned long long);
+    const size_t thresh_b = (size_t)rows * ((size_t)nb + TOP_CAP + 1) * sizeof(unsigned long long);
+    const size_t need = G3N_MAX(sorted_b, thresh_b) + res;
     if (c->top_bytes < need) { /* grows, never shrinks */
         if (c->top_buf) CUDA_CHECK(cudaFree(c->top_buf));
         CUDA_CHECK(cudaMalloc(&c->top_buf, need));
@@ -163,7 +252,7 @@ int cuda_op_logits_top(g3n_backend *be, const float *logits, int rows, size_t st
         c->top_host_bytes = hneed;
     }
     unsigned long long *cand = (unsigned long long *)c->top_buf;
-    float *out = (float *)(cand + (size_t)rows * nb * p2);
+    float *out = (float *)(cand + G3N_MAX(sorted_b, thresh_b) / sizeof(unsigned long long));
     PROF_BEGIN(c);
     if (m == 1) {
         CUDA_CHECK(cudaMemsetAsync(cand, 0, (size_t)rows * sizeof(unsigned long long), c->stream));
@@ -179,12 +268,30 @@ int cuda_op_logits_top(g3n_backend *be, const float *logits, int rows, size_t st
             ok[r] = 1;
         }
     } else {
-        launch(c, k_top_slices, dim3(nb, rows), dim3(256), 0, cand, logits, stride, n, p2);
-        CUDA_LAUNCHED();
-        launch(c, k_top_merge, dim3(rows), dim3(1024), 0, out, (const unsigned long long *)cand, nb, p2, m);
-        CUDA_LAUNCHED();
-        const size_t per = 2 * (size_t)m + 1;
-        cuda_copy_wait(c, c->top_host, out, (size_t)rows * per * sizeof(float), cudaMemcpyDeviceToHost);
+        int declined = 0;
+        for (int pass = !thresh; pass < 2; pass++) {
+            if (pass == 0) { /* the threshold path */
+                unsigned long long *smax = cand, *list = smax + (size_t)rows * nb;
+                unsigned *cnt = (unsigned *)(list + (size_t)rows * TOP_CAP);
+                launch(c, k_top_max, dim3(nb, rows), dim3(256), 0, smax, cnt, logits, stride, n);
+                CUDA_LAUNCHED();
+                launch(c, k_top_gather, dim3(nb, rows), dim3(1024), 0, list, cnt, (const unsigned long long *)smax,
+                       logits, stride, n, m);
+                CUDA_LAUNCHED();
+                launch(c, k_top_sort, dim3(rows), dim3(1024), 0, out, (const unsigned long long *)list,
+                       (const unsigned *)cnt, m);
+                CUDA_LAUNCHED();
+            } else { /* every slice sorted */
+                launch(c, k_top_slices, dim3(nb, rows), dim3(256), 0, cand, logits, stride, n, p2);
+                CUDA_LAUNCHED();
+                launch(c, k_top_merge, dim3(rows), dim3(1024), 0, out, (const unsigned long long *)cand, nb, p2, m);
+                CUDA_LAUNCHED();
+            }
+            cuda_copy_wait(c, c->top_host, out, (size_t)rows * per * sizeof(float), cudaMemcpyDeviceToHost);
+            declined = 0;
+            for (int r = 0; r < rows; r++) declined |= c->top_host[(size_t)r * per + 2 * m] != (float)m;
+            if (!declined) break; /* (a row the threshold path declined: every row again, sorted) */
+        }
         for (int r = 0; r < rows; r++) {
             const float *h = c->top_host + (size_t)r * per;
             ok[r] = h[2 * m] == (float)m;
