@@ -35,6 +35,14 @@ static int row_pairs(int dim) {
     return 0;
 }
 
+/* CALL(p) with p the compile-time constant equal to P (1, 2 or 4) */
+#define PAIRS_SWITCH(P, CALL) \
+    switch (P) {              \
+    case 4: CALL(4); break;   \
+    case 2: CALL(2); break;   \
+    default: CALL(1); break;  \
+    }
+
 /* ---- AltUp predict with router and input norm ----------------------------------------------- */
 
 /* router: m[a] = tanh(sum_i R[a, i] * v[i]) for a < A, v in shared memory (dim);
@@ -221,13 +229,12 @@ void cuda_op_attn_residual(g3n_backend *be, float *s, float *u, float *att, floa
     const int P = row_pairs(dim);
 #define RES(P) launch(c, k_attn_residual_reg<P>, dim3(rows), dim3(dim / (2 * P)), 0, s, u, (const float *)att, \
                       (const float *)lau_raw, x, a, post_att.data, post_laurel.data, pre_ff.data, dim, eps, res_scale)
-    if (P == 4) RES(4);
-    else if (P == 2) RES(2);
-    else if (P == 1) RES(1);
+    if (P) {
+        PAIRS_SWITCH(P, RES)
+    } else
+        launch(c, k_attn_residual, dim3(rows), dim3(ROW_THREADS), 0, s, u, att, lau_raw, x, a, post_att.data,
+               post_laurel.data, pre_ff.data, dim, eps, res_scale);
 #undef RES
-    else
-    launch(c, k_attn_residual, dim3(rows), dim3(ROW_THREADS), 0, s, u, att, lau_raw, x, a, post_att.data, post_laurel.data,
-                                                         pre_ff.data, dim, eps, res_scale);
     CUDA_LAUNCHED();
     PROF_END(c, "attn_residual", 0);
 }
@@ -584,9 +591,7 @@ int cuda_fast_predict(cuda_ctx *c, float *pred, float *x, float *S, const float 
     if (A != 4 || !P) return 0;
 #define PRED(P) launch(c, k_predict_reg<4, P>, dim3(rows), dim3(dim / (2 * P)), 0, pred, x, S, ple, ple_w, \
                        router->data, router->dtype, rnorm, coefs, innorm, rows, dim, eps)
-    if (P == 4) PRED(4);
-    else if (P == 2) PRED(2);
-    else PRED(1);
+    PAIRS_SWITCH(P, PRED)
 #undef PRED
     return 1;
 }
@@ -598,9 +603,7 @@ int cuda_fast_correct(cuda_ctx *c, float *pred, float *qs, float *f, const float
     if (A != 4 || !P) return 0;
 #define CORR(P) launch(c, k_correct_reg<4, P>, dim3(rows), dim3(dim / (2 * P)), 0, pred, qs, f, s, w_ff, \
                        router->data, router->dtype, rnorm, coefs, oscale, rows, dim, eps)
-    if (P == 4) CORR(4);
-    else if (P == 2) CORR(2);
-    else CORR(1);
+    PAIRS_SWITCH(P, CORR)
 #undef CORR
     return 1;
 }

@@ -137,6 +137,18 @@ __global__ void __launch_bounds__(1024) k_top_merge(float *out, const unsigned l
     top_write(out, s, m);
 }
 
+/* The largest of the block's keys v (256 threads; wm: 8 words of shared
+ * memory), in thread 0 */
+__device__ __forceinline__ unsigned long long top_block_max(unsigned long long v, unsigned long long *wm) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if ((threadIdx.x & 31) == 0) wm[threadIdx.x >> 5] = v;
+    __syncthreads();
+    if (threadIdx.x == 0)
+        for (int w = 1; w < 8; w++) v = max(v, wm[w]);
+    return v;
+}
+
 /* The threshold path (steps 1-3 of the top): cnt[row] counts the row's list
  * (zeroed by step 1, which runs before step 2's first append) */
 __global__ void __launch_bounds__(256) k_top_max(unsigned long long *smax, unsigned *cnt, const float *x, size_t stride,
@@ -147,12 +159,8 @@ __global__ void __launch_bounds__(256) k_top_max(unsigned long long *smax, unsig
     const int i0 = blockIdx.x * TOP_SLICE, i1 = min(n, i0 + TOP_SLICE);
     unsigned long long v = 0;
     for (int i = i0 + threadIdx.x; i < i1; i += blockDim.x) v = max(v, top_key(x[i], i));
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
-    if ((threadIdx.x & 31) == 0) wm[threadIdx.x >> 5] = v;
-    __syncthreads();
+    v = top_block_max(v, wm);
     if (threadIdx.x == 0) {
-        for (int w = 1; w < 8; w++) v = max(v, wm[w]);
         smax[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = v;
         if (blockIdx.x == 0) cnt[blockIdx.y] = 0;
     }
@@ -210,14 +218,8 @@ __global__ void __launch_bounds__(256) k_top1(unsigned long long *best, const fl
     x += blockIdx.y * stride, best += blockIdx.y; /* row blockIdx.y */
     unsigned long long v = 0;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) v = max(v, top_key(x[i], i));
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
-    if ((threadIdx.x & 31) == 0) wm[threadIdx.x >> 5] = v;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        for (int w = 1; w < 8; w++) v = max(v, wm[w]);
-        atomicMax(best, v);
-    }
+    v = top_block_max(v, wm);
+    if (threadIdx.x == 0) atomicMax(best, v);
 }
 
 int cuda_op_logits_top(g3n_backend *be, const float *logits, int rows, size_t stride, int n, int m, float *vals,
