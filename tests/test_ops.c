@@ -545,7 +545,12 @@ static void qkv_attention_case(int H, int Hkv, int hd, int window, int cap, int 
     char what[128];
     snprintf(what, sizeof what, "qkv_attention H%d/%d hd%d win%d cap%d seqs%d x%d pos%d owns%d", H, Hkv, hd, window,
              cap, n_seq, per_seq, pos0, owns);
-    cmp(what, dout, o0, qn, TOL * 5, 1e-5);
+    /* abs: Gemma's attention logits are unscaled (|s| up to ~50 here), so an f32
+     * score is off by ~5e-6 against the double reference, and so is each
+     * dominant weight; where their values cancel, an output is off by ~1e-5
+     * (one of 2048 at pos 3000 reached 1.5e-5 with another random stream).
+     * Bounded by a ten-thousandth of the outputs' RMS; rel L2 stays TOL * 5. */
+    cmp(what, dout, o0, qn, TOL * 5, 1e-5 + rms_tol(o0, qn, 1e-4));
     for (int s = 0; s < n_seq; s++) {
         snprintf(what, sizeof what, "qkv_attention cache of seq %d (H%d/%d hd%d cap%d)", s, H, Hkv, hd, cap);
         cmp(what, dmem[s], mem[s], cn, 1e-5, 1e-5);
@@ -750,6 +755,72 @@ static void sparse_mlp_case(const char *what, tmat *Wg, tmat *Wu, tmat *Wd, int 
 
 /* The fused ops against the reference's definition (sequences of basic ops). */
 static float *vdev(float *h, int n) { return dev(h, (size_t)n); }
+
+/* The register-resident row kernels (AltUp predict, the attention residual,
+ * correct) at widths that take them: 64 (one pair of elements a thread), 256 and
+ * 2048 (two by default, four with G3N_ROW_PAIRS=4); fused_ops' width 96 takes
+ * the generic kernels. Each against the reference ops, one and two rows. */
+static void row_kernels_case(int D, int R) {
+    const int A = 4;
+    const size_t pn = (size_t)A * R * D, n = (size_t)R * D;
+    const g3n_vec none = {0, NULL};
+    char what[96];
+    float *S = rnd(pn, 1.0f), *rn = rnd(D, 1.0f), *pc = rnd(64, 0.3f), *cc = rnd(16, 0.3f), *inn = rnd(D, 1.0f);
+    for (int i = 0; i < D; i++) rn[i] += 1.5f, inn[i] += 1.5f;
+    float *pp = rnd(n, 3.0f), *w3 = rnd(3 * (size_t)D, 1.0f), *S2 = malloc(4 * pn), *pred = malloc(4 * pn);
+    float *x = malloc(4 * n), *s_ = malloc(4 * n), *u_ = malloc(4 * n), *qs = malloc(4 * n);
+    tmat router = make_mat(G3N_BF16, A, D, 0);
+    float *drn = dev(rn, D), *dpc = dev(pc, 64), *dcc = dev(cc, 16), *dinn = dev(inn, D), *dpp = dev(pp, n);
+    float *dw3 = dev(w3, 3 * (size_t)D);
+    for (int ple = 0; ple < 2; ple++) { /* ple: the previous layer's per-layer input added to S first */
+        memcpy(S2, S, 4 * pn);
+        float *dS = dev(S, pn), *dpred = dev_nan(pn), *dx = dev_nan(n);
+        REF->altup_predict_fused(REF, pred, x, S2, ple ? pp : NULL, ple ? (g3n_vec){D, inn} : none, &router.ref,
+                                 (g3n_vec){D, rn}, (g3n_vec){64, pc}, (g3n_vec){D, inn}, A, R, D, 1e-6f);
+        B->altup_predict_fused(B, dpred, dx, dS, ple ? dpp : NULL, ple ? (g3n_vec){D, dinn} : none, &router.b,
+                               (g3n_vec){D, drn}, (g3n_vec){64, dpc}, (g3n_vec){D, dinn}, A, R, D, 1e-6f);
+        snprintf(what, sizeof what, "row kernels D%d R%d predict%s S", D, R, ple ? "+ple" : "");
+        cmp(what, dS, S2, pn, 1e-5, 1e-5);
+        snprintf(what, sizeof what, "row kernels D%d R%d predict%s pred", D, R, ple ? "+ple" : "");
+        cmp(what, dpred, pred, pn, 1e-5, 1e-5);
+        snprintf(what, sizeof what, "row kernels D%d R%d predict%s x", D, R, ple ? "+ple" : "");
+        cmp(what, dx, x, n, 1e-5, 1e-5);
+    }
+    float *att = rnd(n, 2.0f), *lau = rnd(n, 2.0f), *a = rnd(n, 1.0f);
+    float *datt = dev(att, n), *dlau = dev(lau, n), *da = dev(a, n), *dx = dev(x, n), *ds = dev_nan(n), *du = dev_nan(n);
+    REF->attn_residual(REF, s_, u_, att, lau, x, a, (g3n_vec){D, w3}, (g3n_vec){D, w3 + D}, (g3n_vec){D, w3 + 2 * D},
+                       R, D, 1e-6f, 0.7071f);
+    B->attn_residual(B, ds, du, datt, dlau, dx, da, (g3n_vec){D, dw3}, (g3n_vec){D, dw3 + D},
+                     (g3n_vec){D, dw3 + 2 * D}, R, D, 1e-6f, 0.7071f);
+    snprintf(what, sizeof what, "row kernels D%d R%d attn_residual s", D, R);
+    cmp(what, ds, s_, n, 1e-5, 1e-5);
+    snprintf(what, sizeof what, "row kernels D%d R%d attn_residual u", D, R);
+    cmp(what, du, u_, n, 1e-5, 1e-5);
+    for (int sc = 0; sc < 2; sc++) { /* correct, without and with the output scale */
+        float *f = rnd(n, 2.0f), *df = dev(f, n), *dsres = dev(s_, n), *dp2 = dev(pred, pn), *dqs = dev_nan(n);
+        memcpy(S2, pred, 4 * pn);
+        REF->altup_correct_fused(REF, S2, qs, f, s_, (g3n_vec){D, w3}, &router.ref, (g3n_vec){D, rn},
+                                 (g3n_vec){16, cc}, (g3n_vec){D, sc ? inn : NULL}, A, R, D, 1e-6f);
+        B->altup_correct_fused(B, dp2, dqs, df, dsres, (g3n_vec){D, dw3}, &router.b, (g3n_vec){D, drn},
+                               (g3n_vec){16, dcc}, (g3n_vec){D, sc ? dinn : NULL}, A, R, D, 1e-6f);
+        snprintf(what, sizeof what, "row kernels D%d R%d correct%s pred", D, R, sc ? "+scale" : "");
+        cmp(what, dp2, S2, pn, 1e-5, 1e-5);
+        snprintf(what, sizeof what, "row kernels D%d R%d correct%s qs", D, R, sc ? "+scale" : "");
+        cmp(what, dqs, qs, n, 1e-5, 1e-5);
+        snprintf(what, sizeof what, "row kernels D%d R%d correct%s o", D, R, sc ? "+scale" : "");
+        cmp(what, df, f, n, 1e-5, 1e-5);
+        free(f), B->free(B, dsres);
+    }
+    free(S), free(rn), free(pc), free(cc), free(inn), free(pp), free(w3), free(S2), free(pred), free(x), free(s_);
+    free(u_), free(qs), free(att), free(lau), free(a), free(router.mem);
+    void *d[] = {drn, dpc, dcc, dinn, dpp, dw3, datt, dlau, da, dx};
+    for (size_t i = 0; i < sizeof d / sizeof *d; i++) B->free(B, d[i]);
+}
+
+TEST(row_kernels) {
+    const int Ds[3] = {64, 256, 2048};
+    for (int i = 0; i < 3; i++) row_kernels_case(Ds[i], 1), row_kernels_case(Ds[i], 2);
+}
 
 TEST(fused_ops) {
     const int A = 4, R = 2, D = 96, H = 4, Hkv = 2, hd = 32, cap = 16;
@@ -1066,6 +1137,7 @@ static void run_backend(void) {
     RUN(batch_ops);
     RUN(small_ops);
     RUN(fused_ops);
+    RUN(row_kernels);
     RUN(fused_ops_q4);
     RUN(fused_ops_q8);
     RUN(logits_top);
