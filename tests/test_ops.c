@@ -9,6 +9,7 @@
 #define _POSIX_C_SOURCE 200809L /* setenv */
 #include <float.h>
 #include <math.h>
+#include <stdarg.h>
 
 #include "test.h"
 
@@ -760,11 +761,21 @@ static float *vdev(float *h, int n) { return dev(h, (size_t)n); }
  * correct) at widths that take them: 64 (one pair of elements a thread), 256 and
  * 2048 (two by default, four with G3N_ROW_PAIRS=4); fused_ops' width 96 takes
  * the generic kernels. Each against the reference ops, one and two rows. */
+/* cmp for row_kernels_case: "row kernels D<D> R<R> " and fmt name the values */
+static void row_cmp(float *d, const float *ref, size_t n, int D, int R, const char *fmt, ...) {
+    char what[128];
+    int k = snprintf(what, sizeof what, "row kernels D%d R%d ", D, R);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what + k, sizeof what - (size_t)k, fmt, ap);
+    va_end(ap);
+    cmp(what, d, ref, n, 1e-5, 1e-5);
+}
+
 static void row_kernels_case(int D, int R) {
     const int A = 4;
     const size_t pn = (size_t)A * R * D, n = (size_t)R * D;
     const g3n_vec none = {0, NULL};
-    char what[96];
     float *S = rnd(pn, 1.0f), *rn = rnd(D, 1.0f), *pc = rnd(64, 0.3f), *cc = rnd(16, 0.3f), *inn = rnd(D, 1.0f);
     for (int i = 0; i < D; i++) rn[i] += 1.5f, inn[i] += 1.5f;
     float *pp = rnd(n, 3.0f), *w3 = rnd(3 * (size_t)D, 1.0f), *S2 = malloc(4 * pn), *pred = malloc(4 * pn);
@@ -779,12 +790,9 @@ static void row_kernels_case(int D, int R) {
                                  (g3n_vec){D, rn}, (g3n_vec){64, pc}, (g3n_vec){D, inn}, A, R, D, 1e-6f);
         B->altup_predict_fused(B, dpred, dx, dS, ple ? dpp : NULL, ple ? (g3n_vec){D, dinn} : none, &router.b,
                                (g3n_vec){D, drn}, (g3n_vec){64, dpc}, (g3n_vec){D, dinn}, A, R, D, 1e-6f);
-        snprintf(what, sizeof what, "row kernels D%d R%d predict%s S", D, R, ple ? "+ple" : "");
-        cmp(what, dS, S2, pn, 1e-5, 1e-5);
-        snprintf(what, sizeof what, "row kernels D%d R%d predict%s pred", D, R, ple ? "+ple" : "");
-        cmp(what, dpred, pred, pn, 1e-5, 1e-5);
-        snprintf(what, sizeof what, "row kernels D%d R%d predict%s x", D, R, ple ? "+ple" : "");
-        cmp(what, dx, x, n, 1e-5, 1e-5);
+        row_cmp(dS, S2, pn, D, R, "predict%s S", ple ? "+ple" : "");
+        row_cmp(dpred, pred, pn, D, R, "predict%s pred", ple ? "+ple" : "");
+        row_cmp(dx, x, n, D, R, "predict%s x", ple ? "+ple" : "");
     }
     float *att = rnd(n, 2.0f), *lau = rnd(n, 2.0f), *a = rnd(n, 1.0f);
     float *datt = dev(att, n), *dlau = dev(lau, n), *da = dev(a, n), *dx = dev(x, n), *ds = dev_nan(n), *du = dev_nan(n);
@@ -792,10 +800,8 @@ static void row_kernels_case(int D, int R) {
                        R, D, 1e-6f, 0.7071f);
     B->attn_residual(B, ds, du, datt, dlau, dx, da, (g3n_vec){D, dw3}, (g3n_vec){D, dw3 + D},
                      (g3n_vec){D, dw3 + 2 * D}, R, D, 1e-6f, 0.7071f);
-    snprintf(what, sizeof what, "row kernels D%d R%d attn_residual s", D, R);
-    cmp(what, ds, s_, n, 1e-5, 1e-5);
-    snprintf(what, sizeof what, "row kernels D%d R%d attn_residual u", D, R);
-    cmp(what, du, u_, n, 1e-5, 1e-5);
+    row_cmp(ds, s_, n, D, R, "attn_residual s");
+    row_cmp(du, u_, n, D, R, "attn_residual u");
     for (int sc = 0; sc < 2; sc++) { /* correct, without and with the output scale */
         float *f = rnd(n, 2.0f), *df = dev(f, n), *dsres = dev(s_, n), *dp2 = dev(pred, pn), *dqs = dev_nan(n);
         memcpy(S2, pred, 4 * pn);
@@ -803,12 +809,9 @@ static void row_kernels_case(int D, int R) {
                                  (g3n_vec){16, cc}, (g3n_vec){D, sc ? inn : NULL}, A, R, D, 1e-6f);
         B->altup_correct_fused(B, dp2, dqs, df, dsres, (g3n_vec){D, dw3}, &router.b, (g3n_vec){D, drn},
                                (g3n_vec){16, dcc}, (g3n_vec){D, sc ? dinn : NULL}, A, R, D, 1e-6f);
-        snprintf(what, sizeof what, "row kernels D%d R%d correct%s pred", D, R, sc ? "+scale" : "");
-        cmp(what, dp2, S2, pn, 1e-5, 1e-5);
-        snprintf(what, sizeof what, "row kernels D%d R%d correct%s qs", D, R, sc ? "+scale" : "");
-        cmp(what, dqs, qs, n, 1e-5, 1e-5);
-        snprintf(what, sizeof what, "row kernels D%d R%d correct%s o", D, R, sc ? "+scale" : "");
-        cmp(what, df, f, n, 1e-5, 1e-5);
+        row_cmp(dp2, S2, pn, D, R, "correct%s pred", sc ? "+scale" : "");
+        row_cmp(dqs, qs, n, D, R, "correct%s qs", sc ? "+scale" : "");
+        row_cmp(df, f, n, D, R, "correct%s o", sc ? "+scale" : "");
         free(f), B->free(B, dsres);
     }
     free(S), free(rn), free(pc), free(cc), free(inn), free(pp), free(w3), free(S2), free(pred), free(x), free(s_);
