@@ -4,6 +4,9 @@
  * only its rows), and recorded steps (CUDA graphs) replayed by key.
  * The kernels live in ops.cu, gemv.cu and attention.cu. */
 #include "cuda_common.cuh"
+extern "C" {
+#include "quant.h"
+}
 
 #include <string.h>
 
@@ -217,12 +220,11 @@ static void cu_prefetch(g3n_backend *be, const g3n_mat *const *W, int n) {
     for (int i = 0; i < n && r.k + 3 <= PF_MAX; i++) {
         const g3n_mat *m = W[i];
         if (!m->data || m->transposed) break;
-        const size_t sb = m->bits ? (size_t)m->rows * (size_t)(m->cols / m->group_size) *
-                                        g3n_dtype_size((g3n_dtype)m->sdtype) : 0;
-        const size_t db = m->bits ? (size_t)m->rows * ((size_t)m->cols * m->bits / 32) * 4
-                                  : (size_t)m->rows * m->cols * g3n_dtype_size((g3n_dtype)m->dtype);
-        if (tot + db + 2 * sb > c->l2_bytes / 4 * 3) break;
-        tot += db + 2 * sb;
+        /* all its bytes; of them the packed codes (or the values), then scales and biases alike */
+        const size_t all = g3n_mat_bytes(m);
+        const size_t db = m->bits ? (size_t)m->rows * g3n_quant_row_words(m->cols, m->bits) * 4 : all, sb = (all - db) / 2;
+        if (tot + all > c->l2_bytes / 4 * 3) break;
+        tot += all;
         r.p[r.k] = (const char *)m->data, r.n[r.k++] = db;
         if (sb) {
             r.p[r.k] = (const char *)m->scales, r.n[r.k++] = sb;

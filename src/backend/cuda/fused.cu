@@ -24,14 +24,16 @@ __global__ void k_attn_residual_reg(float *s, float *u, const float *att, const 
                                     float eps, float rs);
 
 /* Pairs of elements per thread of the register-resident row kernels for a row of
- * dim: 2 where dim allows (512 threads at 2048), else 1, within the kernels'
- * launch bounds; 0 where none fits. G3N_ROW_PAIRS=1 or 4 asks for another (4:
- * 256 threads, measured level with 2; 1 slower). */
+ * dim (at most 2048: their launch bounds are 1024 / P threads): 2 where dim is a
+ * multiple of 128 (512 threads at 2048), else 1 where it is one of 64; 0 where
+ * none fits. G3N_ROW_PAIRS=1 or 4 asks for another (4: 256 threads, measured
+ * level with 2; 1 slower). */
 static int row_pairs(int dim) {
     static int want = -1;
     if (want < 0) want = getenv("G3N_ROW_PAIRS") ? atoi(getenv("G3N_ROW_PAIRS")) : 2;
+    if (dim > 2048) return 0;
     for (int p = want >= 4 ? 4 : want >= 2 ? 2 : 1; p >= 1; p /= 2)
-        if (dim % (64 * p) == 0 && dim / (2 * p) <= 1024 / p) return p;
+        if (dim % (64 * p) == 0) return p;
     return 0;
 }
 

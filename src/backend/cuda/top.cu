@@ -270,7 +270,6 @@ int cuda_op_logits_top(g3n_backend *be, const float *logits, int rows, size_t st
             ok[r] = 1;
         }
     } else {
-        int declined = 0;
         for (int pass = !thresh; pass < 2; pass++) {
             if (pass == 0) { /* the threshold path */
                 unsigned long long *smax = cand, *list = smax + (size_t)rows * nb;
@@ -290,7 +289,7 @@ int cuda_op_logits_top(g3n_backend *be, const float *logits, int rows, size_t st
                 CUDA_LAUNCHED();
             }
             cuda_copy_wait(c, c->top_host, out, (size_t)rows * per * sizeof(float), cudaMemcpyDeviceToHost);
-            declined = 0;
+            int declined = 0;
             for (int r = 0; r < rows; r++) declined |= c->top_host[(size_t)r * per + 2 * m] != (float)m;
             if (!declined) break; /* (a row the threshold path declined: every row again, sorted) */
         }
