@@ -55,6 +55,7 @@ static const char *test_filter;
 
 static inline void test_init(int argc, char **argv) {
     test_filter = argc > 1 ? argv[1] : NULL;
+    setvbuf(stdout, NULL, _IOLBF, 0); /* a test that aborts still shows the ones before it */
 }
 
 static inline int test_summary(void) {

@@ -519,6 +519,17 @@ static void check_quantized(const char *dir) {
         double e = test_close(what, b, a, (size_t)V * 13, QTOL, 1e-4);
         printf("  %s: rel L2 %.2e\n", what, e);
     }
+    free(a), free(b);
+    /* a prompt of 40 in one step: a GPU's prompt-sized products */
+    int32_t ids40[40];
+    for (int i = 0; i < 40; i++) ids40[i] = ids[i % 13] + i / 13;
+    a = prefill(r, ids40, 40, 40), b = prefill(m, ids40, 40, 40);
+    if (a && b) {
+        char what[128];
+        snprintf(what, sizeof what, "%s on %s vs cpu-ref, one step of 40", dir + strlen(FIX), DEVICE);
+        double e = test_close(what, b, a, (size_t)V * 40, QTOL, 1e-4);
+        printf("  %s: rel L2 %.2e\n", what, e);
+    }
     /* cached decode steps after a prompt */
     char err[512];
     g3n_session *sr = g3n_session_create(r, 64, 4, err, sizeof err), *sm = g3n_session_create(m, 64, 4, err, sizeof err);
@@ -658,7 +669,8 @@ int main(int argc, char **argv) {
         RUN(causal_cuda);
         printf("-- cuda, quantized checkpoints (fused path, then split, then fused with exact sparsity)\n");
         SPARSE = 0;
-        QTOL = 1e-4; /* fp32 GEMV with the affine form factored per 32 weights; f32 cuBLAS prefill */
+        QTOL = 1e-4; /* fp32 GEMV with the affine form factored per 32 weights; prompt products of
+                      * more than 32 rows as sums of bf16 products (f32 to float rounding) */
         PATH = "fused";
         RUN(quantized);
         RUN(decode_equals_prefill_q4);

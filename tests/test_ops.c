@@ -237,22 +237,33 @@ TEST(qmatmul) {
 TEST(qmatmul_large) {
     const int shapes[][2] = {{2048, 2048}, {16384, 2048}, {2048, 16384}, {8960, 2048}, {4, 2048}, {2048, 64}};
     const int bits_s[] = {4, 8};
+    /* a prompt-sized step first: a GPU sizes its activation-split buffer there, which
+     * its prompt products (R 33: dequantized bf16 hi + lo on the tensor cores, and
+     * G3N_QBLAS_F32=1 the f32 fallback) need */
+    int32_t ids[33] = {0}, pos[33], seq[33] = {0};
+    for (int t = 0; t < 33; t++) pos[t] = t;
+    g3n_batch bt = {33, ids, pos, seq, NULL, 1};
+    REF->batch_set(REF, &bt);
+    B->batch_set(B, &bt);
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++)
         for (int bi = 0; bi < 2; bi++)
-            for (int R = 1; R <= 33; R += R == 1 ? 2 : 30) {
-                const int O = shapes[s][0], K = shapes[s][1];
-                if (R > 3 && (B_IS_CPU || (size_t)O * K > ((size_t)1 << 24))) continue;
-                tmat W = make_qmat_ex(bits_s[bi], 64, G3N_BF16, O, K, 0, 0, 0);
-                float *x = rnd((size_t)R * K, 1.0f), *y0 = malloc(4 * (size_t)R * O);
-                float *dx = dev(x, (size_t)R * K), *dy = dev_nan((size_t)R * O);
-                REF->matmul(REF, y0, &W.ref, x, R);
-                B->matmul(B, dy, &W.b, dx, R);
-                char what[64];
-                snprintf(what, sizeof what, "qmatmul q%d %dx%d R%d", bits_s[bi], O, K, R);
-                float *y1 = host(dy, (size_t)R * O);
-                check_dots(what, y1, y0, &W.ref, x, R, 2e-6);
-                free(y1), B->free(B, dy), B->free(B, dx), free(W.mem), free(x), free(y0);
-            }
+            for (int R = 1; R <= 33; R += R == 1 ? 2 : 30)
+                for (int f32 = 0; f32 < (R > 32 ? 2 : 1); f32++) {
+                    const int O = shapes[s][0], K = shapes[s][1];
+                    if (R > 3 && B_IS_CPU) continue; /* (the GPU's larger shapes take tiles of rows or columns) */
+                    tmat W = make_qmat_ex(bits_s[bi], 64, G3N_BF16, O, K, 0, 0, 0);
+                    float *x = rnd((size_t)R * K, 1.0f), *y0 = malloc(4 * (size_t)R * O);
+                    float *dx = dev(x, (size_t)R * K), *dy = dev_nan((size_t)R * O);
+                    REF->matmul(REF, y0, &W.ref, x, R);
+                    if (f32) setenv("G3N_QBLAS_F32", "1", 1);
+                    B->matmul(B, dy, &W.b, dx, R);
+                    unsetenv("G3N_QBLAS_F32");
+                    char what[64];
+                    snprintf(what, sizeof what, "qmatmul q%d %dx%d R%d%s", bits_s[bi], O, K, R, f32 ? " f32" : "");
+                    float *y1 = host(dy, (size_t)R * O);
+                    check_dots(what, y1, y0, &W.ref, x, R, 2e-6);
+                    free(y1), B->free(B, dy), B->free(B, dx), free(W.mem), free(x), free(y0);
+                }
 }
 
 /* 4- and 8-bit decode products in the shapes the tiled GPU kernels (4 or 16 output
@@ -461,9 +472,11 @@ TEST(rmsnorm) {
             }
 }
 
-/* K/V of two sequences, n query tokens alternating between them at increasing
- * positions (ring wrap, window edges, GQA groups), against the reference. */
-static void attention_case(int n_head, int n_head_kv, int hd, int window, int cap, int n, int pos0) {
+/* K/V of two sequences, n query tokens in runs of `per` taken from each in turn
+ * at increasing positions (ring wrap, window edges, GQA groups), against the
+ * reference. Prompt-sized steps take a GPU's tiled kernel: each case is also
+ * run with it forced at every row count per warp and with one key stage. */
+static void attention_case(int n_head, int n_head_kv, int hd, int window, int cap, int n, int pos0, int per) {
     int kvd = n_head_kv * hd;
     g3n_kv kv_ref[2], kv_b[2];
     memset(kv_ref, 0, sizeof kv_ref);
@@ -476,35 +489,56 @@ static void attention_case(int n_head, int n_head_kv, int hd, int window, int ca
         kv_b[s].layer[3] = (g3n_kv_layer){dmem[s], dmem[s] + (size_t)cap * kvd, cap};
     }
     g3n_kv *kr[2] = {&kv_ref[0], &kv_ref[1]}, *kb[2] = {&kv_b[0], &kv_b[1]};
-    int32_t pos[64], seq[64], ids[64] = {0};
+    int32_t pos[512], seq[512], ids[512] = {0}, next[2] = {pos0, pos0};
+    G3N_ASSERT(n <= 512);
     for (int t = 0; t < n; t++) {
-        seq[t] = t % 2;
-        pos[t] = pos0 + t / 2;
+        seq[t] = t / per % 2;
+        pos[t] = next[seq[t]]++;
     }
     g3n_batch br = {n, ids, pos, seq, kr, 2}, bb = {n, ids, pos, seq, kb, 2};
     REF->batch_set(REF, &br);
     B->batch_set(B, &bb);
     size_t qn = (size_t)n * n_head * hd;
-    float *q = rnd(qn, 1.0f), *o0 = malloc(4 * qn), *dq = dev(q, qn), *dout = dev_nan(qn);
+    float *q = rnd(qn, 1.0f), *o0 = malloc(4 * qn), *dq = dev(q, qn);
     REF->attention(REF, o0, q, 3, n_head, n_head_kv, hd, window);
-    B->attention(B, dout, dq, 3, n_head, n_head_kv, hd, window);
-    char what[96];
-    snprintf(what, sizeof what, "attention H%d/%d hd%d win%d cap%d n%d pos%d", n_head, n_head_kv, hd,
-             window, cap, n, pos0);
-    cmp(what, dout, o0, qn, TOL * 5, 1e-5);
+    /* default; then (GPU) the tiled kernel at 1, 2, 4, 8 rows a warp, and with one key stage */
+    static const char *const runs[][3] = {{NULL, NULL, NULL}, {"1", "1", NULL}, {"1", "2", NULL},
+                                         {"1", "4", NULL},   {"1", "8", NULL}, {"1", "8", "1"}};
+    const int n_runs = strcmp(B->name, "cuda") == 0 ? 6 : 1;
+    for (int i = 0; i < n_runs; i++) {
+        if (runs[i][0]) setenv("G3N_ATT_TILED", runs[i][0], 1), setenv("G3N_ATT_RPW", runs[i][1], 1);
+        if (runs[i][2]) setenv("G3N_ATT_NST", runs[i][2], 1);
+        float *dout = dev_nan(qn); /* (cmp frees it) */
+        B->attention(B, dout, dq, 3, n_head, n_head_kv, hd, window);
+        unsetenv("G3N_ATT_TILED"), unsetenv("G3N_ATT_RPW"), unsetenv("G3N_ATT_NST");
+        char what[128];
+        snprintf(what, sizeof what, "attention H%d/%d hd%d win%d cap%d n%d pos%d runs of %d%s%s%s", n_head,
+                 n_head_kv, hd, window, cap, n, pos0, per, runs[i][0] ? ", tiled, rows a warp " : "",
+                 runs[i][0] ? runs[i][1] : "", runs[i][2] ? ", one stage" : "");
+        cmp(what, dout, o0, qn, TOL * 5, 1e-5 + rms_tol(o0, qn, 1e-4));
+    }
     free(q), free(o0), B->free(B, dq);
     for (int s = 0; s < 2; s++) free(mem[s]), B->free(B, dmem[s]);
 }
 
 TEST(attention) {
-    attention_case(4, 2, 32, 0, 64, 6, 0);
-    attention_case(8, 2, 33, 0, 100, 7, 40);
-    attention_case(3, 3, 5, 0, 20, 3, 17);
-    attention_case(4, 1, 16, 8, 12, 10, 0);  /* sliding, ring of window + 4 */
-    attention_case(4, 2, 32, 8, 15, 14, 93); /* wrapped many times */
-    attention_case(2, 1, 256, 512, 515, 4, 1000);
-    attention_case(8, 2, 256, 0, 3000, 2, 2900); /* long full-attention context */
-    attention_case(4, 4, 7, 1, 3, 5, 9);     /* window of one: only itself */
+    attention_case(4, 2, 32, 0, 64, 6, 0, 1);
+    attention_case(8, 2, 33, 0, 100, 7, 40, 1);
+    attention_case(3, 3, 5, 0, 20, 3, 17, 1);
+    attention_case(4, 1, 16, 8, 12, 10, 0, 1);  /* sliding, ring of window + 4 */
+    attention_case(4, 2, 32, 8, 15, 14, 93, 1); /* wrapped many times */
+    attention_case(2, 1, 256, 512, 515, 4, 1000, 1);
+    attention_case(8, 2, 256, 0, 3000, 2, 2900, 1); /* long full-attention context */
+    attention_case(4, 4, 7, 1, 3, 5, 9, 1);     /* window of one: only itself */
+    /* prompt-sized steps (the tiled kernel by default on a GPU) */
+    attention_case(8, 2, 256, 512, 512 + 63, 64, 600, 64); /* E4B sliding layer: one sequence, ring wrapped */
+    attention_case(8, 2, 256, 0, 400, 96, 200, 96);        /* E4B full layer, 96 tokens after 200 */
+    attention_case(8, 2, 256, 0, 200, 40, 0, 20);          /* two prompts from position 0, runs of 20 */
+    attention_case(4, 2, 64, 16, 16 + 49, 50, 30, 7);      /* runs of 7 straddling the tiles, window 16 */
+    attention_case(6, 3, 48, 0, 100, 24, 10, 24);          /* head_dim 48, G = 2 */
+    attention_case(8, 1, 32, 0, 100, 33, 5, 33);           /* G = 8 */
+    attention_case(2, 2, 128, 5, 5 + 31, 32, 3, 32);       /* G = 1, window 5 */
+    attention_case(4, 1, 36, 0, 100, 20, 0, 20);           /* head_dim 36: a lane past the end */
 }
 
 /* qkv_attention (q/k/v norms, RoPE, cache store, attention in one op) against

@@ -3,7 +3,10 @@
  * (token, query head); each warp walks a share of the keys with an online
  * softmax (running max and sum), then the warps' partial results are merged.
  * Keys per query are read from device memory (positions), so a recorded step
- * replays correctly at any position. Not tiled for long prompts yet. */
+ * replays correctly at any position. Prompt steps take the tiled kernel below
+ * (k_attn_tiled: a block per tile of tokens and KV head, keys staged once per
+ * tile); this one is left for short steps and shapes the tiled one does not
+ * take (head_dim not a multiple of 4, or above 256). */
 #include "cuda_common.cuh"
 
 #define ATT_WARPS 4
@@ -74,13 +77,226 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
     }
 }
 
+/* ---- prompts: tiled over queries and keys -------------------------------------------------
+ *
+ * One block per (tile of BQ consecutive tokens of the step, KV head). The G
+ * query heads of that KV head for the BQ tokens are ROWS = 8 * RPW query rows
+ * (row r: token r / G, head r % G), staged in shared memory; warp w owns rows
+ * w * RPW .. w * RPW + RPW - 1. The visible keys are walked in tiles of 32,
+ * their K and V staged in shared memory (cp.async, double-buffered where it
+ * fits), so each key is read from memory once per tile of queries instead of
+ * once per (token, head). In a key tile lane j scores key j against the warp's
+ * rows (K rows padded to hd + 4 floats, so the lanes' float4 reads take
+ * distinct banks; Q read as broadcasts), each row keeps an online softmax (a
+ * running max shared by the warp, a sum per lane, added at the end), and
+ * O += P V with lane owning dims lane + 32 k (the weights broadcast by
+ * shuffles). f32 throughout, as k_attention. The tile's tokens are taken in
+ * runs of one sequence (a step may hold several); a row sees keys lo..p of its
+ * own token, as in k_attention. Blocks take the tiles last first: later tokens
+ * see more keys. */
+#define AT_KT 32 /* keys per tile */
+
+template <int RPW, int DPL>
+__global__ void __launch_bounds__(256)
+    k_attn_tiled(float *out, const float *q, const g3n_kv_layer *kv, int layer, const int32_t *pos,
+                 const int32_t *seq, int n_tokens, int n_head, int n_head_kv, int hd, int window, int nst) {
+    constexpr int ROWS = 8 * RPW;
+    extern __shared__ float4 at_dyn[];
+    const int G = n_head / n_head_kv, BQ = ROWS / G, kvd = n_head_kv * hd, ks = hd + 4;
+    const int n_tiles = (n_tokens + BQ - 1) / BQ;
+    const int tile = n_tiles - 1 - (int)blockIdx.x / n_head_kv, hk = (int)blockIdx.x % n_head_kv;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float *Qs = (float *)at_dyn;             /* [ROWS][hd + 4] */
+    float *Ks = Qs + (size_t)ROWS * ks;      /* [nst][AT_KT][hd + 4] */
+    float *Vs = Ks + (size_t)nst * AT_KT * ks; /* [nst][AT_KT][hd] */
+    const int t0 = tile * BQ, tend = min(t0 + BQ, n_tokens);
+    KERNEL_BEGIN();
+    for (int r0 = t0; r0 < tend;) { /* one run: tokens r0..r1-1 of sequence s */
+        const int s = seq[r0];
+        int r1 = r0 + 1, jlo = INT_MAX, jhi = -1;
+        while (r1 < tend && seq[r1] == s) r1++;
+        for (int t = r0; t < r1; t++) {
+            const int p = pos[t];
+            jlo = min(jlo, window > 0 ? max(0, p - window + 1) : 0), jhi = max(jhi, p);
+        }
+        const g3n_kv_layer L = kv[(size_t)s * G3N_KV_MAX_LAYERS + layer];
+        /* the run's query rows (zeros for the tile's other tokens) */
+        for (int i = threadIdx.x; i < ROWS * (hd / 4); i += blockDim.x) {
+            const int r = i / (hd / 4), c4 = i % (hd / 4), t = t0 + r / G;
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (t >= r0 && t < r1) v = *(const float4 *)(q + ((size_t)t * n_head + hk * G + r % G) * hd + 4 * c4);
+            *(float4 *)(Qs + (size_t)r * ks + 4 * c4) = v;
+        }
+        int rlo[RPW], rhi[RPW]; /* each row's visible keys (empty for rows outside the run) */
+#pragma unroll
+        for (int i = 0; i < RPW; i++) {
+            const int t = t0 + (warp * RPW + i) / G;
+            rlo[i] = 1, rhi[i] = 0;
+            if (t >= r0 && t < r1) rhi[i] = pos[t], rlo[i] = window > 0 ? max(0, rhi[i] - window + 1) : 0;
+        }
+        auto issue = [&](int jt, int buf) { /* key tile jt..jt+31 (those <= jhi) into buffer buf */
+            float *kd = Ks + (size_t)buf * AT_KT * ks, *vd = Vs + (size_t)buf * AT_KT * hd;
+            const int n4 = hd / 4;
+            for (int i = threadIdx.x; i < AT_KT * n4; i += blockDim.x) {
+                const int jj = i / n4, c4 = i % n4, j = jt + jj;
+                if (j > jhi) break;
+                const size_t o = (size_t)(j % L.cap) * kvd + (size_t)hk * hd + 4 * c4;
+                cp_async16(kd + (size_t)jj * ks + 4 * c4, L.k + o);
+                cp_async16(vd + (size_t)jj * hd + 4 * c4, L.v + o);
+            }
+            cp_async_commit();
+        };
+        float m[RPW], l[RPW], acc[RPW][DPL];
+#pragma unroll
+        for (int i = 0; i < RPW; i++) {
+            m[i] = -INFINITY, l[i] = 0;
+#pragma unroll
+            for (int k = 0; k < DPL; k++) acc[i][k] = 0;
+        }
+        issue(jlo, 0);
+        for (int jt = jlo, buf = 0; jt <= jhi; jt += AT_KT) {
+            if (nst > 1) { /* the next tile streams in while this one is used */
+                issue(jt + AT_KT, buf ^ 1);
+                cp_async_wait<1>();
+            } else
+                cp_async_wait<0>();
+            __syncthreads(); /* the tile (and, the first time, the query rows) are in place */
+            const float *kt = Ks + (size_t)buf * AT_KT * ks, *vt = Vs + (size_t)buf * AT_KT * hd;
+            const int j = jt + lane;
+            float sc[RPW];
+#pragma unroll
+            for (int i = 0; i < RPW; i++) sc[i] = 0;
+            if (j <= jhi)
+                for (int d = 0; d < hd; d += 4) {
+                    const float4 kk = *(const float4 *)(kt + (size_t)lane * ks + d);
+#pragma unroll
+                    for (int i = 0; i < RPW; i++) {
+                        const float4 qq = *(const float4 *)(Qs + (size_t)(warp * RPW + i) * ks + d);
+                        sc[i] += qq.x * kk.x + qq.y * kk.y + qq.z * kk.z + qq.w * kk.w;
+                    }
+                }
+#pragma unroll
+            for (int i = 0; i < RPW; i++) { /* online softmax; sc becomes the weight */
+                const float sv = j >= rlo[i] && j <= rhi[i] ? sc[i] : -INFINITY;
+                const float m2 = fmaxf(m[i], warp_max(sv));
+                if (m2 == -INFINITY) {
+                    sc[i] = 0;
+                    continue;
+                }
+                const float corr = __expf(m[i] - m2);
+                sc[i] = sv == -INFINITY ? 0.0f : __expf(sv - m2);
+                l[i] = l[i] * corr + sc[i];
+#pragma unroll
+                for (int k = 0; k < DPL; k++) acc[i][k] *= corr;
+                m[i] = m2;
+            }
+            const int nk = min(AT_KT, jhi - jt + 1);
+            for (int jj = 0; jj < nk; jj++) {
+                float vv[DPL];
+#pragma unroll
+                for (int k = 0; k < DPL; k++) vv[k] = lane + 32 * k < hd ? vt[(size_t)jj * hd + lane + 32 * k] : 0.0f;
+#pragma unroll
+                for (int i = 0; i < RPW; i++) {
+                    const float w = __shfl_sync(0xffffffffu, sc[i], jj);
+#pragma unroll
+                    for (int k = 0; k < DPL; k++) acc[i][k] += w * vv[k];
+                }
+            }
+            __syncthreads(); /* every warp is done with buf before it is refilled */
+            buf ^= nst > 1;
+            if (nst == 1 && jt + AT_KT <= jhi) issue(jt + AT_KT, 0);
+        }
+        cp_async_wait<0>(); /* (the group past the last tile is empty) */
+#pragma unroll
+        for (int i = 0; i < RPW; i++) {
+            const int r = warp * RPW + i, t = t0 + r / G;
+            const float lt = warp_sum(l[i]);
+            if (t >= r0 && t < r1) {
+                float *o = out + ((size_t)t * n_head + hk * G + r % G) * hd;
+#pragma unroll
+                for (int k = 0; k < DPL; k++)
+                    if (lane + 32 * k < hd) o[lane + 32 * k] = lt > 0 ? acc[i][k] / lt : 0.0f;
+            }
+        }
+        __syncthreads(); /* the query rows are restaged for the next run */
+        r0 = r1;
+    }
+}
+
+/* The tiled kernel's dynamic shared memory: query rows, nst key tiles and value tiles */
+static size_t at_smem(int rpw, int hd, int nst) {
+    return ((size_t)8 * rpw * (hd + 4) + (size_t)nst * AT_KT * (2 * hd + 4)) * sizeof(float);
+}
+
+template <int RPW, int D>
+static void at_launch(cuda_ctx *c, int nst, size_t smem, float *out, const float *q, int layer, int n_head,
+                      int n_head_kv, int hd, int window) {
+    static int raised; /* the kernel may take the most any launch asks (once per instantiation) */
+    if (!raised) {
+        CUDA_CHECK(cudaFuncSetAttribute(k_attn_tiled<RPW, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)G3N_MIN(c->smem_optin, at_smem(RPW, 256, 2))));
+        raised = 1;
+    }
+    const int bq = 8 * RPW / (n_head / n_head_kv);
+    launch(c, k_attn_tiled<RPW, D>, dim3((unsigned)((c->n_tokens + bq - 1) / bq * n_head_kv)), dim3(256), smem, out,
+           q, c->d_kv, layer, d_pos(c), d_seq(c), c->n_tokens, n_head, n_head_kv, hd, window, nst);
+}
+
+template <int RPW>
+static int at_launch_rpw(cuda_ctx *c, int dpl, int nst, size_t smem, float *out, const float *q, int layer,
+                         int n_head, int n_head_kv, int hd, int window) {
+#define AT(D) at_launch<RPW, D>(c, nst, smem, out, q, layer, n_head, n_head_kv, hd, window)
+    switch (dpl) {
+    case 1: AT(1); return 1;
+    case 2: AT(2); return 1;
+    case 4: AT(4); return 1;
+    case 8: AT(8); return 1;
+    default: return 0;
+    }
+#undef AT
+}
+
+/* The tiled kernel where it applies: head_dim a multiple of 4 up to 256, a
+ * query-row count (8 x 1, 2, 4 or 8) that the group size divides, and steps of
+ * at least 16 tokens. Rows per warp: the most that still give every SM a
+ * block; two key stages where they fit. Read at each call (tests and timing):
+ * G3N_ATT_TILED=0 never, 1 any step; G3N_ATT_RPW=r rows per warp where r fits;
+ * G3N_ATT_NST=1 one key stage. */
+static int attention_tiled(cuda_ctx *c, float *out, const float *q, int layer, int n_head, int n_head_kv, int hd,
+                           int window) {
+    const char *e = getenv("G3N_ATT_TILED"), *er = getenv("G3N_ATT_RPW");
+    const int mode = e ? atoi(e) : -1, want = er ? atoi(er) : 0;
+    const int G = n_head / n_head_kv;
+    if (mode == 0 || (mode < 0 && c->n_tokens < 16) || hd % 4 != 0 || hd > 256 || n_head % n_head_kv != 0)
+        return 0;
+    int rpw = 0;
+    for (int r = 8; r >= 1; r /= 2) {
+        if ((8 * r) % G != 0 || at_smem(r, hd, 1) > c->smem_optin || (want > 0 && r > want)) continue;
+        const long blocks = (long)(c->n_tokens + 8 * r / G - 1) / (8 * r / G) * n_head_kv;
+        rpw = r; /* the smallest that fits, unless a larger one fills the GPU */
+        if (want > 0 || blocks >= c->n_sm) break;
+    }
+    if (!rpw) return 0;
+    const char *en = getenv("G3N_ATT_NST"); /* 1: one key stage (tests) */
+    const int nst = at_smem(rpw, hd, 2) <= c->smem_optin && !(en && atoi(en) == 1) ? 2 : 1;
+    const int dpl = hd <= 32 ? 1 : hd <= 64 ? 2 : hd <= 128 ? 4 : 8;
+    const size_t smem = at_smem(rpw, hd, nst);
+    switch (rpw) {
+    case 8: return at_launch_rpw<8>(c, dpl, nst, smem, out, q, layer, n_head, n_head_kv, hd, window);
+    case 4: return at_launch_rpw<4>(c, dpl, nst, smem, out, q, layer, n_head, n_head_kv, hd, window);
+    case 2: return at_launch_rpw<2>(c, dpl, nst, smem, out, q, layer, n_head, n_head_kv, hd, window);
+    default: return at_launch_rpw<1>(c, dpl, nst, smem, out, q, layer, n_head, n_head_kv, hd, window);
+    }
+}
+
 void cuda_op_attention(g3n_backend *be, float *out, const float *q, int layer, int n_head, int n_head_kv,
                        int head_dim, int window) {
     cuda_ctx *c = CTX(be);
     G3N_ASSERT(head_dim <= CUDA_MAX_HEAD_DIM);
     PROF_BEGIN(c);
-    launch(c, k_attention, dim3(c->n_tokens * n_head), dim3(ATT_WARPS * 32), 0, out, q, c->d_kv, layer, d_pos(c), d_seq(c),
-                                                                        n_head, n_head_kv, head_dim, window);
+    if (!attention_tiled(c, out, q, layer, n_head, n_head_kv, head_dim, window))
+        launch(c, k_attention, dim3(c->n_tokens * n_head), dim3(ATT_WARPS * 32), 0, out, q, c->d_kv, layer, d_pos(c),
+               d_seq(c), n_head, n_head_kv, head_dim, window);
     CUDA_LAUNCHED();
     PROF_END(c, window > 0 ? "attention (sliding)" : "attention (full)", 0);
 }

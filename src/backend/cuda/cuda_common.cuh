@@ -33,6 +33,15 @@ extern "C" {
  * where errors surface at instantiation). */
 #define CUDA_LAUNCHED() CUDA_CHECK(cudaPeekAtLastError())
 
+#define BLAS_CHECK(x)                                                                          \
+    do {                                                                                       \
+        cublasStatus_t s_ = (x);                                                               \
+        if (s_ != CUBLAS_STATUS_SUCCESS) {                                                     \
+            fprintf(stderr, "g3n: cuBLAS error %d (%s:%d: %s)\n", (int)s_, __FILE__, __LINE__, #x); \
+            abort();                                                                           \
+        }                                                                                      \
+    } while (0)
+
 #define CUDA_MAX_GRAPHS 32
 #define CUDA_MAX_HOST_GATHER 16
 #define CUDA_MAX_HEAD_DIM 256
@@ -398,6 +407,7 @@ void cuda_own(cuda_ctx *c, void *d);
 void cuda_copy_wait(cuda_ctx *c, void *dst, const void *src, size_t bytes, cudaMemcpyKind kind);
 void *cuda_transpose_matrix(cuda_ctx *c, const void *w, int rows, int cols, size_t esize);
 void cuda_matmul_transposed(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows);
+const __nv_bfloat16 *cuda_split_bf16(cuda_ctx *c, const float *x, int rows, int K);
 void cuda_sparse_reserve(cuda_ctx *c, int rows, int cols);
 int cuda_mlp_sparse(cuda_ctx *c, float *y, const float *gate, const g3n_mat *Wu, const g3n_mat *Wd, const float *u,
                     int rows, float kappa);

@@ -197,14 +197,15 @@ __global__ void k_sum_parts(float *y, const float *ys, size_t n, int O, int part
     }
 }
 
-#define BLAS_CHECK(x)                                                                          \
-    do {                                                                                       \
-        cublasStatus_t s_ = (x);                                                               \
-        if (s_ != CUBLAS_STATUS_SUCCESS) {                                                     \
-            fprintf(stderr, "g3n: cuBLAS error %d (%s:%d: %s)\n", (int)s_, __FILE__, __LINE__, #x); \
-            abort();                                                                           \
-        }                                                                                      \
-    } while (0)
+/* x [rows, K] split into three bf16 parts in c->xconv ([rows][3][K]; k_split_bf16);
+ * NULL when the buffer is not sized for it (no prompt-sized step yet). */
+const __nv_bfloat16 *cuda_split_bf16(cuda_ctx *c, const float *x, int rows, int K) {
+    const size_t n = (size_t)rows * K;
+    if (!c->xconv || 3 * n * 2 > c->xconv_bytes) return NULL;
+    __nv_bfloat16 *p = (__nv_bfloat16 *)c->xconv;
+    launch(c, k_split_bf16, dim3((unsigned)G3N_MIN((n + 255) / 256, (size_t)4096)), 256, 0, p, x, n, K);
+    return p;
+}
 
 /* y[rows, O] = x[rows, K] . W^T with cuBLAS (column-major: y^T = W^T' x^T). */
 static void matmul_blas(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows) {
@@ -222,11 +223,10 @@ static void matmul_blas(cuda_ctx *c, float *y, const g3n_mat *W, const float *x,
     const size_t n = (size_t)rows * K;
     const int parts = W->dtype == G3N_BF16 ? 3 : 2;
     G3N_ASSERT(c->xconv && parts * n * 2 <= c->xconv_bytes && c->ysplit);
-    char *p = (char *)c->xconv;
-    const dim3 grid((unsigned)G3N_MIN((n + 255) / 256, (size_t)4096));
     const cudaDataType_t t = W->dtype == G3N_BF16 ? CUDA_R_16BF : CUDA_R_16F;
-    if (W->dtype == G3N_BF16) launch(c, k_split_bf16, grid, 256, 0, (__nv_bfloat16 *)p, x, n, K);
-    else launch(c, k_split_f16, grid, 256, 0, (__half *)p, x, n, K);
+    char *p = (char *)c->xconv;
+    if (W->dtype == G3N_BF16) cuda_split_bf16(c, x, rows, K);
+    else launch(c, k_split_f16, dim3((unsigned)G3N_MIN((n + 255) / 256, (size_t)4096)), 256, 0, (__half *)p, x, n, K);
     /* one product per run of rows whose parts' results fit the scratch (all the
      * rows of a decode step, 21 at a time for the 262k-row tied lm_head) */
     const int run = (int)G3N_MAX((size_t)1, G3N_MIN((size_t)rows, c->ysplit_n / ((size_t)parts * O)));

@@ -16,8 +16,9 @@
  * memory and one-row 4-bit products under 1 MB (qmulti). 2, 3, 5 and 6 bits run the one-row kernel once per row
  * (correct, slower). G3N_QSPLIT=n (most K slices) and G3N_QJ=n (tiles per
  * warp) override k_qgemv_s's shape, for timing.
- * Prompt-sized products: tiles of rows dequantized to f32 (exactly the
- * reference's weights) and multiplied by cuBLAS in f32.
+ * Prompt-sized products: tiles dequantized to three bf16 parts (exactly the
+ * reference's weights) and multiplied by cuBLAS on the tensor cores in six
+ * bf16 products with f32 sums (qmatmul_blas; f32 cuBLAS as the fallback).
  * Matrices read element by element inside fused row kernels (the AltUp router)
  * are dequantized to f32 at upload; host-resident gather tables (PLE) stay
  * quantized in host memory and the step's rows are dequantized when staged. */
@@ -1131,8 +1132,9 @@ static void qmulti(cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y,
 }
 
 /* Decode-sized products of up to QDECODE_ROWS rows: qmulti on 8 rows at a time
- * (the weights are read once per 8 rows; dequantizing to f32 for cuBLAS moves
- * about 8 times the 4-bit bytes twice, which pays only for prompts). */
+ * (the weights are read once per 8 rows; dequantizing for cuBLAS writes and
+ * reads 12 bytes a weight, which pays only for prompts: through k_qmma 8 rows
+ * at a time a 512-token prompt took 2.3x as long, docs/SPEED.md twelfth session). */
 #define QDECODE_ROWS 32
 static void qmulti_rows(cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y, const float *const *x,
                         int rows, int mode, const float *m) {
@@ -1147,8 +1149,21 @@ static void qmulti_rows(cuda_ctx *c, int n, const g3n_mat *const *W, float *cons
     }
 }
 
-/* ---- prompt-sized products: dequantized tiles, cuBLAS f32 ------------------------------ */
-
+/* ---- prompt-sized products: dequantized tiles, cuBLAS on the tensor cores ----------------
+ *
+ * A tile of W's rows is dequantized (s * q + b in f32, as the reference) into
+ * three bf16 matrices whose sum is w (hi = bf16(w), mid = bf16(w - hi), lo =
+ * bf16(w - hi - mid): 24 bits), and the activations are split into three bf16
+ * parts whose sum is x to ~24 bits (cuda_split_bf16, as bf16 weights take
+ * them). Then
+ *   y = hi . x1 + hi . x2 + mid . x1 + hi . x3 + mid . x2 + lo . x1
+ * six bf16 products with f32 sums (cuBLAS, each adding into y: beta 1); left
+ * out are the products below 2^-24 of a term (mid . x3, lo . x2, lo . x3), so
+ * the result is the f32 product's to float rounding, as for bf16 weights. Two
+ * weight parts and four products (hi + lo, 16 bits) were 1.2x faster still
+ * (E4B 4-bit pp512) but ~2^-17 of each term off: 3e-4 on the test fixtures'
+ * logits, where f32 rounding is ~1e-6. cuBLAS in f32 (G3N_QBLAS_F32=1, or no
+ * split buffer sized yet) is the fallback: 1.5x (pp512) to 2x (pp4096) slower. */
 __global__ void k_dequant(float *out, const uint32_t *W, const void *S, const void *B, int sdt, int bits, int group,
                           int K, int r0, int nr) {
     KERNEL_BEGIN();
@@ -1157,26 +1172,103 @@ __global__ void k_dequant(float *out, const uint32_t *W, const void *S, const vo
         out[i] = qdeq(W, S, B, sdt, bits, group, K, (size_t)r0 + i / K, (int)(i % K));
 }
 
+/* w as the sum of three bf16 values (exact: each difference is exact in f32) */
+__device__ __forceinline__ void bf16x3(float w, __nv_bfloat16 &h, __nv_bfloat16 &m, __nv_bfloat16 &l) {
+    h = __float2bfloat16_rn(w);
+    const float r = w - __bfloat162float(h);
+    m = __float2bfloat16_rn(r);
+    l = __float2bfloat16_rn(r - __bfloat162float(m));
+}
+
+/* Rows r0..r0+nr-1, columns c0..c0+nc-1 of W as bf16 parts P[0..2] ([nr, nc]
+ * each, `part` apart). 4 and 8 bits: a thread per packed word (8 or 4 weights
+ * of one group, one store per part); other widths: a thread per weight. */
+__global__ void k_dequant_bf16x3(__nv_bfloat16 *P, size_t part, const uint32_t *W, const void *S, const void *B,
+                                 int sdt, int bits, int group, int K, int r0, int nr, int c0, int nc) {
+    KERNEL_BEGIN();
+    const size_t stride = (size_t)gridDim.x * blockDim.x, i0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (bits == 4 || bits == 8) {
+        const int per = 32 / bits, wpr = nc / per;
+        const uint32_t mask = (1u << bits) - 1u;
+        const size_t n = (size_t)nr * wpr;
+        for (size_t wi = i0; wi < n; wi += stride) {
+            const size_t r = wi / wpr, row = (size_t)r0 + r;
+            const int col = (int)(wi % wpr) * per;
+            const uint32_t v = W[row * (K / per) + (c0 + col) / per];
+            const size_t g = row * (size_t)(K / group) + (c0 + col) / group;
+            const float sc = load_w(S, sdt, g), bi = load_w(B, sdt, g);
+            union { __nv_bfloat16 h[8]; uint4 u; } o[3];
+            for (int j = 0; j < per; j++)
+                bf16x3(qaffine(sc, (float)((v >> (bits * j)) & mask), bi), o[0].h[j], o[1].h[j], o[2].h[j]);
+            __nv_bfloat16 *d = P + r * nc + col;
+            for (int k = 0; k < 3; k++, d += part) {
+                if (per == 8) *(uint4 *)d = o[k].u;
+                else *(uint2 *)d = make_uint2(o[k].u.x, o[k].u.y);
+            }
+        }
+        return;
+    }
+    const size_t n = (size_t)nr * nc;
+    for (size_t i = i0; i < n; i += stride)
+        bf16x3(qdeq(W, S, B, sdt, bits, group, K, (size_t)r0 + i / nc, c0 + (int)(i % nc)), P[i], P[i + part],
+               P[i + 2 * part]);
+}
+
+/* tile sizes: n split into about n / most equal parts, multiples of `mult` where that fits
+ * (cuBLAS picks slow kernels for ragged sizes: tiles of 5461 rows took 6x) */
+static int even_tile(int n, int most, int mult) {
+    const int nt = (n + most - 1) / most, even = (n + nt - 1) / nt, up = (even + mult - 1) / mult * mult;
+    return up <= most ? up : even;
+}
+
 static void qmatmul_blas(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows) {
     const int O = W->rows, K = W->cols;
-    const int tile = (int)G3N_MIN((size_t)O, c->qscratch_n / (size_t)K);
-    G3N_ASSERT(tile > 0);
     const float one = 1.0f, zero = 0.0f;
-    for (int o0 = 0; o0 < O; o0 += tile) {
-        const int nr = G3N_MIN(tile, O - o0);
-        const size_t n = (size_t)nr * K;
-        launch(c, k_dequant, dim3((unsigned)G3N_MIN((n + 255) / 256, (size_t)8192)), dim3(256), 0, c->qscratch,
-               (const uint32_t *)W->data, W->scales, W->biases, W->sdtype, W->bits, W->group_size, K, o0, nr);
-        CUDA_LAUNCHED();
-        /* y[:, o0:o0+nr] (column-major nr x rows, ldc O) = tile^T' x^T */
-        cublasStatus_t st = cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, nr, rows, K, &one, c->qscratch, CUDA_R_32F,
-                                         K, x, CUDA_R_32F, K, &zero, y + o0, CUDA_R_32F, O, CUBLAS_COMPUTE_32F,
-                                         CUBLAS_GEMM_DEFAULT);
-        if (st != CUBLAS_STATUS_SUCCESS) {
-            fprintf(stderr, "g3n: cuBLAS error %d (quantized prompt product)\n", (int)st);
-            abort();
+    const char *f32 = getenv("G3N_QBLAS_F32"); /* 1: the f32 products (tests, timing; read per call) */
+    const __nv_bfloat16 *xs = f32 && atoi(f32) ? NULL : cuda_split_bf16(c, x, rows, K);
+    if (!xs) { /* tiles of W's rows in f32 */
+        const int tile = (int)G3N_MIN((size_t)O, c->qscratch_n / (size_t)K);
+        G3N_ASSERT(tile > 0);
+        for (int o0 = 0; o0 < O; o0 += tile) {
+            const int nr = G3N_MIN(tile, O - o0);
+            const size_t n = (size_t)nr * K;
+            launch(c, k_dequant, dim3((unsigned)G3N_MIN((n + 255) / 256, (size_t)8192)), dim3(256), 0, c->qscratch,
+                   (const uint32_t *)W->data, W->scales, W->biases, W->sdtype, W->bits, W->group_size, K, o0, nr);
+            CUDA_LAUNCHED();
+            /* y[:, o0:o0+nr] (column-major nr x rows, ldc O) = tile^T' x^T */
+            BLAS_CHECK(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, nr, rows, K, &one, c->qscratch, CUDA_R_32F, K,
+                                    x, CUDA_R_32F, K, &zero, y + o0, CUDA_R_32F, O, CUBLAS_COMPUTE_32F,
+                                    CUBLAS_GEMM_DEFAULT));
         }
+        return;
     }
+    /* Three bf16 parts of a tile of W in the scratch: tiles of rows for tall
+     * matrices, of columns (whole groups; the products add into y) for wide ones,
+     * so that each product has all of the wider side: a 512-row tile of the
+     * 2048 x 16384 down matrix left most SMs idle (1.4x slower than by columns). */
+    const size_t cap = c->qscratch_n * 2 / 3; /* weights a tile */
+    const int by_cols = K > O && cap / (size_t)O >= (size_t)W->group_size;
+    const int tr = by_cols ? O : even_tile(O, (int)G3N_MIN((size_t)O, cap / (size_t)K), 128);
+    const int tc = by_cols ? even_tile(K / W->group_size, (int)(cap / (size_t)O / W->group_size), 1) * W->group_size : K;
+    G3N_ASSERT(tr > 0 && tc > 0);
+    __nv_bfloat16 *P = (__nv_bfloat16 *)c->qscratch;
+    for (int o0 = 0; o0 < O; o0 += tr)
+        for (int k0 = 0; k0 < K; k0 += tc) {
+            const int nr = G3N_MIN(tr, O - o0), nc = G3N_MIN(tc, K - k0);
+            const size_t n = (size_t)nr * nc;
+            launch(c, k_dequant_bf16x3, dim3((unsigned)G3N_MIN((n + 255) / 256, (size_t)8192)), dim3(256), 0, P, n,
+                   (const uint32_t *)W->data, W->scales, W->biases, W->sdtype, W->bits, W->group_size, K, o0, nr, k0,
+                   nc);
+            CUDA_LAUNCHED();
+            /* weight part a[i] times activation part b[i]; activation part p of row r at
+             * xs + (3 r + p) K: a column stride of 3 K */
+            static const int a[6] = {0, 0, 1, 0, 1, 2}, b[6] = {0, 1, 0, 2, 1, 0};
+            for (int i = 0; i < 6; i++)
+                BLAS_CHECK(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, nr, rows, nc, &one, P + a[i] * n,
+                                        CUDA_R_16BF, nc, xs + (size_t)b[i] * K + k0, CUDA_R_16BF, 3 * K,
+                                        i || k0 ? &one : &zero, y + o0, CUDA_R_32F, O, CUBLAS_COMPUTE_32F,
+                                        CUBLAS_GEMM_DEFAULT));
+        }
 }
 
 /* ---- entry points ------------------------------------------------------------------------ */
