@@ -110,7 +110,9 @@ typedef struct g3n_session g3n_session;
 
 /* A session with room for n_ctx positions (0 = min(4096, max_position_embeddings)).
  * n_batch is the most tokens one forward step processes (longer inputs are split);
- * 0 = 256. Everything it needs is allocated here, nothing in the token loop. */
+ * 0 = 1024 on a GPU (prompt chunks of 256 prefill at about half the speed:
+ * docs/SPEED.md, twelfth session), 256 on the CPU. Everything it needs is
+ * allocated here, nothing in the token loop. */
 g3n_session *g3n_session_create(g3n_model *m, int n_ctx, int n_batch, char *err, size_t errlen);
 void g3n_session_free(g3n_session *s);
 

@@ -218,7 +218,7 @@ static void usage(FILE *f) {
             "                         cpu: off (--sparse: unquantized only, a W^T copy in RAM)\n"
             "  -t, --threads N        CPU threads (default: all cores)\n"
             "  -c, --ctx-size N       context length (default: 4096 or the model's maximum)\n"
-            "  -b, --batch-size N     tokens per forward step (default 256)\n"
+            "  -b, --batch-size N     tokens per forward step (default 1024 on cuda, 256 on cpu)\n"
             "  -q, --quiet            no progress messages on stderr\n"
             "\n"
             "generation options (generate, run):\n"

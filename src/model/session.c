@@ -61,7 +61,7 @@ static void logits_free(g3n_model *m, float *p) {
 g3n_session *g3n_session_create(g3n_model *m, int n_ctx, int n_batch, char *err, size_t errlen) {
     const g3n_config *c = &m->cfg;
     if (n_ctx <= 0) n_ctx = G3N_MIN(4096, c->n_ctx_max);
-    if (n_batch <= 0) n_batch = 256;
+    if (n_batch <= 0) n_batch = strcmp(m->be->name, "cuda") == 0 ? 1024 : 256; /* (g3n.h) */
     if (n_ctx > c->n_ctx_max) {
         g3n_err(err, errlen, "context %d exceeds the model's max_position_embeddings (%d)", n_ctx,
                 c->n_ctx_max);
