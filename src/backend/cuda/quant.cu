@@ -1132,9 +1132,10 @@ static void qmulti(cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y,
 }
 
 /* Decode-sized products of up to QDECODE_ROWS rows: qmulti on 8 rows at a time
- * (the weights are read once per 8 rows; dequantizing for cuBLAS writes and
- * reads 12 bytes a weight, which pays only for prompts: through k_qmma 8 rows
- * at a time a 512-token prompt took 2.3x as long, docs/SPEED.md twelfth session). */
+ * (the weights are read once per 8 rows; dequantizing for cuBLAS writes 6
+ * bytes a weight and its six products read 12, which pays only for prompts:
+ * through k_qmma 8 rows at a time a 512-token prompt took 2.3x as long,
+ * docs/SPEED.md twelfth session). */
 #define QDECODE_ROWS 32
 static void qmulti_rows(cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y, const float *const *x,
                         int rows, int mode, const float *m) {
