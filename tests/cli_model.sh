@@ -52,6 +52,13 @@ if [ -n "$a" ] && [ "$a" = "$b" ] && [ "$n" -le 6 ]; then ok "generate seeded"; 
 if "$BIN" bench -q -m $FIX/causal -p 16 -n 4 -r 2 --json --no-membw >"$T/bench" 2>"$T/err" &&
     grep -q '"tg_tok_s"' "$T/bench" && grep -q '"pp_tok_s"' "$T/bench"; then ok bench
 else bad bench "$(cat "$T/bench" "$T/err")"; fi
+# decode after a context (-d): the same tokens whether the context was the pp
+# prompt or filled after it, and its K/V bytes counted
+if "$BIN" bench -q -m $FIX/causal -p 0 -n 4 -r 2 -d 40 --json --no-membw >"$T/bd0" 2>"$T/err" &&
+    "$BIN" bench -q -m $FIX/causal -p 16 -n 4 -r 1 -d 40 --json --no-membw >"$T/bd1" 2>>"$T/err" &&
+    grep -q '"n_depth": 40' "$T/bd0" && ! grep -q '"kv_bytes_per_token": 0,' "$T/bd0" &&
+    [ "$(grep -o '"checksum.*' "$T/bd0")" = "$(grep -o '"checksum.*' "$T/bd1")" ]; then ok "bench -d"
+else bad "bench -d" "$(cat "$T/bd0" "$T/bd1" "$T/err")"; fi
 # batched decode: one row per stream count, the same tokens for stream 1 as plain bench's argmax
 if "$BIN" bench -q -m $FIX/causal -p 8 -n 4 -r 1 --parallel 1,3 --json >"$T/bp" 2>"$T/err" &&
     [ "$(grep -c '"tg_aggregate_tok_s"' "$T/bp")" -eq 2 ] && grep -q '"streams": 3' "$T/bp"; then ok "bench --parallel"

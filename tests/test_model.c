@@ -573,6 +573,19 @@ TEST(decode_equals_prefill_q4) {
 }
 
 /* Session bookkeeping: overflow, bad ids and reset leave a usable session. */
+/* K/V bytes a decode step reads (bench's bytes per token): the causal fixture
+ * has 8 layers, full attention at 2, 5 and 7, a window of 8, 2 KV heads of 32:
+ * 512 bytes a key (K and V, f32) and layer. */
+TEST(kv_read_bytes) {
+    g3n_model *m = open_model(FIX "causal", "cpu");
+    if (!m) return;
+    CHECK(g3n_model_kv_read_bytes(m, 0) == 8 * 512);
+    CHECK(g3n_model_kv_read_bytes(m, 5) == 8 * 6 * 512);
+    CHECK(g3n_model_kv_read_bytes(m, 7) == 8 * 8 * 512);
+    CHECK(g3n_model_kv_read_bytes(m, 20) == (3 * 21 + 5 * 8) * 512); /* the sliding layers' window is full */
+    g3n_model_close(m);
+}
+
 TEST(session_errors) {
     g3n_model *m = open_model(FIX "causal", "cpu");
     if (!m) return;
@@ -624,6 +637,7 @@ int main(int argc, char **argv) {
     RUN(sample_from_candidates);
     RUN(session_truncate);
     RUN(layouts_agree);
+    RUN(kv_read_bytes);
     RUN(session_errors);
     RUN(quantized);
     RUN(decode_equals_prefill_q4);

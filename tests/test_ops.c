@@ -597,7 +597,7 @@ static void qkv_attention_case(int H, int Hkv, int hd, int window, int cap, int 
 
 TEST(qkv_attention) {
     qkv_attention_case(8, 2, 256, 512, 515, 1, 1, 700, 1);  /* E4B sliding layer, decode */
-    qkv_attention_case(8, 2, 256, 0, 4096, 1, 1, 3000, 1);  /* full layer, long context: 8 shares */
+    qkv_attention_case(8, 2, 256, 0, 4096, 1, 1, 3000, 1);  /* full layer, long context: 8 x 8 shares */
     qkv_attention_case(8, 2, 256, 0, 4096, 1, 1, 3000, 0);  /* a KV-shared layer reads the cache only */
     qkv_attention_case(8, 2, 256, 512, 515, 2, 1, 700, 0);  /* KV-shared, sliding, two sequences */
     qkv_attention_case(4, 2, 32, 8, 12, 3, 1, 5, 1);        /* three sequences, ring of window + 4 */
@@ -607,6 +607,26 @@ TEST(qkv_attention) {
     qkv_attention_case(8, 1, 32, 0, 100, 1, 1, 50, 1);      /* G = 8 */
     qkv_attention_case(4, 2, 32, 8, 15, 2, 5, 30, 1);       /* prompt chunks of two sequences */
     qkv_attention_case(4, 2, 32, 0, 64, 1, 1, 63, 1);       /* the last slot of the cache */
+}
+
+/* Decode attention split into chunks of the keys (on a GPU, clusters of blocks
+ * whose partials meet in memory): forced chunk counts (G3N_ATT_NSG), some that
+ * leave chunks without keys, and fewer keys a block (G3N_ATT_KPB) for wider
+ * splits; full and sliding layers, KV-shared ones, several sequences. */
+TEST(qkv_attention_split) {
+    if (B_IS_CPU) return; /* the CPU's attention has no such splits; qkv_attention covers it */
+    static const char *const runs[][2] = {{"3", NULL}, {"5", "16"}, {"8", NULL}, {"32", "8"}, {NULL, "8"}};
+    for (int i = 0; i < 5; i++) {
+        if (runs[i][0]) setenv("G3N_ATT_NSG", runs[i][0], 1);
+        if (runs[i][1]) setenv("G3N_ATT_KPB", runs[i][1], 1);
+        qkv_attention_case(8, 2, 256, 0, 4096, 1, 1, 3000, 1);
+        qkv_attention_case(8, 2, 256, 0, 4096, 1, 1, 2000, 0); /* KV-shared */
+        qkv_attention_case(8, 2, 256, 512, 515, 2, 1, 700, 1); /* sliding, two sequences */
+        qkv_attention_case(4, 2, 32, 0, 300, 3, 1, 200, 1);    /* three sequences */
+        qkv_attention_case(4, 1, 128, 0, 64, 1, 1, 5, 1);      /* 6 keys: most chunks empty */
+        qkv_attention_case(6, 3, 64, 0, 100, 2, 1, 20, 1);     /* G = 2 */
+        unsetenv("G3N_ATT_NSG"), unsetenv("G3N_ATT_KPB");
+    }
 }
 
 /* The reference attention against a direct softmax computed here. */
@@ -1171,6 +1191,7 @@ static void run_backend(void) {
     RUN(rmsnorm);
     RUN(attention);
     RUN(qkv_attention);
+    RUN(qkv_attention_split);
     RUN(batch_ops);
     RUN(small_ops);
     RUN(fused_ops);

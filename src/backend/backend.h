@@ -91,6 +91,16 @@ static inline int batch_one_per_seq(const g3n_batch *b) {
     return 1;
 }
 
+/* The context a step reaches: the smallest power of two, at least 256, above its
+ * largest position. It is part of a recorded step's key (forward.c), so a
+ * backend may size its attention work by it rather than by the cache's room. */
+static inline int batch_reach(const g3n_batch *b) {
+    int top = 0, r = 256;
+    for (int t = 0; t < b->n; t++) top = b->pos[t] > top ? b->pos[t] : top;
+    while (r <= top && r < (1 << 30)) r *= 2;
+    return r;
+}
+
 /* The decoder as the whole-step decode op (decode_layers) sees it: per layer its
  * matrices and vectors (forward.c's decoder_layer_fused names them the same). */
 typedef struct {
@@ -151,7 +161,8 @@ struct g3n_backend {
      * caller then issues no ops), 0 if the caller should issue the ops, which are
      * recorded until graph_end and then run. Everything a recorded step touches
      * must sit at the same addresses on every replay; the per-step metadata of
-     * batch_set is read from backend memory, so it may change. */
+     * batch_set is read from backend memory, so it may change (within the
+     * key's batch_reach). */
     int (*graph_begin)(g3n_backend *be, uint64_t key);
     void (*graph_end)(g3n_backend *be);
     /* Wait for queued work (timing). NULL: ops are synchronous. */

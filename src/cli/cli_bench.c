@@ -108,9 +108,24 @@ static void bench_parallel(g3n_model *m, const model_opts *mo, const int *counts
     }
 }
 
+/* The session holding the first `depth` ids (none: empty), evaluated untimed */
+static void fill_context(g3n_session *s, const int32_t *ids, int depth) {
+    char err[1024];
+    g3n_session_reset(s);
+    if (depth > 0 && g3n_session_eval(s, ids, depth, NULL, err, sizeof err)) die("%s", err);
+}
+
+/* Back to the first `depth` positions: cut the session there where it still
+ * can, else fill it again */
+static void back_to(g3n_session *s, const int32_t *ids, int depth) {
+    char err[1024];
+    if (depth > 0 && g3n_session_pos(s) >= depth && g3n_session_truncate(s, depth, err, sizeof err) == 0) return;
+    fill_context(s, ids, depth);
+}
+
 int cmd_bench(int argc, char **argv) {
     model_opts mo = {0};
-    int n_prompt = 512, n_gen = 128, reps = 3, json = 0, membw = 1;
+    int n_prompt = 512, n_gen = 128, reps = 3, json = 0, membw = 1, depth = 0;
     int counts[16], n_counts = 0;
     for (int i = 2; i < argc; i++) {
         if (opt_model(&mo, argc, argv, &i)) continue;
@@ -118,6 +133,7 @@ int cmd_bench(int argc, char **argv) {
         if (!strcmp(a, "-p") && i + 1 < argc) n_prompt = (int)parse_long(a, argv[++i], 0, 1 << 20);
         else if (!strcmp(a, "-n") && i + 1 < argc) n_gen = (int)parse_long(a, argv[++i], 0, 1 << 20);
         else if (!strcmp(a, "-r") && i + 1 < argc) reps = (int)parse_long(a, argv[++i], 1, 1000);
+        else if (!strcmp(a, "-d") && i + 1 < argc) depth = (int)parse_long(a, argv[++i], 0, 1 << 20);
         else if (!strcmp(a, "--json")) json = 1;
         else if (!strcmp(a, "--no-membw")) membw = 0;
         else if (!strcmp(a, "--parallel") && i + 1 < argc) {
@@ -135,6 +151,7 @@ int cmd_bench(int argc, char **argv) {
         }
         else die("bench: unknown or incomplete option \"%s\" (see g3n --help)", a);
     }
+    if (n_counts && depth) die("bench: -d is not taken with --parallel");
     g3n_model *m = open_model(&mo);
     if (n_counts) {
         bench_parallel(m, &mo, counts, n_counts, n_prompt, n_gen, reps, json);
@@ -142,15 +159,21 @@ int cmd_bench(int argc, char **argv) {
         return 0;
     }
     g3n_model_info mi = g3n_model_get_info(m);
-    if (mo.n_ctx == 0) mo.n_ctx = n_prompt + n_gen + 1;
-    if (mo.n_batch == 0) mo.n_batch = n_prompt > 0 ? n_prompt : 1;
+    /* the prompt ids: the pp prompt, and the first `depth` of them the context tg runs after */
+    const int n_ids = n_prompt > depth ? n_prompt : depth;
+    if (mo.n_ctx == 0) mo.n_ctx = n_ids + n_gen + 1;
+    if (mo.n_batch == 0) { /* the pp prompt in one step; a context in steps of up to 1024 */
+        const int fill = depth < 1024 ? depth : 1024;
+        mo.n_batch = n_prompt > fill ? n_prompt : fill > 0 ? fill : 1;
+    }
+    if (depth + n_gen + 1 > mo.n_ctx) die("bench: -d %d -n %d needs a context of %d (-c)", depth, n_gen, depth + n_gen + 1);
     g3n_session *s = open_session(m, &mo);
     char err[1024];
 
     /* deterministic prompt of text ids */
-    int32_t *prompt = malloc(sizeof(int32_t) * (size_t)(n_prompt + 1));
+    int32_t *prompt = malloc(sizeof(int32_t) * (size_t)(n_ids + 1));
     uint64_t st = 0x2545F4914F6CDD1Dull;
-    for (int i = 0; i < n_prompt; i++) {
+    for (int i = 0; i < n_ids; i++) {
         st = st * 6364136223846793005ull + 1442695040888963407ull;
         prompt[i] = (int32_t)(3 + (st >> 33) % (uint64_t)(mi.n_vocab_text - 3));
     }
@@ -167,10 +190,11 @@ int cmd_bench(int argc, char **argv) {
     }
 
     /* decode is timed on every path where they differ (GPU); the model's own
-     * choice first */
+     * choice first; only the one a --decode-path other than auto names */
     const char *paths[3] = {mi.decode_path, NULL, NULL}, *all[3] = {"fused", "split", "mega"};
     int n_paths = 1;
-    for (int i = 0; i < 3 && strncmp(mi.backend, "cpu", 3) != 0 && n_gen > 0; i++)
+    const int one_path = mo.decode_path && strcmp(mo.decode_path, "auto") != 0;
+    for (int i = 0; i < 3 && strncmp(mi.backend, "cpu", 3) != 0 && n_gen > 0 && !one_path; i++)
         if (strcmp(all[i], paths[0]) && strstr(mi.decode_paths, all[i])) paths[n_paths++] = all[i];
     double *pp = calloc((size_t)reps, sizeof(double)), *tg = calloc((size_t)reps * 3, sizeof(double));
     uint64_t checksum[3] = {0, 0, 0};
@@ -181,14 +205,16 @@ int cmd_bench(int argc, char **argv) {
             if (g3n_session_eval(s, prompt, n_prompt, NULL, err, sizeof err)) die("%s", err);
             pp[r] = n_prompt / (now_s() - t0);
         }
+        /* tg runs after the first `depth` ids (untimed; the pp prompt when it is that) */
+        if (depth > 0 && (n_prompt > 0 ? n_prompt != depth : r == 0)) fill_context(s, prompt, depth);
         for (int pi = 0; pi < n_paths && n_gen > 0; pi++) {
             g3n_model_set_decode_path(m, paths[pi]);
-            g3n_session_reset(s);
+            back_to(s, prompt, depth);
             int32_t tok = 2; /* <bos> */
             uint64_t h = 1469598103934665603ull;
             if (r == 0) { /* record this path's step before timing it */
                 if (g3n_session_eval(s, &tok, 1, NULL, err, sizeof err)) die("%s", err);
-                g3n_session_reset(s);
+                back_to(s, prompt, depth);
             }
             /* the step and its greedy pick (what `g3n generate --temp 0` does per
              * token: on a GPU the device's best logit, not a copy of the row) */
@@ -212,37 +238,45 @@ int cmd_bench(int argc, char **argv) {
     double bw = membw ? g3n_model_read_bandwidth(m, 0) : 0;
     stat2 sp = stats(pp, reps), sg = stats(tg, reps), sgp[3];
     for (int pi = 0; pi < n_paths; pi++) sgp[pi] = stats(tg + pi * reps, reps);
-    /* bytes a token reads: dense, or with exact sparsity the expected share */
-    const size_t rd = mi.decode_bytes_sparse ? mi.decode_bytes_sparse : mi.decode_bytes;
+    /* bytes a token reads: dense, or with exact sparsity the expected share; and
+     * the K/V cache's, averaged over the timed positions */
+    double kv_sum = 0;
+    for (int i = 0; i < n_gen; i++) kv_sum += (double)g3n_model_kv_read_bytes(m, depth + i);
+    const size_t kvb = n_gen > 0 ? (size_t)(kv_sum / n_gen) : 0;
+    const size_t wb = mi.decode_bytes_sparse ? mi.decode_bytes_sparse : mi.decode_bytes, rd = wb + kvb;
     double gbs = rd * sg.mean / 1e9;
     if (json) {
         printf("{\"model\": \"%s\", \"backend\": \"%s\", \"device\": \"%s\", \"threads\": %d, "
-               "\"n_prompt\": %d, \"n_gen\": %d, \"reps\": %d, \"pp_tok_s\": %.3f, \"pp_sd\": %.3f, "
-               "\"decode_path\": \"%s\", \"tg_tok_s\": %.3f, \"tg_sd\": %.3f, ",
-               mo.dir, mi.backend, mi.device_name, mo.threads, n_prompt, n_gen, reps, sp.mean, sp.sd, paths[0],
-               sg.mean, sg.sd);
+               "\"n_prompt\": %d, \"n_gen\": %d, \"n_depth\": %d, \"reps\": %d, \"pp_tok_s\": %.3f, "
+               "\"pp_sd\": %.3f, \"decode_path\": \"%s\", \"tg_tok_s\": %.3f, \"tg_sd\": %.3f, ",
+               mo.dir, mi.backend, mi.device_name, mo.threads, n_prompt, n_gen, depth, reps, sp.mean, sp.sd,
+               paths[0], sg.mean, sg.sd);
         for (int pi = 1; pi < n_paths; pi++)
             printf("\"tg_%s_tok_s\": %.3f, \"tg_%s_sd\": %.3f, ", paths[pi], sgp[pi].mean, paths[pi], sgp[pi].sd);
-        printf("\"decode_bytes_per_token\": %zu, \"decode_bytes_dense\": %zu, \"decode_gb_s\": %.3f, "
+        printf("\"decode_bytes_per_token\": %zu, \"kv_bytes_per_token\": %zu, \"decode_bytes_dense\": %zu, "
+               "\"decode_gb_s\": %.3f, "
                "\"read_bw_gb_s\": %.3f, \"bw_fraction\": %.4f, \"device_memory_gb\": %.3f, \"checksum\": \"%016llx\"}\n",
-               rd, mi.decode_bytes, gbs, bw / 1e9, bw > 0 ? gbs * 1e9 / bw : 0, dev_mem / 1e9,
+               rd, kvb, mi.decode_bytes + kvb, gbs, bw / 1e9, bw > 0 ? gbs * 1e9 / bw : 0, dev_mem / 1e9,
                (unsigned long long)checksum[0]);
     } else {
         printf("| model | backend | test | t/s |\n|---|---|---|---|\n");
         if (n_prompt > 0)
             printf("| %s | %s | pp%d | %.2f ± %.2f |\n", mo.dir, mi.backend, n_prompt, sp.mean, sp.sd);
+        char tgn[48]; /* tg128, or tg128 @ d4096 after a context */
+        snprintf(tgn, sizeof tgn, depth ? "tg%d @ d%d" : "tg%d", n_gen, depth);
         if (n_gen > 0)
-            printf("| %s | %s (%s) | tg%d | %.2f ± %.2f |\n", mo.dir, mi.backend, paths[0], n_gen, sg.mean, sg.sd);
+            printf("| %s | %s (%s) | %s | %.2f ± %.2f |\n", mo.dir, mi.backend, paths[0], tgn, sg.mean, sg.sd);
         for (int pi = 1; pi < n_paths; pi++)
-            printf("| %s | %s (%s) | tg%d | %.2f ± %.2f |\n", mo.dir, mi.backend, paths[pi], n_gen, sgp[pi].mean,
+            printf("| %s | %s (%s) | %s | %.2f ± %.2f |\n", mo.dir, mi.backend, paths[pi], tgn, sgp[pi].mean,
                    sgp[pi].sd);
         printf("\ndevice %s; decode reads %.3f GB/token", mi.device_name, rd / 1e9);
-        if (rd != mi.decode_bytes) printf(" with exact sparsity (expected; %.3f dense)", mi.decode_bytes / 1e9);
+        if (wb != mi.decode_bytes) printf(" with exact sparsity (expected; %.3f dense)", (mi.decode_bytes + kvb) / 1e9);
+        if (depth) printf(" (K/V cache %.1f MB of it)", kvb / 1e6);
         printf(" -> %.2f GB/s", gbs);
         if (bw > 0) {
             printf("; measured read bandwidth %.2f GB/s; %.1f%% of the bandwidth limit (%.2f tok/s", bw / 1e9,
                    100.0 * gbs * 1e9 / bw, bw / rd);
-            if (rd != mi.decode_bytes) printf("; dense limit %.2f tok/s", bw / mi.decode_bytes);
+            if (wb != mi.decode_bytes) printf("; dense limit %.2f tok/s", bw / (mi.decode_bytes + kvb));
             printf(")");
         }
         if (dev_mem) printf("\ndevice memory in use: %.2f GB", dev_mem / 1e9);

@@ -421,6 +421,16 @@ double g3n_model_read_bandwidth(g3n_model *m, size_t bytes) {
     return m->be->read_bandwidth(m->be, bytes ? bytes : (size_t)1 << 30);
 }
 
+size_t g3n_model_kv_read_bytes(const g3n_model *m, int pos) {
+    const g3n_config *c = &m->cfg;
+    size_t keys = 0;
+    for (int l = 0; l < c->n_layer; l++) {
+        const long seen = (long)pos + 1;
+        keys += (size_t)(c->is_sliding[l] && seen > c->sliding_window ? c->sliding_window : seen);
+    }
+    return keys * 2 * (size_t)c->n_head_kv * (size_t)c->head_dim * sizeof(float);
+}
+
 size_t g3n_model_device_memory(g3n_model *m) {
     return m->be->device_memory_used ? m->be->device_memory_used(m->be) : 0;
 }

@@ -319,6 +319,11 @@ void cuda_op_attention(g3n_backend *be, float *out, const float *q, int layer, i
  * its slice in rank order from its own memory: the result does not depend on
  * timing.
  *
+ * Long contexts take nsg such clusters per (token, KV head), each a chunk of the
+ * keys: rank r of each stores its slice's sums and the heads' max and sum in
+ * memory, and the last rank-r block to arrive (a counter) adds the chunks in
+ * chunk order.
+ *
  * Built with -DATT_TRACE, thread 0 of each block records %globaltimer at the PDL
  * release and after each stage, and the mean of each stage over the last half
  * of the run's blocks is printed at exit (how the stages below were measured;
@@ -327,6 +332,7 @@ void cuda_op_attention(g3n_backend *be, float *out, const float *q, int layer, i
 namespace cg = cooperative_groups;
 
 #define DEC_WARPS 8
+#define DEC_NSG 64 /* most clusters (chunks of the keys) per (token, KV head) */
 #ifdef ATT_TRACE
 __device__ unsigned long long att_tr[1 << 18][8];
 __device__ unsigned att_trn;
@@ -418,10 +424,10 @@ __device__ __forceinline__ void cluster_arrive_relaxed() { asm volatile("barrier
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait;" ::: "memory"); }
 
 template <int G, int DPL>
-__global__ void __launch_bounds__(DEC_WARPS * 32)
+__global__ void __launch_bounds__(DEC_WARPS * 32, 1)
     k_attn_decode(float *out, const float *q, const float *k, const float *v, const float *qn, const float *kn,
                   const g3n_kv_layer *kv, int owns, int layer, const int32_t *pos, const int32_t *seq,
-                  int Hkv, float theta, float eps, int window, int nb) {
+                  int Hkv, float theta, float eps, int window, int nb, int nsg, float *part, unsigned *cnt) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
     __trap(); /* clusters: sm_90 and later only (the host never launches it there) */
 #else
@@ -432,9 +438,12 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
     __shared__ float we[DEC_WARPS][G];     /* the warps' weights in this block's partial */
     __shared__ float pm[8][G], pl[8][G];   /* every rank's max and sum, pushed by the ranks */
     __shared__ float pacc[G * hd + 8];     /* every rank's partial of this rank's outputs, pushed */
+    __shared__ float hm[G], hl[G];         /* the cluster's max and sum per head */
+    __shared__ float sw[DEC_NSG][G];       /* nsg > 1: each cluster's weight per head, in the final merge */
+    __shared__ int last;
     cg::cluster_group cl = cg::this_cluster();
     const int nsp = (int)cl.num_blocks(), rank = (int)cl.block_rank();
-    const int grp = blockIdx.x / nsp, t = grp / Hkv, hk = grp % Hkv;
+    const int ncl = blockIdx.x / nsp, grp = ncl / nsg, chunk = ncl % nsg, t = grp / Hkv, hk = grp % Hkv;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, H = Hkv * G, kvd = Hkv * hd;
     float *ring = (float *)dec_dyn + (size_t)warp * nb * 2 * hd;
     /* Before the PDL wait, what does not depend on the previous kernel: the
@@ -449,7 +458,8 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
     float cs[DPL], sn[DPL];
     if (theta > 0) rope_cs<DPL>(cs, sn, (float)p, theta);
     const int lo = window > 0 ? max(0, p - window + 1) : 0, span = p - lo + 1;
-    const int share = (span + nsp - 1) / nsp, j0 = lo + rank * share, j1 = min(j0 + share, p + 1);
+    const int nblk = nsg * nsp, share = (span + nblk - 1) / nblk;
+    const int j0 = lo + (chunk * nsp + rank) * share, j1 = min(j0 + share, p + 1);
     const int nw = j0 + warp < j1 ? (j1 - j0 - warp + DEC_WARPS - 1) / DEC_WARPS : 0;
     auto issue = [&](int i, float *slot) {
         const int j = j0 + warp + i * DEC_WARPS;
@@ -577,18 +587,82 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
     cl.sync();
     ATT_T(6);
     const int i1 = min((rank + 1) * per, G * hd);
-    for (int i = rank * per + threadIdx.x; i < i1; i += blockDim.x) {
-        const int g = i / hd, d = i % hd;
-        float M = -INFINITY, Ls = 0, As = 0;
-        for (int r = 0; r < nsp; r++)
-            if (pl[r][g] > 0) M = fmaxf(M, pm[r][g]);
-        for (int r = 0; r < nsp; r++)
-            if (pl[r][g] > 0) {
-                const float e = __expf(pm[r][g] - M);
-                Ls += pl[r][g] * e;
-                As += pacc[r * per + i - rank * per] * e;
+    if (nsg == 1) { /* the result: each output's heads' max and sum over the ranks, then its sum */
+        for (int i = rank * per + threadIdx.x; i < i1; i += blockDim.x) {
+            const int g = i / hd, d = i % hd;
+            float M = -INFINITY, Ls = 0, As = 0;
+            for (int r = 0; r < nsp; r++)
+                if (pl[r][g] > 0) M = fmaxf(M, pm[r][g]);
+            for (int r = 0; r < nsp; r++)
+                if (pl[r][g] > 0) {
+                    const float e = __expf(pm[r][g] - M);
+                    Ls += pl[r][g] * e;
+                    As += pacc[r * per + i - rank * per] * e;
+                }
+            out[((size_t)t * H + hk * G + g) * hd + d] = As / Ls;
+        }
+    }
+    if (nsg > 1) {
+        /* The chunks of a (token, KV head) meet in memory: each rank r stores its
+         * outputs' sums and the heads' max and sum; the last of the nsg rank-r
+         * blocks to count itself in (a counter per (token, KV head, rank), put
+         * back to 0 by that block) adds them in chunk order: the result does not
+         * depend on timing. */
+        if (threadIdx.x < G) { /* each head's max and sum over the cluster's ranks */
+            const int g = threadIdx.x;
+            float M = -INFINITY, Ls = 0;
+            for (int r = 0; r < nsp; r++)
+                if (pl[r][g] > 0) M = fmaxf(M, pm[r][g]);
+            for (int r = 0; r < nsp; r++)
+                if (pl[r][g] > 0) Ls += pl[r][g] * __expf(pm[r][g] - M);
+            hm[g] = M, hl[g] = Ls;
+        }
+        __syncthreads();
+        const size_t pstride = (size_t)G * hd + (size_t)2 * G * nsp; /* floats of a chunk's partial */
+        float *pg = part + (size_t)grp * nsg * pstride;             /* [nsg][G * hd], then [nsg][nsp][2G] */
+        for (int i = rank * per + threadIdx.x; i < i1; i += blockDim.x) {
+            const int g = i / hd;
+            float As = 0;
+            for (int r = 0; r < nsp; r++)
+                if (pl[r][g] > 0) As += pacc[r * per + i - rank * per] * __expf(pm[r][g] - hm[g]);
+            pg[(size_t)chunk * G * hd + i] = As;
+        }
+        float *st = pg + (size_t)nsg * G * hd;
+        if (threadIdx.x < G) {
+            float *sr = st + ((size_t)chunk * nsp + rank) * 2 * G;
+            sr[threadIdx.x] = hm[threadIdx.x], sr[G + threadIdx.x] = hl[threadIdx.x];
+        }
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) last = atomicAdd(&cnt[(size_t)grp * nsp + rank], 1u) == (unsigned)nsg - 1;
+        __syncthreads();
+        if (last) {
+            __threadfence();
+            if (threadIdx.x < G) {
+                const int g = threadIdx.x;
+                float M = -INFINITY, Ls = 0;
+                for (int cI = 0; cI < nsg; cI++) {
+                    const float *sr = st + ((size_t)cI * nsp + rank) * 2 * G;
+                    if (__ldcg(sr + G + g) > 0) M = fmaxf(M, __ldcg(sr + g));
+                }
+                for (int cI = 0; cI < nsg; cI++) {
+                    const float *sr = st + ((size_t)cI * nsp + rank) * 2 * G;
+                    const float lc = __ldcg(sr + G + g), e = lc > 0 ? __expf(__ldcg(sr + g) - M) : 0.0f;
+                    sw[cI][g] = e;
+                    Ls += lc * e;
+                }
+                hl[g] = Ls;
             }
-        out[((size_t)t * H + hk * G + g) * hd + d] = As / Ls;
+            __syncthreads();
+            for (int i = rank * per + threadIdx.x; i < i1; i += blockDim.x) {
+                const int g = i / hd, d = i % hd;
+                float As = 0;
+                for (int cI = 0; cI < nsg; cI++)
+                    if (sw[cI][g] > 0) As += __ldcg(pg + (size_t)cI * G * hd + i) * sw[cI][g];
+                out[((size_t)t * H + hk * G + g) * hd + d] = As / hl[g];
+            }
+            if (threadIdx.x == 0) cnt[(size_t)grp * nsp + rank] = 0;
+        }
     }
     ATT_T(7); ATT_DONE();
 #endif
@@ -600,9 +674,9 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
 static size_t dec_smem(int nb, int hd) { return (size_t)DEC_WARPS * nb * 2 * hd * sizeof(float); }
 
 template <int G, int DPL>
-static void dec_launch(cuda_ctx *c, unsigned nsp, int nb, float *out, const float *q, const float *k, const float *v,
-                       const float *qn, const float *kn, int owns, int layer, int Hkv, float theta, float eps,
-                       int window) {
+static void dec_launch(cuda_ctx *c, unsigned nsp, int nsg, int keep, int nb, float *out, const float *q, const float *k,
+                       const float *v, const float *qn, const float *kn, int owns, int layer, int Hkv, float theta,
+                       float eps, int window) {
     static int raised; /* the kernel may take the widest ring (once per instantiation) */
 #ifdef ATT_TRACE
     static int reg;
@@ -614,15 +688,42 @@ static void dec_launch(cuda_ctx *c, unsigned nsp, int nb, float *out, const floa
                                         (int)dec_smem(DEC_RING, 32 * DPL)));
         raised = 1;
     }
-    launch_cluster(c, nsp, k_attn_decode<G, DPL>, dim3((unsigned)c->n_tokens * Hkv * nsp), dim3(DEC_WARPS * 32),
-                   smem, out, q, k, v, qn, kn, c->d_kv, owns, layer, d_pos(c), d_seq(c), Hkv, theta, eps, window, nb);
+    /* All of a step's clusters at once: a cluster must fit inside one GPC, so
+     * fewer of them are resident than SMs / nsp (on the H100 15 of 8 blocks with
+     * the widest ring); nsg is cut to what is (measured once per shape),
+     * unless `keep` (a forced nsg: tests). */
+    static int maxc[4][DEC_RING + 1];
+    const int si = nsp == 8 ? 3 : nsp == 4 ? 2 : nsp == 2 ? 1 : 0;
+    if (nsg > 1 && nsp > 1 && nb <= DEC_RING && !keep) {
+        if (!maxc[si][nb]) {
+            cudaLaunchConfig_t cfg = {};
+            cfg.gridDim = dim3(nsp * 64);
+            cfg.blockDim = dim3(DEC_WARPS * 32);
+            cfg.dynamicSmemBytes = smem;
+            cudaLaunchAttribute at[1];
+            at[0].id = cudaLaunchAttributeClusterDimension;
+            at[0].val.clusterDim.x = nsp, at[0].val.clusterDim.y = 1, at[0].val.clusterDim.z = 1;
+            cfg.attrs = at, cfg.numAttrs = 1;
+            int n = 0;
+            if (cudaOccupancyMaxActiveClusters(&n, k_attn_decode<G, DPL>, &cfg) != cudaSuccess || n < 1) {
+                (void)cudaGetLastError();
+                n = 1 << 20; /* not answered: as if every cluster fits */
+            }
+            maxc[si][nb] = n;
+        }
+        const long grp = (long)c->n_tokens * Hkv;
+        if (grp * nsg > maxc[si][nb]) nsg = (int)G3N_MAX(1, maxc[si][nb] / grp);
+    }
+    launch_cluster(c, nsp, k_attn_decode<G, DPL>, dim3((unsigned)c->n_tokens * Hkv * nsg * nsp),
+                   dim3(DEC_WARPS * 32), smem, out, q, k, v, qn, kn, c->d_kv, owns, layer, d_pos(c), d_seq(c), Hkv,
+                   theta, eps, window, nb, nsg, c->att_part, c->att_cnt);
 }
 
 template <int G>
-static int attn_decode_launch(cuda_ctx *c, int dpl, unsigned nsp, int nb, float *out, const float *q, const float *k,
-                              const float *v, const float *qn, const float *kn, int owns, int layer, int Hkv,
-                              float theta, float eps, int window) {
-#define DEC(D) dec_launch<G, D>(c, nsp, nb, out, q, k, v, qn, kn, owns, layer, Hkv, theta, eps, window)
+static int attn_decode_launch(cuda_ctx *c, int dpl, unsigned nsp, int nsg, int keep, int nb, float *out, const float *q,
+                              const float *k, const float *v, const float *qn, const float *kn, int owns, int layer,
+                              int Hkv, float theta, float eps, int window) {
+#define DEC(D) dec_launch<G, D>(c, nsp, nsg, keep, nb, out, q, k, v, qn, kn, owns, layer, Hkv, theta, eps, window)
     switch (dpl) {
     case 1: DEC(1); return 1;
     case 2: DEC(2); return 1;
@@ -645,23 +746,44 @@ void cuda_op_qkv_attention(g3n_backend *be, float *out, float *q, float *k, floa
      * cache it reads (or stores nothing: a KV-shared layer) */
     if (!off && c->one_per_seq && c->cluster_ok && head_dim % 32 == 0 && n_head % n_head_kv == 0 && q_norm.data &&
         (layer < 0 || (k_norm.data && layer == attn_layer))) { /* a KV-shared layer has no k_norm */
-        /* blocks per (token, KV head): about 64 keys each for the widest cache any
-         * sequence of the step has in this layer, at most 8 (a portable cluster) */
+        /* The keys a step's tokens may see in this layer: up to the context the
+         * step reaches (c->reach, part of the recorded step's key), the widest
+         * cache and the window */
         int cap = 1;
         for (int s = 0; s < c->n_seq; s++) cap = G3N_MAX(cap, c->h_kv[(size_t)s * G3N_KV_MAX_LAYERS + attn_layer].cap);
+        if (c->reach > 0) cap = G3N_MIN(cap, c->reach);
         if (window > 0) cap = G3N_MIN(cap, window);
+        /* Blocks per (token, KV head): about `kpb` keys each (64), as a cluster of
+         * nsp (at most 8, a portable cluster) times nsg clusters, while the
+         * step's blocks fit the SMs once (one block an SM: the rings take most of
+         * its shared memory) and the partials fit the scratch. An SM streams
+         * ~16-23 GB/s, so a long context needs most SMs: at 32k keys (E4B 4-bit)
+         * 8 blocks a head gave 226 tok/s, 64 gave 391 (docs/SPEED.md, thirteenth
+         * session); 8-32 keys a block were level or slower. G3N_ATT_KPB,
+         * G3N_ATT_NSP (most blocks a cluster) and G3N_ATT_NSG (read on each
+         * call) set them for tests and timing. */
+        const char *kpb_env = getenv("G3N_ATT_KPB"), *nsg_env = getenv("G3N_ATT_NSG"), *nsp_env = getenv("G3N_ATT_NSP");
+        const int kpb = kpb_env && atoi(kpb_env) > 0 ? atoi(kpb_env) : 64;
+        const unsigned nsp_max = nsp_env && atoi(nsp_env) > 0 ? (unsigned)G3N_MIN(atoi(nsp_env), 8) : 8;
         unsigned nsp = 1;
-        while (nsp < 8 && (int)nsp * 64 < cap) nsp *= 2;
+        while (nsp < nsp_max && (int)nsp * kpb < cap) nsp *= 2;
+        const long grp = (long)c->n_tokens * n_head_kv;
+        int nsg = 1;
+        while (nsg < DEC_NSG && (long)nsg * nsp * kpb < cap && grp * 2 * nsg * nsp <= c->n_sm) nsg *= 2;
+        const int keep = nsg_env && atoi(nsg_env) > 0;
+        if (keep) nsg = G3N_MIN(atoi(nsg_env), DEC_NSG);
+        const size_t pstride = (size_t)G * head_dim + (size_t)2 * G * nsp;
+        if ((size_t)grp * nsg * pstride > c->att_part_n || (size_t)grp * nsp > c->att_cnt_n) nsg = 1;
         /* ring slots per warp: as many as its keys at that width, at most DEC_RING,
          * at least the two keys an iteration takes, and enough to hold the warp's
          * partial (G vectors) after the walk */
         static int nb_env = -1;
         if (nb_env < 0) nb_env = getenv("G3N_ATT_RING") ? atoi(getenv("G3N_ATT_RING")) : 0;
-        int nb = (cap + (int)nsp * DEC_WARPS - 1) / ((int)nsp * DEC_WARPS);
+        int nb = (cap + nsg * (int)nsp * DEC_WARPS - 1) / (nsg * (int)nsp * DEC_WARPS);
         if (nb_env > 0) nb = nb_env;
         nb = G3N_MAX(G3N_MIN(nb, DEC_RING), G3N_MAX(2, (G + 1) / 2));
         PROF_BEGIN(c);
-#define DEC_G(g) done = attn_decode_launch<g>(c, dpl, nsp, nb, out, q, k, v, q_norm.data, k_norm.data, layer >= 0, \
+#define DEC_G(g) done = attn_decode_launch<g>(c, dpl, nsp, nsg, keep, nb, out, q, k, v, q_norm.data, k_norm.data, layer >= 0, \
                                             attn_layer, n_head_kv, theta, eps, window)
         if (G == 1) DEC_G(1);
         else if (G == 2) DEC_G(2);

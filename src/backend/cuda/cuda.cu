@@ -312,6 +312,7 @@ static void cu_batch_set(g3n_backend *be, const g3n_batch *b) {
     c->n_tokens = b->n;
     c->n_seq = b->n_seq;
     c->one_per_seq = batch_one_per_seq(b);
+    c->reach = batch_reach(b);
     int32_t *h = c->h_meta;
     memcpy(h, b->ids, sizeof(int32_t) * (size_t)b->n);
     memcpy(h + c->cap_tokens, b->pos, sizeof(int32_t) * (size_t)b->n);
@@ -388,6 +389,8 @@ static void cu_destroy(g3n_backend *be) {
     if (c->d_kv) cudaFree(c->d_kv);
     if (c->mg_part) cudaFree(c->mg_part);
     if (c->top_buf) cudaFree(c->top_buf);
+    if (c->att_part) cudaFree(c->att_part);
+    if (c->att_cnt) cudaFree(c->att_cnt);
     if (c->top_host) cudaFreeHost(c->top_host);
     if (c->mg_sync) cudaFree(c->mg_sync);
     if (c->mg_trace) cudaFree(c->mg_trace);
@@ -450,6 +453,13 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
         CUDA_CHECK(cudaMalloc((void **)&c->qtrace, QTRACE_BYTES));
         CUDA_CHECK(cudaMemset(c->qtrace, 0, QTRACE_BYTES));
     }
+    /* decode attention's chunk partials: a step's blocks fit the SMs once, so
+     * at most n_sm chunks of G * head_dim + 16 G floats (G <= 8, head_dim <= 256) */
+    c->att_part_n = (size_t)c->n_sm * (8 * 256 + 16 * 8);
+    c->att_cnt_n = (size_t)c->n_sm * 2;
+    CUDA_CHECK(cudaMalloc((void **)&c->att_part, c->att_part_n * sizeof(float)));
+    CUDA_CHECK(cudaMalloc((void **)&c->att_cnt, c->att_cnt_n * sizeof(unsigned)));
+    CUDA_CHECK(cudaMemset(c->att_cnt, 0, c->att_cnt_n * sizeof(unsigned)));
     c->blas_rows = br ? G3N_MAX(2, atoi(br)) : 3; /* measured: docs/SPEED.md, seventh session */
     c->blas_bytes = (size_t)(bm ? G3N_MAX(0, atoi(bm)) : 16) << 20;
     const char *pf = getenv("G3N_PF");

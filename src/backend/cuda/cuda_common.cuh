@@ -88,6 +88,7 @@ typedef struct {
     /* current step */
     int n_tokens, n_seq;
     int one_per_seq; /* every token of the step is its own sequence's only one (decode) */
+    int reach;       /* batch_reach: the context the step reaches */
     int cap_tokens, cap_seq;
     int32_t *d_meta;       /* [3][cap_tokens]: ids, pos, seq */
     int32_t *h_meta;       /* pinned staging of the same */
@@ -123,6 +124,11 @@ typedef struct {
     float *mg_part;
     unsigned *mg_sync;
     size_t mg_part_bytes, mg_sync_bytes;
+    /* decode attention split over clusters (attention.cu): the chunks' partial
+     * sums and a counter per (token, KV head, rank), kept at 0 between launches */
+    float *att_part;
+    unsigned *att_cnt;
+    size_t att_part_n, att_cnt_n;
     /* logits_top (top.cu): the slices' candidates and the result, its pinned copy */
     void *top_buf;
     float *top_host;
