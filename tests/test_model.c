@@ -669,6 +669,13 @@ int main(int argc, char **argv) {
         path_suite();
         RUN(mega_equals_fused);
         PATH = "fused";
+        printf("-- cuda, fused path, decode attention split into chunks of the keys (4 keys a block; 5 chunks)\n");
+        setenv("G3N_ATT_KPB", "4", 1);
+        RUN(decode_equals_prefill);
+        RUN(batch_decode_equals_alone);
+        setenv("G3N_ATT_NSG", "5", 1);
+        RUN(decode_equals_prefill);
+        unsetenv("G3N_ATT_KPB"), unsetenv("G3N_ATT_NSG");
         printf("-- cuda, fused path (no graphs, PLE table on the GPU)\n");
         NO_GRAPH = PLE_ON_GPU = 1;
         RUN(conditional_cuda);
