@@ -52,8 +52,8 @@ if [ -n "$a" ] && [ "$a" = "$b" ] && [ "$n" -le 6 ]; then ok "generate seeded"; 
 if "$BIN" bench -q -m $FIX/causal -p 16 -n 4 -r 2 --json --no-membw >"$T/bench" 2>"$T/err" &&
     grep -q '"tg_tok_s"' "$T/bench" && grep -q '"pp_tok_s"' "$T/bench"; then ok bench
 else bad bench "$(cat "$T/bench" "$T/err")"; fi
-# decode after a context (-d): the same tokens whether the context was the pp
-# prompt or filled after it, and its K/V bytes counted
+# after a context (-d): the same tokens with or without a pp prompt timed after
+# the context (the session is cut back to it), and the K/V bytes counted
 if "$BIN" bench -q -m $FIX/causal -p 0 -n 4 -r 2 -d 40 --json --no-membw >"$T/bd0" 2>"$T/err" &&
     "$BIN" bench -q -m $FIX/causal -p 16 -n 4 -r 1 -d 40 --json --no-membw >"$T/bd1" 2>>"$T/err" &&
     grep -q '"n_depth": 40' "$T/bd0" && ! grep -q '"kv_bytes_per_token": 0,' "$T/bd0" &&

@@ -159,14 +159,16 @@ int cmd_bench(int argc, char **argv) {
         return 0;
     }
     g3n_model_info mi = g3n_model_get_info(m);
-    /* the prompt ids: the pp prompt, and the first `depth` of them the context tg runs after */
-    const int n_ids = n_prompt > depth ? n_prompt : depth;
-    if (mo.n_ctx == 0) mo.n_ctx = n_ids + n_gen + 1;
+    /* the ids: a context of `depth` that pp and tg run after, then the pp prompt */
+    const int n_ids = depth + n_prompt;
+    if (mo.n_ctx == 0) mo.n_ctx = depth + (n_prompt > n_gen + 1 ? n_prompt : n_gen + 1);
     if (mo.n_batch == 0) { /* the pp prompt in one step; a context in steps of up to 1024 */
         const int fill = depth < 1024 ? depth : 1024;
         mo.n_batch = n_prompt > fill ? n_prompt : fill > 0 ? fill : 1;
     }
-    if (depth + n_gen + 1 > mo.n_ctx) die("bench: -d %d -n %d needs a context of %d (-c)", depth, n_gen, depth + n_gen + 1);
+    if (depth + n_gen + 1 > mo.n_ctx || depth + n_prompt > mo.n_ctx)
+        die("bench: -d %d -p %d -n %d needs a context of %d (-c)", depth, n_prompt, n_gen,
+            depth + (n_prompt > n_gen + 1 ? n_prompt : n_gen + 1));
     g3n_session *s = open_session(m, &mo);
     char err[1024];
 
@@ -184,9 +186,9 @@ int cmd_bench(int argc, char **argv) {
     if (g3n_session_eval(s, &w0, 1, NULL, err, sizeof err)) die("%s", err);
     if (g3n_session_eval(s, &w0, 1, NULL, err, sizeof err)) die("%s", err);
     (void)g3n_session_sample(s, greedy);
-    if (n_prompt > 0) {
-        g3n_session_reset(s);
-        if (g3n_session_eval(s, prompt, n_prompt, NULL, err, sizeof err)) die("%s", err);
+    if (n_prompt > 0) { /* (and record the prompt step at this depth) */
+        fill_context(s, prompt, depth);
+        if (g3n_session_eval(s, prompt + depth, n_prompt, NULL, err, sizeof err)) die("%s", err);
     }
 
     /* decode is timed on every path where they differ (GPU); the model's own
@@ -200,13 +202,11 @@ int cmd_bench(int argc, char **argv) {
     uint64_t checksum[3] = {0, 0, 0};
     for (int r = 0; r < reps; r++) {
         if (n_prompt > 0) {
-            g3n_session_reset(s);
+            back_to(s, prompt, depth);
             double t0 = now_s();
-            if (g3n_session_eval(s, prompt, n_prompt, NULL, err, sizeof err)) die("%s", err);
+            if (g3n_session_eval(s, prompt + depth, n_prompt, NULL, err, sizeof err)) die("%s", err);
             pp[r] = n_prompt / (now_s() - t0);
         }
-        /* tg runs after the first `depth` ids (untimed; the pp prompt when it is that) */
-        if (depth > 0 && (n_prompt > 0 ? n_prompt != depth : r == 0)) fill_context(s, prompt, depth);
         for (int pi = 0; pi < n_paths && n_gen > 0; pi++) {
             g3n_model_set_decode_path(m, paths[pi]);
             back_to(s, prompt, depth);
@@ -260,10 +260,10 @@ int cmd_bench(int argc, char **argv) {
                (unsigned long long)checksum[0]);
     } else {
         printf("| model | backend | test | t/s |\n|---|---|---|---|\n");
-        if (n_prompt > 0)
-            printf("| %s | %s | pp%d | %.2f ± %.2f |\n", mo.dir, mi.backend, n_prompt, sp.mean, sp.sd);
-        char tgn[48]; /* tg128, or tg128 @ d4096 after a context */
+        char ppn[48], tgn[48]; /* pp512 / tg128, or pp512 @ d4096 / tg128 @ d4096 after a context */
+        snprintf(ppn, sizeof ppn, depth ? "pp%d @ d%d" : "pp%d", n_prompt, depth);
         snprintf(tgn, sizeof tgn, depth ? "tg%d @ d%d" : "tg%d", n_gen, depth);
+        if (n_prompt > 0) printf("| %s | %s | %s | %.2f ± %.2f |\n", mo.dir, mi.backend, ppn, sp.mean, sp.sd);
         if (n_gen > 0)
             printf("| %s | %s (%s) | %s | %.2f ± %.2f |\n", mo.dir, mi.backend, paths[0], tgn, sg.mean, sg.sd);
         for (int pi = 1; pi < n_paths; pi++)

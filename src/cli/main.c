@@ -239,7 +239,7 @@ static void usage(FILE *f) {
             "\n"
             "bench options:\n"
             "  -p N  -n N  -r REPS    prompt tokens, generated tokens, repetitions\n"
-            "  -d N                   decode after an N-token context (tg128 @ dN; default 0)\n"
+            "  -d N                   prefill and decode after an N-token context (pp512 @ dN, tg128 @ dN)\n"
             "  --json                 machine-readable output on stdout\n"
             "  --parallel 1,8,32      aggregate decode tok/s of P sequences per batched step\n"
             "\n"
