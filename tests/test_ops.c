@@ -959,13 +959,15 @@ TEST(fused_ops) {
         }
         /* (I, D, dtype): gate rows over many and few blocks of the gather kernel, an
          * n_ff that is not a multiple of its block's entries, more than 256 groups of 8
-         * outputs (more threads than gate entries), and every stored dtype of the up
+         * outputs (more threads than gate entries), more than 2560 outputs (on a GPU
+         * a thread's second turn over the down rows), and every stored dtype of the up
          * and down matrices */
-        const int shapes[8][4] = {{4096, 64, G3N_BF16, G3N_BF16}, {8192, 96, G3N_BF16, G3N_BF16},
+        const int shapes[9][4] = {{4096, 64, G3N_BF16, G3N_BF16}, {8192, 96, G3N_BF16, G3N_BF16},
                                   {1056, 64, G3N_BF16, G3N_BF16}, {2048, 2112, G3N_BF16, G3N_BF16},
+                                  {2048, 3072, G3N_BF16, G3N_BF16},
                                   {4096, 64, G3N_F16, G3N_F16},   {4096, 64, G3N_F32, G3N_BF16},
                                   {4096, 64, G3N_BF16, G3N_F32},  {4096, 64, G3N_F32, G3N_F32}};
-        for (int sh = 0; sh < 8; sh++) {
+        for (int sh = 0; sh < 9; sh++) {
             const int I = shapes[sh][0], DD = shapes[sh][1], dt = shapes[sh][2], dtd = shapes[sh][3];
             tmat Wg = make_mat(G3N_BF16, I, DD, 0), Wu = make_mat(dt, I, DD, 0);
             tmat Wd = make_mat_ex(dtd, DD, I, 0, 1);

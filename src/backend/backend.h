@@ -92,8 +92,9 @@ static inline int batch_one_per_seq(const g3n_batch *b) {
 }
 
 /* The context a step reaches: the smallest power of two, at least 256, above its
- * largest position. It is part of a recorded step's key (forward.c), so a
- * backend may size its attention work by it rather than by the cache's room. */
+ * largest position. It is part of a recorded decode step's key (forward.c:
+ * steps where batch_one_per_seq holds), so a backend may size a decode step's
+ * attention work by it rather than by the cache's room. */
 static inline int batch_reach(const g3n_batch *b) {
     int top = 0, r = 256;
     for (int t = 0; t < b->n; t++) top = b->pos[t] > top ? b->pos[t] : top;
@@ -161,8 +162,8 @@ struct g3n_backend {
      * caller then issues no ops), 0 if the caller should issue the ops, which are
      * recorded until graph_end and then run. Everything a recorded step touches
      * must sit at the same addresses on every replay; the per-step metadata of
-     * batch_set is read from backend memory, so it may change (within the
-     * key's batch_reach). */
+     * batch_set is read from backend memory, so it may change (a decode
+     * step's within the key's batch_reach). */
     int (*graph_begin)(g3n_backend *be, uint64_t key);
     void (*graph_end)(g3n_backend *be);
     /* Wait for queued work (timing). NULL: ops are synchronous. */

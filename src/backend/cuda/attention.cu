@@ -747,8 +747,8 @@ void cuda_op_qkv_attention(g3n_backend *be, float *out, float *q, float *k, floa
     if (!off && c->one_per_seq && c->cluster_ok && head_dim % 32 == 0 && n_head % n_head_kv == 0 && q_norm.data &&
         (layer < 0 || (k_norm.data && layer == attn_layer))) { /* a KV-shared layer has no k_norm */
         /* The keys a step's tokens may see in this layer: up to the context the
-         * step reaches (c->reach, part of the recorded step's key), the widest
-         * cache and the window */
+         * step reaches (c->reach, part of a recorded decode step's key), the
+         * widest cache and the window */
         int cap = 1;
         for (int s = 0; s < c->n_seq; s++) cap = G3N_MAX(cap, c->h_kv[(size_t)s * G3N_KV_MAX_LAYERS + attn_layer].cap);
         if (c->reach > 0) cap = G3N_MIN(cap, c->reach);
