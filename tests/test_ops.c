@@ -541,6 +541,36 @@ TEST(attention) {
     attention_case(4, 1, 36, 0, 100, 20, 0, 20);           /* head_dim 36: a lane past the end */
 }
 
+/* The CPU backend's attention of a token is the same bits in a prompt step
+ * (a thread per (token, KV head)) and alone (a thread per chunk of keys), also
+ * where its span takes several chunks: what makes decode equal prefill there. */
+TEST(attention_alone_bitwise) {
+    if (!B_IS_CPU) return; /* a GPU takes other kernels for prompts and decode */
+    const int H = 8, Hkv = 2, hd = 64, cap = 1600, n = 6, kvd = Hkv * hd;
+    float *mem = rnd((size_t)2 * cap * kvd, 1.5f), *q = rnd((size_t)n * H * hd, 1.0f);
+    float *all = malloc(sizeof(float) * n * H * hd), *one = malloc(sizeof(float) * H * hd);
+    g3n_kv kv;
+    memset(&kv, 0, sizeof kv);
+    kv.layer[0] = (g3n_kv_layer){mem, mem + (size_t)cap * kvd, cap};
+    g3n_kv *kvs[1] = {&kv};
+    int32_t pos[6], seq[6] = {0}, ids[6] = {0};
+    for (int t = 0; t < n; t++) pos[t] = 1500 + t; /* spans of 1501..1506 keys: 3 chunks */
+    for (int w = 0; w < 2; w++) {
+        const int window = w ? 700 : 0; /* and 2 chunks of a window */
+        g3n_batch b = {n, ids, pos, seq, kvs, 1};
+        B->batch_set(B, &b);
+        B->attention(B, all, q, 0, H, Hkv, hd, window);
+        for (int t = 0; t < n; t++) {
+            g3n_batch b1 = {1, ids, pos + t, seq, kvs, 1};
+            B->batch_set(B, &b1);
+            B->attention(B, one, q + (size_t)t * H * hd, 0, H, Hkv, hd, window);
+            CHECK_MSG(memcmp(one, all + (size_t)t * H * hd, sizeof(float) * H * hd) == 0,
+                      "attention of token %d (pos %d, window %d): alone differs from in the step", t, pos[t], window);
+        }
+    }
+    free(mem), free(q), free(all), free(one);
+}
+
 /* qkv_attention (q/k/v norms, RoPE, cache store, attention in one op) against
  * the reference's qkv_post + attention. Tokens of `n_seq` sequences; one token
  * per sequence is a decode step (a GPU's one-kernel path), more is a prompt. */
@@ -1194,6 +1224,7 @@ static void run_backend(void) {
     RUN(attention);
     RUN(qkv_attention);
     RUN(qkv_attention_split);
+    RUN(attention_alone_bitwise);
     RUN(batch_ops);
     RUN(small_ops);
     RUN(fused_ops);

@@ -291,6 +291,43 @@ static float dot(const float *a, const float *b, int n) {
     return dot_scalar(a, b, n);
 }
 
+/* acc[g * n + i] += p[g] * v[i] for g < G, i < n: one load of v for G rows. A
+ * product then a sum (no fused multiply-add), so every ISA gives the same bits. */
+#ifdef G3N_X86
+__attribute__((target("avx512f"))) static void axpy_g_avx512(float *acc, const float *p, int G, const float *v, int n) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 vv = _mm512_loadu_ps(v + i);
+        for (int g = 0; g < G; g++) {
+            float *a = acc + (size_t)g * n + i;
+            _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), _mm512_mul_ps(_mm512_set1_ps(p[g]), vv)));
+        }
+    }
+    for (; i < n; i++)
+        for (int g = 0; g < G; g++) acc[(size_t)g * n + i] += p[g] * v[i];
+}
+__attribute__((target("avx2"))) static void axpy_g_avx2(float *acc, const float *p, int G, const float *v, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 vv = _mm256_loadu_ps(v + i);
+        for (int g = 0; g < G; g++) {
+            float *a = acc + (size_t)g * n + i;
+            _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), _mm256_mul_ps(_mm256_set1_ps(p[g]), vv)));
+        }
+    }
+    for (; i < n; i++)
+        for (int g = 0; g < G; g++) acc[(size_t)g * n + i] += p[g] * v[i];
+}
+#endif
+static void axpy_g(float *acc, const float *p, int G, const float *v, int n) {
+#ifdef G3N_X86
+    if (cpu_isa == ISA_AVX512) return axpy_g_avx512(acc, p, G, v, n);
+    if (cpu_isa == ISA_AVX2) return axpy_g_avx2(acc, p, G, v, n);
+#endif
+    for (int g = 0; g < G; g++)
+        for (int i = 0; i < n; i++) acc[(size_t)g * n + i] += p[g] * v[i];
+}
+
 /* ---- quantized (mlx affine) products ---------------------------------------------------
  * The decode kernels dequantize in registers and multiply at once: per vector of
  * weights, w = scale * q + bias (product rounded, then the sum: g3n_quant_w) and
@@ -607,43 +644,132 @@ static void cpu_matmul(g3n_backend *be, float *y, const g3n_mat *W, const float 
 
 /* ---- attention -------------------------------------------------------------------------- */
 
+/* A token's G query heads that share a KV head are done together, so each key
+ * and value is read once for all of them (Gemma 3n: 4 heads a KV head). The
+ * visible keys [lo, p] are taken in chunks of ATT_CHUNK from lo: per chunk and
+ * head a two-pass softmax (the scores' max, their exponentials and sum, the
+ * values' weighted sum), then the chunks merged in order. The chunks depend on
+ * the token's own span only, so a token's result is the same in a prompt, a
+ * decode step or a batch (bitwise); a span of one chunk (every sliding layer of
+ * Gemma 3n) gives the plain two-pass softmax. Steps of few tokens (decode)
+ * spread the chunks over the threads; prompts give a thread whole (token, KV
+ * head) pairs. */
+#define ATT_CHUNK 512
+
+/* Keys [j0, j1) of cache L for the G heads q (consecutive hd-vectors): head g's
+ * max in pm[g], sum in pm[G + g], sum of weighted values in pm[2G + g * hd ..].
+ * sc: (j1 - j0) * G floats (key j's G scores together). */
+static void att_chunk(const float *q, const g3n_kv_layer *L, size_t koff, int kv_dim, int hd, int G, int j0,
+                      int j1, float *sc, float *pm) {
+    const int nk = j1 - j0;
+    float *m = pm, *l = pm + G, *acc = pm + 2 * G;
+    for (int g = 0; g < G; g++) m[g] = -INFINITY;
+    for (int j = 0; j < nk; j++) {
+        const float *kj = L->k + (size_t)((j0 + j) % L->cap) * kv_dim + koff;
+        for (int g = 0; g < G; g++) {
+            const float s = dot(q + (size_t)g * hd, kj, hd);
+            sc[(size_t)j * G + g] = s;
+            if (s > m[g]) m[g] = s;
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float sum = 0;
+        for (int j = 0; j < nk; j++) {
+            float *e = sc + (size_t)j * G + g;
+            *e = expf(*e - m[g]);
+            sum += *e;
+        }
+        l[g] = sum;
+    }
+    for (int i = 0; i < G * hd; i++) acc[i] = 0;
+    for (int j = 0; j < nk; j++)
+        axpy_g(acc, sc + (size_t)j * G, G, L->v + (size_t)((j0 + j) % L->cap) * kv_dim + koff, hd);
+}
+
+/* Merge nch chunk partials (stride floats apart) of G heads into out (G
+ * consecutive hd-vectors), in chunk order */
+static void att_merge(const float *part, size_t stride, int nch, int G, int hd, float *out) {
+    for (int g = 0; g < G; g++) {
+        float M = -INFINITY, den = 0;
+        for (int ch = 0; ch < nch; ch++) M = fmaxf(M, part[ch * stride + g]);
+        for (int ch = 0; ch < nch; ch++) den += part[ch * stride + G + g] * expf(part[ch * stride + g] - M);
+        const float inv = 1.0f / den;
+        for (int i = 0; i < hd; i++) {
+            float num = 0;
+            for (int ch = 0; ch < nch; ch++)
+                num += part[ch * stride + 2 * G + (size_t)g * hd + i] * expf(part[ch * stride + g] - M);
+            out[(size_t)g * hd + i] = num * inv;
+        }
+    }
+}
+
 static void cpu_attention(g3n_backend *be, float *out, const float *q, int layer, int n_head,
                           int n_head_kv, int head_dim, int window) {
     cpu_ctx *c = be->ctx;
-    const int group = n_head / n_head_kv, kv_dim = n_head_kv * head_dim;
-    const int n = c->batch.n;
+    const int G = n_head / n_head_kv, hd = head_dim, kv_dim = n_head_kv * head_dim, n = c->batch.n;
+    const size_t stride = (size_t)G * (hd + 2); /* floats of a chunk's partial */
+#define ATT_SPAN(t, L_, lo_, nk_)                                                            \
+    const g3n_kv_layer *L_ = &c->batch.kv[c->batch.seq[t]]->layer[layer];                    \
+    const int lo_ = window > 0 ? G3N_MAX(0, c->batch.pos[t] - window + 1) : 0;               \
+    const int nk_ = c->batch.pos[t] - lo_ + 1;                                               \
+    G3N_ASSERT(nk_ <= L_->cap)
+    if ((long)n * n_head_kv >= 2L * c->n_threads) { /* prompts: a (token, KV head) a task */
 #pragma omp parallel for schedule(dynamic, 1) num_threads(c->n_threads)
-    for (int th = 0; th < n * n_head; th++) {
-        const int t = th / n_head, h = th % n_head, hk = h / group;
-        const g3n_kv_layer *L = &c->batch.kv[c->batch.seq[t]]->layer[layer];
-        const int p = c->batch.pos[t];
-        const int lo = window > 0 ? G3N_MAX(0, p - window + 1) : 0;
-        const int nk = p - lo + 1;
-        G3N_ASSERT(nk <= L->cap);
-        float *sc = tscratch(c, (size_t)nk + (size_t)head_dim);
-        float *acc = sc + nk;
-        const float *qh = q + (size_t)th * head_dim;
-        float mx = -INFINITY;
-        for (int j = 0; j < nk; j++) {
-            const float *kj = L->k + (size_t)((lo + j) % L->cap) * kv_dim + hk * head_dim;
-            sc[j] = dot(qh, kj, head_dim);
-            if (sc[j] > mx) mx = sc[j];
+        for (int th = 0; th < n * n_head_kv; th++) {
+            const int t = th / n_head_kv, hk = th % n_head_kv;
+            ATT_SPAN(t, L, lo, nk);
+            const int nch = (nk + ATT_CHUNK - 1) / ATT_CHUNK;
+            float *pm = tscratch(c, (size_t)nch * stride + (size_t)G * ATT_CHUNK), *sc = pm + (size_t)nch * stride;
+            const float *qh = q + ((size_t)t * n_head + (size_t)hk * G) * hd;
+            for (int ch = 0; ch < nch; ch++)
+                att_chunk(qh, L, (size_t)hk * hd, kv_dim, hd, G, lo + ch * ATT_CHUNK,
+                          G3N_MIN(lo + nk, lo + (ch + 1) * ATT_CHUNK), sc, pm + ch * stride);
+            att_merge(pm, stride, nch, G, hd, out + ((size_t)t * n_head + (size_t)hk * G) * hd);
         }
-        float sum = 0;
-        for (int j = 0; j < nk; j++) {
-            sc[j] = expf(sc[j] - mx);
-            sum += sc[j];
-        }
-        for (int i = 0; i < head_dim; i++) acc[i] = 0;
-        for (int j = 0; j < nk; j++) {
-            const float *vj = L->v + (size_t)((lo + j) % L->cap) * kv_dim + hk * head_dim;
-            const float pj = sc[j];
-            for (int i = 0; i < head_dim; i++) acc[i] += pj * vj[i];
-        }
-        float *oh = out + (size_t)th * head_dim;
-        const float inv = 1.0f / sum;
-        for (int i = 0; i < head_dim; i++) oh[i] = acc[i] * inv;
+        return;
     }
+    /* a few tokens: every (token, KV head, chunk) a task, partials in att_part */
+    size_t tasks = 0;
+    for (int t = 0; t < n; t++) {
+        ATT_SPAN(t, L, lo, nk);
+        (void)L, (void)lo;
+        tasks += (size_t)n_head_kv * ((nk + ATT_CHUNK - 1) / ATT_CHUNK);
+    }
+    if (tasks * stride > c->att_part_n) {
+        free(c->att_part);
+        c->att_part = g3n_malloc(tasks * stride * sizeof(float));
+        c->att_part_n = tasks * stride;
+    }
+    float *part = c->att_part;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(c->n_threads)
+    for (size_t task = 0; task < tasks; task++) {
+        size_t k = task; /* task -> (t, hk, ch): the tasks of token t, KV head hk are consecutive */
+        int t = 0;
+        for (;; t++) {
+            ATT_SPAN(t, L, lo, nk);
+            (void)L, (void)lo;
+            const size_t nt = (size_t)n_head_kv * ((nk + ATT_CHUNK - 1) / ATT_CHUNK);
+            if (k < nt) break;
+            k -= nt;
+        }
+        ATT_SPAN(t, L, lo, nk);
+        const int nch = (nk + ATT_CHUNK - 1) / ATT_CHUNK, hk = (int)(k / (size_t)nch), ch = (int)(k % (size_t)nch);
+        float *sc = tscratch(c, (size_t)G * ATT_CHUNK);
+        att_chunk(q + ((size_t)t * n_head + (size_t)hk * G) * hd, L, (size_t)hk * hd, kv_dim, hd, G,
+                  lo + ch * ATT_CHUNK, G3N_MIN(lo + nk, lo + (ch + 1) * ATT_CHUNK), sc, part + task * stride);
+    }
+    size_t first = 0; /* the merges, one (token, KV head) a task, in order of their first chunk */
+    for (int t = 0; t < n; t++) {
+        ATT_SPAN(t, L, lo, nk);
+        (void)L, (void)lo;
+        const int nch = (nk + ATT_CHUNK - 1) / ATT_CHUNK;
+#pragma omp parallel for schedule(static) num_threads(c->n_threads)
+        for (int hk = 0; hk < n_head_kv; hk++)
+            att_merge(part + (first + (size_t)hk * nch) * stride, stride, nch, G, hd,
+                      out + ((size_t)t * n_head + (size_t)hk * G) * hd);
+        first += (size_t)n_head_kv * nch;
+    }
+#undef ATT_SPAN
 }
 
 /* ---- norms --------------------------------------------------------------------------------- */
@@ -822,7 +948,7 @@ static void cpu_destroy(g3n_backend *be) {
     cpu_ctx *c = be->ctx;
     for (int i = 0; i < c->n_owned; i++) free(c->owned[i]);
     free(c->owned);
-    free(c->sp_idx), free(c->sp_act), free(c->xperm);
+    free(c->sp_idx), free(c->sp_act), free(c->xperm), free(c->att_part);
     for (int t = 0; t < c->n_threads; t++) free(c->tscratch[t]);
     free(c->tscratch);
     free(c->tscratch_n);

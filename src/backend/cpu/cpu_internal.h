@@ -23,6 +23,8 @@ typedef struct {
     size_t sp_n;
     float *xperm;     /* 4-bit products: x in the kernels' order (cpu.c q4_perm) */
     size_t xperm_n;
+    float *att_part;  /* attention of a few tokens: every key chunk's partial (cpu.c) */
+    size_t att_part_n;
 } cpu_ctx;
 
 /* A scratch buffer of at least count floats (reference ops, one thread). */
