@@ -103,7 +103,8 @@ double g3n_model_read_bandwidth(g3n_model *m, size_t bytes);
 
 /* Bytes of K/V cache one decoded token at position `pos` reads: every layer's
  * visible keys and values (a sliding layer's window, a KV-shared layer its
- * source's cache), as stored (f32). Added to decode_bytes at long contexts. */
+ * source's cache), as stored (f32); 0 for pos < 0. Added to decode_bytes at
+ * long contexts. */
 size_t g3n_model_kv_read_bytes(const g3n_model *m, int pos);
 
 /* Bytes of device memory in use on the model's GPU (0 on the CPU backends). */

@@ -6,6 +6,7 @@
  *     each cached decode step's logits within 1e-4;
  *   - incremental decode (one token at a time, ring wrapping) and chunked prefill
  *     equal to a one-shot prefill at every position. */
+#define _POSIX_C_SOURCE 200809L /* setenv */
 #include "test.h"
 
 #include "backend/backend.h"

@@ -160,15 +160,13 @@ int cmd_bench(int argc, char **argv) {
     }
     g3n_model_info mi = g3n_model_get_info(m);
     /* the ids: a context of `depth` that pp and tg run after, then the pp prompt */
-    const int n_ids = depth + n_prompt;
-    if (mo.n_ctx == 0) mo.n_ctx = depth + (n_prompt > n_gen + 1 ? n_prompt : n_gen + 1);
+    const int n_ids = depth + n_prompt, need = depth + (n_prompt > n_gen + 1 ? n_prompt : n_gen + 1);
+    if (mo.n_ctx == 0) mo.n_ctx = need;
     if (mo.n_batch == 0) { /* the pp prompt in one step; a context in steps of up to 1024 */
         const int fill = depth < 1024 ? depth : 1024;
         mo.n_batch = n_prompt > fill ? n_prompt : fill > 0 ? fill : 1;
     }
-    if (depth + n_gen + 1 > mo.n_ctx || depth + n_prompt > mo.n_ctx)
-        die("bench: -d %d -p %d -n %d needs a context of %d (-c)", depth, n_prompt, n_gen,
-            depth + (n_prompt > n_gen + 1 ? n_prompt : n_gen + 1));
+    if (need > mo.n_ctx) die("bench: -d %d -p %d -n %d needs a context of %d (-c)", depth, n_prompt, n_gen, need);
     g3n_session *s = open_session(m, &mo);
     char err[1024];
 

@@ -375,8 +375,9 @@ static uint64_t step_key(const fwd_scratch *f, const g3n_batch *b, int out_row0,
     MIX(out_row0);
     MIX(b->n_seq);
     MIX(fused);
-    MIX(batch_one_per_seq(b)); /* a backend may take another path for decode steps */
-    if (batch_one_per_seq(b)) MIX(batch_reach(b)); /* ... sized by the context reached */
+    const int decode = batch_one_per_seq(b);
+    MIX(decode);                      /* a backend may take another path for decode steps */
+    if (decode) MIX(batch_reach(b)); /* ... sized by the context reached */
     for (int i = 0; i < b->n_seq; i++) MIX((uintptr_t)b->kv[i]);
 #undef MIX
     return h;

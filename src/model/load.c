@@ -423,11 +423,11 @@ double g3n_model_read_bandwidth(g3n_model *m, size_t bytes) {
 
 size_t g3n_model_kv_read_bytes(const g3n_model *m, int pos) {
     const g3n_config *c = &m->cfg;
+    if (pos < 0) return 0;
+    const size_t seen = (size_t)pos + 1;
     size_t keys = 0;
-    for (int l = 0; l < c->n_layer; l++) {
-        const long seen = (long)pos + 1;
-        keys += (size_t)(c->is_sliding[l] && seen > c->sliding_window ? c->sliding_window : seen);
-    }
+    for (int l = 0; l < c->n_layer; l++)
+        keys += c->is_sliding[l] && seen > (size_t)c->sliding_window ? (size_t)c->sliding_window : seen;
     return keys * 2 * (size_t)c->n_head_kv * (size_t)c->head_dim * sizeof(float);
 }
 

@@ -687,38 +687,49 @@ static void att_chunk(const float *q, const g3n_kv_layer *L, size_t koff, int kv
 }
 
 /* Merge nch chunk partials (stride floats apart) of G heads into out (G
- * consecutive hd-vectors), in chunk order */
-static void att_merge(const float *part, size_t stride, int nch, int G, int hd, float *out) {
+ * consecutive hd-vectors), in chunk order. Each chunk's max is replaced by its
+ * weight exp(max - M) (the partials are used once). */
+static void att_merge(float *part, size_t stride, int nch, int G, int hd, float *out) {
     for (int g = 0; g < G; g++) {
         float M = -INFINITY, den = 0;
         for (int ch = 0; ch < nch; ch++) M = fmaxf(M, part[ch * stride + g]);
-        for (int ch = 0; ch < nch; ch++) den += part[ch * stride + G + g] * expf(part[ch * stride + g] - M);
+        for (int ch = 0; ch < nch; ch++) {
+            float *w = part + ch * stride + g;
+            *w = expf(*w - M);
+            den += part[ch * stride + G + g] * *w;
+        }
         const float inv = 1.0f / den;
         for (int i = 0; i < hd; i++) {
             float num = 0;
-            for (int ch = 0; ch < nch; ch++)
-                num += part[ch * stride + 2 * G + (size_t)g * hd + i] * expf(part[ch * stride + g] - M);
+            for (int ch = 0; ch < nch; ch++) num += part[ch * stride + 2 * G + (size_t)g * hd + i] * part[ch * stride + g];
             out[(size_t)g * hd + i] = num * inv;
         }
     }
 }
+
+/* Token t's cache in this layer, the first key it sees (*lo) and how many (returned) */
+static int att_span(const cpu_ctx *c, int t, int layer, int window, const g3n_kv_layer **L, int *lo) {
+    *L = &c->batch.kv[c->batch.seq[t]]->layer[layer];
+    *lo = window > 0 ? G3N_MAX(0, c->batch.pos[t] - window + 1) : 0;
+    const int nk = c->batch.pos[t] - *lo + 1;
+    G3N_ASSERT(nk <= (*L)->cap);
+    return nk;
+}
+
+static int att_chunks(int nk) { return (nk + ATT_CHUNK - 1) / ATT_CHUNK; }
 
 static void cpu_attention(g3n_backend *be, float *out, const float *q, int layer, int n_head,
                           int n_head_kv, int head_dim, int window) {
     cpu_ctx *c = be->ctx;
     const int G = n_head / n_head_kv, hd = head_dim, kv_dim = n_head_kv * head_dim, n = c->batch.n;
     const size_t stride = (size_t)G * (hd + 2); /* floats of a chunk's partial */
-#define ATT_SPAN(t, L_, lo_, nk_)                                                            \
-    const g3n_kv_layer *L_ = &c->batch.kv[c->batch.seq[t]]->layer[layer];                    \
-    const int lo_ = window > 0 ? G3N_MAX(0, c->batch.pos[t] - window + 1) : 0;               \
-    const int nk_ = c->batch.pos[t] - lo_ + 1;                                               \
-    G3N_ASSERT(nk_ <= L_->cap)
     if ((long)n * n_head_kv >= 2L * c->n_threads) { /* prompts: a (token, KV head) a task */
 #pragma omp parallel for schedule(dynamic, 1) num_threads(c->n_threads)
         for (int th = 0; th < n * n_head_kv; th++) {
             const int t = th / n_head_kv, hk = th % n_head_kv;
-            ATT_SPAN(t, L, lo, nk);
-            const int nch = (nk + ATT_CHUNK - 1) / ATT_CHUNK;
+            const g3n_kv_layer *L;
+            int lo;
+            const int nk = att_span(c, t, layer, window, &L, &lo), nch = att_chunks(nk);
             float *pm = tscratch(c, (size_t)nch * stride + (size_t)G * ATT_CHUNK), *sc = pm + (size_t)nch * stride;
             const float *qh = q + ((size_t)t * n_head + (size_t)hk * G) * hd;
             for (int ch = 0; ch < nch; ch++)
@@ -728,12 +739,13 @@ static void cpu_attention(g3n_backend *be, float *out, const float *q, int layer
         }
         return;
     }
-    /* a few tokens: every (token, KV head, chunk) a task, partials in att_part */
+    /* a few tokens: every (token, KV head, chunk) a task, partials in att_part;
+     * the tasks of a token, and of its KV head, are consecutive */
     size_t tasks = 0;
     for (int t = 0; t < n; t++) {
-        ATT_SPAN(t, L, lo, nk);
-        (void)L, (void)lo;
-        tasks += (size_t)n_head_kv * ((nk + ATT_CHUNK - 1) / ATT_CHUNK);
+        const g3n_kv_layer *L;
+        int lo;
+        tasks += (size_t)n_head_kv * att_chunks(att_span(c, t, layer, window, &L, &lo));
     }
     if (tasks * stride > c->att_part_n) {
         free(c->att_part);
@@ -743,33 +755,29 @@ static void cpu_attention(g3n_backend *be, float *out, const float *q, int layer
     float *part = c->att_part;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(c->n_threads)
     for (size_t task = 0; task < tasks; task++) {
-        size_t k = task; /* task -> (t, hk, ch): the tasks of token t, KV head hk are consecutive */
-        int t = 0;
-        for (;; t++) {
-            ATT_SPAN(t, L, lo, nk);
-            (void)L, (void)lo;
-            const size_t nt = (size_t)n_head_kv * ((nk + ATT_CHUNK - 1) / ATT_CHUNK);
-            if (k < nt) break;
-            k -= nt;
+        const g3n_kv_layer *L;
+        int lo, t = 0, nk = att_span(c, 0, layer, window, &L, &lo);
+        size_t k = task; /* -> (t, hk, ch) */
+        while (k >= (size_t)n_head_kv * att_chunks(nk)) {
+            k -= (size_t)n_head_kv * att_chunks(nk);
+            nk = att_span(c, ++t, layer, window, &L, &lo);
         }
-        ATT_SPAN(t, L, lo, nk);
-        const int nch = (nk + ATT_CHUNK - 1) / ATT_CHUNK, hk = (int)(k / (size_t)nch), ch = (int)(k % (size_t)nch);
+        const int nch = att_chunks(nk), hk = (int)(k / (size_t)nch), ch = (int)(k % (size_t)nch);
         float *sc = tscratch(c, (size_t)G * ATT_CHUNK);
         att_chunk(q + ((size_t)t * n_head + (size_t)hk * G) * hd, L, (size_t)hk * hd, kv_dim, hd, G,
                   lo + ch * ATT_CHUNK, G3N_MIN(lo + nk, lo + (ch + 1) * ATT_CHUNK), sc, part + task * stride);
     }
-    size_t first = 0; /* the merges, one (token, KV head) a task, in order of their first chunk */
+    size_t first = 0; /* the merges, one (token, KV head) a task */
     for (int t = 0; t < n; t++) {
-        ATT_SPAN(t, L, lo, nk);
-        (void)L, (void)lo;
-        const int nch = (nk + ATT_CHUNK - 1) / ATT_CHUNK;
+        const g3n_kv_layer *L;
+        int lo;
+        const int nch = att_chunks(att_span(c, t, layer, window, &L, &lo));
 #pragma omp parallel for schedule(static) num_threads(c->n_threads)
         for (int hk = 0; hk < n_head_kv; hk++)
             att_merge(part + (first + (size_t)hk * nch) * stride, stride, nch, G, hd,
                       out + ((size_t)t * n_head + (size_t)hk * G) * hd);
         first += (size_t)n_head_kv * nch;
     }
-#undef ATT_SPAN
 }
 
 /* ---- norms --------------------------------------------------------------------------------- */
