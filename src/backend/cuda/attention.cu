@@ -688,28 +688,15 @@ static void dec_launch(cuda_ctx *c, unsigned nsp, int nsg, int keep, int nb, flo
                                         (int)dec_smem(DEC_RING, 32 * DPL)));
         raised = 1;
     }
-    /* All of a step's clusters at once: a cluster must fit inside one GPC, so
-     * fewer of them are resident than SMs / nsp (on the H100 15 of 8 blocks with
-     * the widest ring); nsg is cut to what is (measured once per shape),
+    /* All of a step's clusters at once (on the H100 15 of 8 blocks with the
+     * widest ring are resident): nsg is cut to what is (asked once per shape),
      * unless `keep` (a forced nsg: tests). */
     static int maxc[4][DEC_RING + 1];
     const int si = nsp == 8 ? 3 : nsp == 4 ? 2 : nsp == 2 ? 1 : 0;
     if (nsg > 1 && nsp > 1 && nb <= DEC_RING && !keep) {
         if (!maxc[si][nb]) {
-            cudaLaunchConfig_t cfg = {};
-            cfg.gridDim = dim3(nsp * 64);
-            cfg.blockDim = dim3(DEC_WARPS * 32);
-            cfg.dynamicSmemBytes = smem;
-            cudaLaunchAttribute at[1];
-            at[0].id = cudaLaunchAttributeClusterDimension;
-            at[0].val.clusterDim.x = nsp, at[0].val.clusterDim.y = 1, at[0].val.clusterDim.z = 1;
-            cfg.attrs = at, cfg.numAttrs = 1;
-            int n = 0;
-            if (cudaOccupancyMaxActiveClusters(&n, k_attn_decode<G, DPL>, &cfg) != cudaSuccess || n < 1) {
-                (void)cudaGetLastError();
-                n = 1 << 20; /* not answered: as if every cluster fits */
-            }
-            maxc[si][nb] = n;
+            const int n = cuda_resident_clusters((const void *)k_attn_decode<G, DPL>, nsp, DEC_WARPS * 32, smem);
+            maxc[si][nb] = n > 0 ? n : 1 << 20; /* not answered: as if every cluster fits */
         }
         const long grp = (long)c->n_tokens * Hkv;
         if (grp * nsg > maxc[si][nb]) nsg = (int)G3N_MAX(1, maxc[si][nb] / grp);

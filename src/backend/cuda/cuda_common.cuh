@@ -208,6 +208,24 @@ static inline void launch_cluster(cuda_ctx *c, unsigned cluster, void (*kernel)(
     CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, (KArgs)args...));
 }
 
+/* Clusters of `cs` blocks (`threads` threads, `smem` bytes of dynamic shared
+ * memory) of `kernel` that the device holds at once; 0 where it does not answer.
+ * A cluster must fit inside one GPC, so fewer are resident than SMs / cs. */
+static inline int cuda_resident_clusters(const void *kernel, unsigned cs, int threads, size_t smem) {
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeClusterDimension;
+    at[0].val.clusterDim.x = cs, at[0].val.clusterDim.y = 1, at[0].val.clusterDim.z = 1;
+    cfg.gridDim = dim3(cs), cfg.blockDim = dim3((unsigned)threads), cfg.dynamicSmemBytes = smem;
+    cfg.attrs = at, cfg.numAttrs = 1;
+    int n = 0;
+    if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
+        (void)cudaGetLastError();
+        n = 0;
+    }
+    return n;
+}
+
 template <typename... KArgs, typename... Args>
 static inline void launch(cuda_ctx *c, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args... args) {
     launch_cluster(c, 1, kernel, grid, block, smem, args...);

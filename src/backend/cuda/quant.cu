@@ -565,9 +565,9 @@ template <int BITS, int SDT> static int qs_blocks_per_sm(const cuda_ctx *c, int 
 }
 
 /* Clusters of `cs` blocks of k_qgemv_s<BITS, R, SDT> with `smem` bytes of shared
- * memory that the device holds at once. A cluster must fit inside one GPC, so
- * on the H100 32 clusters of 8 (256 blocks) do not all fit where 264 single
- * blocks do: the last clusters then run as a second wave. */
+ * memory that the device holds at once (cuda_resident_clusters, remembered): on
+ * the H100 32 clusters of 8 (256 blocks) do not all fit where 264 single blocks
+ * do, and the last clusters then run as a second wave. */
 template <int BITS, int SDT> static int qs_resident_clusters(const cuda_ctx *c, int R, unsigned cs, size_t smem) {
     static struct {
         int R;
@@ -579,19 +579,11 @@ template <int BITS, int SDT> static int qs_resident_clusters(const cuda_ctx *c, 
     for (int i = 0; i < n_memo; i++)
         if (memo[i].R == R && memo[i].cs == cs && memo[i].smem == smem) return memo[i].n;
     int n = 0;
-    cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeClusterDimension;
-    at[0].val.clusterDim.x = cs, at[0].val.clusterDim.y = 1, at[0].val.clusterDim.z = 1;
-    cfg.gridDim = dim3(cs, 1), cfg.blockDim = dim3(256), cfg.dynamicSmemBytes = smem;
-    cfg.attrs = at, cfg.numAttrs = 1;
-#define Q(r) (void)cudaOccupancyMaxActiveClusters(&n, k_qgemv_s<BITS, r, SDT>, &cfg)
+#define Q(r) n = cuda_resident_clusters((const void *)k_qgemv_s<BITS, r, SDT>, cs, 256, smem)
     ROWS_SWITCH(R, Q)
 #undef Q
-    if (n <= 0) { /* not answered: the blocks that fit, as if clusters cost nothing */
-        (void)cudaGetLastError();
+    if (n <= 0) /* not answered: the blocks that fit, as if clusters cost nothing */
         n = c->n_sm * qs_blocks_per_sm<BITS, SDT>(c, R) / (int)cs;
-    }
     if (n_memo < 64) memo[n_memo].R = R, memo[n_memo].cs = cs, memo[n_memo].smem = smem, memo[n_memo++].n = n;
     return n;
 }
