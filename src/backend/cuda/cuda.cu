@@ -391,6 +391,8 @@ static void cu_destroy(g3n_backend *be) {
     if (c->top_buf) cudaFree(c->top_buf);
     if (c->att_part) cudaFree(c->att_part);
     if (c->att_cnt) cudaFree(c->att_cnt);
+    if (c->qs_part) cudaFree(c->qs_part);
+    if (c->qs_cnt) cudaFree(c->qs_cnt);
     if (c->top_host) cudaFreeHost(c->top_host);
     if (c->mg_sync) cudaFree(c->mg_sync);
     if (c->mg_trace) cudaFree(c->mg_trace);
@@ -460,6 +462,13 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     CUDA_CHECK(cudaMalloc((void **)&c->att_part, c->att_part_n * sizeof(float)));
     CUDA_CHECK(cudaMalloc((void **)&c->att_cnt, c->att_cnt_n * sizeof(unsigned)));
     CUDA_CHECK(cudaMemset(c->att_cnt, 0, c->att_cnt_n * sizeof(unsigned)));
+    /* k_qgemv_s's flat K slices: at most two blocks an SM (one-row products), so
+     * 2 n_sm blocks of at most 4 tiles x 8 warps x 4 rows x 8 activation rows */
+    c->qs_part_n = (size_t)c->n_sm * 2 * 4 * 8 * 4 * 8;
+    c->qs_cnt_n = (size_t)c->n_sm * 2;
+    CUDA_CHECK(cudaMalloc((void **)&c->qs_part, c->qs_part_n * sizeof(float)));
+    CUDA_CHECK(cudaMalloc((void **)&c->qs_cnt, c->qs_cnt_n * sizeof(unsigned)));
+    CUDA_CHECK(cudaMemset(c->qs_cnt, 0, c->qs_cnt_n * sizeof(unsigned)));
     c->blas_rows = br ? G3N_MAX(2, atoi(br)) : 3; /* measured: docs/SPEED.md, seventh session */
     c->blas_bytes = (size_t)(bm ? G3N_MAX(0, atoi(bm)) : 16) << 20;
     const char *pf = getenv("G3N_PF");

@@ -129,6 +129,11 @@ typedef struct {
     float *att_part;
     unsigned *att_cnt;
     size_t att_part_n, att_cnt_n;
+    /* k_qgemv_s's K slices reduced in memory (quant.cu, "flat"): the slices'
+     * sums and a counter per block row, kept at 0 between launches */
+    float *qs_part;
+    unsigned *qs_cnt;
+    size_t qs_part_n, qs_cnt_n;
     /* logits_top (top.cu): the slices' candidates and the result, its pinned copy */
     void *top_buf;
     float *top_host;

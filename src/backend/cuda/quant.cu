@@ -47,6 +47,12 @@ typedef struct {
     int mode;   /* QPLAIN, QGELU_MUL (y = gelu(W.x) * m), QGATE_UP (y0 = gelu(W0.x) * W1.x) */
     const float *m;
     unsigned long long *trace; /* G3N_QTRACE: per block times (cuda.cu) */
+    /* k_qgemv_s with K slices but no cluster ("flat"): each block's sums in part
+     * ([y block][slice][J * 8 * rows per warp]), cnt[y block] counts the slices
+     * done and is put back to 0 by the last, which adds them */
+    float *part;
+    unsigned *cnt;
+    int flat;
 } qargs;
 
 enum { QPLAIN = 0, QGELU_MUL = 1, QGATE_UP = 2 };
@@ -314,11 +320,21 @@ __device__ __forceinline__ void q_cluster_sync() {
     __syncthreads();
 }
 
+/* Output `row` of activation row r from its sums v (and u, QGATE_UP's up row):
+ * gelu(v) * u in product 0 (QGATE_UP), else v or gelu(v) * m (QGELU_MUL) in
+ * product s. */
+__device__ __forceinline__ void q_store(const qargs &a, float v, float u, int s, int row, int r) {
+    if (a.mode == QGATE_UP) {
+        if (row < a.O[0]) a.y[0][(size_t)r * a.O[0] + row] = gelu_tanh_d(v) * u;
+    } else if (row < a.O[s]) {
+        const size_t o = (size_t)r * a.O[s] + row;
+        a.y[s][o] = a.mode == QGELU_MUL ? gelu_tanh_d(v) * a.m[o] : v;
+    }
+}
+
 /* The end of a decode product split over the `gridDim.x` blocks of a cluster, on
- * rank 0: v (and u, QGATE_UP's up row) added over the ranks' copies in shared
- * memory in rank order (all loads in flight together), then stored at output
- * `row` of activation row r: gelu(v) * u in product 0 (QGATE_UP), else v or
- * gelu(v) * m (QGELU_MUL) in product s. */
+ * rank 0: v (and u) added over the ranks' copies in shared memory in rank order
+ * (all loads in flight together), then stored. */
 __device__ __forceinline__ void q_finish(const qargs &a, float *pv, float *pu, int s, int row, int r) {
     float v = *pv, u = pu ? *pu : 0.f;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -337,12 +353,7 @@ __device__ __forceinline__ void q_finish(const qargs &a, float *pv, float *pu, i
             if (k < nsplit) v += xv[k], u += xu[k];
     }
 #endif
-    if (a.mode == QGATE_UP) {
-        if (row < a.O[0]) a.y[0][(size_t)r * a.O[0] + row] = gelu_tanh_d(v) * u;
-    } else if (row < a.O[s]) {
-        const size_t o = (size_t)r * a.O[s] + row;
-        a.y[s][o] = a.mode == QGELU_MUL ? gelu_tanh_d(v) * a.m[o] : v;
-    }
+    q_store(a, v, u, s, row, r);
 }
 
 #define QJMAX 4   /* k_qgemv_s: tiles per warp, at most */
@@ -515,10 +526,47 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
     }
     tt[3] = gtime();
     cp_async_wait<0>();
+    const int nw = gu ? 4 : 8;
+    if (a.flat) {
+        /* K slices without a cluster: the sums to memory, and the last slice of
+         * this row block to arrive adds them in slice order (the cluster's order:
+         * the same bits), whichever that is */
+        __shared__ int last;
+        const int nsplit = gridDim.x, per = J * 8 * PER;
+        float *mine = a.part + ((size_t)b * nsplit + split) * per;
+        __syncthreads(); /* every warp's sums are in red */
+        for (int t = threadIdx.x; t < per; t += 256) mine[t] = red[t / (8 * PER)][t / PER % 8][t % PER];
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            last = atomicAdd(&a.cnt[b], 1u) == (unsigned)nsplit - 1;
+            if (last) a.cnt[b] = 0; /* for the next launch: every slice has counted */
+        }
+        __syncthreads();
+        if (last) {
+            __threadfence();
+            const float *pb = a.part + (size_t)b * nsplit * per;
+            for (int t = threadIdx.x; t < J * nw * PER; t += 256) {
+                const int j = t / (nw * PER), ob = t / PER % nw, pi = t % PER, i = pi % QRPW, r = pi / QRPW;
+                const int tile = gu ? b * 4 * J + ob + 4 * j : (b - a.blk0[sx]) * 8 * J + ob + 8 * j;
+                const int iv = (j * 8 + ob) * PER + pi, iu = iv + 4 * PER;
+                float v = __ldcg(pb + iv), u = gu ? __ldcg(pb + iu) : 0.f;
+                for (int k = 1; k < nsplit; k++) {
+                    v += __ldcg(pb + (size_t)k * per + iv);
+                    if (gu) u += __ldcg(pb + (size_t)k * per + iu);
+                }
+                q_store(a, v, u, sx, tile * QRPW + i, r);
+            }
+        }
+        if (a.trace && threadIdx.x == 0) {
+            tt[4] = gtime();
+            trace_block(a.trace, a.O[0], a.K[0], tt);
+        }
+        return;
+    }
     q_cluster_sync();
     /* block 0 of the cluster: element pi (row i, activation row r) of tile j of warp ob */
     if (split == 0) {
-        const int nw = gu ? 4 : 8;
         for (int t = threadIdx.x; t < J * nw * PER; t += 256) {
             const int j = t / (nw * PER), ob = t / PER % nw, pi = t % PER, i = pi % QRPW, r = pi / QRPW;
             const int tile = gu ? b * 4 * J + ob + 4 * j : (b - a.blk0[sx]) * 8 * J + ob + 8 * j;
@@ -612,8 +660,24 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
         fix_j = getenv("G3N_QJ") ? atoi(getenv("G3N_QJ")) : 0;
         split_kb = getenv("G3N_QSPLIT_KB") ? atoi(getenv("G3N_QSPLIT_KB")) : 4096;
     }
+    /* Eight K slices of 2048 inputs or more are reduced in memory instead of in a
+     * cluster ("flat"): a cluster of 8 must fit in one GPC, so the one-wave search
+     * found 22 clusters (176 blocks on 132 SMs) for E4B's 4-bit down product, and
+     * the blocks sharing an SM ended 3 µs after those alone; flat, 256 blocks
+     * spread two an SM. Measured (docs/SPEED.md, fourteenth session): E4B q4
+     * +1.3%; E2B's down flat as 8 slices of 1024 −1%, as 4 of 2048 −0.4%, so
+     * smaller splits keep their clusters. G3N_QFLAT=0: never, 2: every split
+     * product (timing, tests). */
+    static int flat_on = -1;
+    if (flat_on < 0) flat_on = getenv("G3N_QFLAT") ? atoi(getenv("G3N_QFLAT")) : 1;
+    const int flat_ok = flat_on && c->qs_part != NULL;
+    auto use_flat = [&](int ns, int ks) { return flat_ok && (flat_on >= 2 ? ns > 1 : ns >= 8 && ks >= 2048); };
+    auto flat_fits = [&](int nb, int ns, int J, size_t sm) { /* all resident at once, and the scratch holds them */
+        return flat_ok && (size_t)nb * ns * J * 8 * QRPW * R <= c->qs_part_n && (size_t)nb <= c->qs_cnt_n &&
+               nb * ns <= qs_resident_clusters<BITS, SDT>(c, R, 1u, sm);
+    };
     int nsplit = 1;
-    if (c->cluster_ok && kb >= (size_t)split_kb)
+    if ((c->cluster_ok || flat_ok) && kb >= (size_t)split_kb)
         while (nsplit < max_split && tiles * nsplit < slots && kmax > 1024 * nsplit) nsplit *= 2;
     auto slice = [&](int ns) { /* inputs per slice for at most ns slices */
         return G3N_MAX(1024, ((kmax + ns - 1) / ns + 1023) / 1024 * 1024);
@@ -646,7 +710,8 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
             if (n != ns || sm > qs_smem_max(c)) continue;
             for (int J = 1; J <= QJMAX; J++) {
                 const int nb = blocks(J);
-                if (nb <= qs_resident_clusters<BITS, SDT>(c, R, (unsigned)ns, sm)) {
+                if (use_flat(ns, ks) ? flat_fits(nb, ns, J, sm)
+                                      : (ns == 1 || c->cluster_ok) && nb <= qs_resident_clusters<BITS, SDT>(c, R, (unsigned)ns, sm)) {
                     if (nb * ns > best_blocks) best_ns = ns, best_j = J, best_blocks = nb * ns;
                     break;
                 }
@@ -658,17 +723,21 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
     static const int debug = getenv("G3N_QDEBUG") != NULL; /* print each launch's shape */
     int fo, fk, fs, fj;
     if (force && sscanf(force, "%d,%d,%d,%d", &fo, &fk, &fs, &fj) == 4 && fo == a.O[0] && fk == a.K[0] && fs >= 1 &&
-        fs <= 8 && (fs == 1 || c->cluster_ok))
+        fs <= 8 && (fs == 1 || c->cluster_ok || flat_ok))
         a.ks = slice(fs), nsplit = (kmax + a.ks - 1) / a.ks, a.J = G3N_MIN(QJMAX, G3N_MAX(1, fj));
-    if (debug)
-        fprintf(stderr, "qgemv_s O%d K%d n%d: slices %d J %d blocks %d resident clusters %d\n", a.O[0], a.K[0], a.n,
-                nsplit, a.J, blocks(a.J), qs_resident_clusters<BITS, SDT>(c, R, (unsigned)nsplit, qs_smem<BITS>(R, a.ks)));
     const size_t smem = qs_smem<BITS>(R, a.ks);
     if (smem > qs_smem_max(c)) return 0;
     const int nb = blocks(a.J);
     if (nb > 65535) return 0;
+    a.flat = use_flat(nsplit, a.ks) && flat_fits(nb, nsplit, a.J, smem);
+    if (nsplit > 1 && !a.flat && !c->cluster_ok) return 0;
+    a.part = c->qs_part, a.cnt = c->qs_cnt;
+    if (debug)
+        fprintf(stderr, "qgemv_s O%d K%d n%d: slices %d%s J %d blocks %d resident clusters %d\n", a.O[0], a.K[0], a.n,
+                nsplit, a.flat ? " (flat)" : "", a.J, nb,
+                qs_resident_clusters<BITS, SDT>(c, R, a.flat ? 1u : (unsigned)nsplit, smem));
     const dim3 grid((unsigned)nsplit, (unsigned)nb);
-#define L(r) launch_cluster(c, (unsigned)nsplit, k_qgemv_s<BITS, r, SDT>, grid, 256, smem, a)
+#define L(r) launch_cluster(c, a.flat ? 1u : (unsigned)nsplit, k_qgemv_s<BITS, r, SDT>, grid, 256, smem, a)
     ROWS_SWITCH(R, L)
 #undef L
     CUDA_LAUNCHED();
