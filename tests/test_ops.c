@@ -266,6 +266,28 @@ TEST(qmatmul_large) {
                 }
 }
 
+/* A GPU's K slices added in a cluster or through memory (G3N_QFLAT) give the
+ * same bits: both add the slices' sums in slice order. E4B's and E2B's 4-bit
+ * down shapes (the second flat only when every split product is), one row
+ * (more take the tensor-core kernel). On the CPU backends both runs are the
+ * same code. */
+TEST(qmatmul_flat_bitwise) {
+    const int shapes[][2] = {{2048, 16384}, {2048, 8192}};
+    for (int s = 0; s < 2; s++) {
+        const int O = shapes[s][0], K = shapes[s][1];
+        tmat W = make_qmat_ex(4, 64, G3N_BF16, O, K, 0, 0, 0);
+        float *x = rnd((size_t)K, 1.0f), *dx = dev(x, (size_t)K), *d0 = dev_nan((size_t)O), *d1 = dev_nan((size_t)O);
+        setenv("G3N_QFLAT", "0", 1);
+        B->matmul(B, d0, &W.b, dx, 1);
+        setenv("G3N_QFLAT", s ? "2" : "1", 1);
+        B->matmul(B, d1, &W.b, dx, 1);
+        unsetenv("G3N_QFLAT");
+        float *h0 = host(d0, (size_t)O), *h1 = host(d1, (size_t)O);
+        CHECK_MSG(memcmp(h0, h1, 4 * (size_t)O) == 0, "q4 %dx%d: flat and cluster differ", O, K);
+        free(h0), free(h1), free(x), free(W.mem), B->free(B, d0), B->free(B, d1), B->free(B, dx);
+    }
+}
+
 /* 4- and 8-bit decode products in the shapes the tiled GPU kernels (4 or 16 output
  * rows per warp, several warps per row) find awkward: output counts not a multiple
  * of 4 or 16, several products of different shapes in one launch, long rows (more
@@ -1218,6 +1240,7 @@ static void run_backend(void) {
     RUN(matmul_large);
     RUN(qmatmul);
     RUN(qmatmul_large);
+    RUN(qmatmul_flat_bitwise);
     RUN(qmatmul_fused_odd);
     RUN(qembed);
     RUN(rmsnorm);

@@ -668,8 +668,8 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
      * +1.3%; E2B's down flat as 8 slices of 1024 −1%, as 4 of 2048 −0.4%, so
      * smaller splits keep their clusters. G3N_QFLAT=0: never, 2: every split
      * product (timing, tests). */
-    static int flat_on = -1;
-    if (flat_on < 0) flat_on = getenv("G3N_QFLAT") ? atoi(getenv("G3N_QFLAT")) : 1;
+    const char *flat_env = getenv("G3N_QFLAT"); /* read on each call: tests switch it */
+    const int flat_on = flat_env ? atoi(flat_env) : 1;
     const int flat_ok = flat_on && c->qs_part != NULL;
     auto use_flat = [&](int ns, int ks) { return flat_ok && (flat_on >= 2 ? ns > 1 : ns >= 8 && ks >= 2048); };
     auto flat_fits = [&](int nb, int ns, int J, size_t sm) { /* all resident at once, and the scratch holds them */
