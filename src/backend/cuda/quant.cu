@@ -725,6 +725,8 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
     if (force && sscanf(force, "%d,%d,%d,%d", &fo, &fk, &fs, &fj) == 4 && fo == a.O[0] && fk == a.K[0] && fs >= 1 &&
         fs <= 8 && (fs == 1 || c->cluster_ok || flat_ok))
         a.ks = slice(fs), nsplit = (kmax + a.ks - 1) / a.ks, a.J = G3N_MIN(QJMAX, G3N_MAX(1, fj));
+    if (nsplit > 1 && !c->cluster_ok && !use_flat(nsplit, a.ks)) /* no way to add the slices: one */
+        a.ks = slice(1), nsplit = 1;
     const size_t smem = qs_smem<BITS>(R, a.ks);
     if (smem > qs_smem_max(c)) return 0;
     const int nb = blocks(a.J);
