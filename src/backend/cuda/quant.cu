@@ -672,8 +672,8 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
     const int flat_on = flat_env ? atoi(flat_env) : 1;
     const int flat_ok = flat_on && c->qs_part != NULL;
     auto use_flat = [&](int ns, int ks) { return flat_ok && (flat_on >= 2 ? ns > 1 : ns >= 8 && ks >= 2048); };
-    auto flat_fits = [&](int nb, int ns, int J, size_t sm) { /* all resident at once, and the scratch holds them */
-        return flat_ok && (size_t)nb * ns * J * 8 * QRPW * R <= c->qs_part_n && (size_t)nb <= c->qs_cnt_n &&
+    auto flat_fits = [&](int nb, int ns, int J, size_t sm) { /* (where use_flat) all resident at once, in the scratch */
+        return (size_t)nb * ns * J * 8 * QRPW * R <= c->qs_part_n && (size_t)nb <= c->qs_cnt_n &&
                nb * ns <= qs_resident_clusters<BITS, SDT>(c, R, 1u, sm);
     };
     int nsplit = 1;
