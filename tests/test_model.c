@@ -435,6 +435,13 @@ TEST(sample_from_candidates) {
     sc1 = g3n_sampler_create(&p, mi.n_vocab_text, err, sizeof err);
     sc2 = g3n_sampler_create(&p, mi.n_vocab_text, err, sizeof err);
     CHECK(g3n_session_eval(c, prompt, 6, NULL, err, sizeof err) == 0);
+    /* and a greedy one: its steps queue one candidate (backend.h: logits_top_queue) */
+    g3n_sampler_params pg = g3n_sampler_default_params();
+    pg.temperature = 0;
+    g3n_sampler *sg = g3n_sampler_create(&pg, mi.n_vocab_text, err, sizeof err);
+    g3n_session *cg = g3n_session_create(m, 64, 4, err, sizeof err);
+    CHECK(g3n_session_eval(cg, prompt, 6, NULL, err, sizeof err) == 0);
+    int32_t tg = 0;
     g3n_batcher *bta = g3n_batcher_create(m, 4, err, sizeof err), *btb = g3n_batcher_create(m, 4, err, sizeof err);
     int32_t tc = 0;
     for (int step = 0; step < STEPS && bta && btb; step++) {
@@ -452,7 +459,15 @@ TEST(sample_from_candidates) {
         CHECK_MSG(c1 == c2 && c1 >= 0, "step %d: session candidates %d, row %d", step, (int)c1, (int)c2);
         tc = c1;
         CHECK(g3n_session_eval(c, &tc, 1, NULL, err, sizeof err) == 0);
+        const int32_t g1 = g3n_session_sample(cg, sg); /* first: the row stays on the device */
+        const float *lg = g3n_session_logits(cg);
+        int32_t best = 0;
+        for (int i = 1; i < mi.n_vocab_text; i++) best = lg[i] > lg[best] ? i : best;
+        CHECK_MSG(g1 == best, "step %d: greedy candidate %d, row's best %d", step, (int)g1, (int)best);
+        tg = g1;
+        CHECK(g3n_session_eval(cg, &tg, 1, NULL, err, sizeof err) == 0);
     }
+    g3n_sampler_free(sg), g3n_session_free(cg);
     g3n_batcher_free(bta), g3n_batcher_free(btb);
     for (int i = 0; i < S; i++) {
         g3n_sampler_free(sa[i]), g3n_sampler_free(sb[i]);

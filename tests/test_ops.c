@@ -1099,6 +1099,17 @@ TEST(fused_ops) {
     REF->ple_add(REF, p3, proj, (g3n_vec){D, inn}, A, R, D, 1e-6f);
     B->ple_add(B, dp3, dproj, (g3n_vec){D, dinn}, A, R, D, 1e-6f);
     cmp("ple_add", dp3, p3, pn, 1e-5, 1e-5);
+    /* altup_unembed, one of the planes so small that its magnitude is the floor */
+    if (B->altup_unembed) {
+        const size_t vn = (size_t)(A - 1) * n;
+        float *S0 = rnd(n, 1.0f), *vv = rnd(vn, 2.0f), hu[200];
+        for (size_t i = n; i < 2 * n; i++) vv[i] *= 1e-4f;
+        float *dS0 = dev(S0, n), *dvv = dev(vv, vn), *dhu = dev_nan(n);
+        REF->altup_unembed(REF, hu, S0, vv, n, (g3n_vec){D, inn}, A, R, D, 1e-5f, 1e-6f);
+        B->altup_unembed(B, dhu, dS0, dvv, n, (g3n_vec){D, dinn}, A, R, D, 1e-5f, 1e-6f);
+        cmp("altup_unembed", dhu, hu, n, 1e-5, 1e-5);
+        free(S0), free(vv), B->free(B, dS0), B->free(B, dvv);
+    }
     free(S), free(rn), free(pc), free(cc), free(inn), free(pred), free(x), free(hp), free(x2), free(q), free(k);
     free(v), free(qn), free(kn), free(cache), free(att), free(lau), free(a), free(w3), free(proj), free(p3);
     free(router.mem), free(W1.mem), free(W2.mem), free(W3.mem);
@@ -1225,6 +1236,35 @@ TEST(logits_top) {
                     }
                 }
                 CHECK_MSG(!bad, "logits_top n %d kind %d m %d: %d of the best differ", n, kind, m, bad);
+            }
+            for (int mi = 0; mi < 5 && B->logits_top_queue; mi++) { /* row 0, queued as with a step */
+                const int m = ms[mi];
+                const int q = B->logits_top_queue(B, dl, 1, stride, n, m);
+                CHECK_MSG(q || m > 1, "logits_top_queue declined m 1 (n %d kind %d)", n, kind);
+                if (!B->logits_top(B, dl, 1, 0, n, m, vals, ids, ok) || !ok[0]) {
+                    CHECK_MSG(0, "logits_top after its queue declined n %d kind %d m %d", n, kind, m);
+                    continue;
+                }
+                int bad = 0;
+                for (int i = 0; i < m; i++) {
+                    const float want = test_clean_logit(l[idx[i]]);
+                    bad += ids[i] != idx[i] || memcmp(&vals[i], &want, 4) != 0;
+                }
+                CHECK_MSG(!bad, "logits_top queued n %d kind %d m %d (queued %d): %d of the best differ", n, kind, m, q,
+                          bad);
+            }
+            if (B->logits_top_queue && ni == 0 && kind == 0) { /* the results are the queued step's */
+                for (int mi = 0; mi < 3; mi++) {
+                    const int m = ms[mi];
+                    CHECK(B->logits_top_queue(B, dl, 1, stride, n, m));
+                    float *l2 = malloc(4 * (size_t)n);
+                    for (int i = 0; i < n; i++) l2[i] = -l[i]; /* another order */
+                    B->write(B, dl, l2, 4 * (size_t)n);
+                    CHECK(B->logits_top(B, dl, 1, 0, n, m, vals, ids, ok) && ok[0]);
+                    CHECK_MSG(ids[0] == idx[0] && ids[m - 1] == idx[m - 1], "logits_top m %d: not the queued logits", m);
+                    B->write(B, dl, l, 4 * (size_t)n);
+                    free(l2);
+                }
             }
             B->free(B, dl), free(l), free(idx);
         }

@@ -7,7 +7,8 @@
  *   CUDA_INJECTION64_PATH=$PWD/libktrace.so G3N_KTRACE=trace.txt ./g3n bench ...
  *   python3 tools/ktrace_report.py trace.txt
  *
- * Lines: start_ns end_ns grid_x grid_y grid_z block_x graph_node_id name (mangled). */
+ * Lines: start_ns end_ns grid_x grid_y grid_z block_x graph_node_id name (mangled);
+ * copies and memsets as "memcpy_<kind>_<bytes>" / "memset_<bytes>" with grid 0. */
 #include <cupti.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,6 +25,19 @@ static void CUPTIAPI buf_complete(CUcontext ctx, uint32_t stream, uint8_t *buf, 
     (void)ctx, (void)stream, (void)size;
     CUpti_Activity *r = NULL;
     while (cuptiActivityGetNextRecord(buf, valid, &r) == CUPTI_SUCCESS) {
+        if (r->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {
+            const CUpti_ActivityMemcpy6 *m = (const CUpti_ActivityMemcpy6 *)r;
+            fprintf(out, "%llu %llu 0 0 0 0 %llu memcpy_%d_%llu\n", (unsigned long long)m->start,
+                    (unsigned long long)m->end, (unsigned long long)m->graphNodeId, (int)m->copyKind,
+                    (unsigned long long)m->bytes);
+            continue;
+        }
+        if (r->kind == CUPTI_ACTIVITY_KIND_MEMSET) {
+            const CUpti_ActivityMemset4 *m = (const CUpti_ActivityMemset4 *)r;
+            fprintf(out, "%llu %llu 0 0 0 0 %llu memset_%llu\n", (unsigned long long)m->start,
+                    (unsigned long long)m->end, (unsigned long long)m->graphNodeId, (unsigned long long)m->bytes);
+            continue;
+        }
         if (r->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL && r->kind != CUPTI_ACTIVITY_KIND_KERNEL) continue;
         const CUpti_ActivityKernel10 *k = (const CUpti_ActivityKernel10 *)r;
         fprintf(out, "%llu %llu %d %d %d %d %llu %s\n", (unsigned long long)k->start, (unsigned long long)k->end,
@@ -42,6 +56,8 @@ int InitializeInjection(void) {
     out = fopen(path ? path : "ktrace.txt", "w");
     if (!out) return 0;
     if (cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) != CUPTI_SUCCESS ||
+        cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY) != CUPTI_SUCCESS ||
+        cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMSET) != CUPTI_SUCCESS ||
         cuptiActivityRegisterCallbacks(buf_request, buf_complete) != CUPTI_SUCCESS) {
         fprintf(stderr, "ktrace: CUPTI activity tracing unavailable\n");
         return 0;

@@ -9,7 +9,9 @@ step and averaged over the steps:
   dur  its own start-to-end (with PDL it starts before the previous one ends)
 Kernels on the L2-prefetch side stream (k_l2_prefetch) are left out of the
 steps and summarized on their own.
-Usage: python3 tools/ktrace_report.py trace.txt [--demangle] [--layer [--at L]]"""
+With --head N / --tail N: one middle step's first / last N kernels and the side-stream kernels
+that ran during it, with start and end in us from the step's start.
+Usage: python3 tools/ktrace_report.py trace.txt [--demangle] [--layer [--at L]] [--head N] [--tail N]"""
 import subprocess
 import sys
 from collections import OrderedDict, defaultdict
@@ -39,6 +41,7 @@ def main():
     rows = load(sys.argv[1])
     names = demangle(sorted({r[4] for r in rows}))
     side = [r for r in rows if names[r[4]].startswith("k_l2_prefetch")]
+    side_all = side
     rows = [r for r in rows if not names[r[4]].startswith("k_l2_prefetch")]
     if side:
         d = sorted((r[1] - r[0]) / 1e3 for r in side)
@@ -90,6 +93,23 @@ def main():
             ds = sum(s[i][1] - s[i][0] for s in sel) / n / 1e3
             gap = sum(s[i][0] - s[i - 1][1] for s in sel) / n / 1e3
             print(f"  {shape[i][:40]:40s} {str(sel[0][i][2]):>12s} inc {per_pos[i] / n / 1e3:6.2f}  dur {ds:6.2f}  start-prev_end {gap:6.2f}")
+    for opt in ("--head", "--tail"):  # the start or end of one middle step, with the side stream beside it
+        if opt not in sys.argv:
+            continue
+        m = int(sys.argv[sys.argv.index(opt) + 1])
+        s = sel[n // 2]
+        t0, t1 = s[0][0], s[-1][1]
+        which = "first" if opt == "--head" else "last"
+        print(f"\nthe {which} {m} kernels of one step (us from its start; the step ends at {(t1 - t0) / 1e3:.1f}):")
+        rows_ = s[:m] if opt == "--head" else s[-m:]
+        if opt == "--head":  # the previous step's end, for the gap between steps
+            i = next((j for j, st in enumerate(steps) if st is s), 0)
+            rows_ = (steps[i - 1][-3:] if i > 0 else []) + rows_
+        for r in rows_:
+            print(f"  {names[r[4]][:40]:40s} {str(r[2]):>12s} start {(r[0] - t0) / 1e3:8.2f} end {(r[1] - t0) / 1e3:8.2f}")
+        for r in side_all:
+            if r[1] > t0 and r[0] < t1 and opt == "--tail":
+                print(f"  side: {names[r[4]][:34]:34s} {str(r[2]):>12s} start {(r[0] - t0) / 1e3:8.2f} end {(r[1] - t0) / 1e3:8.2f}")
 
 
 if __name__ == "__main__":

@@ -290,6 +290,13 @@ struct g3n_backend {
                                 g3n_vec post_ff, const g3n_mat *router, g3n_vec router_norm,
                                 g3n_vec coefs, g3n_vec out_scale, int A, int rows, int dim,
                                 float eps);
+    /* The planes collapsed into the final hidden state (SPEC §3.7), after the
+     * products v_k = unembed_k . S[k] (k = 1..A-1, v_k at v + (k-1) * vstride):
+     *   out = S0;  out += magnitude_match(v_k, S0, floor_ms) for each k;
+     *   out *= 1/A;  out = rmsnorm(out, norm).  v is overwritten (scratch).
+     * May be NULL (forward.c then runs the basic ops). */
+    void (*altup_unembed)(g3n_backend *be, float *out, const float *S0, float *v, size_t vstride,
+                          g3n_vec norm, int A, int rows, int dim, float floor_ms, float eps);
     /* Per-layer input: planes 1..A-1 of pred += rmsnorm(proj, post_norm). */
     void (*ple_add)(g3n_backend *be, float *pred, float *proj, g3n_vec post_norm, int A, int rows,
                     int dim, float eps);
@@ -313,6 +320,12 @@ struct g3n_backend {
      * it declines the whole call. */
     int (*logits_top)(g3n_backend *be, const float *logits, int rows, size_t stride, int n, int m, float *vals,
                       int32_t *ids, uint8_t *ok);
+    /* Optional (NULL): logits_top's device work queued with the step that
+     * writes the logits (a GPU backend records it in the step's graph). The next
+     * logits_top call for the same logits, rows, n and m, before another step
+     * (batch_set), then only collects the results. Returns 0 where it declines
+     * (logits_top then does all the work). */
+    int (*logits_top_queue)(g3n_backend *be, const float *logits, int rows, size_t stride, int n, int m);
 };
 
 /* Constructors. NULL + err when the backend cannot start. */

@@ -210,10 +210,14 @@ int cmd_bench(int argc, char **argv) {
             back_to(s, prompt, depth);
             int32_t tok = 2; /* <bos> */
             uint64_t h = 1469598103934665603ull;
-            if (r == 0) { /* record this path's step before timing it */
-                if (g3n_session_eval(s, &tok, 1, NULL, err, sizeof err)) die("%s", err);
-                back_to(s, prompt, depth);
-            }
+            if (r == 0) /* record this path's step before timing it: the first pick tells the
+                           * session what the next steps queue for the sampler, the second step
+                           * is recorded with it */
+                for (int w = 0; w < 2; w++) {
+                    if (g3n_session_eval(s, &tok, 1, NULL, err, sizeof err)) die("%s", err);
+                    g3n_session_sample(s, greedy);
+                    back_to(s, prompt, depth);
+                }
             /* the step and its greedy pick (what `g3n generate --temp 0` does per
              * token: on a GPU the device's best logit, not a copy of the row) */
             double spent = 0;

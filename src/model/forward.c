@@ -44,6 +44,7 @@ struct fwd_scratch {
     float *pg;    /* [rows, P] per-layer gate */
     float *ple_out; /* [rows, D] per-layer input projection (fused path: added by the next layer) */
     float *logits; /* [lm_rows, V] */
+    int top_m, top_n; /* fwd_set_top */
 };
 
 static size_t fl(size_t n) { return (n + 15) & ~(size_t)15; } /* 64-byte alignment */
@@ -291,20 +292,38 @@ static void output_logits(g3n_model *M, fwd_scratch *f, int n, int r0, int nr, f
     const size_t plane = (size_t)n * D;
     const float *S0 = f->S + (size_t)r0 * D;
     float *h = f->t0; /* [nr, D] */
-    be->scale(be, h, S0, 1.0f, (size_t)nr * D);
-    for (int k = 1; k < A; k++) {
-        float *vk = f->pred + (size_t)k * plane; /* free now */
-        be->matmul(be, vk, &M->w.altup_unembed_projections[k - 1], f->S + k * plane + (size_t)r0 * D, nr);
-        be->magnitude_match(be, vk, S0, nr, D, 1e-5f);
-        be->add(be, h, h, vk, (size_t)nr * D);
+    if (M->fused && be->altup_unembed) { /* the A-1 products in one pass, then one op for the rest */
+        const g3n_mat *W[G3N_MAX_ALTUP - 1];
+        float *y[G3N_MAX_ALTUP - 1];
+        const float *x[G3N_MAX_ALTUP - 1];
+        for (int k = 1; k < A; k++) {
+            W[k - 1] = &M->w.altup_unembed_projections[k - 1];
+            y[k - 1] = f->pred + (size_t)k * plane; /* free now */
+            x[k - 1] = f->S + k * plane + (size_t)r0 * D;
+        }
+        be->matmul_multi(be, A - 1, W, y, x, nr);
+        be->altup_unembed(be, h, S0, f->pred + plane, plane, M->w.norm, A, nr, D, 1e-5f, c->rms_eps);
+    } else {
+        be->scale(be, h, S0, 1.0f, (size_t)nr * D);
+        for (int k = 1; k < A; k++) {
+            float *vk = f->pred + (size_t)k * plane; /* free now */
+            be->matmul(be, vk, &M->w.altup_unembed_projections[k - 1], f->S + k * plane + (size_t)r0 * D, nr);
+            be->magnitude_match(be, vk, S0, nr, D, 1e-5f);
+            be->add(be, h, h, vk, (size_t)nr * D);
+        }
+        be->scale(be, h, h, 1.0f / (float)A, (size_t)nr * D);
+        be->rmsnorm(be, h, h, M->w.norm, nr, D, c->rms_eps);
     }
-    be->scale(be, h, h, 1.0f / (float)A, (size_t)nr * D);
-    be->rmsnorm(be, h, h, M->w.norm, nr, D, c->rms_eps);
     be->matmul(be, logits, &M->w.embed_tokens, h, nr);
     if (c->final_softcap > 0) be->softcap(be, logits, (size_t)nr * c->n_vocab, c->final_softcap);
 }
 
 const float *fwd_logits(const fwd_scratch *f) { return f->logits; }
+
+void fwd_set_top(fwd_scratch *f, int m, int n) {
+    f->top_m = m > 0 && n >= m ? m : 0;
+    f->top_n = f->top_m ? n : 0;
+}
 
 const char *fwd_path_name(int path) {
     return path == FWD_MEGA ? "mega" : path == FWD_FUSED ? "fused" : "split";
@@ -375,6 +394,8 @@ static uint64_t step_key(const fwd_scratch *f, const g3n_batch *b, int out_row0,
     MIX(out_row0);
     MIX(b->n_seq);
     MIX(fused);
+    MIX(f->top_m);
+    MIX(f->top_n);
     const int decode = batch_one_per_seq(b);
     MIX(decode);                      /* a backend may take another path for decode steps */
     if (decode) MIX(batch_reach(b)); /* ... sized by the context reached */
@@ -399,6 +420,8 @@ void fwd_run(g3n_model *M, fwd_scratch *f, const g3n_batch *b, int out_row0, flo
             embed_tokens(M, f, n);
             layers_run(M, f, n);
             if (n_out > 0) output_logits(M, f, n, out_row0, n_out, f->logits);
+            if (n_out == 1 && f->top_m && be->logits_top_queue) /* the sampler's candidates, with the step */
+                be->logits_top_queue(be, f->logits, 1, (size_t)M->cfg.n_vocab, f->top_n, f->top_m);
             f->S = S_orig;
             f->pred = pred_orig;
             if (recording) be->graph_end(be);

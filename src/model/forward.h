@@ -21,6 +21,10 @@ void fwd_run(g3n_model *m, fwd_scratch *f, const g3n_batch *b, int out_row0, flo
 /* The logits of the last step in backend memory (row 0: the first row asked
  * for); fwd_run leaves them there when logits_host is NULL (at most lm_rows rows). */
 const float *fwd_logits(const fwd_scratch *f);
+/* The best m of the first n logits that the sampler will ask for after each
+ * later step of one row of logits (0: none): the backend's logits_top_queue
+ * then runs with the step, recorded with it. */
+void fwd_set_top(fwd_scratch *f, int m, int n);
 
 /* Decode paths (m->fused): one op per step of the maths, the fused ops, or the
  * fused ops with every layer of a one-token step in one backend call. */

@@ -18,6 +18,7 @@ struct g3n_session {
     float *logits;     /* [n_vocab] host, last token */
     int have_logits;
     int logits_on_dev; /* the last logits are still only in fwd's device row: copied on demand */
+    int top_m, top_n;  /* the last sample's candidates (m of the first n logits), queued with the next step */
 };
 
 /* One allocation for the K and V of every layer that owns a cache; views in *kv.
@@ -137,6 +138,7 @@ int32_t g3n_session_sample(g3n_session *s, g3n_sampler *smp) {
     if (!s->have_logits || g3n_sampler_vocab(smp) > s->m->cfg.n_vocab) return -1;
     g3n_backend *be = s->m->be;
     const int m = top_want(s->m, &smp, 1);
+    s->top_m = m, s->top_n = g3n_sampler_vocab(smp);
     if (m > 0 && s->logits_on_dev) {
         float vals[G3N_TOP_MAX];
         int32_t ids[G3N_TOP_MAX];
@@ -198,6 +200,7 @@ int g3n_session_eval(g3n_session *s, const int32_t *ids, int n, float *logits_ou
         }
         g3n_batch b = {nb, s->ids, s->posv, s->seqv, kvs, 1};
         int last = i0 + nb == n;
+        fwd_set_top(s->fwd, !logits_out && last ? s->top_m : 0, s->top_n);
         if (logits_out) {
             fwd_run(s->m, s->fwd, &b, 0, logits_out + (size_t)i0 * V);
             if (last) memcpy(s->logits, logits_out + (size_t)(n - 1) * V, V * sizeof(float));

@@ -454,6 +454,19 @@ static void fused_ple_add(g3n_backend *be, float *pred, float *proj, g3n_vec pos
     for (int k = 1; k < A; k++) be->add(be, pred + k * n, pred + k * n, proj, n);
 }
 
+static void fused_altup_unembed(g3n_backend *be, float *out, const float *S0, float *v, size_t vstride,
+                                g3n_vec norm, int A, int rows, int dim, float floor_ms, float eps) {
+    const size_t n = (size_t)rows * dim;
+    be->scale(be, out, S0, 1.0f, n);
+    for (int k = 1; k < A; k++) {
+        float *vk = v + (size_t)(k - 1) * vstride;
+        be->magnitude_match(be, vk, S0, rows, dim, floor_ms);
+        be->add(be, out, out, vk, n);
+    }
+    be->scale(be, out, out, 1.0f / (float)A, n);
+    be->rmsnorm(be, out, out, norm, rows, dim, eps);
+}
+
 /* ---- construction ------------------------------------------------------------------ */
 
 void cpu_ref_fill_ops(g3n_backend *be) {
@@ -494,6 +507,7 @@ void cpu_ref_fill_ops(g3n_backend *be) {
     be->mlp_sparse = fused_mlp_sparse;
     be->altup_correct_fused = fused_altup_correct;
     be->ple_add = fused_ple_add;
+    be->altup_unembed = fused_altup_unembed;
 }
 
 g3n_backend *cpu_ref_backend_create(char *err, size_t errlen) {

@@ -168,6 +168,7 @@ static int cu_graph_begin(g3n_backend *be, uint64_t key) {
     for (int i = 0; i < c->n_graphs; i++)
         if (c->graph_key[i] == key) {
             CUDA_CHECK(cudaGraphLaunch(c->graph_exec[i], c->stream));
+            c->tq = c->graph_tq[i]; /* what it queues for logits_top */
             return 1;
         }
     CUDA_CHECK(cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal));
@@ -267,6 +268,7 @@ static void cu_graph_end(g3n_backend *be) {
         CUDA_CHECK(cudaGraphExecDestroy(c->graph_exec[slot]));
     }
     c->graph_key[slot] = c->capture_key;
+    c->graph_tq[slot] = c->tq;
     c->graph_exec[slot] = exec;
     CUDA_CHECK(cudaGraphLaunch(exec, c->stream));
 }
@@ -276,6 +278,7 @@ static void cu_graph_end(g3n_backend *be) {
 static void cu_batch_set(g3n_backend *be, const g3n_batch *b) {
     cuda_ctx *c = CTX(be);
     G3N_ASSERT(!c->capturing);
+    c->tq.m = 0; /* a new step: nothing queued for logits_top yet */
     if (b->n > c->cap_tokens || b->n_seq > c->cap_seq) {
         /* addresses change: every recorded step is stale */
         CUDA_CHECK(cudaStreamSynchronize(c->stream));
@@ -394,6 +397,8 @@ static void cu_destroy(g3n_backend *be) {
     if (c->qs_part) cudaFree(c->qs_part);
     if (c->qs_cnt) cudaFree(c->qs_cnt);
     if (c->top_host) cudaFreeHost(c->top_host);
+    if (c->tq_dev) cudaFree(c->tq_dev);
+    if (c->tq_host) cudaFreeHost(c->tq_host);
     if (c->mg_sync) cudaFree(c->mg_sync);
     if (c->mg_trace) cudaFree(c->mg_trace);
     if (c->h_kv) cudaFreeHost(c->h_kv);
@@ -469,6 +474,8 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     CUDA_CHECK(cudaMalloc((void **)&c->qs_part, c->qs_part_n * sizeof(float)));
     CUDA_CHECK(cudaMalloc((void **)&c->qs_cnt, c->qs_cnt_n * sizeof(unsigned)));
     CUDA_CHECK(cudaMemset(c->qs_cnt, 0, c->qs_cnt_n * sizeof(unsigned)));
+    CUDA_CHECK(cudaMalloc((void **)&c->tq_dev, TOP_QUEUE_WORDS * sizeof(unsigned long long)));
+    CUDA_CHECK(cudaMallocHost(&c->tq_host, TOP_QUEUE_HOST));
     c->blas_rows = br ? G3N_MAX(2, atoi(br)) : 3; /* measured: docs/SPEED.md, seventh session */
     c->blas_bytes = (size_t)(bm ? G3N_MAX(0, atoi(bm)) : 16) << 20;
     const char *pf = getenv("G3N_PF");
@@ -530,8 +537,11 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     be->mlp_sparse = cuda_op_mlp_sparse;
     be->altup_correct_fused = cuda_op_altup_correct_fused;
     be->ple_add = cuda_op_ple_add;
+    const char *ue = getenv("G3N_UNEMBED"); /* 0: the collapse as separate ops (for comparisons) */
+    be->altup_unembed = ue && strcmp(ue, "0") == 0 ? NULL : cuda_op_altup_unembed;
     be->decode_layers = cuda_op_decode_layers;
     be->logits_top = cuda_op_logits_top;
+    be->logits_top_queue = cuda_op_logits_top_queue;
     be->prefetch = cu_prefetch;
     return be;
 }

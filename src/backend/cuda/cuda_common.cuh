@@ -43,6 +43,17 @@ extern "C" {
     } while (0)
 
 #define CUDA_MAX_GRAPHS 32
+
+/* logits_top (top.cu) */
+#define TOP_SLICE 2048        /* logits per block of k_top_slices and k_top_max */
+#define TOP_CAP 4096          /* keys k_top_merge and k_top_sort sort at most */
+#define TOP_QUEUE_SLICES 1024 /* logits_top_queue: rows of at most this many slices */
+#define TOP_QUEUE_WORDS (TOP_QUEUE_SLICES + TOP_CAP + 1)
+#define TOP_QUEUE_HOST (TOP_QUEUE_SLICES * 8)
+typedef struct {
+    const float *logits;
+    int rows, n, m;
+} cuda_top_req;
 #define CUDA_MAX_HOST_GATHER 16
 #define CUDA_MAX_HEAD_DIM 256
 #define CUDA_YSPLIT_BYTES ((size_t)64 << 20)
@@ -138,6 +149,13 @@ typedef struct {
     void *top_buf;
     float *top_host;
     size_t top_bytes, top_host_bytes;
+    /* logits_top_queue (top.cu): the slices' maxima, the list and its count
+     * (TOP_QUEUE_WORDS); the results, written by the kernels into pinned host
+     * memory (TOP_QUEUE_HOST bytes); what the last step queued (m 0: nothing)
+     * and what each recorded step queues */
+    unsigned long long *tq_dev;
+    void *tq_host;
+    cuda_top_req tq, graph_tq[CUDA_MAX_GRAPHS];
     unsigned long long *mg_trace; /* G3N_MEGA_TRACE=1: barrier times of the last step */
     int mg_trace_nbar;
     /* L2 prefetch of the next products' weights (cu_prefetch; G3N_PF=0 turns it
@@ -476,8 +494,11 @@ void cuda_quant_op_gate_up(g3n_backend *be, float *act, float *up, const g3n_mat
                            const float *x, int rows);
 void cuda_quant_embed(cuda_ctx *c, float *y, const g3n_mat *W, float scale);
 void cuda_quant_host_row(const cuda_host_table *t, int r, float *out);
+void cuda_op_altup_unembed(g3n_backend *be, float *out, const float *S0, float *v, size_t vstride, g3n_vec norm,
+                           int A, int rows, int dim, float floor_ms, float eps);
 void cuda_op_ple_add(g3n_backend *be, float *pred, float *proj, g3n_vec post_norm, int A, int rows,
                      int dim, float eps);
+int cuda_op_logits_top_queue(g3n_backend *be, const float *logits, int rows, size_t stride, int n, int m);
 int cuda_op_logits_top(g3n_backend *be, const float *logits, int rows, size_t stride, int n, int m, float *vals,
                        int32_t *ids, uint8_t *ok);
 int cuda_op_decode_layers(g3n_backend *be, const g3n_dec_model *m, const g3n_dec_bufs *b);

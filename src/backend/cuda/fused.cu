@@ -353,6 +353,58 @@ void cuda_op_ple_add(g3n_backend *be, float *pred, float *proj, g3n_vec post_nor
     PROF_END(c, "ple_add", 0);
 }
 
+/* ---- the planes collapsed before the lm_head: one block per row ------------------------------- */
+
+#define UNEMBED_MAX 8 /* planes (G3N_MAX_ALTUP) */
+
+__global__ void __launch_bounds__(ROW_THREADS)
+    k_altup_unembed(float *out, const float *S0, const float *v, size_t vstride, const float *w, int A, int dim,
+                    float floor_ms, float eps) {
+    KERNEL_BEGIN();
+    __shared__ float red[32 * UNEMBED_MAX];
+    const size_t o = (size_t)blockIdx.x * dim;
+    float ms[UNEMBED_MAX]; /* mean squares: S0, then each v_k */
+#pragma unroll
+    for (int k = 0; k < UNEMBED_MAX; k++) ms[k] = 0;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        ms[0] += S0[o + i] * S0[o + i];
+#pragma unroll
+        for (int k = 1; k < UNEMBED_MAX; k++)
+            if (k < A) {
+                const float x = v[(k - 1) * vstride + o + i];
+                ms[k] += x * x;
+            }
+    }
+    block_sum_n<UNEMBED_MAX>(ms, red);
+    const float target = sqrtf(ms[0] / (float)dim), inv_a = 1.0f / (float)A;
+#pragma unroll
+    for (int k = 1; k < UNEMBED_MAX; k++) ms[k] = sqrtf(fmaxf(ms[k] / (float)dim, floor_ms)); /* magnitudes */
+    float ss = 0;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float h = S0[o + i];
+#pragma unroll
+        for (int k = 1; k < UNEMBED_MAX; k++)
+            if (k < A) h = h + v[(k - 1) * vstride + o + i] * target / ms[k];
+        h = h * inv_a;
+        out[o + i] = h;
+        ss += h * h;
+    }
+    const float inv = rsqrtf(block_sum(ss, red) / (float)dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) out[o + i] = w ? out[o + i] * inv * w[i] : out[o + i] * inv;
+}
+
+void cuda_op_altup_unembed(g3n_backend *be, float *out, const float *S0, float *v, size_t vstride, g3n_vec norm,
+                           int A, int rows, int dim, float floor_ms, float eps) {
+    cuda_ctx *c = CTX(be);
+    if (rows <= 0) return;
+    G3N_ASSERT(A >= 1 && A <= UNEMBED_MAX);
+    PROF_BEGIN(c);
+    launch(c, k_altup_unembed, dim3(rows), dim3(ROW_THREADS), 0, out, S0, (const float *)v, vstride, norm.data, A,
+           dim, floor_ms, eps);
+    CUDA_LAUNCHED();
+    PROF_END(c, "altup_unembed", 0);
+}
+
 /* ---- register-resident row kernels ----------------------------------------------------------
  * The same ops for the common shapes (dim a multiple of 64 up to 2048, one block
  * of dim / (2 P) threads, P pairs of adjacent elements per thread (row_pairs);

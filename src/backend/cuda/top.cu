@@ -34,8 +34,6 @@
 #include "cuda_common.cuh"
 #include <float.h>
 
-#define TOP_SLICE 2048 /* logits per block of k_top_slices */
-#define TOP_CAP 4096   /* keys k_top_merge sorts at most */
 
 __device__ __forceinline__ unsigned long long top_key(float x, int id) {
     x = x != x ? -INFINITY : (x > FLT_MAX ? FLT_MAX : x);
@@ -222,19 +220,101 @@ __global__ void __launch_bounds__(256) k_top1(unsigned long long *best, const fl
     if (threadIdx.x == 0) atomicMax(best, v);
 }
 
+/* The threshold path's three kernels over rows of nb slices; out: [rows][2m + 1] */
+static void top_thresh_launch(cuda_ctx *c, unsigned long long *smax, unsigned long long *list, unsigned *cnt,
+                              float *out, const float *logits, int rows, size_t stride, int n, int m, int nb) {
+    launch(c, k_top_max, dim3(nb, rows), dim3(256), 0, smax, cnt, logits, stride, n);
+    CUDA_LAUNCHED();
+    launch(c, k_top_gather, dim3(nb, rows), dim3(1024), 0, list, cnt, (const unsigned long long *)smax, logits, stride,
+           n, m);
+    CUDA_LAUNCHED();
+    launch(c, k_top_sort, dim3(rows), dim3(1024), 0, out, (const unsigned long long *)list, (const unsigned *)cnt, m);
+    CUDA_LAUNCHED();
+}
+
+/* A key into the sampler's value and id */
+static void top_unkey(unsigned long long k, float *val, int32_t *id) {
+    const uint32_t bits = top_bits(k);
+    memcpy(val, &bits, 4);
+    *id = (int32_t)~(uint32_t)k;
+}
+
+/* A row's results (h: 2m + 1 floats, k_top_merge's and k_top_sort's layout)
+ * into vals and ids; 0 where the kernel declined the row */
+static int top_unpack(const float *h, int m, float *vals, int32_t *ids) {
+    if (h[2 * m] != (float)m) return 0;
+    for (int i = 0; i < m; i++) {
+        vals[i] = h[i];
+        memcpy(&ids[i], &h[m + i], sizeof(int32_t));
+    }
+    return 1;
+}
+
+static int top_off(void) { /* G3N_LOGITS_TOP=0: decline (the host takes the whole row; for comparisons) */
+    static int off = -1;
+    if (off < 0) off = getenv("G3N_LOGITS_TOP") && !atoi(getenv("G3N_LOGITS_TOP"));
+    return off;
+}
+
+static int top_sort_all(void) { /* G3N_TOP_SORT=1: every slice sorted, never the threshold path */
+    static int v = -1;
+    if (v < 0) v = getenv("G3N_TOP_SORT") && atoi(getenv("G3N_TOP_SORT"));
+    return v;
+}
+
+/* One row's best m with the step that writes it (recorded in its graph): m = 1
+ * writes each slice's best key, m > 1 the threshold path's result, straight
+ * into pinned host memory, so that nothing runs between the step and the
+ * host's read (a graph's end to a kernel after it: 15-27 us on the H100;
+ * docs/SPEED.md, fifteenth session). The sorted path is not queued. */
+int cuda_op_logits_top_queue(g3n_backend *be, const float *logits, int rows, size_t stride, int n, int m) {
+    cuda_ctx *c = CTX(be);
+    c->tq.m = 0;
+    static int queue_off = -1; /* G3N_TOP_QUEUE=0: decline (for comparisons) */
+    if (queue_off < 0) queue_off = getenv("G3N_TOP_QUEUE") && !atoi(getenv("G3N_TOP_QUEUE"));
+    if (queue_off || top_off() || rows != 1 || m < 1 || m > G3N_TOP_MAX || n < m) return 0;
+    const int nb = (n + TOP_SLICE - 1) / TOP_SLICE;
+    if (nb > TOP_QUEUE_SLICES || (m > 1 && (m > nb || top_sort_all()))) return 0;
+    unsigned long long *smax = c->tq_dev, *list = smax + TOP_QUEUE_SLICES;
+    unsigned *cnt = (unsigned *)(list + TOP_CAP);
+    PROF_BEGIN(c);
+    if (m == 1) {
+        launch(c, k_top_max, dim3(nb, 1), dim3(256), 0, (unsigned long long *)c->tq_host, cnt, logits, stride, n);
+        CUDA_LAUNCHED();
+    } else {
+        top_thresh_launch(c, smax, list, cnt, (float *)c->tq_host, logits, 1, stride, n, m, nb);
+    }
+    PROF_END(c, "logits_top_queue", (double)n * sizeof(float));
+    c->tq = (cuda_top_req){logits, rows, n, m};
+    return 1;
+}
+
+/* logits_top from what the step queued, if it queued this: 1 done, 0 not */
+static int top_collect(cuda_ctx *c, const float *logits, int rows, int n, int m, float *vals, int32_t *ids,
+                       uint8_t *ok) {
+    const cuda_top_req q = c->tq;
+    if (!q.m || q.logits != logits || q.rows != rows || q.n != n || q.m != m) return 0;
+    CUDA_CHECK(cudaStreamSynchronize(c->stream));
+    if (m == 1) {
+        const unsigned long long *k = (const unsigned long long *)c->tq_host;
+        unsigned long long best = 0;
+        for (int i = 0; i < (n + TOP_SLICE - 1) / TOP_SLICE; i++) best = k[i] > best ? k[i] : best;
+        top_unkey(best, vals, ids);
+        return ok[0] = 1;
+    }
+    return ok[0] = (uint8_t)top_unpack((const float *)c->tq_host, m, vals, ids); /* declined: the sorted path */
+}
+
 int cuda_op_logits_top(g3n_backend *be, const float *logits, int rows, size_t stride, int n, int m, float *vals,
                        int32_t *ids, uint8_t *ok) {
     cuda_ctx *c = CTX(be);
-    static int off = -1; /* G3N_LOGITS_TOP=0: decline (the host takes the whole row; for comparisons) */
-    if (off < 0) off = getenv("G3N_LOGITS_TOP") && !atoi(getenv("G3N_LOGITS_TOP"));
-    if (off || rows < 1 || rows > 65535 || m < 1 || m > G3N_TOP_MAX || n < m) return 0;
+    if (top_off() || rows < 1 || rows > 65535 || m < 1 || m > G3N_TOP_MAX || n < m) return 0;
+    if (top_collect(c, logits, rows, n, m, vals, ids, ok)) return 1;
     int p2 = 1;
     while (p2 < m) p2 <<= 1;
     const int nb = (n + TOP_SLICE - 1) / TOP_SLICE;
     if (nb > 1024) return 0;
-    static int sort_all = -1; /* G3N_TOP_SORT=1: every slice sorted, never the threshold path */
-    if (sort_all < 0) sort_all = getenv("G3N_TOP_SORT") && atoi(getenv("G3N_TOP_SORT"));
-    const int thresh = m > 1 && m <= nb && !sort_all;
+    const int thresh = m > 1 && m <= nb && !top_sort_all();
     /* device scratch: the sorted path's candidates [rows][nb][p2], or the
      * threshold path's slice maxima [rows][nb], lists [rows][TOP_CAP] and counts
      * [rows]; then the results [rows][2m + 1] */
@@ -264,9 +344,7 @@ int cuda_op_logits_top(g3n_backend *be, const float *logits, int rows, size_t st
         for (int r = 0; r < rows; r++) {
             unsigned long long k;
             memcpy(&k, (const char *)c->top_host + (size_t)r * sizeof k, sizeof k);
-            const uint32_t bits = top_bits(k);
-            memcpy(&vals[r], &bits, 4);
-            ids[r] = (int32_t)~(uint32_t)k;
+            top_unkey(k, &vals[r], &ids[r]);
             ok[r] = 1;
         }
     } else {
@@ -274,14 +352,7 @@ int cuda_op_logits_top(g3n_backend *be, const float *logits, int rows, size_t st
             if (pass == 0) { /* the threshold path */
                 unsigned long long *smax = cand, *list = smax + (size_t)rows * nb;
                 unsigned *cnt = (unsigned *)(list + (size_t)rows * TOP_CAP);
-                launch(c, k_top_max, dim3(nb, rows), dim3(256), 0, smax, cnt, logits, stride, n);
-                CUDA_LAUNCHED();
-                launch(c, k_top_gather, dim3(nb, rows), dim3(1024), 0, list, cnt, (const unsigned long long *)smax,
-                       logits, stride, n, m);
-                CUDA_LAUNCHED();
-                launch(c, k_top_sort, dim3(rows), dim3(1024), 0, out, (const unsigned long long *)list,
-                       (const unsigned *)cnt, m);
-                CUDA_LAUNCHED();
+                top_thresh_launch(c, smax, list, cnt, out, logits, rows, stride, n, m, nb);
             } else { /* every slice sorted */
                 launch(c, k_top_slices, dim3(nb, rows), dim3(256), 0, cand, logits, stride, n, p2);
                 CUDA_LAUNCHED();
@@ -293,14 +364,8 @@ int cuda_op_logits_top(g3n_backend *be, const float *logits, int rows, size_t st
             for (int r = 0; r < rows; r++) declined |= c->top_host[(size_t)r * per + 2 * m] != (float)m;
             if (!declined) break; /* (a row the threshold path declined: every row again, sorted) */
         }
-        for (int r = 0; r < rows; r++) {
-            const float *h = c->top_host + (size_t)r * per;
-            ok[r] = h[2 * m] == (float)m;
-            for (int i = 0; i < m; i++) {
-                vals[(size_t)r * m + i] = h[i];
-                memcpy(&ids[(size_t)r * m + i], &h[m + i], sizeof(int32_t));
-            }
-        }
+        for (int r = 0; r < rows; r++)
+            ok[r] = (uint8_t)top_unpack(c->top_host + (size_t)r * per, m, vals + (size_t)r * m, ids + (size_t)r * m);
     }
     PROF_END(c, m == 1 ? "logits_top (1)" : "logits_top", (double)rows * n * sizeof(float));
     return 1;
