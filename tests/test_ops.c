@@ -1108,6 +1108,15 @@ TEST(fused_ops) {
         REF->altup_unembed(REF, hu, S0, vv, n, (g3n_vec){D, inn}, A, R, D, 1e-5f, 1e-6f);
         B->altup_unembed(B, dhu, dS0, dvv, n, (g3n_vec){D, dinn}, A, R, D, 1e-5f, 1e-6f);
         cmp("altup_unembed", dhu, hu, n, 1e-5, 1e-5);
+        if (B->magnitude_match_planes) { /* the same planes after S0, matched to it */
+            float *P = malloc(4 * (n + vn));
+            memcpy(P, S0, 4 * n), memcpy(P + n, vv, 4 * vn);
+            float *dP = dev(P, n + vn);
+            REF->magnitude_match_planes(REF, P, n, A, R, D, 1e-5f);
+            B->magnitude_match_planes(B, dP, n, A, R, D, 1e-5f);
+            cmp("magnitude_match_planes", dP, P, n + vn, 1e-5, 1e-5);
+            free(P);
+        }
         free(S0), free(vv), B->free(B, dS0), B->free(B, dvv);
     }
     free(S), free(rn), free(pc), free(cc), free(inn), free(pred), free(x), free(hp), free(x2), free(q), free(k);

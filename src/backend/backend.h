@@ -290,6 +290,11 @@ struct g3n_backend {
                                 g3n_vec post_ff, const g3n_mat *router, g3n_vec router_norm,
                                 g3n_vec coefs, g3n_vec out_scale, int A, int rows, int dim,
                                 float eps);
+    /* AltUp's planes made (SPEC §3.3), after the products S[k] = proj_k . S[0]
+     * (k = 1..A-1, S[k] at S + k * plane): S[k] = magnitude_match(S[k], S[0],
+     * floor_ms) for each k. May be NULL (forward.c then runs magnitude_match). */
+    void (*magnitude_match_planes)(g3n_backend *be, float *S, size_t plane, int A, int rows, int dim,
+                                   float floor_ms);
     /* The planes collapsed into the final hidden state (SPEC §3.7), after the
      * products v_k = unembed_k . S[k] (k = 1..A-1, v_k at v + (k-1) * vstride):
      *   out = S0;  out += magnitude_match(v_k, S0, floor_ms) for each k;

@@ -108,10 +108,24 @@ static void embed_tokens(g3n_model *M, fwd_scratch *f, int n) {
     float *S0 = f->S;
     be->embed(be, S0, &w->embed_tokens, sqrtf((float)c->n_embd));
     be->embed(be, f->z, &w->embed_tokens_per_layer, sqrtf((float)c->n_ple));
-    be->matmul(be, f->proj, &w->per_layer_model_projection, S0, n);
+    const int fused = M->fused && be->magnitude_match_planes;
+    if (fused) { /* the per-layer projection and the planes' products in one pass */
+        const g3n_mat *W[G3N_MAX_ALTUP] = {&w->per_layer_model_projection};
+        float *y[G3N_MAX_ALTUP] = {f->proj};
+        const float *x[G3N_MAX_ALTUP] = {S0};
+        for (int k = 1; k < c->n_altup; k++)
+            W[k] = &w->altup_projections[k - 1], y[k] = f->S + (size_t)k * plane, x[k] = S0;
+        be->matmul_multi(be, c->n_altup, W, y, x, n);
+    } else {
+        be->matmul(be, f->proj, &w->per_layer_model_projection, S0, n);
+    }
     be->ple_combine(be, f->ple, f->proj, f->z, w->per_layer_projection_norm, n, c->n_layer,
                     c->n_ple, (float)(1.0 / sqrt((double)c->n_embd)), c->rms_eps,
                     (float)(1.0 / sqrt(2.0)));
+    if (fused) {
+        be->magnitude_match_planes(be, f->S, plane, c->n_altup, n, c->n_embd, 1e-5f);
+        return;
+    }
     for (int k = 1; k < c->n_altup; k++) {
         float *Sk = f->S + (size_t)k * plane;
         be->matmul(be, Sk, &w->altup_projections[k - 1], S0, n);

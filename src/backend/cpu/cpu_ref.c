@@ -454,6 +454,11 @@ static void fused_ple_add(g3n_backend *be, float *pred, float *proj, g3n_vec pos
     for (int k = 1; k < A; k++) be->add(be, pred + k * n, pred + k * n, proj, n);
 }
 
+static void fused_magnitude_match_planes(g3n_backend *be, float *S, size_t plane, int A, int rows, int dim,
+                                         float floor_ms) {
+    for (int k = 1; k < A; k++) be->magnitude_match(be, S + (size_t)k * plane, S, rows, dim, floor_ms);
+}
+
 static void fused_altup_unembed(g3n_backend *be, float *out, const float *S0, float *v, size_t vstride,
                                 g3n_vec norm, int A, int rows, int dim, float floor_ms, float eps) {
     const size_t n = (size_t)rows * dim;
@@ -508,6 +513,7 @@ void cpu_ref_fill_ops(g3n_backend *be) {
     be->altup_correct_fused = fused_altup_correct;
     be->ple_add = fused_ple_add;
     be->altup_unembed = fused_altup_unembed;
+    be->magnitude_match_planes = fused_magnitude_match_planes;
 }
 
 g3n_backend *cpu_ref_backend_create(char *err, size_t errlen) {

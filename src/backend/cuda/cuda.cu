@@ -537,8 +537,9 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     be->mlp_sparse = cuda_op_mlp_sparse;
     be->altup_correct_fused = cuda_op_altup_correct_fused;
     be->ple_add = cuda_op_ple_add;
-    const char *ue = getenv("G3N_UNEMBED"); /* 0: the collapse as separate ops (for comparisons) */
+    const char *ue = getenv("G3N_ALTUP_FUSED"); /* 0: the planes made and collapsed by the basic ops (comparisons) */
     be->altup_unembed = ue && strcmp(ue, "0") == 0 ? NULL : cuda_op_altup_unembed;
+    be->magnitude_match_planes = ue && strcmp(ue, "0") == 0 ? NULL : cuda_op_magnitude_match_planes;
     be->decode_layers = cuda_op_decode_layers;
     be->logits_top = cuda_op_logits_top;
     be->logits_top_queue = cuda_op_logits_top_queue;

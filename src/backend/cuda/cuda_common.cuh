@@ -494,6 +494,8 @@ void cuda_quant_op_gate_up(g3n_backend *be, float *act, float *up, const g3n_mat
                            const float *x, int rows);
 void cuda_quant_embed(cuda_ctx *c, float *y, const g3n_mat *W, float scale);
 void cuda_quant_host_row(const cuda_host_table *t, int r, float *out);
+void cuda_op_magnitude_match_planes(g3n_backend *be, float *S, size_t plane, int A, int rows, int dim,
+                                    float floor_ms);
 void cuda_op_altup_unembed(g3n_backend *be, float *out, const float *S0, float *v, size_t vstride, g3n_vec norm,
                            int A, int rows, int dim, float floor_ms, float eps);
 void cuda_op_ple_add(g3n_backend *be, float *pred, float *proj, g3n_vec post_norm, int A, int rows,

@@ -357,13 +357,10 @@ void cuda_op_ple_add(g3n_backend *be, float *pred, float *proj, g3n_vec post_nor
 
 #define UNEMBED_MAX 8 /* planes (G3N_MAX_ALTUP) */
 
-__global__ void __launch_bounds__(ROW_THREADS)
-    k_altup_unembed(float *out, const float *S0, const float *v, size_t vstride, const float *w, int A, int dim,
-                    float floor_ms, float eps) {
-    KERNEL_BEGIN();
-    __shared__ float red[32 * UNEMBED_MAX];
-    const size_t o = (size_t)blockIdx.x * dim;
-    float ms[UNEMBED_MAX]; /* mean squares: S0, then each v_k */
+/* ms[0] = mean square of S0's row o, ms[k] = the magnitude of v_k's (k < A):
+ * sqrt(max(mean square, floor)); every thread of the block gets them */
+__device__ __forceinline__ void planes_ms(float (&ms)[UNEMBED_MAX], const float *S0, const float *v, size_t vstride,
+                                          int A, size_t o, int dim, float floor_ms, float *red) {
 #pragma unroll
     for (int k = 0; k < UNEMBED_MAX; k++) ms[k] = 0;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) {
@@ -376,9 +373,20 @@ __global__ void __launch_bounds__(ROW_THREADS)
             }
     }
     block_sum_n<UNEMBED_MAX>(ms, red);
-    const float target = sqrtf(ms[0] / (float)dim), inv_a = 1.0f / (float)A;
+    ms[0] /= (float)dim;
 #pragma unroll
-    for (int k = 1; k < UNEMBED_MAX; k++) ms[k] = sqrtf(fmaxf(ms[k] / (float)dim, floor_ms)); /* magnitudes */
+    for (int k = 1; k < UNEMBED_MAX; k++) ms[k] = sqrtf(fmaxf(ms[k] / (float)dim, floor_ms));
+}
+
+__global__ void __launch_bounds__(ROW_THREADS)
+    k_altup_unembed(float *out, const float *S0, const float *v, size_t vstride, const float *w, int A, int dim,
+                    float floor_ms, float eps) {
+    KERNEL_BEGIN();
+    __shared__ float red[32 * UNEMBED_MAX];
+    const size_t o = (size_t)blockIdx.x * dim;
+    float ms[UNEMBED_MAX];
+    planes_ms(ms, S0, v, vstride, A, o, dim, floor_ms, red);
+    const float target = sqrtf(ms[0]), inv_a = 1.0f / (float)A;
     float ss = 0;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) {
         float h = S0[o + i];
@@ -391,6 +399,32 @@ __global__ void __launch_bounds__(ROW_THREADS)
     }
     const float inv = rsqrtf(block_sum(ss, red) / (float)dim + eps);
     for (int i = threadIdx.x; i < dim; i += blockDim.x) out[o + i] = w ? out[o + i] * inv * w[i] : out[o + i] * inv;
+}
+
+/* planes 1..A-1 of S matched to plane 0 (magnitude_match_planes) */
+__global__ void __launch_bounds__(ROW_THREADS)
+    k_magnitude_match_planes(float *S, size_t plane, int A, int dim, float floor_ms) {
+    KERNEL_BEGIN();
+    __shared__ float red[32 * UNEMBED_MAX];
+    const size_t o = (size_t)blockIdx.x * dim;
+    float ms[UNEMBED_MAX];
+    planes_ms(ms, S, S + plane, plane, A, o, dim, floor_ms, red);
+    const float target = sqrtf(ms[0]);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x)
+#pragma unroll
+        for (int k = 1; k < UNEMBED_MAX; k++)
+            if (k < A) S[k * plane + o + i] = S[k * plane + o + i] * target / ms[k];
+}
+
+void cuda_op_magnitude_match_planes(g3n_backend *be, float *S, size_t plane, int A, int rows, int dim,
+                                    float floor_ms) {
+    cuda_ctx *c = CTX(be);
+    if (rows <= 0 || A < 2) return;
+    G3N_ASSERT(A <= UNEMBED_MAX);
+    PROF_BEGIN(c);
+    launch(c, k_magnitude_match_planes, dim3(rows), dim3(ROW_THREADS), 0, S, plane, A, dim, floor_ms);
+    CUDA_LAUNCHED();
+    PROF_END(c, "magnitude_match_planes", 0);
 }
 
 void cuda_op_altup_unembed(g3n_backend *be, float *out, const float *S0, float *v, size_t vstride, g3n_vec norm,
