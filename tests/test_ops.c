@@ -346,25 +346,27 @@ TEST(qmatmul_fused_odd) {
             }
 }
 
-/* Quantized embedding rows (device table and host-gathered), exact. */
+/* Quantized embedding rows (device table and host-gathered), exact; a decode
+ * step's 4 rows and a prompt's 12 (a GPU may stage the two differently). */
 TEST(qembed) {
-    int32_t ids[4] = {3, 0, 70, 11}, z[4] = {0, 0, 0, 0};
-    g3n_batch bt = {4, ids, z, z, NULL, 1};
+    int32_t ids[12] = {3, 0, 70, 11, 63, 5, 5, 40, 1, 2, 62, 9}, z[12] = {0};
     for (int hg = 0; hg < 2; hg++)
-        for (int bits = 2; bits <= 8; bits += bits == 6 ? 2 : 1) {
-            tmat W = make_qmat_ex(bits, 64, bits & 1 ? G3N_F16 : G3N_BF16, 64, 192, hg, 0, 0);
-            float *y0 = malloc(4 * 4 * 192), *dy = dev_nan(4 * 192);
-            REF->batch_set(REF, &bt);
-            B->batch_set(B, &bt);
-            REF->embed(REF, y0, &W.ref, 3.0f);
-            B->embed(B, dy, &W.b, 3.0f);
-            char what[48];
-            snprintf(what, sizeof what, "qembed b%d host_gather %d", bits, hg);
-            cmp(what, dy, y0, 4 * 192, 0, 0);
-            free(y0);
-            if (hg) keep_alive(W.mem);
-            else free(W.mem);
-        }
+        for (int bits = 2; bits <= 8; bits += bits == 6 ? 2 : 1)
+            for (int nt = 4; nt <= 12; nt += 8) {
+                g3n_batch bt = {nt, ids, z, z, NULL, 1};
+                tmat W = make_qmat_ex(bits, 64, bits & 1 ? G3N_F16 : G3N_BF16, 64, 192, hg, 0, 0);
+                float *y0 = malloc(4 * (size_t)nt * 192), *dy = dev_nan((size_t)nt * 192);
+                REF->batch_set(REF, &bt);
+                B->batch_set(B, &bt);
+                REF->embed(REF, y0, &W.ref, 3.0f);
+                B->embed(B, dy, &W.b, 3.0f);
+                char what[48];
+                snprintf(what, sizeof what, "qembed b%d host_gather %d rows %d", bits, hg, nt);
+                cmp(what, dy, y0, (size_t)nt * 192, 0, 0);
+                free(y0);
+                if (hg) keep_alive(W.mem);
+                else free(W.mem);
+            }
 }
 
 TEST(fused_ops_q4) {

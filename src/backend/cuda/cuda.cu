@@ -294,6 +294,7 @@ static void cu_batch_set(g3n_backend *be, const g3n_batch *b) {
         size_t kvn = (size_t)c->cap_seq * G3N_KV_MAX_LAYERS;
         CUDA_CHECK(cudaMalloc((void **)&c->d_kv, sizeof(g3n_kv_layer) * kvn));
         CUDA_CHECK(cudaMallocHost((void **)&c->h_kv, sizeof(g3n_kv_layer) * kvn));
+        c->kv_sent = 0;
     } else {
         /* the pinned staging may still feed the previous step's copies */
         CUDA_CHECK(cudaStreamSynchronize(c->stream));
@@ -322,11 +323,19 @@ static void cu_batch_set(g3n_backend *be, const g3n_batch *b) {
     memcpy(h + 2 * c->cap_tokens, b->seq, sizeof(int32_t) * (size_t)b->n);
     CUDA_CHECK(cudaMemcpyAsync(c->d_meta, h, sizeof(int32_t) * 3 * (size_t)c->cap_tokens,
                                cudaMemcpyHostToDevice, c->stream));
-    if (b->kv) {
-        for (int s = 0; s < b->n_seq; s++)
-            memcpy(c->h_kv + (size_t)s * G3N_KV_MAX_LAYERS, b->kv[s]->layer, sizeof(b->kv[s]->layer));
-        CUDA_CHECK(cudaMemcpyAsync(c->d_kv, c->h_kv, sizeof(g3n_kv_layer) * G3N_KV_MAX_LAYERS * (size_t)b->n_seq,
-                                   cudaMemcpyHostToDevice, c->stream));
+    if (b->kv) { /* the caches' table: copied when it changed (a session's decode steps: never) */
+        const int n = b->n_seq * G3N_KV_MAX_LAYERS;
+        int same = c->kv_skip && n <= c->kv_sent;
+        for (int s = 0; s < b->n_seq; s++) {
+            g3n_kv_layer *dst = c->h_kv + (size_t)s * G3N_KV_MAX_LAYERS;
+            same = same && memcmp(dst, b->kv[s]->layer, sizeof(b->kv[s]->layer)) == 0;
+            memcpy(dst, b->kv[s]->layer, sizeof(b->kv[s]->layer));
+        }
+        if (!same) {
+            CUDA_CHECK(cudaMemcpyAsync(c->d_kv, c->h_kv, sizeof(g3n_kv_layer) * (size_t)n, cudaMemcpyHostToDevice,
+                                       c->stream));
+            c->kv_sent = n;
+        }
     }
     /* host-resident tables: gather this step's rows, one copy each (a table
      * registered after the staging was sized gets its own now) */
@@ -344,13 +353,14 @@ static void cu_batch_set(g3n_backend *be, const g3n_batch *b) {
         for (int k = 0; k < b->n; k++) {
             int id = b->ids[k];
             if (id < 0 || id >= t->rows) id = 0;
-            if (t->qm.bits) cuda_quant_host_row(t, id, (float *)((char *)t->h_stage + (size_t)k * t->row_bytes));
+            if (t->qm.bits) cuda_quant_host_row(t, id, (char *)t->h_stage + (size_t)k * t->row_bytes);
             else
                 memcpy((char *)t->h_stage + (size_t)k * t->row_bytes,
                        (const char *)t->host + (size_t)id * t->row_bytes, t->row_bytes);
         }
-        CUDA_CHECK(cudaMemcpyAsync(t->d_stage, t->h_stage, t->row_bytes * (size_t)b->n,
-                                   cudaMemcpyHostToDevice, c->stream));
+        if (!stage_direct(c))
+            CUDA_CHECK(cudaMemcpyAsync(t->d_stage, t->h_stage, t->row_bytes * (size_t)b->n, cudaMemcpyHostToDevice,
+                                       c->stream));
     }
 }
 
@@ -478,6 +488,10 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     CUDA_CHECK(cudaMallocHost(&c->tq_host, TOP_QUEUE_HOST));
     c->blas_rows = br ? G3N_MAX(2, atoi(br)) : 3; /* measured: docs/SPEED.md, seventh session */
     c->blas_bytes = (size_t)(bm ? G3N_MAX(0, atoi(bm)) : 16) << 20;
+    /* G3N_STAGE_ZC=0, G3N_KV_SKIP=0: a decode step copies its host-table rows and
+     * its caches' table as a prompt does (comparisons; docs/SPEED.md, fifteenth session) */
+    c->stage_zc = !(getenv("G3N_STAGE_ZC") && !atoi(getenv("G3N_STAGE_ZC")));
+    c->kv_skip = !(getenv("G3N_KV_SKIP") && !atoi(getenv("G3N_KV_SKIP")));
     const char *pf = getenv("G3N_PF");
     c->pf_on = !(pf && strcmp(pf, "0") == 0);
     c->l2_bytes = (size_t)prop.l2CacheSize;

@@ -65,7 +65,10 @@ typedef struct {
     void *h_stage;     /* pinned: the rows of the current step */
     void *d_stage;     /* device copy of h_stage */
     int cap_rows;
-    g3n_mat qm;        /* quantized table (qm.bits > 0): rows staged dequantized, as f32 */
+    g3n_mat qm;        /* quantized table (qm.bits > 0): a row staged as stored (its packed
+                          words, then its scales, then its biases: q_words and q_groups
+                          bytes, row_bytes rounded up to 16) and dequantized on the GPU */
+    size_t q_words, q_groups;
 } cuda_host_table;
 
 #define CUDA_MAX_PROF 96
@@ -105,6 +108,8 @@ typedef struct {
     int32_t *h_meta;       /* pinned staging of the same */
     g3n_kv_layer *d_kv;    /* [cap_seq][G3N_KV_MAX_LAYERS] */
     g3n_kv_layer *h_kv;    /* pinned staging */
+    int kv_sent, kv_skip;  /* entries of h_kv that d_kv holds: a step with the same table copies none */
+    int stage_zc;          /* stage_direct: a decode step's host-table rows read from the pinned staging */
     cuda_host_table tables[CUDA_MAX_HOST_GATHER];
     int n_tables;
     /* weights uploaded by mat_prepare */
@@ -174,6 +179,11 @@ typedef struct {
 } cuda_ctx;
 
 static inline cuda_ctx *CTX(g3n_backend *be) { return (cuda_ctx *)be->ctx; }
+
+/* A decode step's rows of the host-resident tables are read by the embedding
+ * kernel from the pinned staging itself (mapped: a few KB over the bus), with no
+ * copy between; a prompt's are copied. */
+static inline int stage_direct(const cuda_ctx *c) { return c->stage_zc && c->n_tokens <= 8; }
 
 /* Profiling: PROF_BEGIN before an op's launches, PROF_END(name, bytes) after. */
 void cuda_prof_end(cuda_ctx *c, const char *name, double bytes);
@@ -493,7 +503,8 @@ void cuda_quant_op_gelu_mul(g3n_backend *be, float *y, const g3n_mat *W, const f
 void cuda_quant_op_gate_up(g3n_backend *be, float *act, float *up, const g3n_mat *Wg, const g3n_mat *Wu,
                            const float *x, int rows);
 void cuda_quant_embed(cuda_ctx *c, float *y, const g3n_mat *W, float scale);
-void cuda_quant_host_row(const cuda_host_table *t, int r, float *out);
+void cuda_quant_host_row(const cuda_host_table *t, int r, void *slot);
+void cuda_quant_embed_staged(cuda_ctx *c, float *y, const cuda_host_table *t, const void *stage, float scale);
 void cuda_op_magnitude_match_planes(g3n_backend *be, float *S, size_t plane, int A, int rows, int dim,
                                     float floor_ms);
 void cuda_op_altup_unembed(g3n_backend *be, float *out, const float *S0, float *v, size_t vstride, g3n_vec norm,

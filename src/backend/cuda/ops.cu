@@ -33,9 +33,12 @@ void cuda_op_embed(g3n_backend *be, float *y, const g3n_mat *W, float scale) {
     PROF_BEGIN(c);
     for (int i = 0; i < c->n_tables; i++)
         if (c->tables[i].host == W->data) {
-            launch(c, k_embed_staged, dim3(grid), dim3(256), 0, y, c->tables[i].d_stage, c->tables[i].dtype, W->cols,
-                   scale);
-            CUDA_LAUNCHED();
+            const void *stage = stage_direct(c) ? c->tables[i].h_stage : c->tables[i].d_stage;
+            if (c->tables[i].qm.bits) cuda_quant_embed_staged(c, y, &c->tables[i], stage, scale);
+            else {
+                launch(c, k_embed_staged, dim3(grid), dim3(256), 0, y, stage, c->tables[i].dtype, W->cols, scale);
+                CUDA_LAUNCHED();
+            }
             PROF_END(c, "embed (host table)", 0);
             return;
         }

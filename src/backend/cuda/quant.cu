@@ -25,6 +25,7 @@
 #include <cooperative_groups.h>
 
 #include "cuda_common.cuh"
+#include "quant.h"
 
 namespace cg = cooperative_groups;
 
@@ -1428,7 +1429,7 @@ static void *upload(cuda_ctx *c, const void *src, size_t bytes) {
 
 int cuda_quant_prepare(cuda_ctx *c, g3n_mat *m, char *err, size_t errlen) {
     if (!m->data) return 0;
-    if (m->host_gather && !c->ple_on_gpu) { /* rows dequantized on the host when staged */
+    if (m->host_gather && !c->ple_on_gpu) { /* rows staged as stored, dequantized on the GPU */
         if (c->n_tables == CUDA_MAX_HOST_GATHER)
             return g3n_err(err, errlen, "%s: too many host-resident tables", m->name);
         cuda_host_table *t = &c->tables[c->n_tables++];
@@ -1438,7 +1439,9 @@ int cuda_quant_prepare(cuda_ctx *c, g3n_mat *m, char *err, size_t errlen) {
         t->dtype = G3N_F32;
         t->cols = m->cols;
         t->rows = m->rows;
-        t->row_bytes = (size_t)m->cols * sizeof(float);
+        t->q_words = g3n_quant_row_words(m->cols, m->bits) * 4;
+        t->q_groups = (size_t)(m->cols / m->group_size) * g3n_dtype_size((g3n_dtype)m->sdtype);
+        t->row_bytes = (t->q_words + 2 * t->q_groups + 15) / 16 * 16;
         return 0;
     }
     if (m->row_kernel) { /* small, read inside fused kernels: exact f32 copy */
@@ -1496,4 +1499,30 @@ int cuda_quant_prepare(cuda_ctx *c, g3n_mat *m, char *err, size_t errlen) {
 }
 
 /* A quantized host table's row r as f32 (batch_set's staging). */
-void cuda_quant_host_row(const cuda_host_table *t, int r, float *out) { g3n_mat_row(&t->qm, r, out); }
+/* Row r of a quantized host table into a staging slot, as stored (cuda_host_table) */
+void cuda_quant_host_row(const cuda_host_table *t, int r, void *slot) {
+    const g3n_mat *m = &t->qm;
+    char *o = (char *)slot;
+    memcpy(o, (const char *)m->data + (size_t)r * t->q_words, t->q_words);
+    memcpy(o + t->q_words, (const char *)m->scales + (size_t)r * t->q_groups, t->q_groups);
+    memcpy(o + t->q_words + t->q_groups, (const char *)m->biases + (size_t)r * t->q_groups, t->q_groups);
+}
+
+/* Staged rows of a quantized host table (one a token, as cuda_quant_host_row
+ * put them) dequantized as the reference does: y[t] = row * scale */
+__global__ void k_qembed_staged(float *y, const char *stage, size_t row_bytes, size_t q_words, size_t q_groups,
+                                int sdt, int bits, int group, int cols, float scale) {
+    KERNEL_BEGIN();
+    const int t = blockIdx.y;
+    const char *s = stage + (size_t)t * row_bytes;
+    const uint32_t *W = (const uint32_t *)s;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < cols; i += gridDim.x * blockDim.x)
+        y[(size_t)t * cols + i] = qdeq(W, s + q_words, s + q_words + q_groups, sdt, bits, group, cols, 0, i) * scale;
+}
+
+void cuda_quant_embed_staged(cuda_ctx *c, float *y, const cuda_host_table *t, const void *stage, float scale) {
+    const unsigned gx = (unsigned)G3N_MIN(((size_t)t->cols + 255) / 256, (size_t)64);
+    launch(c, k_qembed_staged, dim3(gx, (unsigned)c->n_tokens), dim3(256), 0, y, (const char *)stage, t->row_bytes,
+           t->q_words, t->q_groups, t->qm.sdtype, t->qm.bits, t->qm.group_size, t->cols, scale);
+    CUDA_LAUNCHED();
+}
