@@ -184,9 +184,13 @@ int cmd_bench(int argc, char **argv) {
     if (g3n_session_eval(s, &w0, 1, NULL, err, sizeof err)) die("%s", err);
     if (g3n_session_eval(s, &w0, 1, NULL, err, sizeof err)) die("%s", err);
     (void)g3n_session_sample(s, greedy);
-    if (n_prompt > 0) { /* (and record the prompt step at this depth) */
+    if (n_prompt > 0) { /* (and record the prompt step at this depth: a GPU backend records a
+                         * step the second time it comes) */
         fill_context(s, prompt, depth);
-        if (g3n_session_eval(s, prompt + depth, n_prompt, NULL, err, sizeof err)) die("%s", err);
+        for (int w = 0; w < 2; w++) {
+            back_to(s, prompt, depth);
+            if (g3n_session_eval(s, prompt + depth, n_prompt, NULL, err, sizeof err)) die("%s", err);
+        }
     }
 
     /* decode is timed on every path where they differ (GPU); the model's own
@@ -211,9 +215,9 @@ int cmd_bench(int argc, char **argv) {
             int32_t tok = 2; /* <bos> */
             uint64_t h = 1469598103934665603ull;
             if (r == 0) /* record this path's step before timing it: the first pick tells the
-                           * session what the next steps queue for the sampler, the second step
-                           * is recorded with it */
-                for (int w = 0; w < 2; w++) {
+                           * session what the next steps queue for the sampler; a GPU backend
+                           * records the step with it the second time it comes */
+                for (int w = 0; w < 3; w++) {
                     if (g3n_session_eval(s, &tok, 1, NULL, err, sizeof err)) die("%s", err);
                     g3n_session_sample(s, greedy);
                     back_to(s, prompt, depth);

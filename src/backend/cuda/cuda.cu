@@ -171,6 +171,18 @@ static int cu_graph_begin(g3n_backend *be, uint64_t key) {
             c->tq = c->graph_tq[i]; /* what it queues for logits_top */
             return 1;
         }
+    /* A step is recorded the second time it comes: the first runs as it is.
+     * Most prompt shapes never come back, and recording one costs more than
+     * running it (instantiating an E4B 4-bit step of 4 prompt tokens, 1,449
+     * nodes: 9.9 ms; a decode step, ~400 nodes: 0.8-2.3 ms; docs/SPEED.md,
+     * fifteenth session). G3N_GRAPH_FIRST=1: record at once. */
+    int seen = c->graph_first;
+    for (int i = 0; i < CUDA_SEEN_KEYS && !seen; i++) seen = c->seen_key[i] == key;
+    if (!seen) {
+        c->seen_key[c->next_seen] = key;
+        c->next_seen = (c->next_seen + 1) % CUDA_SEEN_KEYS;
+        return 0;
+    }
     CUDA_CHECK(cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal));
     c->capturing = 1;
     c->capture_key = key;
@@ -492,6 +504,7 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
      * its caches' table as a prompt does (comparisons; docs/SPEED.md, fifteenth session) */
     c->stage_zc = !(getenv("G3N_STAGE_ZC") && !atoi(getenv("G3N_STAGE_ZC")));
     c->kv_skip = !(getenv("G3N_KV_SKIP") && !atoi(getenv("G3N_KV_SKIP")));
+    c->graph_first = getenv("G3N_GRAPH_FIRST") && atoi(getenv("G3N_GRAPH_FIRST"));
     const char *pf = getenv("G3N_PF");
     c->pf_on = !(pf && strcmp(pf, "0") == 0);
     c->l2_bytes = (size_t)prop.l2CacheSize;

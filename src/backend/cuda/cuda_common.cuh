@@ -43,6 +43,7 @@ extern "C" {
     } while (0)
 
 #define CUDA_MAX_GRAPHS 32
+#define CUDA_SEEN_KEYS 64
 
 /* logits_top (top.cu) */
 #define TOP_SLICE 2048        /* logits per block of k_top_slices and k_top_max */
@@ -174,6 +175,8 @@ typedef struct {
     uint64_t graph_key[CUDA_MAX_GRAPHS];
     cudaGraphExec_t graph_exec[CUDA_MAX_GRAPHS];
     int n_graphs, next_evict;
+    uint64_t seen_key[CUDA_SEEN_KEYS]; /* steps run once, not recorded (cu_graph_begin) */
+    int next_seen, graph_first;
     int capturing;
     uint64_t capture_key;
 } cuda_ctx;
