@@ -30,7 +30,11 @@
  *     row's list (atomic slots: the list's order varies, its set does not).
  *  3. k_top_sort: one block sorts the list and writes the best m; more than
  *     TOP_CAP keys at or above t (ties of -inf, say) and it declines, and the
- *     row goes through the two steps above. */
+ *     row goes through the two steps above.
+ * logits_top_queue runs m = 1 (k_top_max alone: each slice's best key, the
+ * host takes the largest) or the threshold path with the step that writes the
+ * logits, inside its recorded graph, into pinned host memory; logits_top then
+ * only collects (top_collect). */
 #include "cuda_common.cuh"
 #include <float.h>
 
