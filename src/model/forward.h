@@ -39,6 +39,10 @@ void fwd_dec_model_init(g3n_model *m);
 /* Set m->fused from "fused", "split", "mega" or NULL/"auto" (measure on this
  * device, cached per device and model shape). Called once at load. */
 void decode_path_choose(g3n_model *m, const char *want);
+/* On a backend that records steps (a GPU): a short prompt and two decode steps
+ * at load, so that the first use of each kernel, library path and scratch is
+ * paid there rather than by the first request (G3N_WARMUP=0: not). */
+void model_warm_up(g3n_model *m);
 
 /* Debugging aid (tests, tools): called after every layer with the planes
  * [A][n][D] in backend memory. NULL in normal use. */

@@ -365,6 +365,7 @@ g3n_model *g3n_model_open(const char *dir, const g3n_model_params *params, char 
     if (rc == 0 && p.decode_path && fwd_path_parse(p.decode_path) < 0 && strcmp(p.decode_path, "auto"))
         rc = g3n_err(err, errlen, "decode path \"%s\": expected fused, split, mega or auto", p.decode_path);
     if (rc == 0) decode_path_choose(m, p.decode_path);
+    if (rc == 0) model_warm_up(m);
     if (rc != 0) {
         g3n_model_close(m);
         return NULL;

@@ -442,6 +442,20 @@ static char *cache_path(void) {
     return g3n_strdup(buf);
 }
 
+void model_warm_up(g3n_model *m) {
+    const char *e = getenv("G3N_WARMUP");
+    if (!m->be->graph_begin || (e && !atoi(e))) return;
+    char err[256];
+    g3n_session *s = g3n_session_create(m, 64, 16, err, sizeof err);
+    if (!s) return;
+    int32_t ids[12]; /* more than 8 rows: the prompt products' path */
+    for (int i = 0; i < 12; i++) ids[i] = (i * 7919 + 3) % m->cfg.n_vocab_ple;
+    if (g3n_session_eval(s, ids, 12, NULL, err, sizeof err) == 0)
+        for (int i = 0; i < 2; i++)
+            if (g3n_session_eval(s, ids + i, 1, NULL, err, sizeof err) != 0) break;
+    g3n_session_free(s);
+}
+
 void decode_path_choose(g3n_model *m, const char *want) {
     char *why = m->path_why;
     const int asked = want ? fwd_path_parse(want) : -1;
