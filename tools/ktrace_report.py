@@ -9,8 +9,9 @@ step and averaged over the steps:
   dur  its own start-to-end (with PDL it starts before the previous one ends)
 Kernels on the L2-prefetch side stream (k_l2_prefetch) are left out of the
 steps and summarized on their own.
-With --head N / --tail N: one middle step's first / last N kernels and the side-stream kernels
-that ran during it, with start and end in us from the step's start.
+With --head N / --tail N: one middle step's first N kernels (after the previous
+step's last three) / last N kernels and the side-stream kernels that ran during
+it, with start and end in us from the step's start.
 Usage: python3 tools/ktrace_report.py trace.txt [--demangle] [--layer [--at L]] [--head N] [--tail N]"""
 import subprocess
 import sys
@@ -41,7 +42,6 @@ def main():
     rows = load(sys.argv[1])
     names = demangle(sorted({r[4] for r in rows}))
     side = [r for r in rows if names[r[4]].startswith("k_l2_prefetch")]
-    side_all = side
     rows = [r for r in rows if not names[r[4]].startswith("k_l2_prefetch")]
     if side:
         d = sorted((r[1] - r[0]) / 1e3 for r in side)
@@ -107,8 +107,8 @@ def main():
             rows_ = (steps[i - 1][-3:] if i > 0 else []) + rows_
         for r in rows_:
             print(f"  {names[r[4]][:40]:40s} {str(r[2]):>12s} start {(r[0] - t0) / 1e3:8.2f} end {(r[1] - t0) / 1e3:8.2f}")
-        for r in side_all:
-            if r[1] > t0 and r[0] < t1 and opt == "--tail":
+        for r in side if opt == "--tail" else []:
+            if r[1] > t0 and r[0] < t1:
                 print(f"  side: {names[r[4]][:34]:34s} {str(r[2]):>12s} start {(r[0] - t0) / 1e3:8.2f} end {(r[1] - t0) / 1e3:8.2f}")
 
 

@@ -565,8 +565,9 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     be->altup_correct_fused = cuda_op_altup_correct_fused;
     be->ple_add = cuda_op_ple_add;
     const char *ue = getenv("G3N_ALTUP_FUSED"); /* 0: the planes made and collapsed by the basic ops (comparisons) */
-    be->altup_unembed = ue && strcmp(ue, "0") == 0 ? NULL : cuda_op_altup_unembed;
-    be->magnitude_match_planes = ue && strcmp(ue, "0") == 0 ? NULL : cuda_op_magnitude_match_planes;
+    const int altup_fused = !(ue && strcmp(ue, "0") == 0);
+    be->altup_unembed = altup_fused ? cuda_op_altup_unembed : NULL;
+    be->magnitude_match_planes = altup_fused ? cuda_op_magnitude_match_planes : NULL;
     be->decode_layers = cuda_op_decode_layers;
     be->logits_top = cuda_op_logits_top;
     be->logits_top_queue = cuda_op_logits_top_queue;

@@ -1436,7 +1436,6 @@ int cuda_quant_prepare(cuda_ctx *c, g3n_mat *m, char *err, size_t errlen) {
         memset(t, 0, sizeof(*t));
         t->host = m->data;
         t->qm = *m;
-        t->dtype = G3N_F32;
         t->cols = m->cols;
         t->rows = m->rows;
         t->q_words = g3n_quant_row_words(m->cols, m->bits) * 4;
@@ -1498,7 +1497,6 @@ int cuda_quant_prepare(cuda_ctx *c, g3n_mat *m, char *err, size_t errlen) {
     return 0;
 }
 
-/* A quantized host table's row r as f32 (batch_set's staging). */
 /* Row r of a quantized host table into a staging slot, as stored (cuda_host_table) */
 void cuda_quant_host_row(const cuda_host_table *t, int r, void *slot) {
     const g3n_mat *m = &t->qm;

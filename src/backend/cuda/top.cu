@@ -38,7 +38,6 @@
 #include "cuda_common.cuh"
 #include <float.h>
 
-
 __device__ __forceinline__ unsigned long long top_key(float x, int id) {
     x = x != x ? -INFINITY : (x > FLT_MAX ? FLT_MAX : x);
     uint32_t u = __float_as_uint(x);
