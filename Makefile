@@ -137,6 +137,11 @@ test-cuda: tokenizer-fixture
 	    || { echo "$$out"; exit 1; }; \
 	  echo "$$e test_ops (quantized): $$(echo "$$out" | tail -1)"; \
 	  done
+	@# k_correct_gate's other shapes: gate rows a block, pairs of elements a thread
+	@for e in G3N_CG_RPB=1 G3N_CG_RPB=16 G3N_CG_PAIRS=4; do \
+	  out=$$(env $$e G3N_REQUIRE_CUDA=1 build/release-cuda/tests/test_ops correct_gate) || { echo "$$out"; exit 1; }; \
+	  echo "$$e test_ops correct_gate: $$(echo "$$out" | tail -1)"; \
+	  done
 
 clean:
 	rm -rf build g3n g3n-debug

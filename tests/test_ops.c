@@ -933,6 +933,57 @@ TEST(row_kernels) {
     for (int i = 0; i < 3; i++) row_kernels_case(Ds[i], 1), row_kernels_case(Ds[i], 2);
 }
 
+/* altup_correct_gate (AltUp correct, then the per-layer input's gate product,
+ * corrected planes out of place) against the reference ops, for each kind of
+ * gate matrix a GPU kernel takes (bf16, f16, f32, 4 and 8 bits), with and
+ * without the output scale, n_ple 256 and 37 (a last block of gate rows
+ * partly empty), widths 64, 256 and 2048, one row (the fused kernel) and two
+ * (the two ops), and width 96 (the generic kernels, on a copy of the planes). */
+TEST(correct_gate) {
+    const int A = 4, Ds[4] = {64, 96, 256, 2048}, Ps[2] = {256, 37};
+    const int kinds[6][3] = {{G3N_BF16, 0, 0}, {G3N_F16, 0, 0}, {G3N_F32, 0, 0}, {0, 4, 32}, {0, 4, 64}, {0, 8, 64}};
+    for (int di = 0; di < 4; di++)
+        for (int R = 1; R <= 2; R++)
+            for (int ki = 0; ki < 6; ki++) {
+                const int D = Ds[di], NP = Ps[(di + ki) % 2], sc = (ki + R) % 2;
+                if (kinds[ki][1] && D % kinds[ki][2]) continue;
+                if (B_IS_CPU && (di < 3 || ki % 2)) continue; /* the same code as the reference there */
+                const size_t pn = (size_t)A * R * D, n = (size_t)R * D, np = (size_t)R * NP;
+                float *pred = rnd(pn, 1.0f), *f = rnd(n, 2.0f), *sres = rnd(n, 1.0f), *w = rnd(3 * (size_t)D, 1.0f);
+                float *cc = rnd(16, 0.3f), *m = rnd(np, 1.0f), *out = malloc(4 * pn), *qs = malloc(4 * n);
+                float *pg = malloc(4 * np), *f2 = malloc(4 * n);
+                for (int i = 0; i < D; i++) w[D + i] += 1.5f;
+                memcpy(f2, f, 4 * n);
+                tmat router = make_mat(G3N_BF16, A, D, 0);
+                tmat gate = kinds[ki][1] ? make_qmat_ex(kinds[ki][1], kinds[ki][2], G3N_BF16, NP, D, 0, 0, 0)
+                                         : make_mat(kinds[ki][0], NP, D, 0);
+                const g3n_vec none = {0, NULL};
+                REF->altup_correct_gate(REF, out, pred, qs, f2, sres, (g3n_vec){D, w}, &router.ref,
+                                        (g3n_vec){D, w + D}, (g3n_vec){16, cc}, sc ? (g3n_vec){D, w + 2 * D} : none,
+                                        pg, &gate.ref, m, A, R, D, 1e-6f);
+                float *dpred = dev(pred, pn), *df = dev(f, n), *ds = dev(sres, n), *dw = dev(w, 3 * (size_t)D);
+                float *dcc = dev(cc, 16), *dm = dev(m, np), *dout = dev_nan(pn), *dqs = dev_nan(n), *dpg = dev_nan(np);
+                B->altup_correct_gate(B, dout, dpred, dqs, df, ds, (g3n_vec){D, dw}, &router.b, (g3n_vec){D, dw + D},
+                                      (g3n_vec){16, dcc}, sc ? (g3n_vec){D, dw + 2 * D} : none, dpg, &gate.b, dm, A,
+                                      R, D, 1e-6f);
+                char what[96];
+                snprintf(what, sizeof what, "correct_gate D%d R%d n_ple %d kind %d%s", D, R, NP, ki, sc ? " +scale" : "");
+                char w2[112];
+                snprintf(w2, sizeof w2, "%s planes", what);
+                cmp(w2, dout, out, pn, 1e-5, 1e-5);
+                snprintf(w2, sizeof w2, "%s qs", what);
+                cmp(w2, dqs, qs, n, 1e-5, 1e-5);
+                snprintf(w2, sizeof w2, "%s pg", what);
+                cmp(w2, dpg, pg, np, 1e-4, rms_tol(pg, np, 1e-5));
+                float *hp = host(dpred, pn); /* pred only read */
+                CHECK_MSG(memcmp(hp, pred, 4 * pn) == 0, "%s: pred changed", what);
+                free(hp), free(pred), free(f), free(sres), free(w), free(cc), free(m), free(out), free(qs), free(pg);
+                free(f2), free(router.mem), free(gate.mem);
+                void *d[] = {dpred, df, ds, dw, dcc, dm};
+                for (size_t i = 0; i < sizeof d / sizeof *d; i++) B->free(B, d[i]);
+            }
+}
+
 TEST(fused_ops) {
     const int A = 4, R = 2, D = 96, H = 4, Hkv = 2, hd = 32, cap = 16;
     const size_t pn = (size_t)A * R * D, n = (size_t)R * D;
@@ -1303,6 +1354,7 @@ static void run_backend(void) {
     RUN(small_ops);
     RUN(fused_ops);
     RUN(row_kernels);
+    RUN(correct_gate);
     RUN(fused_ops_q4);
     RUN(fused_ops_q8);
     RUN(logits_top);

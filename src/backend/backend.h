@@ -290,6 +290,18 @@ struct g3n_backend {
                                 g3n_vec post_ff, const g3n_mat *router, g3n_vec router_norm,
                                 g3n_vec coefs, g3n_vec out_scale, int A, int rows, int dim,
                                 float eps);
+    /* Optional (NULL): altup_correct_fused and then the per-layer input's gate,
+     * the corrected planes written out of place:
+     *   out = pred (copied), altup_correct_fused(out, qs, f, s, ...),
+     *   pg = gelu_tanh(gate . qs) * ple   (matmul_gelu_mul).
+     * pred is only read; f is scratch afterwards; out must not overlap pred or f.
+     * (A GPU backend computes the correction in every block of the gate's
+     * product, so none may update pred in place.) */
+    void (*altup_correct_gate)(g3n_backend *be, float *out, const float *pred, float *qs, float *f,
+                               const float *s, g3n_vec post_ff, const g3n_mat *router,
+                               g3n_vec router_norm, g3n_vec coefs, g3n_vec out_scale, float *pg,
+                               const g3n_mat *gate, const float *ple, int A, int rows, int dim,
+                               float eps);
     /* AltUp's planes made (SPEC §3.3), after the products S[k] = proj_k . S[0]
      * (k = 1..A-1, S[k] at S + k * plane): S[k] = magnitude_match(S[k], S[0],
      * floor_ms) for each k. May be NULL (forward.c then runs magnitude_match). */

@@ -284,18 +284,23 @@ static void decoder_layer_fused(g3n_model *M, fwd_scratch *f, int l, int n) {
         be->matmul(be, f->t0, &lw->down_proj, f->gate, n);
     }
     g3n_vec none = {0, NULL};
-    be->altup_correct_fused(be, f->pred, f->o, f->t0, f->s, lw->post_feedforward_layernorm,
-                            &lw->altup_router, lw->altup_router_norm, lw->altup_correction_coefs,
-                            c->altup_correct_scale ? lw->altup_correct_output_scale : none, A, n,
-                            D, eps);
-    be->matmul_gelu_mul(be, f->pg, &lw->per_layer_input_gate, f->o, f->ple + (size_t)l * n * c->n_ple,
-                        n);
+    const g3n_vec oscale = c->altup_correct_scale ? lw->altup_correct_output_scale : none;
+    const float *ple_l = f->ple + (size_t)l * n * c->n_ple;
+    if (be->altup_correct_gate) { /* corrected planes into S (dead since predict): the new state */
+        be->altup_correct_gate(be, f->S, f->pred, f->o, f->t0, f->s, lw->post_feedforward_layernorm,
+                               &lw->altup_router, lw->altup_router_norm, lw->altup_correction_coefs,
+                               oscale, f->pg, &lw->per_layer_input_gate, ple_l, A, n, D, eps);
+    } else {
+        be->altup_correct_fused(be, f->pred, f->o, f->t0, f->s, lw->post_feedforward_layernorm,
+                                &lw->altup_router, lw->altup_router_norm, lw->altup_correction_coefs,
+                                oscale, A, n, D, eps);
+        be->matmul_gelu_mul(be, f->pg, &lw->per_layer_input_gate, f->o, ple_l, n);
+        float *tmp = f->S; /* the corrected planes become the state */
+        f->S = f->pred;
+        f->pred = tmp;
+    }
     be->matmul(be, f->ple_out, &lw->per_layer_projection, f->pg, n);
-    if (l == c->n_layer - 1) be->ple_add(be, f->pred, f->ple_out, lw->post_per_layer_input_norm, A, n, D, eps);
-
-    float *tmp = f->S;
-    f->S = f->pred;
-    f->pred = tmp;
+    if (l == c->n_layer - 1) be->ple_add(be, f->S, f->ple_out, lw->post_per_layer_input_norm, A, n, D, eps);
 }
 
 /* Collapse the planes of rows [r0, r0+nr) into logits (SPEC §3.7). */

@@ -447,6 +447,17 @@ static void fused_altup_correct(g3n_backend *be, float *pred, float *qs, float *
     else be->scale(be, qs, pred, 1.0f, n);
 }
 
+static void fused_altup_correct_gate(g3n_backend *be, float *out, const float *pred, float *qs, float *f,
+                                     const float *s, g3n_vec post_ff, const g3n_mat *router,
+                                     g3n_vec router_norm, g3n_vec coefs, g3n_vec out_scale, float *pg,
+                                     const g3n_mat *gate, const float *ple, int A, int rows, int dim,
+                                     float eps) {
+    be->scale(be, out, pred, 1.0f, (size_t)A * rows * dim);
+    be->altup_correct_fused(be, out, qs, f, s, post_ff, router, router_norm, coefs, out_scale, A, rows, dim,
+                            eps);
+    be->matmul_gelu_mul(be, pg, gate, qs, ple, rows);
+}
+
 static void fused_ple_add(g3n_backend *be, float *pred, float *proj, g3n_vec post_norm, int A,
                           int rows, int dim, float eps) {
     const size_t n = (size_t)rows * dim;
@@ -511,6 +522,7 @@ void cpu_ref_fill_ops(g3n_backend *be) {
     be->mlp_act = fused_mlp_act;
     be->mlp_sparse = fused_mlp_sparse;
     be->altup_correct_fused = fused_altup_correct;
+    be->altup_correct_gate = fused_altup_correct_gate;
     be->ple_add = fused_ple_add;
     be->altup_unembed = fused_altup_unembed;
     be->magnitude_match_planes = fused_magnitude_match_planes;

@@ -196,6 +196,7 @@ typedef struct {
     const char *p[PF_MAX];
     size_t n[PF_MAX];
     int k;
+    unsigned stride; /* every stride-th chunk of each range (1: all of it) */
 } pf_ranges;
 
 /* Each thread asks the L2 for 16 KB chunks of the ranges, strided over the grid:
@@ -207,7 +208,8 @@ __global__ void k_l2_prefetch(pf_ranges r) {
     for (int i = 0; i < r.k; i++) {
         const char *p = r.p[i];
         const size_t n = r.n[i] & ~(size_t)15;
-        for (size_t o = tid * PF_CHUNK; o < n; o += nt * PF_CHUNK) {
+        const size_t step = (size_t)r.stride * PF_CHUNK;
+        for (size_t o = tid * step; o < n; o += nt * step) {
             const unsigned len = (unsigned)(n - o < PF_CHUNK ? n - o : PF_CHUNK);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
             asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + o), "r"(len) : "memory");
@@ -229,15 +231,32 @@ static void cu_prefetch(g3n_backend *be, const g3n_mat *const *W, int n) {
     cuda_ctx *c = CTX(be);
     if (!c->pf_on || !c->capturing || c->n_tokens > 8) return;
     pf_ranges r = {};
+    r.stride = 1;
     size_t tot = 0;
-    for (int i = 0; i < n && r.k + 3 <= PF_MAX; i++) {
+    int whole = 0;
+    for (int i = 0; i < n && i < PF_MAX / 3; i++) {
+        const size_t all = g3n_mat_bytes(W[i]);
+        if (!W[i]->data || W[i]->transposed || tot + all > c->l2_bytes / 4 * 3) break;
+        tot += all;
+        whole++;
+    }
+    /* none fits whole: every stride-th chunk of the first product's matrices
+     * (gate and up read together; a sparse layer's gate), so that its blocks
+     * find a share of their rows in the L2 all through the product, while the
+     * rest streams from DRAM (G3N_PF_PART: that share's MB) */
+    int spread = 0;
+    if (!whole && c->pf_part && n > 0 && W[0]->data && !W[0]->transposed) {
+        spread = n >= 2 && W[1]->data && !W[1]->transposed && g3n_mat_bytes(W[1]) == g3n_mat_bytes(W[0]) ? 2 : 1;
+        size_t sum = 0;
+        for (int i = 0; i < spread; i++) sum += g3n_mat_bytes(W[i]);
+        r.stride = (unsigned)((sum + c->pf_part - 1) / c->pf_part);
+        if (r.stride < 2) r.stride = 2;
+    }
+    for (int i = 0; i < (spread ? spread : whole); i++) {
         const g3n_mat *m = W[i];
-        if (!m->data || m->transposed) break;
         /* all its bytes; of them the packed codes (or the values), then scales and biases alike */
         const size_t all = g3n_mat_bytes(m);
         const size_t db = m->bits ? (size_t)m->rows * g3n_quant_row_words(m->cols, m->bits) * 4 : all, sb = (all - db) / 2;
-        if (tot + all > c->l2_bytes / 4 * 3) break;
-        tot += all;
         r.p[r.k] = (const char *)m->data, r.n[r.k++] = db;
         if (sb) {
             r.p[r.k] = (const char *)m->scales, r.n[r.k++] = sb;
@@ -508,6 +527,8 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     const char *pf = getenv("G3N_PF");
     c->pf_on = !(pf && strcmp(pf, "0") == 0);
     c->l2_bytes = (size_t)prop.l2CacheSize;
+    const char *pp = getenv("G3N_PF_PART");
+    c->pf_part = pp ? (size_t)G3N_MAX(0, atoi(pp)) << 20 : c->l2_bytes / 6; /* measured: docs/SPEED.md, sixteenth session */
     const char *sk = getenv("G3N_CUDA_SKIP");
     if (sk) snprintf(c->skip, sizeof c->skip, "%s", sk);
     const char *pe = getenv("G3N_CUDA_PROFILE");
@@ -563,6 +584,7 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     be->mlp_act = cuda_op_mlp_act;
     be->mlp_sparse = cuda_op_mlp_sparse;
     be->altup_correct_fused = cuda_op_altup_correct_fused;
+    be->altup_correct_gate = cuda_op_altup_correct_gate;
     be->ple_add = cuda_op_ple_add;
     const char *ue = getenv("G3N_ALTUP_FUSED"); /* 0: the planes made and collapsed by the basic ops (comparisons) */
     const int altup_fused = !(ue && strcmp(ue, "0") == 0);

@@ -168,7 +168,7 @@ typedef struct {
      * off): a side stream forked from the step's stream while a step is
      * recorded, joined at the step's end */
     int pf_on, pf_pending;
-    size_t l2_bytes;
+    size_t l2_bytes, pf_part;
     cudaStream_t pf_stream;
     cudaEvent_t pf_fork, pf_join;
     /* recorded steps */
@@ -430,6 +430,34 @@ __device__ __forceinline__ float qdeq(const uint32_t *W, const void *S, const vo
     return qaffine(load_w(S, sdt, g), q, load_w(B, sdt, g));
 }
 
+/* 32 weights: `bits` words, loaded as wide as alignment allows (rows start on
+ * 16-byte boundaries for 4 and 8 bits: K % 32 == 0). */
+template <int BITS> struct qchunk { uint32_t w[BITS]; };
+
+template <int BITS> __device__ __forceinline__ void qload(qchunk<BITS> &q, const uint32_t *p) {
+    if (BITS % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < BITS / 4; i++) {
+            const uint4 v = __ldcs((const uint4 *)p + i);
+            q.w[4 * i] = v.x, q.w[4 * i + 1] = v.y, q.w[4 * i + 2] = v.z, q.w[4 * i + 3] = v.w;
+        }
+    } else if (BITS == 2) {
+        const uint2 v = __ldcs((const uint2 *)p);
+        q.w[0] = v.x, q.w[1] = v.y;
+    } else {
+#pragma unroll
+        for (int i = 0; i < BITS; i++) q.w[i] = __ldcs(p + i);
+    }
+}
+
+/* element j (0..31) of a chunk: bits [j*BITS, (j+1)*BITS) of the little-endian stream */
+template <int BITS> __device__ __forceinline__ float qget(const qchunk<BITS> &q, int j) {
+    const int p = j * BITS, w = p >> 5, off = p & 31;
+    uint32_t v = q.w[w] >> off;
+    if (off + BITS > 32) v |= q.w[w + 1] << (32 - off);
+    return (float)(v & ((1u << BITS) - 1u));
+}
+
 __device__ __forceinline__ float gelu_tanh_d(float z) {
     const float k = 0.7978845608028654f;
     return 0.5f * z * (1.0f + tanhf(k * (z + 0.044715f * z * z * z)));
@@ -497,6 +525,10 @@ void cuda_op_altup_correct_fused(g3n_backend *be, float *pred, float *qs, float 
                                  g3n_vec post_ff, const g3n_mat *router, g3n_vec router_norm,
                                  g3n_vec coefs, g3n_vec out_scale, int A, int rows, int dim,
                                  float eps);
+void cuda_op_altup_correct_gate(g3n_backend *be, float *out, const float *pred, float *qs, float *f, const float *s,
+                                g3n_vec post_ff, const g3n_mat *router, g3n_vec router_norm, g3n_vec coefs,
+                                g3n_vec out_scale, float *pg, const g3n_mat *gate, const float *ple, int A, int rows,
+                                int dim, float eps);
 /* quant.cu: mlx affine-quantized matrices (W->bits > 0) */
 int cuda_quant_prepare(cuda_ctx *c, g3n_mat *m, char *err, size_t errlen);
 void cuda_quant_matmul(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows);

@@ -14,9 +14,9 @@
 int cuda_fast_predict(cuda_ctx *c, float *pred, float *x, float *S, const float *ple, const float *ple_w,
                       const g3n_mat *router, const float *rnorm, const float *coefs, const float *innorm, int A,
                       int rows, int dim, float eps);
-int cuda_fast_correct(cuda_ctx *c, float *pred, float *qs, float *f, const float *s, const float *w_ff,
-                      const g3n_mat *router, const float *rnorm, const float *coefs, const float *oscale, int A,
-                      int rows, int dim, float eps);
+int cuda_fast_correct(cuda_ctx *c, float *out, const float *pred, float *qs, float *f, const float *s,
+                      const float *w_ff, const g3n_mat *router, const float *rnorm, const float *coefs,
+                      const float *oscale, int A, int rows, int dim, float eps);
 template <int EPT> __global__ void k_mlp_act_reg(float *g, const float *up, int n, float kappa);
 template <int P>
 __global__ void k_attn_residual_reg(float *s, float *u, const float *att, const float *lau, const float *x,
@@ -320,7 +320,7 @@ void cuda_op_altup_correct_fused(g3n_backend *be, float *pred, float *qs, float 
     cuda_ctx *c = CTX(be);
     G3N_ASSERT(A <= MAXA);
     PROF_BEGIN(c);
-    if (!cuda_fast_correct(c, pred, qs, f, s, post_ff.data, router, router_norm.data, coefs.data, out_scale.data, A,
+    if (!cuda_fast_correct(c, pred, pred, qs, f, s, post_ff.data, router, router_norm.data, coefs.data, out_scale.data, A,
                            rows, dim, eps))
     launch(c, k_altup_correct_fused, dim3(rows), dim3(ROW_THREADS), sizeof(float) * dim, 
         pred, qs, f, s, post_ff.data, router->data, router->dtype, router_norm.data, coefs.data, out_scale.data, A,
@@ -542,24 +542,15 @@ __global__ void __launch_bounds__(1024 / P)
         st2(x, (int)row + pair_col<P>(k), make_float2(p0[k].x * inv0 * inn[k].x, p0[k].y * inv0 * inn[k].y));
 }
 
+/* k_correct_reg's maths for the row at `row` of a block of dim / (2 P) threads,
+ * after the PDL wait: o = s + rmsnorm(f, w_ff) (into ov), the router from o,
+ * then every plane of pred moved by its gain times (o - pred[0]) (into pv). */
 template <int A, int P>
-__global__ void __launch_bounds__(1024 / P)
-    k_correct_reg(float *pred, float *qs, float *f, const float *s, const float *w_ff, const void *R, int rdtype,
-                  const float *rnorm, const float *coefs, const float *oscale, int rows, int dim, float eps) {
-    __shared__ float red[32 * (A + 1)];
-    const size_t plane = (size_t)rows * dim, row = (size_t)blockIdx.x * dim;
-    float2 wr[P][A], wf[P], rn[P], os[P];
-#pragma unroll
-    for (int k = 0; k < P; k++) {
-        const int d = pair_col<P>(k);
-        router_w2<A>(wr[k], R, rdtype, dim, d);
-        wf[k] = ld2(w_ff, d), rn[k] = ld2(rnorm, d), os[k] = oscale ? ld2(oscale, d) : make_float2(1, 1);
-    }
-    float cf[A * A];
-#pragma unroll
-    for (int k = 0; k < A * A; k++) cf[k] = coefs[k];
-    KERNEL_BEGIN();
-    float2 fv[P], sv[P], pv[P][A];
+__device__ __forceinline__ void correct_row(float2 (&pv)[P][A], float2 (&ov)[P], const float *pred, const float *f,
+                                            const float *s, size_t plane, size_t row, const float2 (&wr)[P][A],
+                                            const float2 (&wf)[P], const float2 (&rn)[P], const float (&cf)[A * A],
+                                            int dim, float eps, float *red) {
+    float2 fv[P], sv[P];
     float ff = 0;
 #pragma unroll
     for (int k = 0; k < P; k++) {
@@ -572,12 +563,10 @@ __global__ void __launch_bounds__(1024 / P)
     const float i1 = rsqrtf(block_sum(ff, red) / (float)dim + eps);
     /* one block sum for the router input's norm and the router's dot products
      * (its 1/rms is a common factor, applied after the sum, as in k_predict_reg) */
-    float2 ov[P];
     float sums[1 + A] = {};
 #pragma unroll
     for (int k = 0; k < P; k++) {
         ov[k] = make_float2(sv[k].x + fv[k].x * i1 * wf[k].x, sv[k].y + fv[k].y * i1 * wf[k].y);
-        st2(f, (int)row + pair_col<P>(k), ov[k]);
         sums[0] += ov[k].x * ov[k].x + ov[k].y * ov[k].y;
 #pragma unroll
         for (int a = 0; a < A; a++) sums[1 + a] += wr[k][a].x * (ov[k].x * rn[k].x) + wr[k][a].y * (ov[k].y * rn[k].y);
@@ -596,14 +585,161 @@ __global__ void __launch_bounds__(1024 / P)
     }
 #pragma unroll
     for (int k = 0; k < P; k++) {
-        const int o = (int)row + pair_col<P>(k);
         const float dx = ov[k].x - pv[k][0].x, dy = ov[k].y - pv[k][0].y;
 #pragma unroll
-        for (int i = 0; i < A; i++) {
-            pv[k][i].x += g[i] * dx, pv[k][i].y += g[i] * dy;
-            st2(pred + i * plane, o, pv[k][i]);
-        }
+        for (int i = 0; i < A; i++) pv[k][i].x += g[i] * dx, pv[k][i].y += g[i] * dy;
+    }
+}
+
+/* correct_row's parameters, loaded before the PDL wait (they do not depend on
+ * the previous kernel) */
+template <int A, int P>
+__device__ __forceinline__ void correct_params(float2 (&wr)[P][A], float2 (&wf)[P], float2 (&rn)[P], float2 (&os)[P],
+                                               float (&cf)[A * A], const void *R, int rdtype, const float *w_ff,
+                                               const float *rnorm, const float *oscale, const float *coefs, int dim) {
+#pragma unroll
+    for (int k = 0; k < P; k++) {
+        const int d = pair_col<P>(k);
+        router_w2<A>(wr[k], R, rdtype, dim, d);
+        wf[k] = ld2(w_ff, d), rn[k] = ld2(rnorm, d), os[k] = oscale ? ld2(oscale, d) : make_float2(1, 1);
+    }
+#pragma unroll
+    for (int k = 0; k < A * A; k++) cf[k] = coefs[k];
+}
+
+template <int A, int P>
+__global__ void __launch_bounds__(1024 / P)
+    k_correct_reg(float *out, const float *pred, float *qs, float *f, const float *s, const float *w_ff, const void *R,
+                  int rdtype, const float *rnorm, const float *coefs, const float *oscale, int rows, int dim,
+                  float eps) {
+    __shared__ float red[32 * (A + 1)];
+    const size_t plane = (size_t)rows * dim, row = (size_t)blockIdx.x * dim;
+    float2 wr[P][A], wf[P], rn[P], os[P];
+    float cf[A * A];
+    correct_params<A, P>(wr, wf, rn, os, cf, R, rdtype, w_ff, rnorm, oscale, coefs, dim);
+    KERNEL_BEGIN();
+    float2 pv[P][A], ov[P];
+    correct_row<A, P>(pv, ov, pred, f, s, plane, row, wr, wf, rn, cf, dim, eps, red);
+#pragma unroll
+    for (int k = 0; k < P; k++) {
+        const int o = (int)row + pair_col<P>(k);
+        st2(f, o, ov[k]);
+#pragma unroll
+        for (int i = 0; i < A; i++) st2(out + i * plane, o, pv[k][i]);
         st2(qs, o, make_float2(pv[k][0].x * os[k].x, pv[k][0].y * os[k].y));
+    }
+}
+
+/* ---- AltUp correct and the per-layer input's gate, one row, one kernel ----------------------
+ * The gate's n_ple products read the corrected active plane, which one block
+ * makes. So every block of k_correct_gate makes it (the same few loads and
+ * block sums as k_correct_reg, from the L2) and then takes RPB of the gate's
+ * rows, whose weights it loaded before the PDL wait: the gate's own launch,
+ * wait and weight loads leave the chain. Block 0 alone stores the planes (out
+ * of place: the others still read pred) and qs. Weights: GK 16 bf16, 17 f16, 32
+ * f32 (chunks of 8), 4 and 8 bits (chunks of 32 with their group's scale and
+ * bias). */
+typedef struct {
+    const void *W, *S, *B;
+    int sdt, group, rows; /* scales' dtype, group size, n_ple */
+    float *pg;
+    const float *m;
+} gate_args;
+
+template <int GK> struct gate_chunk;
+template <typename T> struct gate_chunk_f {
+    static constexpr int N = 8;
+    raw8<T> r;
+    __device__ __forceinline__ void load(const gate_args &g, int K, int row, int c) {
+        ldraw(r, (const T *)g.W + (size_t)row * K + (size_t)c * 8);
+    }
+    __device__ __forceinline__ float dot(const gate_args &, int, int, int, const float *x) const {
+        float w[8], acc = 0;
+        cvt8(r, w);
+#pragma unroll
+        for (int i = 0; i < 8; i++) acc += w[i] * x[i];
+        return acc;
+    }
+};
+template <> struct gate_chunk<16> : gate_chunk_f<__nv_bfloat16> {};
+template <> struct gate_chunk<17> : gate_chunk_f<__half> {};
+template <> struct gate_chunk<32> : gate_chunk_f<float> {};
+template <int BITS> struct gate_chunk_q {
+    static constexpr int N = 32;
+    qchunk<BITS> q;
+    float sc, bi;
+    __device__ __forceinline__ void load(const gate_args &g, int K, int row, int c) {
+        qload<BITS>(q, (const uint32_t *)g.W + (size_t)row * (K / 32 * BITS) + (size_t)c * BITS);
+        const size_t gi = (size_t)row * (K / g.group) + (size_t)c * 32 / g.group;
+        sc = load_w(g.S, g.sdt, gi), bi = load_w(g.B, g.sdt, gi);
+    }
+    __device__ __forceinline__ float dot(const gate_args &, int, int, int, const float *x) const {
+        float dq = 0, dx = 0;
+#pragma unroll
+        for (int j = 0; j < 32; j++) dq += qget<BITS>(q, j) * x[j], dx += x[j];
+        return sc * dq + bi * dx;
+    }
+};
+template <> struct gate_chunk<4> : gate_chunk_q<4> {};
+template <> struct gate_chunk<8> : gate_chunk_q<8> {};
+
+/* CPL: chunks of its row a lane loads before the PDL wait; rpb gate rows a block */
+template <int A, int P, int GK, int CPL>
+__global__ void __launch_bounds__(1024 / P)
+    k_correct_gate(float *out, const float *pred, float *qs, const float *f, const float *s, const float *w_ff,
+                   const void *R, int rdtype, const float *rnorm, const float *coefs, const float *oscale, int dim,
+                   float eps, int rpb, gate_args g) {
+    using CH = gate_chunk<GK>;
+    __shared__ float red[32 * (A + 1)];
+    __shared__ __align__(16) float xs[2048];
+    __shared__ float part[32];
+    const int nw = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int wpr = nw / rpb; /* warps per gate row */
+    const int grow = blockIdx.x * rpb + warp / wpr, sub = warp % wpr, nch = dim / CH::N;
+    float2 wr[P][A], wf[P], rn[P], os[P];
+    float cf[A * A];
+    correct_params<A, P>(wr, wf, rn, os, cf, R, rdtype, w_ff, rnorm, oscale, coefs, dim);
+    CH ch[CPL];
+#pragma unroll
+    for (int j = 0; j < CPL; j++) {
+        const int c = sub * 32 + lane + j * 32 * wpr;
+        if (grow < g.rows && c < nch) ch[j].load(g, dim, grow, c);
+    }
+    KERNEL_BEGIN();
+    float2 pv[P][A], ov[P];
+    correct_row<A, P>(pv, ov, pred, f, s, (size_t)dim, 0, wr, wf, rn, cf, dim, eps, red);
+#pragma unroll
+    for (int k = 0; k < P; k++) {
+        const int o = pair_col<P>(k);
+        const float2 q = make_float2(pv[k][0].x * os[k].x, pv[k][0].y * os[k].y);
+        st2(xs, o, q);
+        if (blockIdx.x == 0) {
+#pragma unroll
+            for (int i = 0; i < A; i++) st2(out + (size_t)i * dim, o, pv[k][i]);
+            st2(qs, o, q);
+        }
+    }
+    __syncthreads();
+    float acc = 0;
+    if (grow < g.rows) {
+#pragma unroll
+        for (int j = 0; j < CPL; j++) {
+            const int c = sub * 32 + lane + j * 32 * wpr;
+            if (c < nch) acc += ch[j].dot(g, dim, grow, c, xs + c * CH::N);
+        }
+        for (int c = sub * 32 + lane + CPL * 32 * wpr; c < nch; c += 32 * wpr) { /* rows longer than the preload */
+            CH x1;
+            x1.load(g, dim, grow, c);
+            acc += x1.dot(g, dim, grow, c, xs + c * CH::N);
+        }
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) part[warp] = acc;
+    __syncthreads();
+    if (sub == 0 && lane == 0 && grow < g.rows) {
+        float v = 0;
+        for (int k = 0; k < wpr; k++) v += part[warp + k];
+        g.pg[grow] = gelu_tanh_d(v) * g.m[grow];
     }
 }
 
@@ -684,14 +820,81 @@ int cuda_fast_predict(cuda_ctx *c, float *pred, float *x, float *S, const float 
     return 1;
 }
 
-int cuda_fast_correct(cuda_ctx *c, float *pred, float *qs, float *f, const float *s, const float *w_ff,
-                      const g3n_mat *router, const float *rnorm, const float *coefs, const float *oscale, int A,
-                      int rows, int dim, float eps) {
+int cuda_fast_correct(cuda_ctx *c, float *out, const float *pred, float *qs, float *f, const float *s,
+                      const float *w_ff, const g3n_mat *router, const float *rnorm, const float *coefs,
+                      const float *oscale, int A, int rows, int dim, float eps) {
     const int P = row_pairs(dim);
     if (A != 4 || !P) return 0;
-#define CORR(P) launch(c, k_correct_reg<4, P>, dim3(rows), dim3(dim / (2 * P)), 0, pred, qs, f, s, w_ff, \
+#define CORR(P) launch(c, k_correct_reg<4, P>, dim3(rows), dim3(dim / (2 * P)), 0, out, pred, qs, f, s, w_ff, \
                        router->data, router->dtype, rnorm, coefs, oscale, rows, dim, eps)
     PAIRS_SWITCH(P, CORR)
 #undef CORR
     return 1;
+}
+
+/* k_correct_gate's weight kind for the gate matrix W (gate_chunk), 0 where it has none */
+static int gate_kind(const g3n_mat *W) {
+    if (W->transposed || !W->data) return 0;
+    if (W->bits) return (W->bits == 4 || W->bits == 8) && W->group_size >= 32 ? W->bits : 0;
+    return W->dtype == G3N_BF16 ? 16 : W->dtype == G3N_F16 ? 17 : W->dtype == G3N_F32 ? 32 : 0;
+}
+
+void cuda_op_altup_correct_gate(g3n_backend *be, float *out, const float *pred, float *qs, float *f, const float *s,
+                                g3n_vec post_ff, const g3n_mat *router, g3n_vec router_norm, g3n_vec coefs,
+                                g3n_vec out_scale, float *pg, const g3n_mat *gate, const float *ple, int A, int rows,
+                                int dim, float eps) {
+    cuda_ctx *c = CTX(be);
+    static int on = -1; /* G3N_CORRECT_GATE=0: the two ops (timing) */
+    if (on < 0) on = !(getenv("G3N_CORRECT_GATE") && !atoi(getenv("G3N_CORRECT_GATE")));
+    int P = row_pairs(dim);
+    if (getenv("G3N_CG_PAIRS") && P == 2 && dim % 256 == 0) P = atoi(getenv("G3N_CG_PAIRS")) == 4 ? 4 : 2; /* timing */
+    const int gk = gate_kind(gate);
+    if (on && rows == 1 && A == 4 && P && gk && gate->cols == dim) {
+        PROF_BEGIN(c);
+        /* Gate rows a block (a power of two up to its warps): 8 for 16- and 32-bit
+         * gates, 4 quantized: measured best of 4, 8 and 16 on E4B and E2B
+         * (docs/SPEED.md, sixteenth session; G3N_CG_RPB, for timing) */
+        const int nw = dim / (2 * P) / 32;
+        int rpb = gk >= 16 ? 8 : 4;
+        if (getenv("G3N_CG_RPB")) rpb = atoi(getenv("G3N_CG_RPB"));
+        while (rpb > nw) rpb /= 2;
+        rpb = G3N_MAX(rpb, 1);
+        const int wpr = nw / rpb, nch = dim / (gk >= 16 ? 8 : 32), cpl = nch <= 64 * wpr ? 2 : 4;
+        const gate_args g = {gate->data, gate->scales, gate->biases, gate->sdtype, gate->group_size, gate->rows, pg, ple};
+        const dim3 grid((unsigned)((gate->rows + rpb - 1) / rpb));
+#define CG(P, GK)                                                                                                     \
+    do {                                                                                                              \
+        if (cpl == 2)                                                                                                 \
+            launch(c, k_correct_gate<4, P, GK, 2>, grid, dim3(dim / (2 * P)), 0, out, pred, qs, (const float *)f, s, \
+                   post_ff.data, router->data, router->dtype, router_norm.data, coefs.data, out_scale.data, dim, eps, \
+                   rpb, g);                                                                                           \
+        else                                                                                                          \
+            launch(c, k_correct_gate<4, P, GK, 4>, grid, dim3(dim / (2 * P)), 0, out, pred, qs, (const float *)f, s, \
+                   post_ff.data, router->data, router->dtype, router_norm.data, coefs.data, out_scale.data, dim, eps, \
+                   rpb, g);                                                                                           \
+    } while (0)
+#define CGK(P)                                  \
+    switch (gk) {                               \
+    case 16: CG(P, 16); break;                  \
+    case 17: CG(P, 17); break;                  \
+    case 32: CG(P, 32); break;                  \
+    case 4: CG(P, 4); break;                    \
+    default: CG(P, 8); break;                   \
+    }
+        PAIRS_SWITCH(P, CGK)
+#undef CGK
+#undef CG
+        CUDA_LAUNCHED();
+        PROF_END(c, "altup_correct_gate", (double)g3n_mat_bytes(gate));
+        return;
+    }
+    /* the two ops; correct out of place where the row kernel takes it, else on a copy */
+    if (!cuda_fast_correct(c, out, pred, qs, f, s, post_ff.data, router, router_norm.data, coefs.data, out_scale.data,
+                           A, rows, dim, eps)) {
+        CUDA_CHECK(cudaMemcpyAsync(out, pred, sizeof(float) * (size_t)A * rows * dim, cudaMemcpyDeviceToDevice,
+                                   c->stream));
+        cuda_op_altup_correct_fused(be, out, qs, f, s, post_ff, router, router_norm, coefs, out_scale, A, rows, dim,
+                                    eps);
+    }
+    cuda_op_matmul_gelu_mul(be, pg, gate, qs, ple, rows);
 }

@@ -58,34 +58,6 @@ typedef struct {
 
 enum { QPLAIN = 0, QGELU_MUL = 1, QGATE_UP = 2 };
 
-/* 32 weights: `bits` words, loaded as wide as alignment allows (rows start on
- * 16-byte boundaries for 4 and 8 bits: K % 32 == 0). */
-template <int BITS> struct qchunk { uint32_t w[BITS]; };
-
-template <int BITS> __device__ __forceinline__ void qload(qchunk<BITS> &q, const uint32_t *p) {
-    if (BITS % 4 == 0) {
-#pragma unroll
-        for (int i = 0; i < BITS / 4; i++) {
-            const uint4 v = __ldcs((const uint4 *)p + i);
-            q.w[4 * i] = v.x, q.w[4 * i + 1] = v.y, q.w[4 * i + 2] = v.z, q.w[4 * i + 3] = v.w;
-        }
-    } else if (BITS == 2) {
-        const uint2 v = __ldcs((const uint2 *)p);
-        q.w[0] = v.x, q.w[1] = v.y;
-    } else {
-#pragma unroll
-        for (int i = 0; i < BITS; i++) q.w[i] = __ldcs(p + i);
-    }
-}
-
-/* element j (0..31) of a chunk: bits [j*BITS, (j+1)*BITS) of the little-endian stream */
-template <int BITS> __device__ __forceinline__ float qget(const qchunk<BITS> &q, int j) {
-    const int p = j * BITS, w = p >> 5, off = p & 31;
-    uint32_t v = q.w[w] >> off;
-    if (off + BITS > 32) v |= q.w[w + 1] << (32 - off);
-    return (float)(v & ((1u << BITS) - 1u));
-}
-
 /* chunk ch of a row: its words and its group's scale and bias */
 template <int BITS>
 __device__ __forceinline__ void qfetch(qchunk<BITS> &q, float &sc, float &bi, const uint32_t *w, const void *S,
