@@ -225,8 +225,9 @@ __global__ void k_l2_prefetch(pf_ranges r) {
  * bytes of the first matrices that fit together in 3/4 of it (more would push
  * out each other and everything else), so their products read them from the
  * L2. E4B 4-bit: gate and up, 37.7 MB of the H100's 52; E2B 4-bit: down too.
+ * Where none fits (bf16, 8 bits), a spread share of the first product's (below).
  * 16 blocks: more slow the small products that run meanwhile (docs/SPEED.md,
- * eleventh session). */
+ * eleventh and sixteenth sessions). */
 static void cu_prefetch(g3n_backend *be, const g3n_mat *const *W, int n) {
     cuda_ctx *c = CTX(be);
     if (!c->pf_on || !c->capturing || c->n_tokens > 8) return;
