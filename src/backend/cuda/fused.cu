@@ -695,7 +695,9 @@ __global__ void __launch_bounds__(1024 / P)
     __shared__ float part[32];
     const int nw = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int wpr = nw / rpb; /* warps per gate row */
-    const int grow = blockIdx.x * rpb + warp / wpr, sub = warp % wpr, nch = dim / CH::N;
+    /* warps past rpb * wpr (a width whose warps are not a power of two) idle */
+    const int grow = warp < rpb * wpr ? blockIdx.x * rpb + warp / wpr : g.rows, sub = warp % wpr;
+    const int nch = dim / CH::N;
     float2 wr[P][A], wf[P], rn[P], os[P];
     float cf[A * A];
     correct_params<A, P>(wr, wf, rn, os, cf, R, rdtype, w_ff, rnorm, oscale, coefs, dim);
@@ -857,8 +859,9 @@ void cuda_op_altup_correct_gate(g3n_backend *be, float *out, const float *pred, 
         const int nw = dim / (2 * P) / 32;
         int rpb = gk >= 16 ? 8 : 4;
         if (getenv("G3N_CG_RPB")) rpb = atoi(getenv("G3N_CG_RPB"));
-        while (rpb > nw) rpb /= 2;
-        rpb = G3N_MAX(rpb, 1);
+        int p2 = 1; /* the largest power of two <= rpb and <= nw (nw is one) */
+        while (p2 * 2 <= rpb && p2 * 2 <= nw) p2 *= 2;
+        rpb = p2;
         const int wpr = nw / rpb, nch = dim / (gk >= 16 ? 8 : 32), cpl = nch <= 64 * wpr ? 2 : 4;
         const gate_args g = {gate->data, gate->scales, gate->biases, gate->sdtype, gate->group_size, gate->rows, pg, ple};
         const dim3 grid((unsigned)((gate->rows + rpb - 1) / rpb));
