@@ -653,7 +653,7 @@ template <typename T> struct gate_chunk_f {
     __device__ __forceinline__ void load(const gate_args &g, int K, int row, int c) {
         ldraw(r, (const T *)g.W + (size_t)row * K + (size_t)c * 8);
     }
-    __device__ __forceinline__ float dot(const gate_args &, int, int, int, const float *x) const {
+    __device__ __forceinline__ float dot(const float *x) const { /* x: the chunk's inputs */
         float w[8], acc = 0;
         cvt8(r, w);
 #pragma unroll
@@ -673,7 +673,7 @@ template <int BITS> struct gate_chunk_q {
         const size_t gi = (size_t)row * (K / g.group) + (size_t)c * 32 / g.group;
         sc = load_w(g.S, g.sdt, gi), bi = load_w(g.B, g.sdt, gi);
     }
-    __device__ __forceinline__ float dot(const gate_args &, int, int, int, const float *x) const {
+    __device__ __forceinline__ float dot(const float *x) const {
         float dq = 0, dx = 0;
 #pragma unroll
         for (int j = 0; j < 32; j++) dq += qget<BITS>(q, j) * x[j], dx += x[j];
@@ -727,12 +727,12 @@ __global__ void __launch_bounds__(1024 / P)
 #pragma unroll
         for (int j = 0; j < CPL; j++) {
             const int c = sub * 32 + lane + j * 32 * wpr;
-            if (c < nch) acc += ch[j].dot(g, dim, grow, c, xs + c * CH::N);
+            if (c < nch) acc += ch[j].dot(xs + c * CH::N);
         }
         for (int c = sub * 32 + lane + CPL * 32 * wpr; c < nch; c += 32 * wpr) { /* rows longer than the preload */
             CH x1;
             x1.load(g, dim, grow, c);
-            acc += x1.dot(g, dim, grow, c, xs + c * CH::N);
+            acc += x1.dot(xs + c * CH::N);
         }
     }
     acc = warp_sum(acc);
