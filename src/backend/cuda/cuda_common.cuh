@@ -458,6 +458,15 @@ template <int BITS> __device__ __forceinline__ float qget(const qchunk<BITS> &q,
     return (float)(v & ((1u << BITS) - 1u));
 }
 
+/* chunk ch of a row: its words and its group's scale and bias */
+template <int BITS>
+__device__ __forceinline__ void qfetch(qchunk<BITS> &q, float &sc, float &bi, const uint32_t *w, const void *S,
+                                       const void *B, int sdt, size_t g0, int G, int ch) {
+    qload<BITS>(q, w + (size_t)ch * BITS);
+    sc = load_w(S, sdt, g0 + (size_t)ch * 32 / G);
+    bi = load_w(B, sdt, g0 + (size_t)ch * 32 / G);
+}
+
 __device__ __forceinline__ float gelu_tanh_d(float z) {
     const float k = 0.7978845608028654f;
     return 0.5f * z * (1.0f + tanhf(k * (z + 0.044715f * z * z * z)));

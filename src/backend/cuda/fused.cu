@@ -669,9 +669,8 @@ template <int BITS> struct gate_chunk_q {
     qchunk<BITS> q;
     float sc, bi;
     __device__ __forceinline__ void load(const gate_args &g, int K, int row, int c) {
-        qload<BITS>(q, (const uint32_t *)g.W + (size_t)row * (K / 32 * BITS) + (size_t)c * BITS);
-        const size_t gi = (size_t)row * (K / g.group) + (size_t)c * 32 / g.group;
-        sc = load_w(g.S, g.sdt, gi), bi = load_w(g.B, g.sdt, gi);
+        qfetch<BITS>(q, sc, bi, (const uint32_t *)g.W + (size_t)row * (K / 32 * BITS), g.S, g.B, g.sdt,
+                     (size_t)row * (K / g.group), g.group, c);
     }
     __device__ __forceinline__ float dot(const float *x) const {
         float dq = 0, dx = 0;
@@ -846,10 +845,16 @@ void cuda_op_altup_correct_gate(g3n_backend *be, float *out, const float *pred, 
                                 g3n_vec out_scale, float *pg, const g3n_mat *gate, const float *ple, int A, int rows,
                                 int dim, float eps) {
     cuda_ctx *c = CTX(be);
-    static int on = -1; /* G3N_CORRECT_GATE=0: the two ops (timing) */
-    if (on < 0) on = !(getenv("G3N_CORRECT_GATE") && !atoi(getenv("G3N_CORRECT_GATE")));
+    /* timing knobs, read once: G3N_CORRECT_GATE=0 (the two ops), G3N_CG_PAIRS=4,
+     * G3N_CG_RPB=n (below) */
+    static int on = -1, pairs4, rpb_env;
+    if (on < 0) {
+        on = !(getenv("G3N_CORRECT_GATE") && !atoi(getenv("G3N_CORRECT_GATE")));
+        pairs4 = getenv("G3N_CG_PAIRS") && atoi(getenv("G3N_CG_PAIRS")) == 4;
+        rpb_env = getenv("G3N_CG_RPB") ? atoi(getenv("G3N_CG_RPB")) : 0;
+    }
     int P = row_pairs(dim);
-    if (getenv("G3N_CG_PAIRS") && P == 2 && dim % 256 == 0) P = atoi(getenv("G3N_CG_PAIRS")) == 4 ? 4 : 2; /* timing */
+    if (pairs4 && P == 2 && dim % 256 == 0) P = 4;
     const int gk = gate_kind(gate);
     if (on && rows == 1 && A == 4 && P && gk && gate->cols == dim) {
         PROF_BEGIN(c);
@@ -857,11 +862,9 @@ void cuda_op_altup_correct_gate(g3n_backend *be, float *out, const float *pred, 
          * gates, 4 quantized: measured best of 4, 8 and 16 on E4B and E2B
          * (docs/SPEED.md, sixteenth session; G3N_CG_RPB, for timing) */
         const int nw = dim / (2 * P) / 32;
-        int rpb = gk >= 16 ? 8 : 4;
-        if (getenv("G3N_CG_RPB")) rpb = atoi(getenv("G3N_CG_RPB"));
-        int p2 = 1; /* the largest power of two <= rpb and <= nw (nw is one) */
-        while (p2 * 2 <= rpb && p2 * 2 <= nw) p2 *= 2;
-        rpb = p2;
+        const int want = rpb_env > 0 ? rpb_env : gk >= 16 ? 8 : 4;
+        int rpb = 1; /* the largest power of two <= want and <= nw */
+        while (rpb * 2 <= want && rpb * 2 <= nw) rpb *= 2;
         const int wpr = nw / rpb, nch = dim / (gk >= 16 ? 8 : 32), cpl = nch <= 64 * wpr ? 2 : 4;
         const gate_args g = {gate->data, gate->scales, gate->biases, gate->sdtype, gate->group_size, gate->rows, pg, ple};
         const dim3 grid((unsigned)((gate->rows + rpb - 1) / rpb));
@@ -892,8 +895,12 @@ void cuda_op_altup_correct_gate(g3n_backend *be, float *out, const float *pred, 
         return;
     }
     /* the two ops; correct out of place where the row kernel takes it, else on a copy */
-    if (!cuda_fast_correct(c, out, pred, qs, f, s, post_ff.data, router, router_norm.data, coefs.data, out_scale.data,
-                           A, rows, dim, eps)) {
+    PROF_BEGIN(c);
+    if (cuda_fast_correct(c, out, pred, qs, f, s, post_ff.data, router, router_norm.data, coefs.data, out_scale.data,
+                          A, rows, dim, eps)) {
+        CUDA_LAUNCHED();
+        PROF_END(c, "altup_correct_fused", 0);
+    } else {
         CUDA_CHECK(cudaMemcpyAsync(out, pred, sizeof(float) * (size_t)A * rows * dim, cudaMemcpyDeviceToDevice,
                                    c->stream));
         cuda_op_altup_correct_fused(be, out, qs, f, s, post_ff, router, router_norm, coefs, out_scale, A, rows, dim,

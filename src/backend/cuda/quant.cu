@@ -58,15 +58,6 @@ typedef struct {
 
 enum { QPLAIN = 0, QGELU_MUL = 1, QGATE_UP = 2 };
 
-/* chunk ch of a row: its words and its group's scale and bias */
-template <int BITS>
-__device__ __forceinline__ void qfetch(qchunk<BITS> &q, float &sc, float &bi, const uint32_t *w, const void *S,
-                                       const void *B, int sdt, size_t g0, int G, int ch) {
-    qload<BITS>(q, w + (size_t)ch * BITS);
-    sc = load_w(S, sdt, g0 + (size_t)ch * 32 / G);
-    bi = load_w(B, sdt, g0 + (size_t)ch * 32 / G);
-}
-
 template <int BITS, int R>
 __global__ void __launch_bounds__(256) k_qgemv(qargs a) {
     __shared__ float part[8][R];
