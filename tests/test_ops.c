@@ -922,6 +922,34 @@ static void row_kernels_case(int D, int R) {
         row_cmp(df, f, n, D, R, "correct%s o", sc ? "+scale" : "");
         free(f), B->free(B, dsres);
     }
+    { /* the planes' ends: ple_add, altup_unembed (one plane at its magnitude's floor), magnitude_match_planes */
+        float *proj = rnd(n, 3.0f), *dproj = dev(proj, n), *dp3 = dev(pred, pn);
+        memcpy(S2, pred, 4 * pn);
+        REF->ple_add(REF, S2, proj, (g3n_vec){D, inn}, A, R, D, 1e-6f);
+        B->ple_add(B, dp3, dproj, (g3n_vec){D, dinn}, A, R, D, 1e-6f);
+        row_cmp(dp3, S2, pn, D, R, "ple_add");
+        const size_t vn = (size_t)(A - 1) * n;
+        float *vv = rnd(vn, 2.0f), *P = malloc(4 * (n + vn)), *v2 = malloc(4 * vn);
+        for (size_t i = n; i < 2 * n; i++) vv[i] *= 1e-4f;
+        float *dS0 = dev(pred, n), *dvv = dev(vv, vn), *dhu = dev_nan(n);
+        for (int wn = 0; wn < 2; wn++) { /* with and without the final norm's weight */
+            /* v is scratch (the reference matches it in place; twice, the floored plane moves again) */
+            memcpy(v2, vv, 4 * vn);
+            B->write(B, dvv, vv, 4 * vn);
+            REF->altup_unembed(REF, u_, pred, v2, n, (g3n_vec){D, wn ? inn : NULL}, A, R, D, 1e-5f, 1e-6f);
+            B->altup_unembed(B, dhu, dS0, dvv, n, (g3n_vec){D, wn ? dinn : NULL}, A, R, D, 1e-5f, 1e-6f);
+            float *h = host(dhu, n);
+            test_close(wn ? "row kernels altup_unembed" : "row kernels altup_unembed (no weight)", h, u_, n, 1e-5, 1e-5);
+            free(h);
+        }
+        B->free(B, dhu);
+        memcpy(P, pred, 4 * n), memcpy(P + n, vv, 4 * vn);
+        float *dP = dev(P, n + vn);
+        REF->magnitude_match_planes(REF, P, n, A, R, D, 1e-5f);
+        B->magnitude_match_planes(B, dP, n, A, R, D, 1e-5f);
+        row_cmp(dP, P, n + vn, D, R, "magnitude_match_planes");
+        free(proj), free(vv), free(v2), free(P), B->free(B, dproj), B->free(B, dS0), B->free(B, dvv);
+    }
     free(S), free(rn), free(pc), free(cc), free(inn), free(pp), free(w3), free(S2), free(pred), free(x), free(s_);
     free(u_), free(qs), free(att), free(lau), free(a), free(router.mem);
     void *d[] = {drn, dpc, dcc, dinn, dpp, dw3, datt, dlau, da, dx};

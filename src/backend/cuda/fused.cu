@@ -17,6 +17,9 @@ int cuda_fast_predict(cuda_ctx *c, float *pred, float *x, float *S, const float 
 int cuda_fast_correct(cuda_ctx *c, float *out, const float *pred, float *qs, float *f, const float *s,
                       const float *w_ff, const g3n_mat *router, const float *rnorm, const float *coefs,
                       const float *oscale, int A, int rows, int dim, float eps);
+int cuda_fast_planes(cuda_ctx *c, int op, float *out, float *S, const float *v, size_t vstride, const float *w, int A,
+                     int rows, int dim, float floor_ms, float eps);
+enum { PL_MATCH, PL_UNEMBED, PL_PLE_ADD }; /* cuda_fast_planes' ops */
 template <int EPT> __global__ void k_mlp_act_reg(float *g, const float *up, int n, float kappa);
 template <int P>
 __global__ void k_attn_residual_reg(float *s, float *u, const float *att, const float *lau, const float *x,
@@ -348,7 +351,8 @@ __global__ void __launch_bounds__(ROW_THREADS)
 void cuda_op_ple_add(g3n_backend *be, float *pred, float *proj, g3n_vec post_norm, int A, int rows, int dim, float eps) {
     cuda_ctx *c = CTX(be);
     PROF_BEGIN(c);
-    launch(c, k_ple_add, dim3(rows), dim3(ROW_THREADS), 0, pred, proj, post_norm.data, A, rows, dim, eps);
+    if (!cuda_fast_planes(c, PL_PLE_ADD, pred, pred, proj, 0, post_norm.data, A, rows, dim, 0, eps))
+        launch(c, k_ple_add, dim3(rows), dim3(ROW_THREADS), 0, pred, proj, post_norm.data, A, rows, dim, eps);
     CUDA_LAUNCHED();
     PROF_END(c, "ple_add", 0);
 }
@@ -422,7 +426,8 @@ void cuda_op_magnitude_match_planes(g3n_backend *be, float *S, size_t plane, int
     if (rows <= 0 || A < 2) return;
     G3N_ASSERT(A <= UNEMBED_MAX);
     PROF_BEGIN(c);
-    launch(c, k_magnitude_match_planes, dim3(rows), dim3(ROW_THREADS), 0, S, plane, A, dim, floor_ms);
+    if (!cuda_fast_planes(c, PL_MATCH, S, S, S + plane, plane, NULL, A, rows, dim, floor_ms, 0))
+        launch(c, k_magnitude_match_planes, dim3(rows), dim3(ROW_THREADS), 0, S, plane, A, dim, floor_ms);
     CUDA_LAUNCHED();
     PROF_END(c, "magnitude_match_planes", 0);
 }
@@ -433,8 +438,9 @@ void cuda_op_altup_unembed(g3n_backend *be, float *out, const float *S0, float *
     if (rows <= 0) return;
     G3N_ASSERT(A >= 1 && A <= UNEMBED_MAX);
     PROF_BEGIN(c);
-    launch(c, k_altup_unembed, dim3(rows), dim3(ROW_THREADS), 0, out, S0, (const float *)v, vstride, norm.data, A,
-           dim, floor_ms, eps);
+    if (!cuda_fast_planes(c, PL_UNEMBED, out, (float *)S0, v, vstride, norm.data, A, rows, dim, floor_ms, eps))
+        launch(c, k_altup_unembed, dim3(rows), dim3(ROW_THREADS), 0, out, S0, (const float *)v, vstride, norm.data, A,
+               dim, floor_ms, eps);
     CUDA_LAUNCHED();
     PROF_END(c, "altup_unembed", 0);
 }
@@ -780,6 +786,78 @@ __global__ void __launch_bounds__(1024 / P)
         st2(u, (int)row + pair_col<P>(k), make_float2(sv[k].x * i3 * wf[k].x, sv[k].y * i3 * wf[k].y));
 }
 
+/* The planes' ends, register-resident (cuda_fast_planes): OP PL_MATCH,
+ * magnitude_match_planes (planes 1.. of S, at v = S + plane, matched to S[0]);
+ * PL_UNEMBED, altup_unembed (S0 and the v_k matched to it, averaged and normed
+ * into out); PL_PLE_ADD, ple_add (planes 1.. of S += rmsnorm(v, w)). The
+ * generic kernels' maths, in the same order; one block sum of every plane's
+ * squares (magnitudes; for ple_add v's), and for altup_unembed one more. */
+template <int A, int P, int OP>
+__global__ void __launch_bounds__(1024 / P)
+    k_planes_reg(float *out, float *S, const float *v, size_t vstride, const float *w, int dim, float floor_ms,
+                 float eps) {
+    __shared__ float red[32 * A];
+    const size_t o = (size_t)blockIdx.x * dim, plane = (size_t)gridDim.x * dim;
+    float2 wv[P];
+#pragma unroll
+    for (int k = 0; k < P; k++) wv[k] = w ? ld2(w, pair_col<P>(k)) : make_float2(1, 1);
+    KERNEL_BEGIN();
+    float2 sv[P][A]; /* OP PL_PLE_ADD: S's planes, then v in [k][0]; else S0 and the v_k */
+    float sums[A] = {};
+#pragma unroll
+    for (int k = 0; k < P; k++) {
+        const int d = (int)o + pair_col<P>(k);
+#pragma unroll
+        for (int j = 0; j < A; j++) {
+            sv[k][j] = OP == PL_PLE_ADD ? (j ? ld2(S + j * plane, d) : ld2(v, d))
+                                        : (j ? ld2(v + (j - 1) * vstride, d) : ld2(S, d));
+            if (OP != PL_PLE_ADD || j == 0) sums[j] += sv[k][j].x * sv[k][j].x + sv[k][j].y * sv[k][j].y;
+        }
+    }
+    block_sum_n<A>(sums, red);
+    if (OP == PL_PLE_ADD) {
+        const float inv = rsqrtf(sums[0] / (float)dim + eps);
+#pragma unroll
+        for (int k = 0; k < P; k++) {
+            const int d = (int)o + pair_col<P>(k);
+            const float gx = sv[k][0].x * inv * wv[k].x, gy = sv[k][0].y * inv * wv[k].y;
+#pragma unroll
+            for (int j = 1; j < A; j++) st2(S + j * plane, d, make_float2(sv[k][j].x + gx, sv[k][j].y + gy));
+        }
+        return;
+    }
+    float ms[A];
+    const float target = sqrtf(sums[0] / (float)dim);
+#pragma unroll
+    for (int j = 1; j < A; j++) ms[j] = sqrtf(fmaxf(sums[j] / (float)dim, floor_ms));
+    if (OP == PL_MATCH) {
+#pragma unroll
+        for (int k = 0; k < P; k++)
+#pragma unroll
+            for (int j = 1; j < A; j++)
+                st2((float *)v + (j - 1) * vstride, (int)o + pair_col<P>(k),
+                    make_float2(sv[k][j].x * target / ms[j], sv[k][j].y * target / ms[j]));
+        return;
+    }
+    const float inv_a = 1.0f / (float)A;
+    float2 h[P];
+    float ss = 0;
+#pragma unroll
+    for (int k = 0; k < P; k++) {
+        h[k] = sv[k][0];
+#pragma unroll
+        for (int j = 1; j < A; j++)
+            h[k].x = h[k].x + sv[k][j].x * target / ms[j], h[k].y = h[k].y + sv[k][j].y * target / ms[j];
+        h[k].x = h[k].x * inv_a, h[k].y = h[k].y * inv_a;
+        ss += h[k].x * h[k].x + h[k].y * h[k].y;
+    }
+    const float inv = rsqrtf(block_sum(ss, red) / (float)dim + eps);
+#pragma unroll
+    for (int k = 0; k < P; k++)
+        st2(out, (int)o + pair_col<P>(k),
+            w ? make_float2(h[k].x * inv * wv[k].x, h[k].y * inv * wv[k].y) : make_float2(h[k].x * inv, h[k].y * inv));
+}
+
 /* top-k + gelu * up for n = EPT * 1024: EPT values per thread in registers */
 template <int EPT>
 __global__ void __launch_bounds__(1024) k_mlp_act_reg(float *g, const float *up, int n, float kappa) {
@@ -830,6 +908,25 @@ int cuda_fast_correct(cuda_ctx *c, float *out, const float *pred, float *qs, flo
                        router->data, router->dtype, rnorm, coefs, oscale, rows, dim, eps)
     PAIRS_SWITCH(P, CORR)
 #undef CORR
+    return 1;
+}
+
+/* k_planes_reg for the row kernels' shapes (A = 4, dim as row_pairs takes); 0 where it does not take it */
+int cuda_fast_planes(cuda_ctx *c, int op, float *out, float *S, const float *v, size_t vstride, const float *w, int A,
+                     int rows, int dim, float floor_ms, float eps) {
+    const int P = row_pairs(dim);
+    if (A != 4 || !P || rows <= 0) return 0;
+#define PLR(P, OP) launch(c, k_planes_reg<4, P, OP>, dim3(rows), dim3(dim / (2 * P)), 0, out, S, v, vstride, w, dim, \
+                          floor_ms, eps)
+#define PLS(P)                                                     \
+    switch (op) {                                                  \
+    case PL_MATCH: PLR(P, PL_MATCH); break;                        \
+    case PL_UNEMBED: PLR(P, PL_UNEMBED); break;                    \
+    default: PLR(P, PL_PLE_ADD); break;                            \
+    }
+    PAIRS_SWITCH(P, PLS)
+#undef PLS
+#undef PLR
     return 1;
 }
 
