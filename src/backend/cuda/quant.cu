@@ -617,9 +617,10 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
         kb += (size_t)a.O[i] * a.K[i] * BITS / 8 / 1024;
         for (a.gsh[i] = 0; (32 << a.gsh[i]) < a.G[i];) a.gsh[i]++;
     }
-    static int max_split = -1, fix_j = -1, split_kb = 0, one_wave = 1; /* timing experiments: */
-    if (max_split < 0) { /* G3N_QSPLIT, G3N_QJ, G3N_QSPLIT_KB, G3N_QWAVE */
+    static int max_split = -1, fix_j = -1, split_kb = 0, one_wave = 1, wide = 1; /* timing experiments: */
+    if (max_split < 0) { /* G3N_QSPLIT, G3N_QJ, G3N_QSPLIT_KB, G3N_QWAVE, G3N_QWIDE */
         one_wave = getenv("G3N_QWAVE") ? atoi(getenv("G3N_QWAVE")) : 1;
+        wide = getenv("G3N_QWIDE") ? atoi(getenv("G3N_QWIDE")) : 1;
         max_split = getenv("G3N_QSPLIT") ? atoi(getenv("G3N_QSPLIT")) : 8;
         fix_j = getenv("G3N_QJ") ? atoi(getenv("G3N_QJ")) : 0;
         split_kb = getenv("G3N_QSPLIT_KB") ? atoi(getenv("G3N_QSPLIT_KB")) : 4096;
@@ -666,13 +667,20 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
          * second wave, which pays the whole ramp again (docs/SPEED.md, eighth
          * session). Of the shapes with as many or fewer slices and 1 to QJMAX
          * tiles per warp whose clusters are all resident at once, take the one
-         * with the most blocks (the most loads in flight); none: the rule above. */
+         * with the most blocks (the most loads in flight); none: the rule above.
+         * A split product's slices take 2048 inputs or more and its warps two
+         * tiles or more (G3N_QWIDE=0: any): E2B's 4-bit down product (2048 x
+         * 8192) ran as 8 slices of 1024, 3 tiles a warp (176 blocks), and as 4
+         * of 2048, 2 tiles a warp (128 blocks), 2.5% faster (docs/SPEED.md,
+         * seventeenth session); 2048 x 2048 products (AltUp's unembedding) then
+         * stay whole. */
         int best_ns = 0, best_j = 0, best_blocks = 0;
         for (int ns = nsplit; ns >= 1; ns /= 2) {
             const int ks = slice(ns), n = (kmax + ks - 1) / ks;
             const size_t sm = qs_smem<BITS>(R, ks);
             if (n != ns || sm > qs_smem_max(c)) continue;
-            for (int J = 1; J <= QJMAX; J++) {
+            if (wide && ns > 1 && ks < 2048) continue;
+            for (int J = wide && ns > 1 ? 2 : 1; J <= QJMAX; J++) {
                 const int nb = blocks(J);
                 if (use_flat(ns, ks) ? flat_fits(nb, ns, J, sm)
                                       : (ns == 1 || c->cluster_ok) && nb <= qs_resident_clusters<BITS, SDT>(c, R, (unsigned)ns, sm)) {
