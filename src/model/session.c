@@ -456,6 +456,17 @@ void model_warm_up(g3n_model *m) {
     g3n_session_free(s);
 }
 
+/* The running program's file (size and modification time): part of the
+ * decode-path cache's key, so that a rebuilt or upgraded g3n (other kernels)
+ * measures again instead of keeping an older build's choice. */
+static void build_id(char *out, size_t n) {
+    struct stat st;
+    if (stat("/proc/self/exe", &st) == 0)
+        snprintf(out, n, "b%lld.%lld", (long long)st.st_size, (long long)st.st_mtime);
+    else
+        snprintf(out, n, "b?");
+}
+
 void decode_path_choose(g3n_model *m, const char *want) {
     char *why = m->path_why;
     const int asked = want ? fwd_path_parse(want) : -1;
@@ -479,9 +490,11 @@ void decode_path_choose(g3n_model *m, const char *want) {
     char key[512];
     const g3n_config *c = &m->cfg;
     const g3n_mat *gp = &m->w.layers[0].gate_proj, *dp = &m->w.layers[c->n_layer - 1].down_proj;
-    snprintf(key, sizeof key, "%s|L%d|D%d|I%d|V%d|dt%d|q%d.%d.%d|sp%d|paths%d", m->be->device_name, c->n_layer,
+    char bid[64];
+    build_id(bid, sizeof bid);
+    snprintf(key, sizeof key, "%s|L%d|D%d|I%d|V%d|dt%d|q%d.%d.%d|sp%d|paths%d|%s", m->be->device_name, c->n_layer,
              c->n_embd, c->n_ff[0], c->n_vocab, gp->dtype, gp->bits, gp->group_size, dp->bits, m->sparse,
-             m->mega_ok ? 3 : 2);
+             m->mega_ok ? 3 : 2, bid);
     for (char *p = key; *p; p++)
         if (*p == ' ' || *p == '\n') *p = '_';
     char *dir = cache_path(), file[1100] = "";
