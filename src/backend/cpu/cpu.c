@@ -421,14 +421,16 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void k1x4q_avx2
                                                                                     const float *x, int K,
                                                                                     float out[4], const int bits) {
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int g = 0; g < K / R->group; g++) {
+    const int G = R->group, ng = K / G, sdt = R->sdtype; /* locals, as in k1x4q_avx512_bits */
+    for (int g = 0; g < ng; g++) {
         __m256 sc[4], bi[4];
+#pragma GCC unroll 4
         for (int o = 0; o < 4; o++) {
-            sc[o] = _mm256_set1_ps(g3n_quant_param(R->s[o], R->sdtype, (size_t)g));
-            bi[o] = _mm256_set1_ps(g3n_quant_param(R->b[o], R->sdtype, (size_t)g));
+            sc[o] = _mm256_set1_ps(g3n_quant_param(R->s[o], sdt, (size_t)g));
+            bi[o] = _mm256_set1_ps(g3n_quant_param(R->b[o], sdt, (size_t)g));
         }
         if (bits == 4) /* x in q4_perm order: 16 inputs as 8 evens, then 8 odds */
-            for (int i = g * R->group; i < (g + 1) * R->group; i += 16) {
+            for (int i = g * G; i < (g + 1) * G; i += 16) {
                 const __m256 xe = _mm256_loadu_ps(x + i), xo = _mm256_loadu_ps(x + i + 8);
 #pragma GCC unroll 4
                 for (int o = 0; o < 4; o++) { /* unrolled: acc, sc, bi stay in registers */
@@ -441,7 +443,7 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void k1x4q_avx2
                 }
             }
         else
-            for (int i = g * R->group; i < (g + 1) * R->group; i += 8) {
+            for (int i = g * G; i < (g + 1) * G; i += 8) {
                 const __m256 xv = _mm256_loadu_ps(x + i);
 #pragma GCC unroll 4
                 for (int o = 0; o < 4; o++) {
@@ -472,32 +474,46 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) static inline __m512i
 __attribute__((target("avx512f,avx512bw"), always_inline)) static inline void k1x4q_avx512_bits(
     const qrows4 *R, const float *x, int K, float out[4], const int bits) {
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int g = 0; g < K / R->group; g++) {
+    /* locals: read through R inside the loops, the bounds and the group's parameters were
+     * reloaded (and K / group divided) at every group, and the per-row setup went through the
+     * stack; hoisted and unrolled, E2B 4-bit decode ran 30% faster (docs/SPEED.md) */
+    const int G = R->group, ng = K / G, sdt = R->sdtype;
+    const uint8_t *q[4] = {(const uint8_t *)R->q[0], (const uint8_t *)R->q[1], (const uint8_t *)R->q[2],
+                           (const uint8_t *)R->q[3]};
+    for (int g = 0; g < ng; g++) {
         __m512 sc[4], bi[4];
-        for (int o = 0; o < 4; o++) {
-            sc[o] = _mm512_set1_ps(g3n_quant_param(R->s[o], R->sdtype, (size_t)g));
-            bi[o] = _mm512_set1_ps(g3n_quant_param(R->b[o], R->sdtype, (size_t)g));
-        }
-        if (bits == 4) /* x in q4_perm order: 32 inputs as 16 evens, then 16 odds */
-            for (int i = g * R->group; i < (g + 1) * R->group; i += 32) {
-                const __m512 xe = _mm512_loadu_ps(x + i), xo = _mm512_loadu_ps(x + i + 16);
 #pragma GCC unroll 4
-                for (int o = 0; o < 4; o++) { /* unrolled: acc, sc, bi stay in registers */
-                    const __m512i v =
-                        _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)R->q[o] + i / 2)));
-                    const __m512 qe = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
-                    const __m512 qo = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-                    acc[o] = _mm512_fmadd_ps(_mm512_add_ps(_mm512_mul_ps(sc[o], qe), bi[o]), xe, acc[o]);
-                    acc[o] = _mm512_fmadd_ps(_mm512_add_ps(_mm512_mul_ps(sc[o], qo), bi[o]), xo, acc[o]);
+        for (int o = 0; o < 4; o++) {
+            sc[o] = _mm512_set1_ps(g3n_quant_param(R->s[o], sdt, (size_t)g));
+            bi[o] = _mm512_set1_ps(g3n_quant_param(R->b[o], sdt, (size_t)g));
+        }
+        const float *xg = x + (size_t)g * G;
+        if (bits == 4) { /* x in q4_perm order: 32 inputs as 16 evens, then 16 odds */
+            /* The group's 16 weights, g3n_quant_w(sc, bi, k) for k < 16, as one
+             * vector: each weight is then one permute by its nibble (vpermps reads
+             * an index's low 4 bits, so the low nibble needs no mask), instead of
+             * a convert, a product and a sum. The same bits as computing each. */
+            const __m512 k16 = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+            __m512 lut[4];
+#pragma GCC unroll 4
+            for (int o = 0; o < 4; o++) lut[o] = _mm512_add_ps(_mm512_mul_ps(sc[o], k16), bi[o]);
+            const size_t b0 = (size_t)g * G / 2;
+            for (int i = 0; i < G; i += 32) {
+                const __m512 xe = _mm512_loadu_ps(xg + i), xo = _mm512_loadu_ps(xg + i + 16);
+#pragma GCC unroll 4
+                for (int o = 0; o < 4; o++) { /* unrolled: acc and the tables stay in registers */
+                    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q[o] + b0 + i / 2)));
+                    acc[o] = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, lut[o]), xe, acc[o]);
+                    acc[o] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut[o]), xo, acc[o]);
                 }
             }
-        else
-            for (int i = g * R->group; i < (g + 1) * R->group; i += 16) {
+        } else
+            for (int i = g * G; i < (g + 1) * G; i += 16) {
                 const __m512 xv = _mm512_loadu_ps(x + i);
 #pragma GCC unroll 4
                 for (int o = 0; o < 4; o++) {
-                    const __m512 q = _mm512_cvtepi32_ps(unpack16_avx512(R->q[o], bits, i));
-                    const __m512 w = _mm512_add_ps(_mm512_mul_ps(sc[o], q), bi[o]);
+                    const __m512 qv = _mm512_cvtepi32_ps(unpack16_avx512(R->q[o], bits, i));
+                    const __m512 w = _mm512_add_ps(_mm512_mul_ps(sc[o], qv), bi[o]);
                     acc[o] = _mm512_fmadd_ps(w, xv, acc[o]);
                 }
             }
