@@ -416,13 +416,27 @@ __attribute__((target("avx2,fma"), always_inline)) static inline __m256i unpack8
     return _mm256_loadu_si256((const __m256i *)v);
 }
 
+/* How far ahead in a row's bytes the quantized kernels ask for the weights: the
+ * same place 4 rows on (the next call's row, rows of up to 2 KB), at most 8 KB.
+ * The hardware prefetcher alone left the 4 interleaved row streams waiting:
+ * E2B 4-bit decode 8.1-8.4 -> 11.2-11.9 tok/s on a 2-core Zen 4 (docs/SPEED.md,
+ * seventeenth session; 2 KB ahead 9.8-10.0, 8 KB as 4 KB). */
+static inline size_t q4_ahead(int K, int bits) {
+    const size_t row = (size_t)g3n_quant_row_words(K, bits) * 4;
+    return row * 4 < 8192 ? row * 4 : 8192;
+}
+
 /* bits is a constant where the caller passes 4 or 8: the unpacking is specialised */
 __attribute__((target("avx2,fma"), always_inline)) static inline void k1x4q_avx2_bits(const qrows4 *R,
                                                                                     const float *x, int K,
                                                                                     float out[4], const int bits) {
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     const int G = R->group, ng = K / G, sdt = R->sdtype; /* locals, as in k1x4q_avx512_bits */
+    const size_t ahead = q4_ahead(K, bits);
     for (int g = 0; g < ng; g++) {
+        const size_t pos = (size_t)g * G * bits / 8;
+#pragma GCC unroll 4
+        for (int o = 0; o < 4; o++) _mm_prefetch((const char *)R->q[o] + pos + ahead, _MM_HINT_T0);
         __m256 sc[4], bi[4];
 #pragma GCC unroll 4
         for (int o = 0; o < 4; o++) {
@@ -480,7 +494,11 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) static inline void k1
     const int G = R->group, ng = K / G, sdt = R->sdtype;
     const uint8_t *q[4] = {(const uint8_t *)R->q[0], (const uint8_t *)R->q[1], (const uint8_t *)R->q[2],
                            (const uint8_t *)R->q[3]};
+    const size_t ahead = q4_ahead(K, bits);
     for (int g = 0; g < ng; g++) {
+        const size_t pos = (size_t)g * G * bits / 8; /* the group's first byte in its row */
+#pragma GCC unroll 4
+        for (int o = 0; o < 4; o++) _mm_prefetch((const char *)(q[o] + pos + ahead), _MM_HINT_T0);
         __m512 sc[4], bi[4];
 #pragma GCC unroll 4
         for (int o = 0; o < 4; o++) {
@@ -497,12 +515,11 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) static inline void k1
             __m512 lut[4];
 #pragma GCC unroll 4
             for (int o = 0; o < 4; o++) lut[o] = _mm512_add_ps(_mm512_mul_ps(sc[o], k16), bi[o]);
-            const size_t b0 = (size_t)g * G / 2;
             for (int i = 0; i < G; i += 32) {
                 const __m512 xe = _mm512_loadu_ps(xg + i), xo = _mm512_loadu_ps(xg + i + 16);
 #pragma GCC unroll 4
                 for (int o = 0; o < 4; o++) { /* unrolled: acc and the tables stay in registers */
-                    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q[o] + b0 + i / 2)));
+                    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q[o] + pos + i / 2)));
                     acc[o] = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, lut[o]), xe, acc[o]);
                     acc[o] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut[o]), xo, acc[o]);
                 }
