@@ -671,9 +671,9 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
          * A split product's slices take 2048 inputs or more and its warps two
          * tiles or more (G3N_QWIDE=0: any): E2B's 4-bit down product (2048 x
          * 8192) ran as 8 slices of 1024, 3 tiles a warp (176 blocks), and as 4
-         * of 2048, 2 tiles a warp (128 blocks), 2.5% faster (docs/SPEED.md,
-         * seventeenth session); 2048 x 2048 products (AltUp's unembedding) then
-         * stay whole. */
+         * of 2048, 2 tiles a warp (128 blocks), 2.5% faster on an H200 and level
+         * on the H100 (docs/SPEED.md, seventeenth session); 2048 x 2048 products
+         * (AltUp's unembedding) then stay whole. */
         int best_ns = 0, best_j = 0, best_blocks = 0;
         for (int ns = nsplit; ns >= 1; ns /= 2) {
             const int ks = slice(ns), n = (kmax + ks - 1) / ks;
