@@ -89,6 +89,29 @@ static void cmp(const char *what, float *d, const float *ref, size_t n, double t
     B->free(B, d);
 }
 
+/* f16 K/V caches: x rounded to f16; device bytes; and a device f16 array
+ * against host halves, both widened (frees d) */
+static uint16_t *f16_of(const float *x, size_t n) {
+    uint16_t *h = malloc(2 * (n ? n : 1));
+    for (size_t i = 0; i < n; i++) h[i] = g3n_f32_to_f16(x[i]);
+    return h;
+}
+static void *dev_bytes(const void *h, size_t bytes) {
+    void *d = B->alloc(B, bytes ? bytes : 1);
+    if (bytes) B->write(B, d, h, bytes);
+    return d;
+}
+static void cmp16(const char *what, void *d, const uint16_t *ref, size_t n, double tol, double abs_tol) {
+    uint16_t *h = malloc(2 * (n ? n : 1));
+    float *a = malloc(4 * (n ? n : 1)), *b = malloc(4 * (n ? n : 1));
+    if (n) B->read(B, h, d, 2 * n);
+    for (size_t i = 0; i < n; i++) a[i] = g3n_f16_to_f32(h[i]), b[i] = g3n_f16_to_f32(ref[i]);
+    test_close(what, a, b, n, tol, abs_tol);
+    free(h), free(a), free(b);
+    B->free(B, d);
+}
+static int KV16; /* the attention cases below with f16 caches (both backends) */
+
 /* Weight matrix of random values stored as dtype, prepared for REF and for B. */
 typedef struct {
     g3n_mat ref, b;
@@ -505,12 +528,15 @@ static void attention_case(int n_head, int n_head_kv, int hd, int window, int ca
     g3n_kv kv_ref[2], kv_b[2];
     memset(kv_ref, 0, sizeof kv_ref);
     memset(kv_b, 0, sizeof kv_b);
-    float *mem[2], *dmem[2];
+    void *mem[2], *dmem[2];
+    const size_t esz = KV16 ? 2 : 4, half = (size_t)cap * kvd * esz; /* bytes of K (V follows) */
     for (int s = 0; s < 2; s++) {
-        mem[s] = rnd((size_t)2 * cap * kvd, 1.5f);
-        dmem[s] = dev(mem[s], (size_t)2 * cap * kvd);
-        kv_ref[s].layer[3] = (g3n_kv_layer){mem[s], mem[s] + (size_t)cap * kvd, cap};
-        kv_b[s].layer[3] = (g3n_kv_layer){dmem[s], dmem[s] + (size_t)cap * kvd, cap};
+        float *x = rnd((size_t)2 * cap * kvd, 1.5f);
+        mem[s] = x;
+        if (KV16) mem[s] = f16_of(x, (size_t)2 * cap * kvd), free(x);
+        dmem[s] = dev_bytes(mem[s], 2 * half);
+        kv_ref[s].layer[3] = (g3n_kv_layer){mem[s], (char *)mem[s] + half, cap, KV16};
+        kv_b[s].layer[3] = (g3n_kv_layer){dmem[s], (char *)dmem[s] + half, cap, KV16};
     }
     g3n_kv *kr[2] = {&kv_ref[0], &kv_ref[1]}, *kb[2] = {&kv_b[0], &kv_b[1]};
     int32_t pos[512], seq[512], ids[512] = {0}, next[2] = {pos0, pos0};
@@ -536,9 +562,9 @@ static void attention_case(int n_head, int n_head_kv, int hd, int window, int ca
         B->attention(B, dout, dq, 3, n_head, n_head_kv, hd, window);
         unsetenv("G3N_ATT_TILED"), unsetenv("G3N_ATT_RPW"), unsetenv("G3N_ATT_NST");
         char what[128];
-        snprintf(what, sizeof what, "attention H%d/%d hd%d win%d cap%d n%d pos%d runs of %d%s%s%s", n_head,
-                 n_head_kv, hd, window, cap, n, pos0, per, runs[i][0] ? ", tiled, rows a warp " : "",
-                 runs[i][0] ? runs[i][1] : "", runs[i][2] ? ", one stage" : "");
+        snprintf(what, sizeof what, "attention%s H%d/%d hd%d win%d cap%d n%d pos%d runs of %d%s%s%s",
+                 KV16 ? " f16" : "", n_head, n_head_kv, hd, window, cap, n, pos0, per,
+                 runs[i][0] ? ", tiled, rows a warp " : "", runs[i][0] ? runs[i][1] : "", runs[i][2] ? ", one stage" : "");
         cmp(what, dout, o0, qn, TOL * 5, 1e-5 + rms_tol(o0, qn, 1e-4));
     }
     free(q), free(o0), B->free(B, dq);
@@ -565,6 +591,22 @@ TEST(attention) {
     attention_case(4, 1, 36, 0, 100, 20, 0, 20);           /* head_dim 36: a lane past the end */
 }
 
+/* f16 caches: the same kernels reading halves (the reference widens each) */
+TEST(attention_f16) {
+    KV16 = 1;
+    attention_case(4, 2, 32, 0, 64, 6, 0, 1);
+    attention_case(4, 2, 32, 8, 15, 14, 93, 1);             /* sliding, wrapped */
+    attention_case(8, 2, 256, 0, 3000, 2, 2900, 1);         /* long full-attention context */
+    attention_case(8, 2, 256, 512, 512 + 63, 64, 600, 64); /* prompt: tiled, ring wrapped */
+    attention_case(8, 2, 256, 0, 200, 40, 0, 20);          /* two prompts, runs of 20 */
+    attention_case(4, 2, 64, 16, 16 + 49, 50, 30, 7);      /* runs straddling the tiles */
+    attention_case(2, 2, 128, 5, 5 + 31, 32, 3, 32);       /* G = 1 */
+    attention_case(8, 1, 32, 0, 100, 33, 5, 33);           /* G = 8 */
+    attention_case(4, 1, 36, 0, 100, 20, 0, 20);           /* head_dim 36: not a multiple of 8 */
+    attention_case(6, 3, 44, 0, 100, 24, 10, 24);          /* head_dim 44: a multiple of 4, not 8 */
+    KV16 = 0;
+}
+
 /* The CPU backend's attention of a token is the same bits in a prompt step
  * (a thread per (token, KV head)) and alone (a thread per chunk of keys), also
  * where its span takes several chunks: what makes decode equal prefill there. */
@@ -575,7 +617,7 @@ TEST(attention_alone_bitwise) {
     float *all = malloc(sizeof(float) * n * H * hd), *one = malloc(sizeof(float) * H * hd);
     g3n_kv kv;
     memset(&kv, 0, sizeof kv);
-    kv.layer[0] = (g3n_kv_layer){mem, mem + (size_t)cap * kvd, cap};
+    kv.layer[0] = (g3n_kv_layer){mem, mem + (size_t)cap * kvd, cap, 0};
     g3n_kv *kvs[1] = {&kv};
     int32_t pos[6], seq[6] = {0}, ids[6] = {0};
     for (int t = 0; t < n; t++) pos[t] = 1500 + t; /* spans of 1501..1506 keys: 3 chunks */
@@ -605,12 +647,15 @@ static void qkv_attention_case(int H, int Hkv, int hd, int window, int cap, int 
     g3n_kv kv_ref[4], kv_b[4];
     memset(kv_ref, 0, sizeof kv_ref);
     memset(kv_b, 0, sizeof kv_b);
-    float *mem[4], *dmem[4];
+    void *mem[4], *dmem[4];
+    const size_t esz = KV16 ? 2 : 4;
     for (int s = 0; s < n_seq; s++) {
-        mem[s] = rnd(cn, 1.5f);
-        dmem[s] = dev(mem[s], cn);
-        kv_ref[s].layer[5] = (g3n_kv_layer){mem[s], mem[s] + (size_t)cap * kvd, cap};
-        kv_b[s].layer[5] = (g3n_kv_layer){dmem[s], dmem[s] + (size_t)cap * kvd, cap};
+        float *x = rnd(cn, 1.5f);
+        mem[s] = x;
+        if (KV16) mem[s] = f16_of(x, cn), free(x);
+        dmem[s] = dev_bytes(mem[s], cn * esz);
+        kv_ref[s].layer[5] = (g3n_kv_layer){mem[s], (char *)mem[s] + cn / 2 * esz, cap, KV16};
+        kv_b[s].layer[5] = (g3n_kv_layer){dmem[s], (char *)dmem[s] + cn / 2 * esz, cap, KV16};
     }
     g3n_kv *kr[4] = {&kv_ref[0], &kv_ref[1], &kv_ref[2], &kv_ref[3]};
     g3n_kv *kb[4] = {&kv_b[0], &kv_b[1], &kv_b[2], &kv_b[3]};
@@ -632,8 +677,8 @@ static void qkv_attention_case(int H, int Hkv, int hd, int window, int cap, int 
     REF->qkv_attention(REF, o0, q, k, v, (g3n_vec){hd, wq}, rk, store, 5, H, Hkv, hd, 10000.0f, 1e-6f, window);
     B->qkv_attention(B, dout, dq, dk, dv, (g3n_vec){hd, dwq}, bk, store, 5, H, Hkv, hd, 10000.0f, 1e-6f, window);
     char what[128];
-    snprintf(what, sizeof what, "qkv_attention H%d/%d hd%d win%d cap%d seqs%d x%d pos%d owns%d", H, Hkv, hd, window,
-             cap, n_seq, per_seq, pos0, owns);
+    snprintf(what, sizeof what, "qkv_attention%s H%d/%d hd%d win%d cap%d seqs%d x%d pos%d owns%d", KV16 ? " f16" : "",
+             H, Hkv, hd, window, cap, n_seq, per_seq, pos0, owns);
     /* abs: Gemma's attention logits are unscaled (|s| up to ~50 here), so an f32
      * score is off by ~5e-6 against the double reference, and so is each
      * dominant weight; where their values cancel, an output is off by ~1e-5
@@ -641,8 +686,12 @@ static void qkv_attention_case(int H, int Hkv, int hd, int window, int cap, int 
      * Bounded by a ten-thousandth of the outputs' RMS; rel L2 stays TOL * 5. */
     cmp(what, dout, o0, qn, TOL * 5, 1e-5 + rms_tol(o0, qn, 1e-4));
     for (int s = 0; s < n_seq; s++) {
-        snprintf(what, sizeof what, "qkv_attention cache of seq %d (H%d/%d hd%d cap%d)", s, H, Hkv, hd, cap);
-        cmp(what, dmem[s], mem[s], cn, 1e-5, 1e-5);
+        snprintf(what, sizeof what, "qkv_attention%s cache of seq %d (H%d/%d hd%d cap%d)", KV16 ? " f16" : "", s, H,
+                 Hkv, hd, cap);
+        /* f16: the two sides' f32 keys differ by rounding, which may cross an
+         * f16 rounding boundary (one f16 step: 2^-11 relative) */
+        if (KV16) cmp16(what, dmem[s], mem[s], cn, 1e-4, 4e-3);
+        else cmp(what, dmem[s], mem[s], cn, 1e-5, 1e-5);
         free(mem[s]);
     }
     free(q), free(k), free(v), free(wq), free(wk), free(o0);
@@ -661,6 +710,25 @@ TEST(qkv_attention) {
     qkv_attention_case(8, 1, 32, 0, 100, 1, 1, 50, 1);      /* G = 8 */
     qkv_attention_case(4, 2, 32, 8, 15, 2, 5, 30, 1);       /* prompt chunks of two sequences */
     qkv_attention_case(4, 2, 32, 0, 64, 1, 1, 63, 1);       /* the last slot of the cache */
+}
+
+TEST(qkv_attention_f16) {
+    KV16 = 1;
+    qkv_attention_case(8, 2, 256, 512, 515, 1, 1, 700, 1); /* E4B sliding layer, decode */
+    qkv_attention_case(8, 2, 256, 0, 4096, 1, 1, 3000, 1); /* full layer, long context */
+    qkv_attention_case(8, 2, 256, 0, 4096, 1, 1, 3000, 0); /* KV-shared */
+    qkv_attention_case(4, 2, 32, 8, 12, 3, 1, 5, 1);       /* three sequences, ring */
+    qkv_attention_case(4, 1, 128, 0, 200, 2, 1, 70, 1);    /* G = 4, hd 128 */
+    qkv_attention_case(6, 3, 48, 0, 100, 2, 1, 20, 1);     /* hd not a multiple of 32 */
+    qkv_attention_case(8, 1, 32, 0, 100, 1, 1, 50, 1);     /* G = 8 */
+    qkv_attention_case(4, 2, 32, 8, 15, 2, 5, 30, 1);      /* prompt chunks */
+    if (!B_IS_CPU) { /* split into chunks of keys */
+        setenv("G3N_ATT_NSG", "5", 1), setenv("G3N_ATT_KPB", "16", 1);
+        qkv_attention_case(8, 2, 256, 0, 4096, 1, 1, 3000, 1);
+        qkv_attention_case(8, 2, 256, 512, 515, 2, 1, 700, 0);
+        unsetenv("G3N_ATT_NSG"), unsetenv("G3N_ATT_KPB");
+    }
+    KV16 = 0;
 }
 
 /* Decode attention split into chunks of the keys (on a GPU, clusters of blocks
@@ -689,7 +757,7 @@ TEST(attention_ref_exact) {
     g3n_kv kv;
     memset(&kv, 0, sizeof kv);
     float *k = rnd((size_t)cap * hd, 1.0f), *v = rnd((size_t)cap * hd, 1.0f), *q = rnd(hd, 1.0f);
-    kv.layer[0] = (g3n_kv_layer){k, v, cap};
+    kv.layer[0] = (g3n_kv_layer){k, v, cap, 0};
     g3n_kv *kvs[1] = {&kv};
     int32_t pos[1] = {p}, seq[1] = {0}, ids[1] = {0};
     g3n_batch b = {1, ids, pos, seq, kvs, 1};
@@ -724,8 +792,8 @@ TEST(batch_ops) {
     memset(kv_ref, 0, sizeof kv_ref);
     memset(kv_b, 0, sizeof kv_b);
     for (int s = 0; s < 2; s++) {
-        kv_ref[s].layer[1] = (g3n_kv_layer){kr + s * 2 * cap * kvd, kr + (s * 2 + 1) * cap * kvd, cap};
-        kv_b[s].layer[1] = (g3n_kv_layer){dk + s * 2 * cap * kvd, dk + (s * 2 + 1) * cap * kvd, cap};
+        kv_ref[s].layer[1] = (g3n_kv_layer){kr + s * 2 * cap * kvd, kr + (s * 2 + 1) * cap * kvd, cap, 0};
+        kv_b[s].layer[1] = (g3n_kv_layer){dk + s * 2 * cap * kvd, dk + (s * 2 + 1) * cap * kvd, cap, 0};
     }
     g3n_kv *pr[2] = {&kv_ref[0], &kv_ref[1]}, *pb[2] = {&kv_b[0], &kv_b[1]};
     g3n_batch br = {n, ids, pos, seq, pr, 2}, bb = {n, ids, pos, seq, pb, 2};
@@ -736,6 +804,30 @@ TEST(batch_ops) {
     REF->kv_store(REF, 1, k, v, kvd);
     B->kv_store(B, 1, dkk, dv, kvd);
     cmp("kv_store", dk, kr, 2 * 2 * cap * kvd, 0, 0);
+    { /* into f16 caches: each value rounded to nearest even, the same bits on both */
+        const size_t ne = (size_t)2 * 2 * cap * kvd;
+        uint16_t *hr = calloc(ne, 2), *dh = dev_bytes(hr, ne * 2);
+        g3n_kv hv_ref[2], hv_b[2];
+        memset(hv_ref, 0, sizeof hv_ref);
+        memset(hv_b, 0, sizeof hv_b);
+        for (int s = 0; s < 2; s++) {
+            hv_ref[s].layer[1] = (g3n_kv_layer){hr + s * 2 * cap * kvd, hr + (s * 2 + 1) * cap * kvd, cap, 1};
+            hv_b[s].layer[1] = (g3n_kv_layer){dh + s * 2 * cap * kvd, dh + (s * 2 + 1) * cap * kvd, cap, 1};
+        }
+        g3n_kv *qr[2] = {&hv_ref[0], &hv_ref[1]}, *qb[2] = {&hv_b[0], &hv_b[1]};
+        g3n_batch br16 = {n, ids, pos, seq, qr, 2}, bb16 = {n, ids, pos, seq, qb, 2};
+        REF->batch_set(REF, &br16);
+        B->batch_set(B, &bb16);
+        REF->kv_store(REF, 1, k, v, kvd);
+        B->kv_store(B, 1, dkk, dv, kvd);
+        int stored = 0; /* (the values are random: most stored halves are not zero) */
+        for (size_t i = 0; i < ne; i++) stored += hr[i] != 0;
+        CHECK(stored > (int)ne / 4);
+        cmp16("kv_store f16", dh, hr, ne, 0, 0);
+        free(hr);
+        REF->batch_set(REF, &br);
+        B->batch_set(B, &bb);
+    }
     /* embed from a device-resident table and from a host-gathered one */
     for (int hg = 0; hg < 2; hg++)
         for (int d = 0; d < 3; d++) {
@@ -1127,8 +1219,8 @@ TEST(fused_ops) {
     g3n_kv kvr, kvb;
     memset(&kvr, 0, sizeof kvr);
     memset(&kvb, 0, sizeof kvb);
-    kvr.layer[2] = (g3n_kv_layer){cache, cache + cap * Hkv * hd, cap};
-    kvb.layer[2] = (g3n_kv_layer){dcache, dcache + cap * Hkv * hd, cap};
+    kvr.layer[2] = (g3n_kv_layer){cache, cache + cap * Hkv * hd, cap, 0};
+    kvb.layer[2] = (g3n_kv_layer){dcache, dcache + cap * Hkv * hd, cap, 0};
     g3n_kv *pr[1] = {&kvr}, *pb[1] = {&kvb};
     int32_t ids[2] = {0, 0}, pos[2] = {3, 20}, seq[2] = {0, 0};
     g3n_batch br = {R, ids, pos, seq, pr, 1}, bb = {R, ids, pos, seq, pb, 1};
@@ -1375,7 +1467,9 @@ static void run_backend(void) {
     RUN(qembed);
     RUN(rmsnorm);
     RUN(attention);
+    RUN(attention_f16);
     RUN(qkv_attention);
+    RUN(qkv_attention_f16);
     RUN(qkv_attention_split);
     RUN(attention_alone_bitwise);
     RUN(batch_ops);

@@ -57,10 +57,15 @@ typedef struct {
 } g3n_vec;
 
 /* One layer's K/V cache of one sequence. Position p lives in slot p % cap.
- * Sliding layers have cap >= window + n_batch - 1 (a ring); full layers cap = n_ctx. */
+ * Sliding layers have cap >= window + n_batch - 1 (a ring); full layers cap = n_ctx.
+ * Elements are f32, or f16 where f16 is set (g3n_model_params.kv_type): kv_store
+ * rounds to nearest even, and attention uses every key and value, the step's own
+ * included, as the cache holds it, so a token sees the same values in a prompt
+ * and in a decode step. */
 typedef struct {
-    float *k, *v; /* [cap, n_head_kv * head_dim] each; NULL for layers that own none */
+    void *k, *v; /* [cap, n_head_kv * head_dim] each; NULL for layers that own none */
     int cap;
+    int f16; /* elements are IEEE half (uint16_t) instead of float */
 } g3n_kv_layer;
 
 #define G3N_KV_MAX_LAYERS 128

@@ -15,6 +15,7 @@ typedef struct {
     int n_batch;
     int ple_on_gpu, no_graph, sparse;
     const char *decode_path;
+    const char *kv_type;
 } model_opts;
 
 extern int g3n_quiet;

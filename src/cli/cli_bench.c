@@ -259,10 +259,10 @@ int cmd_bench(int argc, char **argv) {
                paths[0], sg.mean, sg.sd);
         for (int pi = 1; pi < n_paths; pi++)
             printf("\"tg_%s_tok_s\": %.3f, \"tg_%s_sd\": %.3f, ", paths[pi], sgp[pi].mean, paths[pi], sgp[pi].sd);
-        printf("\"decode_bytes_per_token\": %zu, \"kv_bytes_per_token\": %zu, \"decode_bytes_dense\": %zu, "
+        printf("\"kv_type\": \"%s\", \"decode_bytes_per_token\": %zu, \"kv_bytes_per_token\": %zu, \"decode_bytes_dense\": %zu, "
                "\"decode_gb_s\": %.3f, "
                "\"read_bw_gb_s\": %.3f, \"bw_fraction\": %.4f, \"device_memory_gb\": %.3f, \"checksum\": \"%016llx\"}\n",
-               rd, kvb, mi.decode_bytes + kvb, gbs, bw / 1e9, bw > 0 ? gbs * 1e9 / bw : 0, dev_mem / 1e9,
+               mi.kv_type, rd, kvb, mi.decode_bytes + kvb, gbs, bw / 1e9, bw > 0 ? gbs * 1e9 / bw : 0, dev_mem / 1e9,
                (unsigned long long)checksum[0]);
     } else {
         printf("| model | backend | test | t/s |\n|---|---|---|---|\n");
@@ -277,7 +277,7 @@ int cmd_bench(int argc, char **argv) {
                    sgp[pi].sd);
         printf("\ndevice %s; decode reads %.3f GB/token", mi.device_name, rd / 1e9);
         if (wb != mi.decode_bytes) printf(" with exact sparsity (expected; %.3f dense)", (mi.decode_bytes + kvb) / 1e9);
-        if (depth) printf(" (K/V cache %.1f MB of it)", kvb / 1e6);
+        if (depth) printf(" (%s K/V cache %.1f MB of it)", mi.kv_type, kvb / 1e6);
         printf(" -> %.2f GB/s", gbs);
         if (bw > 0) {
             printf("; measured read bandwidth %.2f GB/s; %.1f%% of the bandwidth limit (%.2f tok/s", bw / 1e9,

@@ -91,6 +91,9 @@ int opt_model(model_opts *o, int argc, char **argv, int *i) {
     } else if (!strcmp(a, "--decode-path")) {
         NEED();
         o->decode_path = argv[++*i];
+    } else if (!strcmp(a, "--kv-type")) {
+        NEED();
+        o->kv_type = argv[++*i];
     } else if (!strcmp(a, "--ple-on-gpu")) {
         o->ple_on_gpu = 1;
     } else if (!strcmp(a, "--sparse")) {
@@ -118,6 +121,7 @@ g3n_model *open_model(const model_opts *o) {
     p.ple_on_gpu = o->ple_on_gpu;
     p.no_graph = o->no_graph;
     p.decode_path = o->decode_path;
+    p.kv_type = o->kv_type;
     p.sparse = o->sparse;
     char err[1024];
     double t0 = now_s();
@@ -126,9 +130,9 @@ g3n_model *open_model(const model_opts *o) {
     g3n_model_info mi = g3n_model_get_info(m);
     if (!g3n_quiet)
         fprintf(stderr, "g3n: loaded %s (%s, %d layers, %.2f GB of text weights) on %s in %.2f s; "
-                "decode path %s (%s)%s\n",
+                "decode path %s (%s)%s, %s K/V cache\n",
                 o->dir, mi.layout, mi.n_layer, mi.weight_bytes / 1e9, mi.backend, now_s() - t0,
-                mi.decode_path, mi.decode_path_why, mi.sparse ? ", exact sparsity" : "");
+                mi.decode_path, mi.decode_path_why, mi.sparse ? ", exact sparsity" : "", mi.kv_type);
     return m;
 }
 
@@ -216,6 +220,8 @@ static void usage(FILE *f) {
             "                         reads ~5%% of their up/down weights); default on cuda:\n"
             "                         on for unquantized, 4- and 8-bit checkpoints;\n"
             "                         cpu: off (--sparse: unquantized only, a W^T copy in RAM)\n"
+            "  --kv-type T            K/V cache elements: f32 (default, exact) or f16 (half\n"
+            "                         the memory and attention's reads; rounds K and V)\n"
             "  -t, --threads N        CPU threads (default: all cores)\n"
             "  -c, --ctx-size N       context length (default: 4096 or the model's maximum)\n"
             "  -b, --batch-size N     tokens per forward step (default 1024 on cuda, 256 on cpu)\n"

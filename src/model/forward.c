@@ -382,7 +382,8 @@ void fwd_dec_model_init(g3n_model *M) {
         o->theta = c->is_sliding[l] ? c->rope_theta_sliding : c->rope_theta_full;
     }
     /* exact sparsity stores the down matrices transposed: the backend says no */
-    M->mega_ok = M->be->decode_layers && M->be->decode_layers(M->be, d, NULL);
+    /* the mega path reads f32 caches only */
+    M->mega_ok = !M->kv_f16 && M->be->decode_layers && M->be->decode_layers(M->be, d, NULL);
 }
 
 /* Every layer of a one-token step in one backend call (FWD_MEGA); 0 if not taken. */

@@ -124,6 +124,7 @@ struct g3n_model {
     g3n_dec_model dec;   /* the layers as the backend's decode_layers sees them */
     int mega_ok;         /* the backend takes this model whole (decode_layers) */
     int sparse;          /* fused path: exact sparsity in the top-k layers */
+    int kv_f16;          /* K/V caches in f16 (g3n_model_params.kv_type) */
     char path_why[256];  /* how the decode path was chosen */
     int n_owned;
 };

@@ -360,6 +360,9 @@ g3n_model *g3n_model_open(const char *dir, const g3n_model_params *params, char 
         m->sparse = p.sparse > 0 || (p.sparse == 0 && dev && !strcmp(dev, "cuda") &&
                                      (!m->quant.bits || m->quant.bits == 4 || m->quant.bits == 8));
     }
+    if (rc == 0 && p.kv_type && strcmp(p.kv_type, "f16") && strcmp(p.kv_type, "f32"))
+        rc = g3n_err(err, errlen, "K/V cache type \"%s\": expected f16 or f32", p.kv_type);
+    m->kv_f16 = p.kv_type && !strcmp(p.kv_type, "f16");
     if (rc == 0) rc = load_weights(m, err, errlen);
     if (rc == 0) fwd_dec_model_init(m);
     if (rc == 0 && p.decode_path && fwd_path_parse(p.decode_path) < 0 && strcmp(p.decode_path, "auto"))
@@ -415,6 +418,7 @@ g3n_model_info g3n_model_get_info(const g3n_model *m) {
     i.decode_paths = m->mega_ok ? "fused,split,mega" : "fused,split";
     i.decode_path_why = m->path_why;
     i.sparse = m->sparse;
+    i.kv_type = m->kv_f16 ? "f16" : "f32";
     return i;
 }
 
@@ -429,7 +433,7 @@ size_t g3n_model_kv_read_bytes(const g3n_model *m, int pos) {
     size_t keys = 0;
     for (int l = 0; l < c->n_layer; l++)
         keys += c->is_sliding[l] && seen > (size_t)c->sliding_window ? (size_t)c->sliding_window : seen;
-    return keys * 2 * (size_t)c->n_head_kv * (size_t)c->head_dim * sizeof(float);
+    return keys * 2 * (size_t)c->n_head_kv * (size_t)c->head_dim * (m->kv_f16 ? 2 : sizeof(float));
 }
 
 size_t g3n_model_device_memory(g3n_model *m) {

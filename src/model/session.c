@@ -35,16 +35,18 @@ static void *kv_alloc(g3n_model *m, int n_ctx, int n_batch, g3n_kv *kv) {
         cap[l] = c->is_sliding[l] ? G3N_MIN(n_ctx, c->sliding_window + n_batch - 1) : n_ctx;
         total += 2 * (size_t)cap[l] * kvd;
     }
-    void *mem = m->be->alloc(m->be, total * sizeof(float));
-    float *p = mem;
+    const size_t esz = m->kv_f16 ? 2 : sizeof(float);
+    void *mem = m->be->alloc(m->be, total * esz);
+    char *p = mem;
     memset(kv, 0, sizeof(*kv));
     for (int l = 0; l < c->n_layer; l++) {
         if (!cap[l]) continue;
         kv->layer[l].k = p;
-        p += (size_t)cap[l] * kvd;
+        p += (size_t)cap[l] * kvd * esz;
         kv->layer[l].v = p;
-        p += (size_t)cap[l] * kvd;
+        p += (size_t)cap[l] * kvd * esz;
         kv->layer[l].cap = cap[l];
+        kv->layer[l].f16 = m->kv_f16;
     }
     return mem;
 }
@@ -472,7 +474,8 @@ void decode_path_choose(g3n_model *m, const char *want) {
     const int asked = want ? fwd_path_parse(want) : -1;
     if (asked == FWD_MEGA && !m->mega_ok) {
         m->fused = FWD_FUSED;
-        snprintf(why, sizeof m->path_why, "mega asked for, but the backend does not take this model whole: fused");
+        snprintf(why, sizeof m->path_why, "mega asked for, but the backend does not take this model whole%s: fused",
+                 m->kv_f16 ? " (the mega path reads f32 K/V caches only)" : "");
         return;
     }
     if (asked >= 0) {
@@ -492,9 +495,9 @@ void decode_path_choose(g3n_model *m, const char *want) {
     const g3n_mat *gp = &m->w.layers[0].gate_proj, *dp = &m->w.layers[c->n_layer - 1].down_proj;
     char bid[64];
     build_id(bid, sizeof bid);
-    snprintf(key, sizeof key, "%s|L%d|D%d|I%d|V%d|dt%d|q%d.%d.%d|sp%d|paths%d|%s", m->be->device_name, c->n_layer,
-             c->n_embd, c->n_ff[0], c->n_vocab, gp->dtype, gp->bits, gp->group_size, dp->bits, m->sparse,
-             m->mega_ok ? 3 : 2, bid);
+    snprintf(key, sizeof key, "%s|L%d|D%d|I%d|V%d|dt%d|q%d.%d.%d|sp%d|kv%d|paths%d|%s", m->be->device_name,
+             c->n_layer, c->n_embd, c->n_ff[0], c->n_vocab, gp->dtype, gp->bits, gp->group_size, dp->bits, m->sparse,
+             m->kv_f16 ? 16 : 32, m->mega_ok ? 3 : 2, bid);
     for (char *p = key; *p; p++)
         if (*p == ' ' || *p == '\n') *p = '_';
     char *dir = cache_path(), file[1100] = "";

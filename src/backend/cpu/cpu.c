@@ -689,16 +689,27 @@ static void cpu_matmul(g3n_backend *be, float *y, const g3n_mat *W, const float 
  * head) pairs. */
 #define ATT_CHUNK 512
 
+/* Row j of cache array p (L->k or L->v) from element koff, hd floats: in place
+ * when the cache is f32, else converted into row */
+static const float *att_row(const g3n_kv_layer *L, const void *p, int j, int kv_dim, size_t koff, int hd,
+                            float *row) {
+    const size_t o = (size_t)(j % L->cap) * kv_dim + koff;
+    if (!L->f16) return (const float *)p + o;
+    cvt_row(G3N_F16, (const uint16_t *)p + o, row, hd);
+    return row;
+}
+
 /* Keys [j0, j1) of cache L for the G heads q (consecutive hd-vectors): head g's
  * max in pm[g], sum in pm[G + g], sum of weighted values in pm[2G + g * hd ..].
- * sc: (j1 - j0) * G floats (key j's G scores together). */
+ * sc: (j1 - j0) * G floats (key j's G scores together), then hd floats (an f16
+ * cache's row as f32). */
 static void att_chunk(const float *q, const g3n_kv_layer *L, size_t koff, int kv_dim, int hd, int G, int j0,
                       int j1, float *sc, float *pm) {
     const int nk = j1 - j0;
-    float *m = pm, *l = pm + G, *acc = pm + 2 * G;
+    float *m = pm, *l = pm + G, *acc = pm + 2 * G, *row = sc + (size_t)nk * G;
     for (int g = 0; g < G; g++) m[g] = -INFINITY;
     for (int j = 0; j < nk; j++) {
-        const float *kj = L->k + (size_t)((j0 + j) % L->cap) * kv_dim + koff;
+        const float *kj = att_row(L, L->k, j0 + j, kv_dim, koff, hd, row);
         for (int g = 0; g < G; g++) {
             const float s = dot(q + (size_t)g * hd, kj, hd);
             sc[(size_t)j * G + g] = s;
@@ -716,7 +727,7 @@ static void att_chunk(const float *q, const g3n_kv_layer *L, size_t koff, int kv
     }
     for (int i = 0; i < G * hd; i++) acc[i] = 0;
     for (int j = 0; j < nk; j++)
-        axpy_g(acc, sc + (size_t)j * G, G, L->v + (size_t)((j0 + j) % L->cap) * kv_dim + koff, hd);
+        axpy_g(acc, sc + (size_t)j * G, G, att_row(L, L->v, j0 + j, kv_dim, koff, hd, row), hd);
 }
 
 /* Merge nch chunk partials (stride floats apart) of G heads into out (G
@@ -763,7 +774,7 @@ static void cpu_attention(g3n_backend *be, float *out, const float *q, int layer
             const g3n_kv_layer *L;
             int lo;
             const int nk = att_span(c, t, layer, window, &L, &lo), nch = att_chunks(nk);
-            float *pm = tscratch(c, (size_t)nch * stride + (size_t)G * ATT_CHUNK), *sc = pm + (size_t)nch * stride;
+            float *pm = tscratch(c, (size_t)nch * stride + (size_t)G * ATT_CHUNK + hd), *sc = pm + (size_t)nch * stride;
             const float *qh = q + ((size_t)t * n_head + (size_t)hk * G) * hd;
             for (int ch = 0; ch < nch; ch++)
                 att_chunk(qh, L, (size_t)hk * hd, kv_dim, hd, G, lo + ch * ATT_CHUNK,
@@ -796,7 +807,7 @@ static void cpu_attention(g3n_backend *be, float *out, const float *q, int layer
             nk = att_span(c, ++t, layer, window, &L, &lo);
         }
         const int nch = att_chunks(nk), hk = (int)(k / (size_t)nch), ch = (int)(k % (size_t)nch);
-        float *sc = tscratch(c, (size_t)G * ATT_CHUNK);
+        float *sc = tscratch(c, (size_t)G * ATT_CHUNK + hd);
         att_chunk(q + ((size_t)t * n_head + (size_t)hk * G) * hd, L, (size_t)hk * hd, kv_dim, hd, G,
                   lo + ch * ATT_CHUNK, G3N_MIN(lo + nk, lo + (ch + 1) * ATT_CHUNK), sc, part + task * stride);
     }

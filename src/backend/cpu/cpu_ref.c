@@ -146,14 +146,25 @@ static void ref_rope(g3n_backend *be, float *x, int n_head, int head_dim, float 
     }
 }
 
+/* Element i of cache array p (L->k or L->v), and storing one: f32, or f16 rounded to nearest even */
+static float kv_get(const g3n_kv_layer *L, const void *p, size_t i) {
+    return L->f16 ? g3n_f16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static void kv_put(const g3n_kv_layer *L, void *p, size_t i, float x) {
+    if (L->f16) ((uint16_t *)p)[i] = g3n_f32_to_f16(x);
+    else ((float *)p)[i] = x;
+}
+
 static void ref_kv_store(g3n_backend *be, int layer, const float *k, const float *v, int kv_dim) {
     cpu_ctx *c = be->ctx;
     for (int t = 0; t < c->batch.n; t++) {
         g3n_kv_layer *L = &c->batch.kv[c->batch.seq[t]]->layer[layer];
         G3N_ASSERT(L->k && L->cap > 0);
-        size_t slot = (size_t)(c->batch.pos[t] % L->cap);
-        memcpy(L->k + slot * kv_dim, k + (size_t)t * kv_dim, (size_t)kv_dim * 4);
-        memcpy(L->v + slot * kv_dim, v + (size_t)t * kv_dim, (size_t)kv_dim * 4);
+        size_t o = (size_t)(c->batch.pos[t] % L->cap) * kv_dim;
+        for (int i = 0; i < kv_dim; i++) {
+            kv_put(L, L->k, o + i, k[(size_t)t * kv_dim + i]);
+            kv_put(L, L->v, o + i, v[(size_t)t * kv_dim + i]);
+        }
     }
 }
 
@@ -174,9 +185,9 @@ static void ref_attention(g3n_backend *be, float *out, const float *q, int layer
             int hk = h / group;
             double mx = -INFINITY;
             for (int j = 0; j < nk; j++) {
-                const float *kj = L->k + (size_t)((lo + j) % L->cap) * kv_dim + hk * head_dim;
+                const size_t kj = (size_t)((lo + j) % L->cap) * kv_dim + (size_t)hk * head_dim;
                 double s = 0;
-                for (int i = 0; i < head_dim; i++) s += (double)qh[i] * kj[i];
+                for (int i = 0; i < head_dim; i++) s += (double)qh[i] * kv_get(L, L->k, kj + i);
                 sc[j] = (float)s;
                 if (s > mx) mx = s;
             }
@@ -186,9 +197,8 @@ static void ref_attention(g3n_backend *be, float *out, const float *q, int layer
             for (int i = 0; i < head_dim; i++) {
                 double acc = 0;
                 for (int j = 0; j < nk; j++) {
-                    const float *vj =
-                        L->v + (size_t)((lo + j) % L->cap) * kv_dim + hk * head_dim;
-                    acc += exp((double)sc[j] - mx) * vj[i];
+                    const size_t vj = (size_t)((lo + j) % L->cap) * kv_dim + (size_t)hk * head_dim;
+                    acc += exp((double)sc[j] - mx) * kv_get(L, L->v, vj + i);
                 }
                 oh[i] = (float)(acc / sum);
             }

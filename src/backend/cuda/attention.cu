@@ -33,14 +33,12 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
     }
     float m = -INFINITY, l = 0;
     for (int j = lo + warp; j <= p; j += ATT_WARPS) {
-        const size_t slot = (size_t)(j % L.cap);
-        const float *kj = L.k + slot * kvd + (size_t)hk * hd;
-        const float *vj = L.v + slot * kvd + (size_t)hk * hd;
+        const size_t o = (size_t)(j % L.cap) * kvd + (size_t)hk * hd;
         float s = 0;
 #pragma unroll
         for (int k = 0; k < ATT_PER_LANE; k++) {
             const int d = lane + 32 * k;
-            if (d < hd) s += qr[k] * kj[d];
+            if (d < hd) s += qr[k] * kv_ld(L, L.k, o + d);
         }
         s = warp_sum(s);
         const float m2 = fmaxf(m, s);
@@ -49,7 +47,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
 #pragma unroll
         for (int k = 0; k < ATT_PER_LANE; k++) {
             const int d = lane + 32 * k;
-            acc[k] = acc[k] * corr + (d < hd ? e * vj[d] : 0.0f);
+            acc[k] = acc[k] * corr + (d < hd ? e * kv_ld(L, L.v, o + d) : 0.0f);
         }
         m = m2;
     }
@@ -90,25 +88,31 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
  * distinct banks; Q read as broadcasts), each row keeps an online softmax (a
  * running max shared by the warp, a sum per lane, added at the end), and
  * O += P V with lane owning dims lane + 32 k (the weights broadcast by
- * shuffles). f32 throughout, as k_attention. The tile's tokens are taken in
+ * shuffles). f32 throughout, as k_attention; an f16 cache (KT = __half) is
+ * staged as it is stored (K rows padded to hd + 8, read 8 at a time: a quarter
+ * warp's 16-byte loads take distinct banks) and widened as it is read. The tile's tokens are taken in
  * runs of one sequence (a step may hold several); a row sees keys lo..p of its
  * own token, as in k_attention. Blocks take the tiles last first: later tokens
  * see more keys. */
 #define AT_KT 32 /* keys per tile */
 
-template <int RPW, int DPL>
+__device__ __forceinline__ float kv_f(float x) { return x; }
+__device__ __forceinline__ float kv_f(__half x) { return __half2float(x); }
+
+template <int RPW, int DPL, typename KT>
 __global__ void __launch_bounds__(256)
     k_attn_tiled(float *out, const float *q, const g3n_kv_layer *kv, int layer, const int32_t *pos,
                  const int32_t *seq, int n_tokens, int n_head, int n_head_kv, int hd, int window, int nst) {
-    constexpr int ROWS = 8 * RPW;
+    constexpr int ROWS = 8 * RPW, EPC = 16 / sizeof(KT); /* cache elements a 16-byte copy */
+    constexpr bool H16 = sizeof(KT) == 2;
     extern __shared__ float4 at_dyn[];
-    const int G = n_head / n_head_kv, BQ = ROWS / G, kvd = n_head_kv * hd, ks = hd + 4;
+    const int G = n_head / n_head_kv, BQ = ROWS / G, kvd = n_head_kv * hd, qs = hd + 4, ks = H16 ? hd + 8 : hd + 4;
     const int n_tiles = (n_tokens + BQ - 1) / BQ;
     const int tile = n_tiles - 1 - (int)blockIdx.x / n_head_kv, hk = (int)blockIdx.x % n_head_kv;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    float *Qs = (float *)at_dyn;             /* [ROWS][hd + 4] */
-    float *Ks = Qs + (size_t)ROWS * ks;      /* [nst][AT_KT][hd + 4] */
-    float *Vs = Ks + (size_t)nst * AT_KT * ks; /* [nst][AT_KT][hd] */
+    float *Qs = (float *)at_dyn;                   /* [ROWS][hd + 4] */
+    KT *Ks = (KT *)(Qs + (size_t)ROWS * qs);       /* [nst][AT_KT][ks] */
+    KT *Vs = Ks + (size_t)nst * AT_KT * ks;        /* [nst][AT_KT][hd] */
     const int t0 = tile * BQ, tend = min(t0 + BQ, n_tokens);
     KERNEL_BEGIN();
     for (int r0 = t0; r0 < tend;) { /* one run: tokens r0..r1-1 of sequence s */
@@ -125,7 +129,7 @@ __global__ void __launch_bounds__(256)
             const int r = i / (hd / 4), c4 = i % (hd / 4), t = t0 + r / G;
             float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
             if (t >= r0 && t < r1) v = *(const float4 *)(q + ((size_t)t * n_head + hk * G + r % G) * hd + 4 * c4);
-            *(float4 *)(Qs + (size_t)r * ks + 4 * c4) = v;
+            *(float4 *)(Qs + (size_t)r * qs + 4 * c4) = v;
         }
         int rlo[RPW], rhi[RPW]; /* each row's visible keys (empty for rows outside the run) */
 #pragma unroll
@@ -135,14 +139,14 @@ __global__ void __launch_bounds__(256)
             if (t >= r0 && t < r1) rhi[i] = pos[t], rlo[i] = window > 0 ? max(0, rhi[i] - window + 1) : 0;
         }
         auto issue = [&](int jt, int buf) { /* key tile jt..jt+31 (those <= jhi) into buffer buf */
-            float *kd = Ks + (size_t)buf * AT_KT * ks, *vd = Vs + (size_t)buf * AT_KT * hd;
-            const int n4 = hd / 4;
-            for (int i = threadIdx.x; i < AT_KT * n4; i += blockDim.x) {
-                const int jj = i / n4, c4 = i % n4, j = jt + jj;
+            KT *kd = Ks + (size_t)buf * AT_KT * ks, *vd = Vs + (size_t)buf * AT_KT * hd;
+            const int nc = hd / EPC;
+            for (int i = threadIdx.x; i < AT_KT * nc; i += blockDim.x) {
+                const int jj = i / nc, c = i % nc, j = jt + jj;
                 if (j > jhi) break;
-                const size_t o = (size_t)(j % L.cap) * kvd + (size_t)hk * hd + 4 * c4;
-                cp_async16(kd + (size_t)jj * ks + 4 * c4, L.k + o);
-                cp_async16(vd + (size_t)jj * hd + 4 * c4, L.v + o);
+                const size_t o = (size_t)(j % L.cap) * kvd + (size_t)hk * hd + EPC * c;
+                cp_async16(kd + (size_t)jj * ks + EPC * c, (const KT *)L.k + o);
+                cp_async16(vd + (size_t)jj * hd + EPC * c, (const KT *)L.v + o);
             }
             cp_async_commit();
         };
@@ -161,17 +165,30 @@ __global__ void __launch_bounds__(256)
             } else
                 cp_async_wait<0>();
             __syncthreads(); /* the tile (and, the first time, the query rows) are in place */
-            const float *kt = Ks + (size_t)buf * AT_KT * ks, *vt = Vs + (size_t)buf * AT_KT * hd;
+            const KT *kt = Ks + (size_t)buf * AT_KT * ks, *vt = Vs + (size_t)buf * AT_KT * hd;
             const int j = jt + lane;
             float sc[RPW];
 #pragma unroll
             for (int i = 0; i < RPW; i++) sc[i] = 0;
-            if (j <= jhi)
-                for (int d = 0; d < hd; d += 4) {
-                    const float4 kk = *(const float4 *)(kt + (size_t)lane * ks + d);
+            if (j <= jhi && H16)
+                for (int d = 0; d < hd; d += 8) {
+                    const uint4 raw = *(const uint4 *)(kt + (size_t)lane * ks + d);
+                    const float2 k0 = __half22float2(*(const __half2 *)&raw.x), k1 = __half22float2(*(const __half2 *)&raw.y);
+                    const float2 k2 = __half22float2(*(const __half2 *)&raw.z), k3 = __half22float2(*(const __half2 *)&raw.w);
 #pragma unroll
                     for (int i = 0; i < RPW; i++) {
-                        const float4 qq = *(const float4 *)(Qs + (size_t)(warp * RPW + i) * ks + d);
+                        const float4 qa = *(const float4 *)(Qs + (size_t)(warp * RPW + i) * qs + d);
+                        const float4 qb = *(const float4 *)(Qs + (size_t)(warp * RPW + i) * qs + d + 4);
+                        sc[i] += qa.x * k0.x + qa.y * k0.y + qa.z * k1.x + qa.w * k1.y;
+                        sc[i] += qb.x * k2.x + qb.y * k2.y + qb.z * k3.x + qb.w * k3.y;
+                    }
+                }
+            else if (j <= jhi)
+                for (int d = 0; d < hd; d += 4) {
+                    const float4 kk = *(const float4 *)((const float *)kt + (size_t)lane * ks + d);
+#pragma unroll
+                    for (int i = 0; i < RPW; i++) {
+                        const float4 qq = *(const float4 *)(Qs + (size_t)(warp * RPW + i) * qs + d);
                         sc[i] += qq.x * kk.x + qq.y * kk.y + qq.z * kk.z + qq.w * kk.w;
                     }
                 }
@@ -194,7 +211,7 @@ __global__ void __launch_bounds__(256)
             for (int jj = 0; jj < nk; jj++) {
                 float vv[DPL];
 #pragma unroll
-                for (int k = 0; k < DPL; k++) vv[k] = lane + 32 * k < hd ? vt[(size_t)jj * hd + lane + 32 * k] : 0.0f;
+                for (int k = 0; k < DPL; k++) vv[k] = lane + 32 * k < hd ? kv_f(vt[(size_t)jj * hd + lane + 32 * k]) : 0.0f;
 #pragma unroll
                 for (int i = 0; i < RPW; i++) {
                     const float w = __shfl_sync(0xffffffffu, sc[i], jj);
@@ -223,29 +240,30 @@ __global__ void __launch_bounds__(256)
     }
 }
 
-/* The tiled kernel's dynamic shared memory: query rows, nst key tiles and value tiles */
-static size_t at_smem(int rpw, int hd, int nst) {
-    return ((size_t)8 * rpw * (hd + 4) + (size_t)nst * AT_KT * (2 * hd + 4)) * sizeof(float);
+/* The tiled kernel's dynamic shared memory: query rows, nst key tiles and value
+ * tiles (cache elements of esz bytes) */
+static size_t at_smem(int rpw, int hd, int nst, int esz) {
+    return (size_t)8 * rpw * (hd + 4) * sizeof(float) + (size_t)nst * AT_KT * (2 * hd + (esz == 2 ? 8 : 4)) * esz;
 }
 
-template <int RPW, int D>
+template <int RPW, int D, typename KT>
 static void at_launch(cuda_ctx *c, int nst, size_t smem, float *out, const float *q, int layer, int n_head,
                       int n_head_kv, int hd, int window) {
     static int raised; /* the kernel may take the most any launch asks (once per instantiation) */
     if (!raised) {
-        CUDA_CHECK(cudaFuncSetAttribute(k_attn_tiled<RPW, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)G3N_MIN(c->smem_optin, at_smem(RPW, 256, 2))));
+        CUDA_CHECK(cudaFuncSetAttribute(k_attn_tiled<RPW, D, KT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)G3N_MIN(c->smem_optin, at_smem(RPW, 256, 2, sizeof(KT)))));
         raised = 1;
     }
     const int bq = 8 * RPW / (n_head / n_head_kv);
-    launch(c, k_attn_tiled<RPW, D>, dim3((unsigned)((c->n_tokens + bq - 1) / bq * n_head_kv)), dim3(256), smem, out,
-           q, c->d_kv, layer, d_pos(c), d_seq(c), c->n_tokens, n_head, n_head_kv, hd, window, nst);
+    launch(c, k_attn_tiled<RPW, D, KT>, dim3((unsigned)((c->n_tokens + bq - 1) / bq * n_head_kv)), dim3(256), smem,
+           out, q, c->d_kv, layer, d_pos(c), d_seq(c), c->n_tokens, n_head, n_head_kv, hd, window, nst);
 }
 
-template <int RPW>
+template <int RPW, typename KT>
 static int at_launch_rpw(cuda_ctx *c, int dpl, int nst, size_t smem, float *out, const float *q, int layer,
                          int n_head, int n_head_kv, int hd, int window) {
-#define AT(D) at_launch<RPW, D>(c, nst, smem, out, q, layer, n_head, n_head_kv, hd, window)
+#define AT(D) at_launch<RPW, D, KT>(c, nst, smem, out, q, layer, n_head, n_head_kv, hd, window)
     switch (dpl) {
     case 1: AT(1); return 1;
     case 2: AT(2); return 1;
@@ -256,7 +274,8 @@ static int at_launch_rpw(cuda_ctx *c, int dpl, int nst, size_t smem, float *out,
 #undef AT
 }
 
-/* The tiled kernel where it applies: head_dim a multiple of 4 up to 256, a
+/* The tiled kernel where it applies: head_dim a multiple of 4 (8 with an f16
+ * cache) up to 256, a
  * query-row count (8 x 1, 2, 4 or 8) that the group size divides, and steps of
  * at least 16 tokens. Rows per warp: the most that still give every SM a
  * block; two key stages where they fit. Read at each call (tests and timing):
@@ -266,27 +285,31 @@ static int attention_tiled(cuda_ctx *c, float *out, const float *q, int layer, i
                            int window) {
     const char *e = getenv("G3N_ATT_TILED"), *er = getenv("G3N_ATT_RPW");
     const int mode = e ? atoi(e) : -1, want = er ? atoi(er) : 0;
-    const int G = n_head / n_head_kv;
-    if (mode == 0 || (mode < 0 && c->n_tokens < 16) || hd % 4 != 0 || hd > 256 || n_head % n_head_kv != 0)
+    const int G = n_head / n_head_kv, f16 = cuda_kv_f16(c, layer), esz = f16 ? 2 : 4;
+    if (mode == 0 || (mode < 0 && c->n_tokens < 16) || hd % (f16 ? 8 : 4) != 0 || hd > 256 || n_head % n_head_kv != 0)
         return 0;
     int rpw = 0;
     for (int r = 8; r >= 1; r /= 2) {
-        if ((8 * r) % G != 0 || at_smem(r, hd, 1) > c->smem_optin || (want > 0 && r > want)) continue;
+        if ((8 * r) % G != 0 || at_smem(r, hd, 1, esz) > c->smem_optin || (want > 0 && r > want)) continue;
         const long blocks = (long)(c->n_tokens + 8 * r / G - 1) / (8 * r / G) * n_head_kv;
         rpw = r; /* the smallest that fits, unless a larger one fills the GPU */
         if (want > 0 || blocks >= c->n_sm) break;
     }
     if (!rpw) return 0;
     const char *en = getenv("G3N_ATT_NST"); /* 1: one key stage (tests) */
-    const int nst = at_smem(rpw, hd, 2) <= c->smem_optin && !(en && atoi(en) == 1) ? 2 : 1;
+    const int nst = at_smem(rpw, hd, 2, esz) <= c->smem_optin && !(en && atoi(en) == 1) ? 2 : 1;
     const int dpl = hd <= 32 ? 1 : hd <= 64 ? 2 : hd <= 128 ? 4 : 8;
-    const size_t smem = at_smem(rpw, hd, nst);
-    switch (rpw) {
-    case 8: return at_launch_rpw<8>(c, dpl, nst, smem, out, q, layer, n_head, n_head_kv, hd, window);
-    case 4: return at_launch_rpw<4>(c, dpl, nst, smem, out, q, layer, n_head, n_head_kv, hd, window);
-    case 2: return at_launch_rpw<2>(c, dpl, nst, smem, out, q, layer, n_head, n_head_kv, hd, window);
-    default: return at_launch_rpw<1>(c, dpl, nst, smem, out, q, layer, n_head, n_head_kv, hd, window);
+    const size_t smem = at_smem(rpw, hd, nst, esz);
+#define AT_RPW(T)                                                                                        \
+    switch (rpw) {                                                                                       \
+    case 8: return at_launch_rpw<8, T>(c, dpl, nst, smem, out, q, layer, n_head, n_head_kv, hd, window); \
+    case 4: return at_launch_rpw<4, T>(c, dpl, nst, smem, out, q, layer, n_head, n_head_kv, hd, window); \
+    case 2: return at_launch_rpw<2, T>(c, dpl, nst, smem, out, q, layer, n_head, n_head_kv, hd, window); \
+    default: return at_launch_rpw<1, T>(c, dpl, nst, smem, out, q, layer, n_head, n_head_kv, hd, window); \
     }
+    if (f16) AT_RPW(__half)
+    AT_RPW(float)
+#undef AT_RPW
 }
 
 void cuda_op_attention(g3n_backend *be, float *out, const float *q, int layer, int n_head, int n_head_kv,
@@ -376,10 +399,11 @@ __device__ __forceinline__ void rope_cs(float (&cs)[DPL], float (&sn)[DPL], floa
 
 /* Per-head RMS norm (weight w, may be NULL) and RoPE (rope: with rope_cs's cos
  * and sin) of one hd-vector by one warp, lane-strided (dim lane + 32k; RoPE
- * pairs i, i + hd/2 fall in the same lane, except for hd 32), into dst. */
+ * pairs i, i + hd/2 fall in the same lane, except for hd 32), into dst; h16:
+ * rounded as an f16 cache holds it. */
 template <int DPL>
 __device__ __forceinline__ void dec_norm_rope(float *dst, const float *src, const float *w, const float (&cs)[DPL],
-                                              const float (&sn)[DPL], bool rope, float eps) {
+                                              const float (&sn)[DPL], bool rope, float eps, bool h16 = false) {
     constexpr int hd = 32 * DPL, half = DPL / 2;
     const int lane = threadIdx.x & 31;
     float x[DPL], ss = 0;
@@ -402,7 +426,7 @@ __device__ __forceinline__ void dec_norm_rope(float *dst, const float *src, cons
             x[k + half] = b * cs[k] + a * sn[k];
         }
 #pragma unroll
-    for (int k = 0; k < DPL; k++) dst[lane + 32 * k] = x[k];
+    for (int k = 0; k < DPL; k++) dst[lane + 32 * k] = kv_round(h16, x[k]);
 }
 
 /* cp.async.wait_group with a run-time depth (the ring's nb, 1..DEC_RING) */
@@ -423,7 +447,7 @@ __device__ __forceinline__ void cp_async_wait_rt(int n) {
 __device__ __forceinline__ void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory"); }
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait;" ::: "memory"); }
 
-template <int G, int DPL>
+template <int G, int DPL, typename KT>
 __global__ void __launch_bounds__(DEC_WARPS * 32, 1)
     k_attn_decode(float *out, const float *q, const float *k, const float *v, const float *qn, const float *kn,
                   const g3n_kv_layer *kv, int owns, int layer, const int32_t *pos, const int32_t *seq,
@@ -431,7 +455,8 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, 1)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
     __trap(); /* clusters: sm_90 and later only (the host never launches it there) */
 #else
-    constexpr int hd = 32 * DPL;
+    constexpr int hd = 32 * DPL, EPC = 16 / sizeof(KT); /* cache elements a 16-byte copy */
+    constexpr bool H16 = sizeof(KT) == 2;
     extern __shared__ float4 dec_dyn[]; /* per warp: nb slots of a key and its value; then its partial */
     __shared__ float sq[G][hd], snew[2][hd];
     __shared__ float wm[DEC_WARPS][G], wl[DEC_WARPS][G];
@@ -445,7 +470,8 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, 1)
     const int nsp = (int)cl.num_blocks(), rank = (int)cl.block_rank();
     const int ncl = blockIdx.x / nsp, grp = ncl / nsg, chunk = ncl % nsg, t = grp / Hkv, hk = grp % Hkv;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, H = Hkv * G, kvd = Hkv * hd;
-    float *ring = (float *)dec_dyn + (size_t)warp * nb * 2 * hd;
+    const size_t wreg = (size_t)nb * 2 * hd * sizeof(KT) / sizeof(float); /* floats of a warp's ring (>= G hd) */
+    KT *ring = (KT *)((float *)dec_dyn + (size_t)warp * wreg);
     /* Before the PDL wait, what does not depend on the previous kernel: the
      * position and cache (set before the step), RoPE's cos and sin, and the
      * loads of this warp's first nb keys and values stored by earlier steps
@@ -461,13 +487,13 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, 1)
     const int nblk = nsg * nsp, share = (span + nblk - 1) / nblk;
     const int j0 = lo + (chunk * nsp + rank) * share, j1 = min(j0 + share, p + 1);
     const int nw = j0 + warp < j1 ? (j1 - j0 - warp + DEC_WARPS - 1) / DEC_WARPS : 0;
-    auto issue = [&](int i, float *slot) {
+    auto issue = [&](int i, KT *slot) {
         const int j = j0 + warp + i * DEC_WARPS;
         if (i < nw && j < p) {
             const size_t o = (size_t)(j % L.cap) * kvd + (size_t)hk * hd;
-            for (int c4 = lane; c4 < hd / 4; c4 += 32) {
-                cp_async16(slot + 4 * c4, L.k + o + 4 * c4);
-                cp_async16(slot + hd + 4 * c4, L.v + o + 4 * c4);
+            for (int c = lane; c < hd / EPC; c += 32) {
+                cp_async16(slot + EPC * c, (const KT *)L.k + o + EPC * c);
+                cp_async16(slot + hd + EPC * c, (const KT *)L.v + o + EPC * c);
             }
         }
         cp_async_commit();
@@ -479,14 +505,14 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, 1)
     ATT_T(1);
     for (int job = warp; job < G + 2 * owns; job += DEC_WARPS) {
         if (job < G) dec_norm_rope<DPL>(sq[job], q + ((size_t)t * H + hk * G + job) * hd, qn, cs, sn, theta > 0, eps);
-        else if (job == G) dec_norm_rope<DPL>(snew[0], k + ((size_t)t * Hkv + hk) * hd, kn, cs, sn, theta > 0, eps);
-        else dec_norm_rope<DPL>(snew[1], v + ((size_t)t * Hkv + hk) * hd, NULL, cs, sn, false, eps);
+        else if (job == G) dec_norm_rope<DPL>(snew[0], k + ((size_t)t * Hkv + hk) * hd, kn, cs, sn, theta > 0, eps, H16);
+        else dec_norm_rope<DPL>(snew[1], v + ((size_t)t * Hkv + hk) * hd, NULL, cs, sn, false, eps, H16);
     }
     __syncthreads();
     ATT_T(2);
     if (owns && p >= j0 && p < j1) { /* this block's share holds the new position */
         const size_t o = (size_t)(p % L.cap) * kvd + (size_t)hk * hd;
-        for (int d = threadIdx.x; d < hd; d += blockDim.x) L.k[o + d] = snew[0][d], L.v[o + d] = snew[1][d];
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) kv_st(L, L.k, o + d, snew[0][d]), kv_st(L, L.v, o + d, snew[1][d]);
     }
     float qr[G][DPL], acc[G][DPL], m[G], l[G];
 #pragma unroll
@@ -495,29 +521,31 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, 1)
 #pragma unroll
         for (int d = 0; d < DPL; d++) qr[g][d] = sq[g][lane + 32 * d], acc[g][d] = 0;
     }
-    /* two keys an iteration: their dot products' reductions overlap */
-    auto key_at = [&](int i, int si, const float *&kj, const float *&vj) {
+    /* two keys an iteration: their dot products' reductions overlap. Key i
+     * (ring slot si) into this lane's registers: the new one from shared memory
+     * (owns) or the cache (a KV-shared layer: stored earlier in the step) */
+    auto key_at = [&](int i, int si, float (&kr)[DPL], float (&vr)[DPL]) {
         const int j = j0 + warp + i * DEC_WARPS;
-        kj = ring + (size_t)si * 2 * hd, vj = kj + hd;
+        if (j == p && owns) {
+#pragma unroll
+            for (int d = 0; d < DPL; d++) kr[d] = snew[0][lane + 32 * d], vr[d] = snew[1][lane + 32 * d];
+            return;
+        }
+        const KT *kj = ring + (size_t)si * 2 * hd, *vj = kj + hd;
         if (j == p) {
             const size_t o = (size_t)(p % L.cap) * kvd + (size_t)hk * hd;
-            kj = owns ? snew[0] : L.k + o;
-            vj = owns ? snew[1] : L.v + o;
+            kj = (const KT *)L.k + o, vj = (const KT *)L.v + o;
         }
+#pragma unroll
+        for (int d = 0; d < DPL; d++) kr[d] = kv_f(kj[lane + 32 * d]), vr[d] = kv_f(vj[lane + 32 * d]);
     };
     for (int i = 0, si = 0; i < nw; i += 2) {
         const int si2 = si + 1 == nb ? 0 : si + 1, two = i + 1 < nw;
         cp_async_wait_rt(nb - 2); /* keys i and i + 1: nb + i groups committed, at most nb - 2 pending */
         __syncwarp();
-        const float *ka, *va, *kb, *vb;
-        key_at(i, si, ka, va);
-        key_at(two ? i + 1 : i, two ? si2 : si, kb, vb);
         float kr[2][DPL], vr[2][DPL];
-#pragma unroll
-        for (int d = 0; d < DPL; d++) {
-            kr[0][d] = ka[lane + 32 * d], vr[0][d] = va[lane + 32 * d];
-            kr[1][d] = kb[lane + 32 * d], vr[1][d] = vb[lane + 32 * d];
-        }
+        key_at(i, si, kr[0], vr[0]);
+        key_at(two ? i + 1 : i, two ? si2 : si, kr[1], vr[1]);
         __syncwarp(); /* every lane has read the slots: refill them */
         issue(i + nb, ring + (size_t)si * 2 * hd);
         issue(i + 1 + nb, ring + (size_t)si2 * 2 * hd);
@@ -545,12 +573,12 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, 1)
     cp_async_wait<0>(); /* (every group left is empty) */
     ATT_T(3);
     __syncwarp();
-    float *wacc = (float *)dec_dyn; /* [DEC_WARPS][G][hd]: warp w's part lies in its own ring */
+    float *wacc = (float *)dec_dyn; /* [DEC_WARPS][G][hd]: warp w's part lies in its own ring, wreg apart */
 #pragma unroll
     for (int g = 0; g < G; g++) {
         if (lane == 0) wm[warp][g] = m[g], wl[warp][g] = l[g];
 #pragma unroll
-        for (int d = 0; d < DPL; d++) wacc[((size_t)warp * nb * 2 + g) * hd + lane + 32 * d] = acc[g][d];
+        for (int d = 0; d < DPL; d++) wacc[(size_t)warp * wreg + (size_t)g * hd + lane + 32 * d] = acc[g][d];
     }
     __syncthreads();
     /* Merge the warps, in order: each head's weights once (threads < G), then
@@ -580,7 +608,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, 1)
         const int g = i / hd, d = i % hd, dst = i / per;
         float As = 0;
 #pragma unroll
-        for (int w = 0; w < DEC_WARPS; w++) As += wacc[((size_t)w * nb * 2 + g) * hd + d] * we[w][g];
+        for (int w = 0; w < DEC_WARPS; w++) As += wacc[(size_t)w * wreg + (size_t)g * hd + d] * we[w][g];
         *cl.map_shared_rank(&pacc[rank * per + i - dst * per], dst) = As;
     }
     ATT_T(5);
@@ -668,12 +696,15 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, 1)
 #endif
 }
 
-#define DEC_RING 8 /* most slots per warp: all of a warp's keys of a 512-key window in flight at once */
+/* Most slots per warp: all of a warp's keys of a 512-key window in flight at
+ * once. An f16 cache's slots are half as large; 16 of them (the same memory)
+ * were level with 8 at 32k keys (docs/SPEED.md, eighteenth session). */
+#define DEC_RING 8
 
 /* k_attn_decode's dynamic shared memory: each warp's ring of nb keys and values */
-static size_t dec_smem(int nb, int hd) { return (size_t)DEC_WARPS * nb * 2 * hd * sizeof(float); }
+static size_t dec_smem(int nb, int hd, int esz) { return (size_t)DEC_WARPS * nb * 2 * hd * esz; }
 
-template <int G, int DPL>
+template <int G, int DPL, typename KT>
 static void dec_launch(cuda_ctx *c, unsigned nsp, int nsg, int keep, int nb, float *out, const float *q, const float *k,
                        const float *v, const float *qn, const float *kn, int owns, int layer, int Hkv, float theta,
                        float eps, int window) {
@@ -682,10 +713,11 @@ static void dec_launch(cuda_ctx *c, unsigned nsp, int nsg, int keep, int nb, flo
     static int reg;
     if (!reg) atexit(att_trace_dump), reg = 1;
 #endif
-    const size_t smem = dec_smem(nb, 32 * DPL);
+    const int esz = sizeof(KT);
+    const size_t smem = dec_smem(nb, 32 * DPL, esz);
     if (!raised) {
-        CUDA_CHECK(cudaFuncSetAttribute(k_attn_decode<G, DPL>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)dec_smem(DEC_RING, 32 * DPL)));
+        CUDA_CHECK(cudaFuncSetAttribute(k_attn_decode<G, DPL, KT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)dec_smem(DEC_RING, 32 * DPL, esz)));
         raised = 1;
     }
     /* All of a step's clusters at once (on the H100 15 of 8 blocks with the
@@ -695,22 +727,22 @@ static void dec_launch(cuda_ctx *c, unsigned nsp, int nsg, int keep, int nb, flo
     const int si = nsp == 8 ? 3 : nsp == 4 ? 2 : nsp == 2 ? 1 : 0;
     if (nsg > 1 && nsp > 1 && nb <= DEC_RING && !keep) {
         if (!maxc[si][nb]) {
-            const int n = cuda_resident_clusters((const void *)k_attn_decode<G, DPL>, nsp, DEC_WARPS * 32, smem);
+            const int n = cuda_resident_clusters((const void *)k_attn_decode<G, DPL, KT>, nsp, DEC_WARPS * 32, smem);
             maxc[si][nb] = n > 0 ? n : 1 << 20; /* not answered: as if every cluster fits */
         }
         const long grp = (long)c->n_tokens * Hkv;
         if (grp * nsg > maxc[si][nb]) nsg = (int)G3N_MAX(1, maxc[si][nb] / grp);
     }
-    launch_cluster(c, nsp, k_attn_decode<G, DPL>, dim3((unsigned)c->n_tokens * Hkv * nsg * nsp),
+    launch_cluster(c, nsp, k_attn_decode<G, DPL, KT>, dim3((unsigned)c->n_tokens * Hkv * nsg * nsp),
                    dim3(DEC_WARPS * 32), smem, out, q, k, v, qn, kn, c->d_kv, owns, layer, d_pos(c), d_seq(c), Hkv,
                    theta, eps, window, nb, nsg, c->att_part, c->att_cnt);
 }
 
-template <int G>
+template <int G, typename KT>
 static int attn_decode_launch(cuda_ctx *c, int dpl, unsigned nsp, int nsg, int keep, int nb, float *out, const float *q,
                               const float *k, const float *v, const float *qn, const float *kn, int owns, int layer,
                               int Hkv, float theta, float eps, int window) {
-#define DEC(D) dec_launch<G, D>(c, nsp, nsg, keep, nb, out, q, k, v, qn, kn, owns, layer, Hkv, theta, eps, window)
+#define DEC(D) dec_launch<G, D, KT>(c, nsp, nsg, keep, nb, out, q, k, v, qn, kn, owns, layer, Hkv, theta, eps, window)
     switch (dpl) {
     case 1: DEC(1); return 1;
     case 2: DEC(2); return 1;
@@ -761,17 +793,22 @@ void cuda_op_qkv_attention(g3n_backend *be, float *out, float *q, float *k, floa
         if (keep) nsg = G3N_MIN(atoi(nsg_env), DEC_NSG);
         const size_t pstride = (size_t)G * head_dim + (size_t)2 * G * nsp;
         if ((size_t)grp * nsg * pstride > c->att_part_n || (size_t)grp * nsp > c->att_cnt_n) nsg = 1;
-        /* ring slots per warp: as many as its keys at that width, at most DEC_RING,
-         * at least the two keys an iteration takes, and enough to hold the warp's
-         * partial (G vectors) after the walk */
+        /* ring slots per warp: as many as its keys at that width, at most
+         * DEC_RING, at least the two keys an iteration takes, and enough to hold
+         * the warp's partial (G f32 vectors) after the walk */
         static int nb_env = -1;
         if (nb_env < 0) nb_env = getenv("G3N_ATT_RING") ? atoi(getenv("G3N_ATT_RING")) : 0;
+        const int f16 = cuda_kv_f16(c, attn_layer);
         int nb = (cap + nsg * (int)nsp * DEC_WARPS - 1) / (nsg * (int)nsp * DEC_WARPS);
         if (nb_env > 0) nb = nb_env;
-        nb = G3N_MAX(G3N_MIN(nb, DEC_RING), G3N_MAX(2, (G + 1) / 2));
+        nb = G3N_MAX(G3N_MIN(nb, DEC_RING), G3N_MAX(2, f16 ? G : (G + 1) / 2));
         PROF_BEGIN(c);
-#define DEC_G(g) done = attn_decode_launch<g>(c, dpl, nsp, nsg, keep, nb, out, q, k, v, q_norm.data, k_norm.data, layer >= 0, \
-                                            attn_layer, n_head_kv, theta, eps, window)
+#define DEC_G(g)                                                                                                 \
+    done = f16                                                                                                   \
+               ? attn_decode_launch<g, __half>(c, dpl, nsp, nsg, keep, nb, out, q, k, v, q_norm.data, k_norm.data, \
+                                               layer >= 0, attn_layer, n_head_kv, theta, eps, window)           \
+               : attn_decode_launch<g, float>(c, dpl, nsp, nsg, keep, nb, out, q, k, v, q_norm.data, k_norm.data,  \
+                                              layer >= 0, attn_layer, n_head_kv, theta, eps, window)
         if (G == 1) DEC_G(1);
         else if (G == 2) DEC_G(2);
         else if (G == 4) DEC_G(4);

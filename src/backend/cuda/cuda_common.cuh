@@ -196,6 +196,8 @@ void cuda_prof_end(cuda_ctx *c, const char *name, double bytes);
     do { if ((c)->profile) cuda_prof_end((c), (name), (double)(bytes)); } while (0)
 static inline const int32_t *d_ids(cuda_ctx *c) { return c->d_meta; }
 static inline const int32_t *d_pos(cuda_ctx *c) { return c->d_meta + c->cap_tokens; }
+/* The step's caches hold f16 in `layer` (every cache of a model has one element type) */
+static inline int cuda_kv_f16(const cuda_ctx *c, int layer) { return c->h_kv && c->n_seq > 0 && c->h_kv[layer].f16; }
 static inline const int32_t *d_seq(cuda_ctx *c) { return c->d_meta + 2 * c->cap_tokens; }
 
 /* ---- launching ---------------------------------------------------------------------- */
@@ -301,6 +303,17 @@ __device__ __forceinline__ void trace_block(unsigned long long *trace, int O, in
     rec[2] = smid;
     for (int k = 0; k < 5; k++) rec[3 + k] = t[k];
 }
+
+/* K/V cache elements (g3n_kv_layer: f32, or f16 rounded to nearest even) */
+__device__ __forceinline__ float kv_ld(const g3n_kv_layer &L, const void *p, size_t i) {
+    return L.f16 ? __half2float(((const __half *)p)[i]) : ((const float *)p)[i];
+}
+__device__ __forceinline__ void kv_st(const g3n_kv_layer &L, void *p, size_t i, float x) {
+    if (L.f16) ((__half *)p)[i] = __float2half_rn(x);
+    else ((float *)p)[i] = x;
+}
+/* x as an f16 cache holds it (the step's own key and value, used from registers) */
+__device__ __forceinline__ float kv_round(int f16, float x) { return f16 ? __half2float(__float2half_rn(x)) : x; }
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

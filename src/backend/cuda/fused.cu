@@ -184,8 +184,9 @@ __global__ void k_qkv_post(float *q, float *k, float *v, const float *qn, const 
     const g3n_kv_layer L = kv[(size_t)seq[t] * G3N_KV_MAX_LAYERS + layer];
     const int kvd = Hkv * hd;
     const size_t cs_ = (size_t)(pos[t] % L.cap) * kvd;
-    float *dst = slot < H + Hkv ? L.k + cs_ + (size_t)(slot - H) * hd : L.v + cs_ + (size_t)(slot - H - Hkv) * hd;
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = vec[i];
+    const size_t o = slot < H + Hkv ? cs_ + (size_t)(slot - H) * hd : cs_ + (size_t)(slot - H - Hkv) * hd;
+    void *dst = slot < H + Hkv ? L.k : L.v;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) kv_st(L, dst, o + i, vec[i]);
 }
 
 void cuda_op_qkv_post(g3n_backend *be, float *q, float *k, float *v, g3n_vec q_norm, g3n_vec k_norm, int layer,

@@ -516,7 +516,7 @@ __device__ __forceinline__ void mg_attention(const mg_args &a, int l, float *scr
     const int unit = blockIdx.x;
     if (unit >= Hkv * nsp) return;
     const int hk = unit / nsp, sp = unit % nsp;
-    const g3n_kv_layer C = a.kv[(size_t)a.seq[0] * G3N_KV_MAX_LAYERS + L.kv_layer];
+    const g3n_kv_layer C = a.kv[(size_t)a.seq[0] * G3N_KV_MAX_LAYERS + L.kv_layer]; /* f32 only: forward.c mega_ok */
     for (int job = warp; job < G + 2 * L.owns; job += MG_NW) {
         const int isq = job < G, isk = job == G;
         mg_norm_rope(isq ? sq[job] : snew[isk ? 0 : 1],
@@ -527,7 +527,7 @@ __device__ __forceinline__ void mg_attention(const mg_args &a, int l, float *scr
     const int share = (span + nsp - 1) / nsp, j0 = lo + sp * share, j1 = min(j0 + share, p + 1);
     if (L.owns && p >= j0 && p < j1) { /* this split holds the new position: store it */
         const size_t o = (size_t)(p % C.cap) * kvd + (size_t)hk * hd;
-        for (int d = threadIdx.x; d < hd; d += MG_NT) __stcg(C.k + o + d, snew[0][d]), __stcg(C.v + o + d, snew[1][d]);
+        for (int d = threadIdx.x; d < hd; d += MG_NT) __stcg((float *)C.k + o + d, snew[0][d]), __stcg((float *)C.v + o + d, snew[1][d]);
     }
     /* warp w: keys j0 + w, + MG_NW, ..., two loaded at once, for all G query
      * heads of this KV head (each KV row read once) */
@@ -546,8 +546,8 @@ __device__ __forceinline__ void mg_attention(const mg_args &a, int l, float *scr
             const size_t o = (size_t)(j % C.cap) * kvd + (size_t)hk * hd;
 #pragma unroll
             for (int d = 0; d < DPL; d++) {
-                kr[t][d] = j >= j1 ? 0.0f : fresh ? snew[0][lane + 32 * d] : __ldcg(C.k + o + lane + 32 * d);
-                vr[t][d] = j >= j1 ? 0.0f : fresh ? snew[1][lane + 32 * d] : __ldcg(C.v + o + lane + 32 * d);
+                kr[t][d] = j >= j1 ? 0.0f : fresh ? snew[0][lane + 32 * d] : __ldcg((const float *)C.k + o + lane + 32 * d);
+                vr[t][d] = j >= j1 ? 0.0f : fresh ? snew[1][lane + 32 * d] : __ldcg((const float *)C.v + o + lane + 32 * d);
             }
         }
 #pragma unroll

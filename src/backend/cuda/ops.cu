@@ -108,8 +108,8 @@ __global__ void k_kv_store(const g3n_kv_layer *kv, int layer, const int32_t *pos
     const g3n_kv_layer L = kv[(size_t)seq[t] * G3N_KV_MAX_LAYERS + layer];
     const size_t slot = (size_t)(pos[t] % L.cap);
     for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
-        L.k[slot * kv_dim + i] = k[(size_t)t * kv_dim + i];
-        L.v[slot * kv_dim + i] = v[(size_t)t * kv_dim + i];
+        kv_st(L, L.k, slot * kv_dim + i, k[(size_t)t * kv_dim + i]);
+        kv_st(L, L.v, slot * kv_dim + i, v[(size_t)t * kv_dim + i]);
     }
 }
 
