@@ -347,9 +347,10 @@ void cuda_op_attention(g3n_backend *be, float *out, const float *q, int layer, i
  * memory, and the last rank-r block to arrive (a counter) adds the chunks in
  * chunk order.
  *
- * Built with -DATT_TRACE, thread 0 of each block records %globaltimer at the PDL
- * release and after each stage, and the mean of each stage over the last half
- * of the run's blocks is printed at exit (how the stages below were measured;
+ * Built with -DATT_TRACE, thread 0 of each block (of launches with at least
+ * -DATT_TRACE_MIN_NSG chunks) records %globaltimer at the PDL release and after
+ * each stage, and the mean of each stage over the last half of the run's blocks
+ * is printed at exit (how the stages below were measured;
  * docs/SPEED.md, ninth session). */
 #include <cooperative_groups.h>
 namespace cg = cooperative_groups;
@@ -360,7 +361,10 @@ namespace cg = cooperative_groups;
 __device__ unsigned long long att_tr[1 << 18][8];
 __device__ unsigned att_trn;
 #define ATT_T(k) unsigned long long tt##k = threadIdx.x == 0 ? gtime() : 0
-#define ATT_DONE() if (threadIdx.x == 0) { unsigned i_ = atomicAdd(&att_trn, 1); if (i_ < (1u << 18)) { \
+#ifndef ATT_TRACE_MIN_NSG /* record the blocks of launches with at least this many chunks (long contexts) */
+#define ATT_TRACE_MIN_NSG 1
+#endif
+#define ATT_DONE() if (threadIdx.x == 0 && nsg >= ATT_TRACE_MIN_NSG) { unsigned i_ = atomicAdd(&att_trn, 1); if (i_ < (1u << 18)) { \
     att_tr[i_][0] = tt0, att_tr[i_][1] = tt1, att_tr[i_][2] = tt2, att_tr[i_][3] = tt3, att_tr[i_][4] = tt4, \
     att_tr[i_][5] = tt5, att_tr[i_][6] = tt6, att_tr[i_][7] = tt7; } }
 static void att_trace_dump(void) {
