@@ -326,8 +326,10 @@ struct g3n_backend {
      * whole, in that order (a layer's MLP products, hinted at the layer's
      * start). A GPU backend may pull them, or the first of them, into its cache
      * while the ops before them run, which are bound by latency and leave the
-     * memory idle. No result changes. */
-    void (*prefetch)(g3n_backend *be, const g3n_mat *const *W, int n);
+     * memory idle, unless the step's attention in this layer reads kv_bytes of
+     * keys and values (a long context) and needs the memory itself. No result
+     * changes. */
+    void (*prefetch)(g3n_backend *be, const g3n_mat *const *W, int n, size_t kv_bytes);
     /* Optional (NULL): every decoder layer of a step of one token in one pass
      * (the "mega" decode path), the maths of decoder_layer_fused over all
      * layers, then the last layer's per-layer input added to planes 1..: S in,

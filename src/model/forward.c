@@ -19,6 +19,7 @@ struct fwd_scratch {
                      since a new scratch may reuse a freed one's address with
                      another layout */
     int rows;     /* capacity in token rows */
+    int reach;    /* this step's batch_reach where it is a decode step, else 0 */
     int lm_rows;  /* rows of logits computed at once */
     void *arena;  /* one backend allocation holding every buffer below */
     float *e;     /* [rows, D] scaled embedding (plane 0 at init) */
@@ -227,14 +228,17 @@ static void decoder_layer(g3n_model *M, fwd_scratch *f, int l, int n) {
  * matrices that its products read whole, in the order they are read (a sparse
  * layer reads its gate whole, few up rows and down columns). The ops before the
  * MLP (AltUp predict, attention, the small products) are bound by latency; the
- * memory can fetch these meanwhile. */
-static void prefetch_mlp(g3n_model *M, int l) {
+ * memory can fetch these meanwhile, except where this layer's attention walks a
+ * long context (kv_bytes: the keys and values a decode step's rows read here). */
+static void prefetch_mlp(g3n_model *M, const fwd_scratch *f, int l, int n) {
     g3n_backend *be = M->be;
     const g3n_config *c = &M->cfg;
     const g3n_layer_weights *lw = &M->w.layers[l];
     if (!be->prefetch) return;
     const g3n_mat *W[3] = {&lw->gate_proj, &lw->up_proj, &lw->down_proj};
-    be->prefetch(be, W, c->sparsity[l] > 0 && M->sparse ? 1 : 3);
+    const int keys = c->is_sliding[l] ? G3N_MIN(f->reach, c->sliding_window) : f->reach;
+    const size_t kv_bytes = (size_t)n * keys * 2 * c->n_head_kv * c->head_dim * (M->kv_f16 ? 2 : sizeof(float));
+    be->prefetch(be, W, c->sparsity[l] > 0 && M->sparse ? 1 : 3, kv_bytes);
 }
 
 /* The same layer through the backend's fused ops (backend.h defines each as a
@@ -250,7 +254,7 @@ static void decoder_layer_fused(g3n_model *M, fwd_scratch *f, int l, int n) {
 
     /* the previous layer's per-layer input (in f->ple_out) is added here */
     float *ple_prev = l > 0 ? f->ple_out : NULL;
-    prefetch_mlp(M, l);
+    prefetch_mlp(M, f, l, n);
     g3n_vec ple_norm = l > 0 ? M->w.layers[l - 1].post_per_layer_input_norm : (g3n_vec){0, NULL};
     be->altup_predict_fused(be, f->pred, f->x, f->S, ple_prev, ple_norm, &lw->altup_router,
                             lw->altup_router_norm, lw->altup_prediction_coefs, lw->input_layernorm,
@@ -429,6 +433,7 @@ void fwd_run(g3n_model *M, fwd_scratch *f, const g3n_batch *b, int out_row0, flo
     const int n = b->n;
     G3N_ASSERT(n > 0 && n <= f->rows && out_row0 >= 0 && out_row0 <= n);
     be->batch_set(be, b);
+    f->reach = batch_one_per_seq(b) ? batch_reach(b) : 0;
     float *S_orig = f->S, *pred_orig = f->pred;
     const size_t V = (size_t)M->cfg.n_vocab;
     const int n_out = n - out_row0;
