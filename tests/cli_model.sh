@@ -42,6 +42,19 @@ last=$(printf '%s\n' "$out" | tail -n 1)
 if [ "$last" = "$GEN" ]; then ok "generate greedy ($NG tokens)"
 else bad generate_greedy "got [$last] want [$GEN] $(cat "$T/err")"; fi
 
+# an f16 K/V cache: the same greedy continuation on the fixture (its margins
+# are far above f16's rounding), and bench reports the halved K/V bytes
+out16=$("$BIN" generate -q -m $FIX/conditional --ids "$PROMPT" -n "$NG" --temp 0 --print-ids --kv-type f16 2>"$T/err")
+if [ "$(printf '%s\n' "$out16" | tail -n 1)" = "$GEN" ]; then ok "generate greedy, --kv-type f16"
+else bad generate_greedy_f16 "got [$(printf '%s\n' "$out16" | tail -n 1)] want [$GEN] $(cat "$T/err")"; fi
+if "$BIN" bench -q -m $FIX/causal -p 0 -n 4 -r 1 -d 40 --json --no-membw --kv-type f16 >"$T/b16" 2>"$T/err" &&
+    "$BIN" bench -q -m $FIX/causal -p 0 -n 4 -r 1 -d 40 --json --no-membw >"$T/b32" 2>>"$T/err" &&
+    grep -q '"kv_type": "f16"' "$T/b16" && grep -q '"kv_type": "f32"' "$T/b32" &&
+    k16=$(grep -o '"kv_bytes_per_token": [0-9]*' "$T/b16" | grep -o '[0-9]*$') &&
+    k32=$(grep -o '"kv_bytes_per_token": [0-9]*' "$T/b32" | grep -o '[0-9]*$') &&
+    [ "$k16" -gt 0 ] && [ $((2 * k16)) -eq "$k32" ]; then ok "bench --kv-type f16 (K/V bytes halved)"
+else bad "bench --kv-type f16" "$(cat "$T/b16" "$T/b32" "$T/err")"; fi
+
 # same seed, same sampled output; -n respected
 a=$("$BIN" generate -q -m $FIX/mlx --ids 2,5,9 -n 6 --temp 1.0 --seed 42 --print-ids 2>/dev/null | tail -n 1)
 b=$("$BIN" generate -q -m $FIX/mlx --ids 2,5,9 -n 6 --temp 1.0 --seed 42 --print-ids 2>/dev/null | tail -n 1)
@@ -77,6 +90,7 @@ expect_error unwritable-out "$T/no/dir/x" "$BIN" logits -q -m $FIX/causal --ids 
 expect_error unknown-option "unknown or incomplete option" "$BIN" generate -m $FIX/causal --ids 2 --bogus
 expect_error bad-number "not a number" "$BIN" generate -m $FIX/causal --ids 2 --temp hot
 expect_error unknown-command "unknown command" "$BIN" frobnicate
+expect_error bad-kv-type "K/V cache type \"bf16\"" "$BIN" logits -m $FIX/causal --kv-type bf16 --ids 2 --out "$T/x"
 expect_error bad-device "unknown device" "$BIN" logits -m $FIX/causal --device tpu --ids 2 --out "$T/x"
 mkdir -p "$T/m"; cp $FIX/causal/model.safetensors "$T/m/"
 expect_error missing-config "config.json" "$BIN" logits -m "$T/m" --ids 2 --out "$T/x"
