@@ -3,6 +3,7 @@
 # (tools/make_random_checkpoint.py --fast) and time g3n on them: bench (pp/tg),
 # graphs off for comparison, and a per-op profile. Logs go to $OUT (or ./out).
 # usage: sh tools/gpu_bench.sh [e2b] [e4b]   (default: both)
+# (DEPTH=N adds pp/tg after an N-token context with f32 and f16 K/V caches)
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -17,6 +18,12 @@ for s in $shapes; do
     if [ -n "${PDL_COMPARE:-}" ]; then
         echo "== $s bench, PDL off" | tee -a "$OUT/bench.txt"
         G3N_CUDA_PDL=0 $BIN bench -m $d -p 0 -n 128 -r 2 --no-membw 2>&1 | tee -a "$OUT/bench.txt"
+    fi
+    if [ -n "${DEPTH:-}" ]; then # DEPTH=32000: pp and tg after a long context, f32 and f16 K/V caches
+        for kv in f32 f16; do
+            echo "== $s bench after $DEPTH tokens, $kv K/V cache" | tee -a "$OUT/bench.txt"
+            $BIN bench -m $d -p ${PP:-512} -n 64 -r 1 -d $DEPTH --kv-type $kv 2>&1 | tee -a "$OUT/bench.txt"
+        done
     fi
     if [ -n "${NOGRAPH:-}" ]; then
         echo "== $s bench --no-graph" | tee -a "$OUT/bench.txt"
