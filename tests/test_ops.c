@@ -567,6 +567,16 @@ static void attention_case(int n_head, int n_head_kv, int hd, int window, int ca
                  runs[i][0] ? ", tiled, rows a warp " : "", runs[i][0] ? runs[i][1] : "", runs[i][2] ? ", one stage" : "");
         cmp(what, dout, o0, qn, TOL * 5, 1e-5 + rms_tol(o0, qn, 1e-4));
     }
+    if (KV16 && !B_IS_CPU) { /* the tensor-core kernel at any step size (by default: prompt steps of 16+) */
+        setenv("G3N_ATT_MMA", "1", 1);
+        float *dout = dev_nan(qn);
+        B->attention(B, dout, dq, 3, n_head, n_head_kv, hd, window);
+        unsetenv("G3N_ATT_MMA");
+        char what[128];
+        snprintf(what, sizeof what, "attention f16 H%d/%d hd%d win%d cap%d n%d pos%d runs of %d, tensor cores",
+                 n_head, n_head_kv, hd, window, cap, n, pos0, per);
+        cmp(what, dout, o0, qn, TOL * 5, 1e-5 + rms_tol(o0, qn, 1e-4));
+    }
     free(q), free(o0), B->free(B, dq);
     for (int s = 0; s < 2; s++) free(mem[s]), B->free(B, dmem[s]);
 }
@@ -604,6 +614,9 @@ TEST(attention_f16) {
     attention_case(8, 1, 32, 0, 100, 33, 5, 33);           /* G = 8 */
     attention_case(4, 1, 36, 0, 100, 20, 0, 20);           /* head_dim 36: not a multiple of 8 */
     attention_case(6, 3, 44, 0, 100, 24, 10, 24);          /* head_dim 44: a multiple of 4, not 8 */
+    attention_case(8, 2, 256, 0, 3000, 40, 2900, 20);      /* two prompts deep in a long context */
+    attention_case(16, 1, 64, 0, 300, 40, 100, 40);        /* G = 16, hd 64 */
+    attention_case(2, 2, 128, 0, 300, 70, 0, 70);          /* G = 1: 32 tokens a block */
     KV16 = 0;
 }
 
@@ -683,8 +696,13 @@ static void qkv_attention_case(int H, int Hkv, int hd, int window, int cap, int 
      * score is off by ~5e-6 against the double reference, and so is each
      * dominant weight; where their values cancel, an output is off by ~1e-5
      * (one of 2048 at pos 3000 reached 1.5e-5 with another random stream).
-     * Bounded by a ten-thousandth of the outputs' RMS; rel L2 stays TOL * 5. */
-    cmp(what, dout, o0, qn, TOL * 5, 1e-5 + rms_tol(o0, qn, 1e-4));
+     * Bounded by a ten-thousandth of the outputs' RMS; rel L2 stays TOL * 5.
+     * f16 caches: the two sides' f32 new key and value may round to f16 values
+     * one step (2^-11 relative) apart, which moves an output by up to that
+     * share of a value (|v| up to ~4 after its norm) times the new key's weight
+     * (seen on the H100: rel L2 8.6e-5, max |d| 4.8e-4 at outputs' RMS ~0.3). */
+    if (KV16) cmp(what, dout, o0, qn, 1e-3, 1e-5 + rms_tol(o0, qn, 4e-3));
+    else cmp(what, dout, o0, qn, TOL * 5, 1e-5 + rms_tol(o0, qn, 1e-4));
     for (int s = 0; s < n_seq; s++) {
         snprintf(what, sizeof what, "qkv_attention%s cache of seq %d (H%d/%d hd%d cap%d)", KV16 ? " f16" : "", s, H,
                  Hkv, hd, cap);

@@ -283,9 +283,14 @@ static int at_launch_rpw(cuda_ctx *c, int dpl, int nst, size_t smem, float *out,
  * G3N_ATT_NST=1 one key stage. */
 static int attention_tiled(cuda_ctx *c, float *out, const float *q, int layer, int n_head, int n_head_kv, int hd,
                            int window) {
-    const char *e = getenv("G3N_ATT_TILED"), *er = getenv("G3N_ATT_RPW");
-    const int mode = e ? atoi(e) : -1, want = er ? atoi(er) : 0;
+    const char *e = getenv("G3N_ATT_TILED"), *er = getenv("G3N_ATT_RPW"), *em = getenv("G3N_ATT_MMA");
+    const int mode = e ? atoi(e) : -1, want = er ? atoi(er) : 0, mma = em ? atoi(em) : -1;
     const int G = n_head / n_head_kv, f16 = cuda_kv_f16(c, layer), esz = f16 ? 2 : 4;
+    /* an f16 cache: the tensor cores (attention_mma.cu) for the same steps, unless
+     * a tiled shape is asked for (tests); G3N_ATT_MMA=0 never, 1 any step */
+    if (f16 && mma != 0 && !er && mode != 0 && (mma == 1 || c->n_tokens >= 16) &&
+        cuda_attention_mma(c, out, q, layer, n_head, n_head_kv, hd, window))
+        return 1;
     if (mode == 0 || (mode < 0 && c->n_tokens < 16) || hd % (f16 ? 8 : 4) != 0 || hd > 256 || n_head % n_head_kv != 0)
         return 0;
     int rpw = 0;

@@ -224,6 +224,9 @@ __device__ __forceinline__ void pdl_trigger() {
  * launch_cluster also groups `cluster` consecutive blocks into a thread-block
  * cluster (sm_90: they share their shared memory). */
 int cuda_skipped(cuda_ctx *c, const void *kernel);
+/* attention_mma.cu: prompt attention over an f16 cache on the tensor cores; 0 where it does not apply */
+int cuda_attention_mma(cuda_ctx *c, float *out, const float *q, int layer, int n_head, int n_head_kv, int hd,
+                       int window);
 
 template <typename... KArgs, typename... Args>
 static inline void launch_cluster(cuda_ctx *c, unsigned cluster, void (*kernel)(KArgs...), dim3 grid, dim3 block,
