@@ -627,15 +627,17 @@ TEST(attention_alone_bitwise) {
     if (!B_IS_CPU) return; /* a GPU takes other kernels for prompts and decode */
     const int H = 8, Hkv = 2, hd = 64, cap = 1600, n = 6, kvd = Hkv * hd;
     float *mem = rnd((size_t)2 * cap * kvd, 1.5f), *q = rnd((size_t)n * H * hd, 1.0f);
+    uint16_t *mem16 = f16_of(mem, (size_t)2 * cap * kvd);
     float *all = malloc(sizeof(float) * n * H * hd), *one = malloc(sizeof(float) * H * hd);
     g3n_kv kv;
     memset(&kv, 0, sizeof kv);
-    kv.layer[0] = (g3n_kv_layer){mem, mem + (size_t)cap * kvd, cap, 0};
     g3n_kv *kvs[1] = {&kv};
     int32_t pos[6], seq[6] = {0}, ids[6] = {0};
     for (int t = 0; t < n; t++) pos[t] = 1500 + t; /* spans of 1501..1506 keys: 3 chunks */
-    for (int w = 0; w < 2; w++) {
-        const int window = w ? 700 : 0; /* and 2 chunks of a window */
+    for (int w = 0; w < 4; w++) { /* f32, then an f16 cache (rows widened per chunk) */
+        kv.layer[0] = w < 2 ? (g3n_kv_layer){mem, mem + (size_t)cap * kvd, cap, 0}
+                            : (g3n_kv_layer){mem16, mem16 + (size_t)cap * kvd, cap, 1};
+        const int window = w % 2 ? 700 : 0; /* and 2 chunks of a window */
         g3n_batch b = {n, ids, pos, seq, kvs, 1};
         B->batch_set(B, &b);
         B->attention(B, all, q, 0, H, Hkv, hd, window);
@@ -644,10 +646,11 @@ TEST(attention_alone_bitwise) {
             B->batch_set(B, &b1);
             B->attention(B, one, q + (size_t)t * H * hd, 0, H, Hkv, hd, window);
             CHECK_MSG(memcmp(one, all + (size_t)t * H * hd, sizeof(float) * H * hd) == 0,
-                      "attention of token %d (pos %d, window %d): alone differs from in the step", t, pos[t], window);
+                      "attention of token %d (pos %d, window %d%s): alone differs from in the step", t, pos[t], window,
+                      w < 2 ? "" : ", f16 cache");
         }
     }
-    free(mem), free(q), free(all), free(one);
+    free(mem), free(mem16), free(q), free(all), free(one);
 }
 
 /* qkv_attention (q/k/v norms, RoPE, cache store, attention in one op) against
