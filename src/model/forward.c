@@ -237,8 +237,7 @@ static void prefetch_mlp(g3n_model *M, const fwd_scratch *f, int l, int n) {
     if (!be->prefetch) return;
     const g3n_mat *W[3] = {&lw->gate_proj, &lw->up_proj, &lw->down_proj};
     const int keys = c->is_sliding[l] ? G3N_MIN(f->reach, c->sliding_window) : f->reach;
-    const size_t kv_bytes = (size_t)n * keys * 2 * c->n_head_kv * c->head_dim * (M->kv_f16 ? 2 : sizeof(float));
-    be->prefetch(be, W, c->sparsity[l] > 0 && M->sparse ? 1 : 3, kv_bytes);
+    be->prefetch(be, W, c->sparsity[l] > 0 && M->sparse ? 1 : 3, model_kv_bytes(M, (size_t)n * keys));
 }
 
 /* The same layer through the backend's fused ops (backend.h defines each as a

@@ -129,6 +129,13 @@ struct g3n_model {
     int n_owned;
 };
 
+/* Bytes of one K/V cache element, and of the keys and values of `keys`
+ * positions of one layer (what attention reads over them) */
+static inline size_t model_kv_esz(const g3n_model *m) { return m->kv_f16 ? 2 : sizeof(float); }
+static inline size_t model_kv_bytes(const g3n_model *m, size_t keys) {
+    return keys * 2 * (size_t)m->cfg.n_head_kv * (size_t)m->cfg.head_dim * model_kv_esz(m);
+}
+
 /* Resolve every tensor of `m->st` for the config in `m->cfg`, check shapes and
  * dtypes, and hand them to the backend. 0, or -1 with err naming the tensor. */
 int load_weights(g3n_model *m, char *err, size_t errlen);

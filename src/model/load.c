@@ -433,7 +433,7 @@ size_t g3n_model_kv_read_bytes(const g3n_model *m, int pos) {
     size_t keys = 0;
     for (int l = 0; l < c->n_layer; l++)
         keys += c->is_sliding[l] && seen > (size_t)c->sliding_window ? (size_t)c->sliding_window : seen;
-    return keys * 2 * (size_t)c->n_head_kv * (size_t)c->head_dim * (m->kv_f16 ? 2 : sizeof(float));
+    return model_kv_bytes(m, keys);
 }
 
 size_t g3n_model_device_memory(g3n_model *m) {

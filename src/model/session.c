@@ -35,7 +35,7 @@ static void *kv_alloc(g3n_model *m, int n_ctx, int n_batch, g3n_kv *kv) {
         cap[l] = c->is_sliding[l] ? G3N_MIN(n_ctx, c->sliding_window + n_batch - 1) : n_ctx;
         total += 2 * (size_t)cap[l] * kvd;
     }
-    const size_t esz = m->kv_f16 ? 2 : sizeof(float);
+    const size_t esz = model_kv_esz(m);
     void *mem = m->be->alloc(m->be, total * esz);
     char *p = mem;
     memset(kv, 0, sizeof(*kv));

@@ -68,13 +68,8 @@ __global__ void __launch_bounds__(AM_WARPS * 32)
     const int t0 = tile * BQ, tend = min(t0 + BQ, n_tokens);
     KERNEL_BEGIN();
     for (int r0 = t0; r0 < tend;) { /* one run: tokens r0..r1-1 of sequence s */
-        const int s = seq[r0];
-        int r1 = r0 + 1, jlo = INT_MAX, jhi = -1;
-        while (r1 < tend && seq[r1] == s) r1++;
-        for (int t = r0; t < r1; t++) {
-            const int p = pos[t];
-            jlo = min(jlo, window > 0 ? max(0, p - window + 1) : 0), jhi = max(jhi, p);
-        }
+        int r1, jlo, jhi;
+        const int s = att_run(pos, seq, r0, tend, window, r1, jlo, jhi);
         const g3n_kv_layer L = kv[(size_t)s * G3N_KV_MAX_LAYERS + layer];
         /* the run's query rows as hi and lo halves (zeros for the tile's other tokens) */
         for (int i = threadIdx.x; i < R * (HD / 2); i += blockDim.x) {

@@ -307,6 +307,21 @@ __device__ __forceinline__ void trace_block(unsigned long long *trace, int O, in
     for (int k = 0; k < 5; k++) rec[3 + k] = t[k];
 }
 
+/* Prompt attention's tiles (k_attn_tiled, k_attn_mma) are taken in runs of one
+ * sequence: the run from token r0 (below tend) is of the returned sequence and
+ * ends before r1, and its tokens together see keys [jlo, jhi]. */
+__device__ __forceinline__ int att_run(const int32_t *pos, const int32_t *seq, int r0, int tend, int window, int &r1,
+                                       int &jlo, int &jhi) {
+    const int s = seq[r0];
+    r1 = r0 + 1, jlo = INT_MAX, jhi = -1;
+    while (r1 < tend && seq[r1] == s) r1++;
+    for (int t = r0; t < r1; t++) {
+        const int p = pos[t];
+        jlo = min(jlo, window > 0 ? max(0, p - window + 1) : 0), jhi = max(jhi, p);
+    }
+    return s;
+}
+
 /* K/V cache elements (g3n_kv_layer: f32, or f16 rounded to nearest even) */
 __device__ __forceinline__ float kv_ld(const g3n_kv_layer &L, const void *p, size_t i) {
     return L.f16 ? __half2float(((const __half *)p)[i]) : ((const float *)p)[i];
