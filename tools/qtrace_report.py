@@ -7,7 +7,7 @@ SM, and %globaltimer at its start, PDL release, activations staged, last item
 consumed, and end. Records are grouped into launches in the order blocks
 ended; a step starts after the LM head (the product with the most rows). For one step a quarter of
 the way in, every launch is printed with quantiles (0, 10, 25, 50, 75, 90,
-100%) of its blocks' start, release and end, relative to the end of the
+100%) of its blocks' start, release, activations staged, last item and end, relative to the end of the
 launch before it. Usage:
   G3N_QTRACE=/tmp/qt.bin g3n bench -m DIR -p 0 -n 16 -r 1 --decode-path fused
   python3 tools/qtrace_report.py /tmp/qt.bin [STEP]
@@ -56,7 +56,7 @@ def main():
             prev = min(x[1] for x in blocks)
         sms = len(set(x[5] for x in blocks))
         print("O%-6d K%-6d slices %d x %-4d blocks on %d SMs" % (sig[0], sig[1], sig[2], sig[3], sms))
-        for name, k in (("start", 0), ("release", 1), ("end", 4)):
+        for name, k in (("start", 0), ("release", 1), ("staged", 2), ("items", 3), ("end", 4)):
             print("   %-8s %s" % (name, q([(x[k] - prev) / 1e3 for x in blocks])))
         prev = end
 
