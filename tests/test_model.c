@@ -244,6 +244,46 @@ static double path_vs_path(const char *dir, const char *pa, const char *pb, int 
     return worst;
 }
 
+/* matmul_parts: where G3N_TEST_MODEL names a checkpoint whose down products
+ * are split over K (E2B/E4B-shaped, 4- or 8-bit; the fixtures' are too small
+ * to be), the fused path's logits after a prompt and at each decode step are
+ * the same bits with the slices added by AltUp correct as by the product. */
+TEST(parts_bitwise) {
+    const char *big = getenv("G3N_TEST_MODEL");
+    if (!big || !*big) return;
+    enum { NP = 64, NS = 6 };
+    char err[512];
+    float *lg[2] = {NULL, NULL};
+    size_t V = 0;
+    for (int v = 0; v < 2; v++) {
+        if (v == 0) setenv("G3N_PARTS", "0", 1); /* read when the backend is made */
+        g3n_model *m = open_model(big, "cuda");
+        unsetenv("G3N_PARTS");
+        if (!m) break;
+        V = (size_t)g3n_model_get_info(m).n_vocab;
+        lg[v] = malloc(sizeof(float) * V * (NS + 1));
+        g3n_session *s = g3n_session_create(m, NP + NS + 8, 1, err, sizeof err);
+        CHECK_MSG(s != NULL, "%s", err);
+        test_seed(9);
+        int32_t toks[NP];
+        for (int i = 0; i < NP; i++) toks[i] = (int32_t)(3 + test_rand_u64() % 380);
+        if (s && g3n_session_eval(s, toks, NP, NULL, err, sizeof err) == 0)
+            memcpy(lg[v], g3n_session_logits(s), sizeof(float) * V);
+        else
+            CHECK_MSG(0, "%s", err);
+        for (int t = 0; t < NS && s; t++) {
+            const int32_t tok = (int32_t)(3 + test_rand_u64() % 380);
+            CHECK(g3n_session_eval(s, &tok, 1, lg[v] + (t + 1) * V, err, sizeof err) == 0);
+        }
+        g3n_session_free(s);
+        g3n_model_close(m);
+    }
+    if (lg[0] && lg[1])
+        CHECK_MSG(memcmp(lg[0], lg[1], sizeof(float) * V * (NS + 1)) == 0, "%s: parts change the logits", big);
+    printf("  %s: logits with and without matmul_parts compared over %d steps\n", big, NS + 1);
+    free(lg[0]), free(lg[1]);
+}
+
 /* On the fixture; and, where G3N_TEST_MODEL names a checkpoint (the GPU machine
  * runs it on E2B/E4B-shaped random ones: the kernel's other instantiation,
  * and attention split over many blocks), after a long prompt there too. */
@@ -726,6 +766,7 @@ int main(int argc, char **argv) {
         PATH = "fused";
         path_suite();
         RUN(layouts_agree);
+        RUN(parts_bitwise);
         printf("-- cuda, mega path (every layer of a one-token step in one kernel)\n");
         PATH = "mega";
         RUN(mega_taken);

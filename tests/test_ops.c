@@ -311,6 +311,43 @@ TEST(qmatmul_flat_bitwise) {
     }
 }
 
+/* matmul_parts (where a backend has it): the parts added in order on the host
+ * are matmul's result bit for bit, on E4B's and E2B's 4-bit down shapes (split
+ * over K into 8 and 4 slices on the H100), their 8-bit ones (the tensor-core
+ * kernel's slices), and shapes that are not split (a short K, 3 rows); and
+ * near the reference, also where the product is split into more slices than
+ * the caller keeps (cap 2). */
+TEST(matmul_parts) {
+    if (!B->matmul_parts) return;
+    const struct { int O, K, bits, G, sdt, R, cap; } cs[] = {
+        {2048, 16384, 4, 64, G3N_BF16, 1, 8}, {2048, 8192, 4, 64, G3N_BF16, 1, 8}, {37, 16384, 4, 32, G3N_F16, 1, 8},
+        {2048, 16384, 4, 64, G3N_BF16, 1, 2}, {300, 2048, 4, 64, G3N_BF16, 1, 8}, {2048, 8192, 8, 64, G3N_BF16, 1, 8},
+        {2048, 8192, 4, 64, G3N_BF16, 3, 8}, {2048, 16384, 8, 64, G3N_BF16, 1, 8}};
+    for (size_t t = 0; t < sizeof cs / sizeof *cs; t++) {
+        const int O = cs[t].O, K = cs[t].K, R = cs[t].R, cap = cs[t].cap;
+        const size_t n = (size_t)R * O;
+        tmat W = make_qmat_ex(cs[t].bits, cs[t].G, cs[t].sdt, O, K, 0, 0, 0);
+        float *x = rnd((size_t)R * K, 1.0f), *dx = dev(x, (size_t)R * K), *ref = malloc(4 * n);
+        float *d0 = dev_nan(n), *dp = dev_nan(n * cap);
+        REF->matmul(REF, ref, &W.ref, x, R);
+        B->matmul(B, d0, &W.b, dx, R);
+        const int np = B->matmul_parts(B, dp, &W.b, dx, R, cap);
+        CHECK_MSG(np >= 1 && np <= cap, "parts %dx%d: %d parts, cap %d", O, K, np, cap);
+        float *h0 = host(d0, n), *hp = host(dp, n * (size_t)np);
+        for (int k = 1; k < np; k++)
+            for (size_t i = 0; i < n; i++) hp[i] += hp[k * n + i];
+        if (t < 2 && !B_IS_CPU) CHECK_MSG(np > 1, "parts %dx%d: not split", O, K);
+        if (cap == 8) /* (cap 2 splits E4B's K in 2, where matmul splits it in 8) */
+            CHECK_MSG(memcmp(h0, hp, 4 * n) == 0, "parts %dx%d q%d R%d (%d parts): not matmul's bits", O, K,
+                      cs[t].bits, R, np);
+        char what[64];
+        snprintf(what, sizeof what, "matmul_parts %dx%d q%d R%d", O, K, cs[t].bits, R);
+        cmp(what, dev(hp, n), ref, n, 1e-4, rms_tol(ref, n, 1e-5)); /* (frees the copy) */
+        free(h0), free(hp), free(x), free(ref), free(W.mem);
+        B->free(B, d0), B->free(B, dp), B->free(B, dx);
+    }
+}
+
 /* 4- and 8-bit decode products in the shapes the tiled GPU kernels (4 or 16 output
  * rows per warp, several warps per row) find awkward: output counts not a multiple
  * of 4 or 16, several products of different shapes in one launch, long rows (more
@@ -1075,7 +1112,8 @@ TEST(row_kernels) {
 }
 
 /* altup_correct_gate (AltUp correct, then the per-layer input's gate product,
- * corrected planes out of place) against the reference ops, for each kind of
+ * corrected planes out of place; its MLP output f given as 1, 3 or 8 partial
+ * sums, as matmul_parts leaves them) against the reference ops, for each kind of
  * gate matrix a GPU kernel takes (bf16, f16, f32, 4 and 8 bits), with and
  * without the output scale, n_ple 256 and 37 (a last block of gate rows
  * partly empty), widths 64, 256 and 2048, one row (the fused kernel) and two
@@ -1087,28 +1125,30 @@ TEST(correct_gate) {
         for (int R = 1; R <= 2; R++)
             for (int ki = 0; ki < 6; ki++) {
                 const int D = Ds[di], NP = Ps[(di + ki) % 2], sc = (ki + R) % 2;
+                const int nf = (di + ki + R) % 3 == 0 ? 1 : (di + ki + R) % 3 == 1 ? 3 : 8; /* f as nf parts */
                 if (kinds[ki][1] && D % kinds[ki][2]) continue;
                 if (B_IS_CPU && (di < 3 || ki % 2)) continue; /* the same code as the reference there */
                 const size_t pn = (size_t)A * R * D, n = (size_t)R * D, np = (size_t)R * NP;
-                float *pred = rnd(pn, 1.0f), *f = rnd(n, 2.0f), *sres = rnd(n, 1.0f), *w = rnd(3 * (size_t)D, 1.0f);
+                float *pred = rnd(pn, 1.0f), *f = rnd(n * nf, 2.0f), *sres = rnd(n, 1.0f), *w = rnd(3 * (size_t)D, 1.0f);
                 float *cc = rnd(16, 0.3f), *m = rnd(np, 1.0f), *out = malloc(4 * pn), *qs = malloc(4 * n);
-                float *pg = malloc(4 * np), *f2 = malloc(4 * n);
+                float *pg = malloc(4 * np), *f2 = malloc(4 * n * nf);
                 for (int i = 0; i < D; i++) w[D + i] += 1.5f;
-                memcpy(f2, f, 4 * n);
+                memcpy(f2, f, 4 * n * nf);
                 tmat router = make_mat(G3N_BF16, A, D, 0);
                 tmat gate = kinds[ki][1] ? make_qmat_ex(kinds[ki][1], kinds[ki][2], G3N_BF16, NP, D, 0, 0, 0)
                                          : make_mat(kinds[ki][0], NP, D, 0);
                 const g3n_vec none = {0, NULL};
-                REF->altup_correct_gate(REF, out, pred, qs, f2, sres, (g3n_vec){D, w}, &router.ref,
+                REF->altup_correct_gate(REF, out, pred, qs, f2, nf, sres, (g3n_vec){D, w}, &router.ref,
                                         (g3n_vec){D, w + D}, (g3n_vec){16, cc}, sc ? (g3n_vec){D, w + 2 * D} : none,
                                         pg, &gate.ref, m, A, R, D, 1e-6f);
-                float *dpred = dev(pred, pn), *df = dev(f, n), *ds = dev(sres, n), *dw = dev(w, 3 * (size_t)D);
+                float *dpred = dev(pred, pn), *df = dev(f, n * nf), *ds = dev(sres, n), *dw = dev(w, 3 * (size_t)D);
                 float *dcc = dev(cc, 16), *dm = dev(m, np), *dout = dev_nan(pn), *dqs = dev_nan(n), *dpg = dev_nan(np);
-                B->altup_correct_gate(B, dout, dpred, dqs, df, ds, (g3n_vec){D, dw}, &router.b, (g3n_vec){D, dw + D},
+                B->altup_correct_gate(B, dout, dpred, dqs, df, nf, ds, (g3n_vec){D, dw}, &router.b, (g3n_vec){D, dw + D},
                                       (g3n_vec){16, dcc}, sc ? (g3n_vec){D, dw + 2 * D} : none, dpg, &gate.b, dm, A,
                                       R, D, 1e-6f);
                 char what[96];
-                snprintf(what, sizeof what, "correct_gate D%d R%d n_ple %d kind %d%s", D, R, NP, ki, sc ? " +scale" : "");
+                snprintf(what, sizeof what, "correct_gate D%d R%d n_ple %d kind %d%s, %d parts", D, R, NP, ki,
+                         sc ? " +scale" : "", nf);
                 char w2[112];
                 snprintf(w2, sizeof w2, "%s planes", what);
                 cmp(w2, dout, out, pn, 1e-5, 1e-5);
@@ -1484,6 +1524,7 @@ static void run_backend(void) {
     RUN(qmatmul);
     RUN(qmatmul_large);
     RUN(qmatmul_flat_bitwise);
+    RUN(matmul_parts);
     RUN(qmatmul_fused_odd);
     RUN(qembed);
     RUN(rmsnorm);

@@ -247,6 +247,14 @@ struct g3n_backend {
     /* y = gelu_tanh(W . x) * m   (m: [rows, W.rows]) */
     void (*matmul_gelu_mul)(g3n_backend *be, float *y, const g3n_mat *W, const float *x,
                             const float *m, int rows);
+    /* Optional (NULL: matmul): y = W . x left as `parts` partial sums over slices
+     * of K, part k ([rows, W.rows]) at y + k * rows * W.rows, for 1 <= parts <=
+     * cap; returns parts. Adding them in order k = 0, 1, ... gives matmul's
+     * result (on CUDA bit for bit, where matmul splits K the same way): the
+     * adding is left to the op that reads y (altup_correct_gate's f), which
+     * saves a GPU product split over K its own reduction. */
+    int (*matmul_parts)(g3n_backend *be, float *y, const g3n_mat *W, const float *x, int rows,
+                        int cap);
     /* act = gelu_tanh(Wg . x) * (Wu . x): a dense MLP's first half (Wg, Wu same
      * shape); up is scratch of act's size that a backend may use. */
     void (*matmul_gate_up)(g3n_backend *be, float *act, float *up, const g3n_mat *Wg,
@@ -299,11 +307,13 @@ struct g3n_backend {
      * the corrected planes written out of place:
      *   out = pred (copied), altup_correct_fused(out, qs, f, s, ...),
      *   pg = gelu_tanh(gate . qs) * ple   (matmul_gelu_mul).
+     * f is f_parts partial sums (matmul_parts), part k at f + k * rows * dim,
+     * added in order first (f_parts 1: f itself).
      * pred is only read; f is scratch afterwards; out must not overlap pred or f.
      * (A GPU backend computes the correction in every block of the gate's
      * product, so none may update pred in place.) */
     void (*altup_correct_gate)(g3n_backend *be, float *out, const float *pred, float *qs, float *f,
-                               const float *s, g3n_vec post_ff, const g3n_mat *router,
+                               int f_parts, const float *s, g3n_vec post_ff, const g3n_mat *router,
                                g3n_vec router_norm, g3n_vec coefs, g3n_vec out_scale, float *pg,
                                const g3n_mat *gate, const float *ple, int A, int rows, int dim,
                                float eps);

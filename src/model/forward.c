@@ -44,11 +44,14 @@ struct fwd_scratch {
     float *o;     /* [rows, D] layer output */
     float *pg;    /* [rows, P] per-layer gate */
     float *ple_out; /* [rows, D] per-layer input projection (fused path: added by the next layer) */
+    float *parts;  /* [FWD_PARTS, D] a one-row step's down product as K-slice sums (matmul_parts) */
     float *logits; /* [lm_rows, V] */
     int top_m, top_n; /* fwd_set_top */
 };
 
 static size_t fl(size_t n) { return (n + 15) & ~(size_t)15; } /* 64-byte alignment */
+
+#define FWD_PARTS 8 /* most K-slice sums of the down product a one-row step keeps */
 
 fwd_scratch *fwd_scratch_create(g3n_model *m, int rows, int lm_rows) {
     const g3n_config *c = &m->cfg;
@@ -65,11 +68,11 @@ fwd_scratch *fwd_scratch_create(g3n_model *m, int rows, int lm_rows) {
                       R * D,    R * D,    R * A,    R * c->laurel_rank,    R * D,
                       R * qd,   R * kvd,  R * kvd,  R * qd,   R * D,     R * D,
                       R * D,    R * imax, R * imax, R * D,    R * c->n_ple,
-                      (size_t)f->lm_rows * c->n_vocab, R * D};
+                      (size_t)f->lm_rows * c->n_vocab, R * D, FWD_PARTS * D};
     float **dst[] = {&f->e,   &f->z,  &f->proj, &f->ple,  &f->S,    &f->pred, &f->x,
                      &f->rn,  &f->mod, &f->lt,  &f->lau,  &f->q,    &f->k,    &f->v,
                      &f->att, &f->t0, &f->s,    &f->u,    &f->gate, &f->up,   &f->o,
-                     &f->pg,  &f->logits, &f->ple_out};
+                     &f->pg,  &f->logits, &f->ple_out, &f->parts};
     size_t n = sizeof(sizes) / sizeof(sizes[0]), total = 0;
     G3N_ASSERT(n == sizeof(dst) / sizeof(dst[0]));
     for (size_t i = 0; i < n; i++) total += fl(sizes[i]);
@@ -272,6 +275,8 @@ static void decoder_layer_fused(g3n_model *M, fwd_scratch *f, int l, int n) {
     be->attn_residual(be, f->s, f->u, f->t0, f->lau, f->x, f->pred, lw->post_attention_layernorm,
                       lw->post_laurel_norm, lw->pre_feedforward_layernorm, n, D, eps,
                       (float)(1.0 / sqrt(2.0)));
+    float *mlp_out = f->t0; /* the MLP's output, as mlp_parts partial sums */
+    int mlp_parts = 1;
     if (c->sparsity[l] > 0 && M->sparse) { /* read only the surviving rows/columns */
         be->mlp_sparse(be, f->t0, f->gate, f->up, &lw->gate_proj, &lw->up_proj, &lw->down_proj, f->u,
                        n, c->kappa[l]);
@@ -282,6 +287,11 @@ static void decoder_layer_fused(g3n_model *M, fwd_scratch *f, int l, int n) {
         be->matmul_multi(be, 2, W3, y3, x3, n);
         be->mlp_act(be, f->gate, f->up, n, c->n_ff[l], c->kappa[l]);
         be->matmul(be, f->t0, &lw->down_proj, f->gate, n);
+    } else if (n == 1 && be->matmul_parts && be->altup_correct_gate) {
+        /* the down product's K slices are added by altup_correct_gate as it reads them */
+        be->matmul_gate_up(be, f->gate, f->up, &lw->gate_proj, &lw->up_proj, f->u, n);
+        mlp_out = f->parts;
+        mlp_parts = be->matmul_parts(be, f->parts, &lw->down_proj, f->gate, n, FWD_PARTS);
     } else {
         be->matmul_gate_up(be, f->gate, f->up, &lw->gate_proj, &lw->up_proj, f->u, n);
         be->matmul(be, f->t0, &lw->down_proj, f->gate, n);
@@ -290,7 +300,7 @@ static void decoder_layer_fused(g3n_model *M, fwd_scratch *f, int l, int n) {
     const g3n_vec oscale = c->altup_correct_scale ? lw->altup_correct_output_scale : none;
     const float *ple_l = f->ple + (size_t)l * n * c->n_ple;
     if (be->altup_correct_gate) { /* corrected planes into S (dead since predict): the new state */
-        be->altup_correct_gate(be, f->S, f->pred, f->o, f->t0, f->s, lw->post_feedforward_layernorm,
+        be->altup_correct_gate(be, f->S, f->pred, f->o, mlp_out, mlp_parts, f->s, lw->post_feedforward_layernorm,
                                &lw->altup_router, lw->altup_router_norm, lw->altup_correction_coefs,
                                oscale, f->pg, &lw->per_layer_input_gate, ple_l, A, n, D, eps);
     } else {

@@ -458,10 +458,12 @@ static void fused_altup_correct(g3n_backend *be, float *pred, float *qs, float *
 }
 
 static void fused_altup_correct_gate(g3n_backend *be, float *out, const float *pred, float *qs, float *f,
-                                     const float *s, g3n_vec post_ff, const g3n_mat *router,
+                                     int f_parts, const float *s, g3n_vec post_ff, const g3n_mat *router,
                                      g3n_vec router_norm, g3n_vec coefs, g3n_vec out_scale, float *pg,
                                      const g3n_mat *gate, const float *ple, int A, int rows, int dim,
                                      float eps) {
+    const size_t n = (size_t)rows * dim;
+    for (int k = 1; k < f_parts; k++) be->add(be, f, f, f + k * n, n);
     be->scale(be, out, pred, 1.0f, (size_t)A * rows * dim);
     be->altup_correct_fused(be, out, qs, f, s, post_ff, router, router_norm, coefs, out_scale, A, rows, dim,
                             eps);

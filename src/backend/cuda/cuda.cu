@@ -189,6 +189,16 @@ static int cu_graph_begin(g3n_backend *be, uint64_t key) {
     return 0;
 }
 
+/* matmul_parts (backend.h): a quantized product split over K leaves its slices'
+ * sums to the reader (the down product's to k_correct_gate), which spares it
+ * the cluster barrier or the counter and second pass that add them; others
+ * are plain products. */
+static int cu_matmul_parts(g3n_backend *be, float *y, const g3n_mat *W, const float *x, int rows, int cap) {
+    if (W->bits && W->data && !W->transposed) return cuda_quant_matmul_parts(CTX(be), y, W, x, rows, cap);
+    cuda_op_matmul(be, y, W, x, rows);
+    return 1;
+}
+
 /* ---- L2 prefetch of the next products' weights --------------------------------------- */
 
 #define PF_MAX 9
@@ -222,9 +232,15 @@ __global__ void k_l2_prefetch(pf_ranges r) {
 
 /* The hint of backend.h, taken while a decode step is recorded: a kernel on a
  * side stream, forked here and joined at the step's end, asks the L2 for the
- * bytes of the first matrices that fit together in 3/4 of it (more would push
- * out each other and everything else), so their products read them from the
- * L2. E4B 4-bit: gate and up, 37.7 MB of the H100's 52; E2B 4-bit: down too.
+ * bytes of the first two matrices (gate and up) where they fit together in 3/4
+ * of it (more would push out each other and everything else), so their
+ * products read them from the L2. E4B 4-bit: 37.7 MB of the H100's 52. Not a
+ * third (E2B 4-bit's down, which fits too): the side stream runs the layers'
+ * prefetch kernels one after another, each ~40 µs with E2B's three matrices
+ * (27 with two), and once the layers take less than that it falls behind and
+ * the step's end waits for it (E2B 4-bit with the down product's slices left
+ * to the reader: 672 tok/s with three, 710 with two; nineteenth session;
+ * G3N_PF_WHOLE=n: at most n, for timing).
  * Where none fits (bf16, 8 bits), a spread share of the first product's (below).
  * 16 blocks: more slow the small products that run meanwhile (docs/SPEED.md,
  * eleventh and sixteenth sessions). Whole matrices are not asked for where the
@@ -240,7 +256,9 @@ static void cu_prefetch(g3n_backend *be, const g3n_mat *const *W, int n, size_t 
     r.stride = 1;
     size_t tot = 0;
     int whole = 0;
-    for (int i = 0; i < n && i < PF_MAX / 3; i++) {
+    static int most = -1;
+    if (most < 0) most = getenv("G3N_PF_WHOLE") ? G3N_MIN(atoi(getenv("G3N_PF_WHOLE")), PF_MAX / 3) : 2;
+    for (int i = 0; i < n && i < most; i++) {
         const size_t all = g3n_mat_bytes(W[i]);
         if (!W[i]->data || W[i]->transposed || tot + all > c->l2_bytes / 4 * 3) break;
         tot += all;
@@ -592,6 +610,8 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     be->mlp_sparse = cuda_op_mlp_sparse;
     be->altup_correct_fused = cuda_op_altup_correct_fused;
     be->altup_correct_gate = cuda_op_altup_correct_gate;
+    /* G3N_PARTS=0: the down product adds its K slices itself (timing) */
+    be->matmul_parts = getenv("G3N_PARTS") && !atoi(getenv("G3N_PARTS")) ? NULL : cu_matmul_parts;
     be->ple_add = cuda_op_ple_add;
     const char *ue = getenv("G3N_ALTUP_FUSED"); /* 0: the planes made and collapsed by the basic ops (comparisons) */
     const int altup_fused = !(ue && strcmp(ue, "0") == 0);

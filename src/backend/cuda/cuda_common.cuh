@@ -565,13 +565,15 @@ void cuda_op_altup_correct_fused(g3n_backend *be, float *pred, float *qs, float 
                                  g3n_vec post_ff, const g3n_mat *router, g3n_vec router_norm,
                                  g3n_vec coefs, g3n_vec out_scale, int A, int rows, int dim,
                                  float eps);
-void cuda_op_altup_correct_gate(g3n_backend *be, float *out, const float *pred, float *qs, float *f, const float *s,
+void cuda_op_altup_correct_gate(g3n_backend *be, float *out, const float *pred, float *qs, float *f, int f_parts,
+                                const float *s,
                                 g3n_vec post_ff, const g3n_mat *router, g3n_vec router_norm, g3n_vec coefs,
                                 g3n_vec out_scale, float *pg, const g3n_mat *gate, const float *ple, int A, int rows,
                                 int dim, float eps);
 /* quant.cu: mlx affine-quantized matrices (W->bits > 0) */
 int cuda_quant_prepare(cuda_ctx *c, g3n_mat *m, char *err, size_t errlen);
 void cuda_quant_matmul(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows);
+int cuda_quant_matmul_parts(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows, int cap);
 void cuda_quant_op_multi(g3n_backend *be, int n, const g3n_mat *const *W, float *const *y,
                          const float *const *x, int rows);
 void cuda_quant_op_gelu_mul(g3n_backend *be, float *y, const g3n_mat *W, const float *x, const float *m, int rows);

@@ -551,18 +551,28 @@ __global__ void __launch_bounds__(1024 / P)
 
 /* k_correct_reg's maths for the row at `row` of a block of dim / (2 P) threads,
  * after the PDL wait: o = s + rmsnorm(f, w_ff) (into ov), the router from o,
- * then every plane of pred moved by its gain times (o - pred[0]) (into pv). */
-template <int A, int P>
+ * then every plane of pred moved by its gain times (o - pred[0]) (into pv).
+ * f is np <= NP partial sums (matmul_parts) at f + k * pst, added in order
+ * k = 0.. as the product's own reduction adds them. */
+#define QPARTS 8
+template <int A, int P, int NP = 1>
 __device__ __forceinline__ void correct_row(float2 (&pv)[P][A], float2 (&ov)[P], const float *pred, const float *f,
                                             const float *s, size_t plane, size_t row, const float2 (&wr)[P][A],
                                             const float2 (&wf)[P], const float2 (&rn)[P], const float (&cf)[A * A],
-                                            int dim, float eps, float *red) {
+                                            int dim, float eps, float *red, int np = 1, size_t pst = 0) {
     float2 fv[P], sv[P];
     float ff = 0;
 #pragma unroll
     for (int k = 0; k < P; k++) {
         const int o = (int)row + pair_col<P>(k);
         fv[k] = ld2(f, o), sv[k] = ld2(s, o);
+        float2 fp[NP]; /* all the parts' loads in flight, then added in order */
+#pragma unroll
+        for (int j = 1; j < NP; j++)
+            if (j < np) fp[j - 1] = ld2(f + j * pst, o);
+#pragma unroll
+        for (int j = 1; j < NP; j++)
+            if (j < np) fv[k].x += fp[j - 1].x, fv[k].y += fp[j - 1].y;
 #pragma unroll
         for (int j = 0; j < A; j++) pv[k][j] = ld2(pred + j * plane, o);
         ff += fv[k].x * fv[k].x + fv[k].y * fv[k].y;
@@ -689,10 +699,11 @@ template <int BITS> struct gate_chunk_q {
 template <> struct gate_chunk<4> : gate_chunk_q<4> {};
 template <> struct gate_chunk<8> : gate_chunk_q<8> {};
 
-/* CPL: chunks of its row a lane loads before the PDL wait; rpb gate rows a block */
-template <int A, int P, int GK, int CPL>
+/* CPL: chunks of its row a lane loads before the PDL wait; rpb gate rows a block;
+ * f as np <= NP partial sums */
+template <int A, int P, int GK, int CPL, int NP>
 __global__ void __launch_bounds__(1024 / P)
-    k_correct_gate(float *out, const float *pred, float *qs, const float *f, const float *s, const float *w_ff,
+    k_correct_gate(float *out, const float *pred, float *qs, const float *f, int np, const float *s, const float *w_ff,
                    const void *R, int rdtype, const float *rnorm, const float *coefs, const float *oscale, int dim,
                    float eps, int rpb, gate_args g) {
     using CH = gate_chunk<GK>;
@@ -715,7 +726,7 @@ __global__ void __launch_bounds__(1024 / P)
     }
     KERNEL_BEGIN();
     float2 pv[P][A], ov[P];
-    correct_row<A, P>(pv, ov, pred, f, s, (size_t)dim, 0, wr, wf, rn, cf, dim, eps, red);
+    correct_row<A, P, NP>(pv, ov, pred, f, s, (size_t)dim, 0, wr, wf, rn, cf, dim, eps, red, np, (size_t)dim);
 #pragma unroll
     for (int k = 0; k < P; k++) {
         const int o = pair_col<P>(k);
@@ -938,7 +949,8 @@ static int gate_kind(const g3n_mat *W) {
     return W->dtype == G3N_BF16 ? 16 : W->dtype == G3N_F16 ? 17 : W->dtype == G3N_F32 ? 32 : 0;
 }
 
-void cuda_op_altup_correct_gate(g3n_backend *be, float *out, const float *pred, float *qs, float *f, const float *s,
+void cuda_op_altup_correct_gate(g3n_backend *be, float *out, const float *pred, float *qs, float *f, int f_parts,
+                                const float *s,
                                 g3n_vec post_ff, const g3n_mat *router, g3n_vec router_norm, g3n_vec coefs,
                                 g3n_vec out_scale, float *pg, const g3n_mat *gate, const float *ple, int A, int rows,
                                 int dim, float eps) {
@@ -954,7 +966,11 @@ void cuda_op_altup_correct_gate(g3n_backend *be, float *out, const float *pred, 
     int P = row_pairs(dim);
     if (pairs4 && P == 2 && dim % 256 == 0) P = 4;
     const int gk = gate_kind(gate);
-    if (on && rows == 1 && A == 4 && P && gk && gate->cols == dim) {
+    const size_t n = (size_t)rows * dim;
+    /* f's parts (matmul_parts: quantized down products) are added in the kernel; others first */
+    const int np = gk == 4 || gk == 8 ? f_parts : 1;
+    if (on && rows == 1 && A == 4 && P && gk && gate->cols == dim && np <= QPARTS) {
+        for (int k = 1; k < f_parts && np == 1; k++) cuda_op_add(be, f, f, f + k * n, n);
         PROF_BEGIN(c);
         /* Gate rows a block (a power of two up to its warps): 8 for 16- and 32-bit
          * gates, 4 quantized: measured best of 4, 8 and 16 on E4B and E2B
@@ -966,33 +982,39 @@ void cuda_op_altup_correct_gate(g3n_backend *be, float *out, const float *pred, 
         const int wpr = nw / rpb, nch = dim / (gk >= 16 ? 8 : 32), cpl = nch <= 64 * wpr ? 2 : 4;
         const gate_args g = {gate->data, gate->scales, gate->biases, gate->sdtype, gate->group_size, gate->rows, pg, ple};
         const dim3 grid((unsigned)((gate->rows + rpb - 1) / rpb));
-#define CG(P, GK)                                                                                                     \
-    do {                                                                                                              \
-        if (cpl == 2)                                                                                                 \
-            launch(c, k_correct_gate<4, P, GK, 2>, grid, dim3(dim / (2 * P)), 0, out, pred, qs, (const float *)f, s, \
-                   post_ff.data, router->data, router->dtype, router_norm.data, coefs.data, out_scale.data, dim, eps, \
-                   rpb, g);                                                                                           \
-        else                                                                                                          \
-            launch(c, k_correct_gate<4, P, GK, 4>, grid, dim3(dim / (2 * P)), 0, out, pred, qs, (const float *)f, s, \
-                   post_ff.data, router->data, router->dtype, router_norm.data, coefs.data, out_scale.data, dim, eps, \
-                   rpb, g);                                                                                           \
+#define CGN(P, GK, CPL, NP)                                                                                   \
+    launch(c, k_correct_gate<4, P, GK, CPL, NP>, grid, dim3(dim / (2 * P)), 0, out, pred, qs, (const float *)f, np, \
+           s, post_ff.data, router->data, router->dtype, router_norm.data, coefs.data, out_scale.data, dim, eps, rpb, g)
+#define CG(P, GK)                                                                     \
+    do {                                                                              \
+        if (cpl == 2) CGN(P, GK, 2, 1);                                               \
+        else CGN(P, GK, 4, 1);                                                        \
+    } while (0)
+#define CGQ(P, GK) /* quantized gates: f as parts, too */                             \
+    do {                                                                              \
+        if (np > 1 && cpl == 2) CGN(P, GK, 2, QPARTS);                                \
+        else if (np > 1) CGN(P, GK, 4, QPARTS);                                       \
+        else CG(P, GK);                                                               \
     } while (0)
 #define CGK(P)                                  \
     switch (gk) {                               \
     case 16: CG(P, 16); break;                  \
     case 17: CG(P, 17); break;                  \
     case 32: CG(P, 32); break;                  \
-    case 4: CG(P, 4); break;                    \
-    default: CG(P, 8); break;                   \
+    case 4: CGQ(P, 4); break;                   \
+    default: CGQ(P, 8); break;                  \
     }
         PAIRS_SWITCH(P, CGK)
 #undef CGK
+#undef CGQ
 #undef CG
+#undef CGN
         CUDA_LAUNCHED();
         PROF_END(c, "altup_correct_gate", (double)g3n_mat_bytes(gate));
         return;
     }
     /* the two ops; correct out of place where the row kernel takes it, else on a copy */
+    for (int k = 1; k < f_parts; k++) cuda_op_add(be, f, f, f + k * n, n); /* the parts, in order */
     PROF_BEGIN(c);
     if (cuda_fast_correct(c, out, pred, qs, f, s, post_ff.data, router, router_norm.data, coefs.data, out_scale.data,
                           A, rows, dim, eps)) {

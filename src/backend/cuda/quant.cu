@@ -54,6 +54,10 @@ typedef struct {
     float *part;
     unsigned *cnt;
     int flat;
+    /* matmul_parts: the most K slices the caller keeps (pcap; 0: add them
+     * here), and where k_qgemv_s leaves them (pstride: slice k's sums at
+     * y + k * pstride; 0: not) and how many (nparts, host side) */
+    int pcap, pstride, nparts;
 } qargs;
 
 enum { QPLAIN = 0, QGELU_MUL = 1, QGATE_UP = 2 };
@@ -491,6 +495,19 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
     tt[3] = gtime();
     cp_async_wait<0>();
     const int nw = gu ? 4 : 8;
+    if (a.pstride) { /* K slices left to the reader (matmul_parts; one plain product): stored apart */
+        __syncthreads(); /* every warp's sums are in red */
+        for (int t = threadIdx.x; t < J * 8 * PER; t += 256) {
+            const int j = t / (8 * PER), ob = t / PER % 8, pi = t % PER, i = pi % QRPW, r = pi / QRPW;
+            const int row = ((b - a.blk0[sx]) * 8 * J + ob + 8 * j) * QRPW + i;
+            if (row < O) a.y[sx][(size_t)split * a.pstride + (size_t)r * O + row] = red[j][ob][pi];
+        }
+        if (a.trace && threadIdx.x == 0) {
+            tt[4] = gtime();
+            trace_block(a.trace, a.O[0], a.K[0], tt);
+        }
+        return;
+    }
     if (a.flat) {
         /* K slices without a cluster: the sums to memory, and the last slice of
          * this row block to arrive adds them in slice order (the cluster's order:
@@ -636,13 +653,19 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
     const char *flat_env = getenv("G3N_QFLAT"); /* read on each call: tests switch it */
     const int flat_on = flat_env ? atoi(flat_env) : 1;
     const int flat_ok = flat_on && c->qs_part != NULL;
-    auto use_flat = [&](int ns, int ks) { return flat_ok && (flat_on >= 2 ? ns > 1 : ns >= 8 && ks >= 2048); };
+    /* matmul_parts: slices without a cluster, as flat, but nothing added here:
+     * each stores its own sums, and the reader adds them */
+    const int parts = a.pcap > 1 && a.mode == QPLAIN && a.n == 1;
+    auto use_flat = [&](int ns, int ks) {
+        return parts ? ns > 1 : flat_ok && (flat_on >= 2 ? ns > 1 : ns >= 8 && ks >= 2048);
+    };
     auto flat_fits = [&](int nb, int ns, int J, size_t sm) { /* (where use_flat) all resident at once, in the scratch */
+        if (parts) return ns <= a.pcap && nb * ns <= qs_resident_clusters<BITS, SDT>(c, R, 1u, sm);
         return (size_t)nb * ns * J * 8 * QRPW * R <= c->qs_part_n && (size_t)nb <= c->qs_cnt_n &&
                nb * ns <= qs_resident_clusters<BITS, SDT>(c, R, 1u, sm);
     };
     int nsplit = 1;
-    if ((c->cluster_ok || flat_ok) && kb >= (size_t)split_kb)
+    if ((c->cluster_ok || flat_ok || parts) && kb >= (size_t)split_kb)
         while (nsplit < max_split && tiles * nsplit < slots && kmax > 1024 * nsplit) nsplit *= 2;
     auto slice = [&](int ns) { /* inputs per slice for at most ns slices */
         return G3N_MAX(1024, ((kmax + ns - 1) / ns + 1023) / 1024 * 1024);
@@ -703,15 +726,18 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
     if (smem > qs_smem_max(c)) return 0;
     const int nb = blocks(a.J);
     if (nb > 65535) return 0;
-    a.flat = use_flat(nsplit, a.ks) && flat_fits(nb, nsplit, a.J, smem);
-    if (nsplit > 1 && !a.flat && !c->cluster_ok) return 0;
+    const int apart = use_flat(nsplit, a.ks) && flat_fits(nb, nsplit, a.J, smem); /* no cluster */
+    a.flat = apart && !parts;
+    a.pstride = apart && parts ? R * a.O[0] : 0;
+    a.nparts = a.pstride ? nsplit : 1;
+    if (nsplit > 1 && !apart && !c->cluster_ok) return 0;
     a.part = c->qs_part, a.cnt = c->qs_cnt;
     if (debug)
         fprintf(stderr, "qgemv_s O%d K%d n%d: slices %d%s J %d blocks %d resident clusters %d\n", a.O[0], a.K[0], a.n,
-                nsplit, a.flat ? " (flat)" : "", a.J, nb,
-                qs_resident_clusters<BITS, SDT>(c, R, a.flat ? 1u : (unsigned)nsplit, smem));
+                nsplit, a.flat ? " (flat)" : a.pstride ? " (parts)" : "", a.J, nb,
+                qs_resident_clusters<BITS, SDT>(c, R, apart ? 1u : (unsigned)nsplit, smem));
     const dim3 grid((unsigned)nsplit, (unsigned)nb);
-#define L(r) launch_cluster(c, a.flat ? 1u : (unsigned)nsplit, k_qgemv_s<BITS, r, SDT>, grid, 256, smem, a)
+#define L(r) launch_cluster(c, apart ? 1u : (unsigned)nsplit, k_qgemv_s<BITS, r, SDT>, grid, 256, smem, a)
     ROWS_SWITCH(R, L)
 #undef L
     CUDA_LAUNCHED();
@@ -990,6 +1016,14 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
         for (int k = 0; k < KW; k++) v += red[k * RB + ti][row][r];
         blk[ti][row][r] = v;
     }
+    if (a.pstride) { /* K slices left to the reader (matmul_parts; one plain product): stored apart */
+        __syncthreads();
+        for (int i = threadIdx.x; i < RB * 16 * R; i += 256) {
+            const int ti = i / (16 * R), row = i / R % 16, r = i % R, o = ((b - a.blk0[sx]) * RB + ti) * 16 + row;
+            if (o < a.O[sx]) a.y[sx][(size_t)blockIdx.x * a.pstride + (size_t)r * a.O[sx] + o] = blk[ti][row][r];
+        }
+        return;
+    }
     q_cluster_sync();
     if (blockIdx.x == 0) { /* rank 0 adds the cluster's slices and finishes */
         const int nt = gu ? RB / 2 : RB;
@@ -1070,6 +1104,10 @@ static int mm_launch(cuda_ctx *c, qargs &a, int R) {
     if (nb > 65535) return 0;
     const dim3 grid((unsigned)cs, (unsigned)nb);
     a.nr = R;
+    /* matmul_parts: the slices need no cluster; each stores its sums, the reader adds them */
+    const int parts = cs > 1 && cs <= a.pcap && a.mode == QPLAIN && a.n == 1;
+    a.pstride = parts ? R * a.O[0] : 0;
+    a.nparts = parts ? cs : 1;
     static int attr[3]; /* the dynamic shared memory limit, raised once per instantiation */
 #define L(i, rm)                                                                                      \
     do {                                                                                              \
@@ -1077,7 +1115,7 @@ static int mm_launch(cuda_ctx *c, qargs &a, int R) {
             CUDA_CHECK(cudaFuncSetAttribute(k_qmma<BITS, G, rm, SDT>,                                 \
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)qs_smem_max(c))); \
         attr[i] = 1;                                                                                  \
-        launch_cluster(c, (unsigned)cs, k_qmma<BITS, G, rm, SDT>, grid, 256, smem, a);                \
+        launch_cluster(c, parts ? 1u : (unsigned)cs, k_qmma<BITS, G, rm, SDT>, grid, 256, smem, a);   \
     } while (0)
     if (R <= 2) L(0, 2); /* one n8 tile of B columns */
     else if (R <= 5) L(1, 5);
@@ -1121,12 +1159,14 @@ static int qgemv_env(void) {
     return v;
 }
 
-/* n products of quantized matrices with equal bits, rows <= 8, in one launch per row set. */
-static void qmulti(cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y, const float *const *x, int rows,
-                   int mode, const float *m) {
+/* n products of quantized matrices with equal bits, rows <= 8, in one launch per row set.
+ * pcap > 1 (one plain product): its K slices may be left apart (matmul_parts);
+ * returns how many (1: y is the product). */
+static int qmulti(cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y, const float *const *x, int rows,
+                  int mode, const float *m, int pcap = 0) {
     qargs a;
     memset(&a, 0, sizeof a);
-    a.n = n, a.mode = mode, a.m = m;
+    a.n = n, a.mode = mode, a.m = m, a.pcap = pcap;
     int min_k = 1 << 30;
     for (int i = 0; i < n; i++) {
         a.W[i] = (const uint32_t *)W[i]->data, a.S[i] = W[i]->scales, a.B[i] = W[i]->biases;
@@ -1150,8 +1190,9 @@ static void qmulti(cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y,
         if (kb < (size_t)small_kb) k = QK_OLD;
     }
     a.trace = c->qtrace;
-    if ((k == QK_MMA || (k == QK_DEFAULT && (bits == 8 || rows >= 2))) && mm_launch_any(c, a, bits, rows)) return;
-    if ((bits == 4 || bits == 8) && k != QK_OLD && qlaunch_s_any(c, a, bits, rows)) return;
+    if ((k == QK_MMA || (k == QK_DEFAULT && (bits == 8 || rows >= 2))) && mm_launch_any(c, a, bits, rows))
+        return a.nparts;
+    if ((bits == 4 || bits == 8) && k != QK_OLD && qlaunch_s_any(c, a, bits, rows)) return a.nparts;
     /* warps per row: ~8K warps in flight, each with at least 8 chunks of its row */
     a.wpr = 1;
     while (mode != QGATE_UP && a.wpr < 8 && (size_t)a.row0[n] * a.wpr < 8192 && min_k / 32 / (a.wpr * 2) >= 8)
@@ -1164,6 +1205,7 @@ static void qmulti(cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y,
     case 5: qlaunch_each<5>(c, a, rows); break;
     default: qlaunch_each<6>(c, a, rows); break;
     }
+    return 1;
 }
 
 /* Decode-sized products of up to QDECODE_ROWS rows: qmulti on 8 rows at a time
@@ -1319,6 +1361,23 @@ void cuda_quant_matmul(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, 
         snprintf(name, sizeof name, "qmatmul q%d %dx%d r%d", W->bits, W->rows, W->cols, rows);
         PROF_END(c, name, (double)g3n_mat_bytes(W));
     }
+}
+
+/* matmul_parts (backend.h) for a quantized W: one-row-sized steps only */
+int cuda_quant_matmul_parts(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows, int cap) {
+    if (rows <= 0 || W->rows <= 0) return 1;
+    if (rows > 8 || cap < 2) {
+        cuda_quant_matmul(c, y, W, x, rows);
+        return 1;
+    }
+    PROF_BEGIN(c);
+    const int parts = qmulti(c, 1, &W, &y, &x, rows, QPLAIN, NULL, cap);
+    if (c->profile) {
+        char name[64];
+        snprintf(name, sizeof name, "qmatmul_parts q%d %dx%d r%d: %d", W->bits, W->rows, W->cols, rows, parts);
+        PROF_END(c, name, (double)g3n_mat_bytes(W));
+    }
+    return parts;
 }
 
 void cuda_quant_op_multi(g3n_backend *be, int n, const g3n_mat *const *W, float *const *y, const float *const *x,
