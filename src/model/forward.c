@@ -280,21 +280,23 @@ static void decoder_layer_fused(g3n_model *M, fwd_scratch *f, int l, int n) {
     if (c->sparsity[l] > 0 && M->sparse) { /* read only the surviving rows/columns */
         be->mlp_sparse(be, f->t0, f->gate, f->up, &lw->gate_proj, &lw->up_proj, &lw->down_proj, f->u,
                        n, c->kappa[l]);
-    } else if (c->sparsity[l] > 0) { /* top-k needs the whole gate row first */
-        const g3n_mat *W3[2] = {&lw->gate_proj, &lw->up_proj};
-        float *y3[2] = {f->gate, f->up};
-        const float *x3[2] = {f->u, f->u};
-        be->matmul_multi(be, 2, W3, y3, x3, n);
-        be->mlp_act(be, f->gate, f->up, n, c->n_ff[l], c->kappa[l]);
-        be->matmul(be, f->t0, &lw->down_proj, f->gate, n);
-    } else if (n == 1 && be->matmul_parts && be->altup_correct_gate) {
-        /* the down product's K slices are added by altup_correct_gate as it reads them */
-        be->matmul_gate_up(be, f->gate, f->up, &lw->gate_proj, &lw->up_proj, f->u, n);
-        mlp_out = f->parts;
-        mlp_parts = be->matmul_parts(be, f->parts, &lw->down_proj, f->gate, n, FWD_PARTS);
     } else {
-        be->matmul_gate_up(be, f->gate, f->up, &lw->gate_proj, &lw->up_proj, f->u, n);
-        be->matmul(be, f->t0, &lw->down_proj, f->gate, n);
+        if (c->sparsity[l] > 0) { /* top-k needs the whole gate row first */
+            const g3n_mat *W3[2] = {&lw->gate_proj, &lw->up_proj};
+            float *y3[2] = {f->gate, f->up};
+            const float *x3[2] = {f->u, f->u};
+            be->matmul_multi(be, 2, W3, y3, x3, n);
+            be->mlp_act(be, f->gate, f->up, n, c->n_ff[l], c->kappa[l]);
+        } else {
+            be->matmul_gate_up(be, f->gate, f->up, &lw->gate_proj, &lw->up_proj, f->u, n);
+        }
+        if (n == 1 && be->matmul_parts && be->altup_correct_gate) {
+            /* the down product's K slices, added by altup_correct_gate as it reads them */
+            mlp_out = f->parts;
+            mlp_parts = be->matmul_parts(be, f->parts, &lw->down_proj, f->gate, n, FWD_PARTS);
+        } else {
+            be->matmul(be, f->t0, &lw->down_proj, f->gate, n);
+        }
     }
     g3n_vec none = {0, NULL};
     const g3n_vec oscale = c->altup_correct_scale ? lw->altup_correct_output_scale : none;
