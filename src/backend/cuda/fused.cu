@@ -966,11 +966,13 @@ void cuda_op_altup_correct_gate(g3n_backend *be, float *out, const float *pred, 
     int P = row_pairs(dim);
     if (pairs4 && P == 2 && dim % 256 == 0) P = 4;
     const int gk = gate_kind(gate);
+    const int one = on && rows == 1 && A == 4 && P && gk && gate->cols == dim; /* k_correct_gate */
+    /* f's parts (matmul_parts): added by k_correct_gate as it loads f where the
+     * gate is quantized (the down products that leave parts are), else first, in order */
+    const int np = one && (gk == 4 || gk == 8) && f_parts <= QPARTS ? f_parts : 1;
     const size_t n = (size_t)rows * dim;
-    /* f's parts (matmul_parts: quantized down products) are added in the kernel; others first */
-    const int np = gk == 4 || gk == 8 ? f_parts : 1;
-    if (on && rows == 1 && A == 4 && P && gk && gate->cols == dim && np <= QPARTS) {
-        for (int k = 1; k < f_parts && np == 1; k++) cuda_op_add(be, f, f, f + k * n, n);
+    for (int k = 1; k < f_parts && np == 1; k++) cuda_op_add(be, f, f, f + k * n, n);
+    if (one) {
         PROF_BEGIN(c);
         /* Gate rows a block (a power of two up to its warps): 8 for 16- and 32-bit
          * gates, 4 quantized: measured best of 4, 8 and 16 on E4B and E2B
@@ -1014,7 +1016,6 @@ void cuda_op_altup_correct_gate(g3n_backend *be, float *out, const float *pred, 
         return;
     }
     /* the two ops; correct out of place where the row kernel takes it, else on a copy */
-    for (int k = 1; k < f_parts; k++) cuda_op_add(be, f, f, f + k * n, n); /* the parts, in order */
     PROF_BEGIN(c);
     if (cuda_fast_correct(c, out, pred, qs, f, s, post_ff.data, router, router_norm.data, coefs.data, out_scale.data,
                           A, rows, dim, eps)) {
