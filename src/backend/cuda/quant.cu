@@ -58,6 +58,7 @@ typedef struct {
      * here), and where k_qgemv_s leaves them (pstride: slice k's sums at
      * y + k * pstride; 0: not) and how many (nparts, host side) */
     int pcap, pstride, nparts;
+    int trig; /* k_qmma: let the next kernel launch after the main loop (0: at the exit) */
 } qargs;
 
 enum { QPLAIN = 0, QGELU_MUL = 1, QGATE_UP = 2 };
@@ -875,10 +876,10 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
         wsrc[i] = (const unsigned char *)(a.W[s] + (size_t)min(tile * 16 + i * 4 + (lane >> 3), O - 1) * wrow);
 #pragma unroll
     for (int k = 0; k < MM_NSLOT - 1; k++) issue(st_lo + k, k);
-    /* Only the wait: without launch_dependents the next kernel starts as these
-     * blocks exit. Triggering at the start (as the other kernels do), after the
-     * staging or after the loop was slower on the H100 at 8 bits: E4B q8 259 /
-     * 271 against 280 tok/s (docs/SPEED.md). */
+    /* Only the wait here: launch_dependents comes after the main loop, for the
+     * products mm_launch picks (a.trig), or the next kernel starts as these
+     * blocks exit. Triggering at the start (as the other kernels do) was slower
+     * on the H100 at 8 bits (docs/SPEED.md, fifth and twentieth sessions). */
     pdl_wait();
     { /* stage: unit u = (r, group, quarter tt, step j) is 8 inputs; a group's UPG units are consecutive lanes */
         const float *x = a.x[sx];
@@ -995,6 +996,7 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
         if (++slot == MM_NSLOT) slot = 0;
     }
     cp_async_wait<0>();
+    if (a.trig) pdl_trigger(); /* (mm_launch: which products) */
     /* the columns of each activation row (in tile order), added over the four t-lanes */
     for (int r = 0; r < R; r++)
 #pragma unroll
@@ -1104,6 +1106,19 @@ static int mm_launch(cuda_ctx *c, qargs &a, int R) {
     if (nb > 65535) return 0;
     const dim3 grid((unsigned)cs, (unsigned)nb);
     a.nr = R;
+    /* Where the next kernel may start launching (PDL): after the main loop for
+     * products under 16 MB (q/k/v, the per-layer projection) and a down product
+     * (one product, K > O), so that the next kernel's blocks are resident, and
+     * attention's loading its keys, by the time this one ends; at the exit for
+     * the rest. Earlier triggers and the gate/up product's were slower (E4B q8:
+     * at the start 328-329, after the staging with gate/up 342-349 tok/s), and
+     * these as measured (docs/SPEED.md, twentieth session): E4B q8 351-353 ->
+     * 363, E2B q8 508-511 -> 532-533. G3N_QMMA_TRIG=0: at the exit always. */
+    static int trig_on = -1;
+    if (trig_on < 0) trig_on = !(getenv("G3N_QMMA_TRIG") && !atoi(getenv("G3N_QMMA_TRIG")));
+    size_t bytes = 0;
+    for (int i = 0; i < a.n; i++) bytes += (size_t)a.O[i] * a.K[i] * BITS / 8;
+    a.trig = trig_on && !gu && (bytes < ((size_t)16 << 20) || (a.n == 1 && a.K[0] > a.O[0]));
     /* matmul_parts: the slices need no cluster; each stores its sums, the reader adds them */
     const int parts = cs > 1 && cs <= a.pcap && a.mode == QPLAIN && a.n == 1;
     a.pstride = parts ? R * a.O[0] : 0;
