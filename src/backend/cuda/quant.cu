@@ -1111,7 +1111,8 @@ static int mm_launch(cuda_ctx *c, qargs &a, int R) {
      * (one product, K > O), so that the next kernel's blocks are resident, and
      * attention's loading its keys, by the time this one ends; at the exit for
      * the rest. Earlier triggers and the gate/up product's were slower (E4B q8:
-     * at the start 328-329, after the staging with gate/up 342-349 tok/s), and
+     * at the start 328-329 tok/s; gate/up's after its staging 342-349, after
+     * its main loop 343-344), and
      * these as measured (docs/SPEED.md, twentieth session): E4B q8 351-353 ->
      * 363, E2B q8 508-511 -> 532-533. G3N_QMMA_TRIG=0: at the exit always. */
     static int trig_on = -1;
