@@ -13,6 +13,7 @@ With --head N / --tail N: one middle step's first N kernels (after the previous
 step's last three) / last N kernels and the side-stream kernels that ran during
 it, with start and end in us from the step's start.
 Usage: python3 tools/ktrace_report.py trace.txt [--demangle] [--layer [--at L]] [--head N] [--tail N]"""
+import signal
 import subprocess
 import sys
 from collections import OrderedDict, defaultdict
@@ -113,4 +114,5 @@ def main():
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # piped into head: stop quietly
     main()
