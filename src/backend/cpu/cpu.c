@@ -150,30 +150,34 @@ K1X4_AVX2(k1x4_bf16_avx2, uint16_t, LD8_BF16, G3N_BF16)
 K1X4_AVX2(k1x4_f16_avx2, uint16_t, LD8_F16, G3N_F16)
 K1X4_AVX2(k1x4_f32_avx2, float, LD8_F32, G3N_F32)
 
+/* Two passes of 4 x rows against 2 W rows: 8 accumulators, which stay in
+ * registers (AVX2 has 16; 4 x 4 at once spilled them, every FMA a load and a
+ * store). Each output summed as k1x4 sums it (see above). */
 __attribute__((target("avx2,fma"))) static void k4x4_avx2(const float *W, size_t ldw,
                                                           const float *X, size_t ldx, int K,
                                                           float out[4][4]) {
-    __m256 acc[4][4];
-    for (int r = 0; r < 4; r++)
-        for (int o = 0; o < 4; o++) acc[r][o] = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 8 <= K; i += 8) {
-        __m256 w0 = _mm256_loadu_ps(W + i), w1 = _mm256_loadu_ps(W + ldw + i);
-        __m256 w2 = _mm256_loadu_ps(W + 2 * ldw + i), w3 = _mm256_loadu_ps(W + 3 * ldw + i);
-        for (int r = 0; r < 4; r++) {
-            __m256 xv = _mm256_loadu_ps(X + r * ldx + i);
-            acc[r][0] = _mm256_fmadd_ps(w0, xv, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(w1, xv, acc[r][1]);
-            acc[r][2] = _mm256_fmadd_ps(w2, xv, acc[r][2]);
-            acc[r][3] = _mm256_fmadd_ps(w3, xv, acc[r][3]);
+    for (int h = 0; h < 4; h += 2) {
+        const float *Wa = W + (size_t)h * ldw, *Wb = Wa + ldw;
+        __m256 acc[4][2];
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= K; i += 8) {
+            const __m256 w0 = _mm256_loadu_ps(Wa + i), w1 = _mm256_loadu_ps(Wb + i);
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) {
+                const __m256 xv = _mm256_loadu_ps(X + r * ldx + i);
+                acc[r][0] = _mm256_fmadd_ps(w0, xv, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(w1, xv, acc[r][1]);
+            }
         }
+        for (int r = 0; r < 4; r++)
+            for (int o = 0; o < 2; o++) {
+                float s = hsum256(acc[r][o]);
+                for (int j = i; j < K; j++) s += W[(h + o) * ldw + j] * X[r * ldx + j];
+                out[r][h + o] = s;
+            }
     }
-    for (int r = 0; r < 4; r++)
-        for (int o = 0; o < 4; o++) {
-            float s = hsum256(acc[r][o]);
-            for (int j = i; j < K; j++) s += W[o * ldw + j] * X[r * ldx + j];
-            out[r][o] = s;
-        }
 }
 
 __attribute__((target("avx2,fma,f16c"))) static void cvt_avx2(int dtype, const void *src,
@@ -230,6 +234,7 @@ __attribute__((target("avx512f"))) static void k4x4_avx512(const float *W, size_
     for (; i + 16 <= K; i += 16) {
         __m512 w0 = _mm512_loadu_ps(W + i), w1 = _mm512_loadu_ps(W + ldw + i);
         __m512 w2 = _mm512_loadu_ps(W + 2 * ldw + i), w3 = _mm512_loadu_ps(W + 3 * ldw + i);
+#pragma GCC unroll 4 /* (not unrolled, the accumulators lived in memory: each FMA a load and a store) */
         for (int r = 0; r < 4; r++) {
             __m512 xv = _mm512_loadu_ps(X + r * ldx + i);
             acc[r][0] = _mm512_fmadd_ps(w0, xv, acc[r][0]);
@@ -239,6 +244,34 @@ __attribute__((target("avx512f"))) static void k4x4_avx512(const float *W, size_
         }
     }
     for (int r = 0; r < 4; r++)
+        for (int o = 0; o < 4; o++) {
+            float s = _mm512_reduce_add_ps(acc[r][o]);
+            for (int j = i; j < K; j++) s += W[o * ldw + j] * X[r * ldx + j];
+            out[r][o] = s;
+        }
+}
+
+/* 6 x rows against 4 W rows: 24 accumulators, 10 loads per 24 FMAs (k4x4: 8
+ * per 16); each output summed as k4x4 and k1x4 sum it (see above) */
+__attribute__((target("avx512f"))) static void k6x4_avx512(const float *W, size_t ldw, const float *X, size_t ldx,
+                                                           int K, float out[6][4]) {
+    __m512 acc[6][4];
+    for (int r = 0; r < 6; r++)
+        for (int o = 0; o < 4; o++) acc[r][o] = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= K; i += 16) {
+        const __m512 w0 = _mm512_loadu_ps(W + i), w1 = _mm512_loadu_ps(W + ldw + i);
+        const __m512 w2 = _mm512_loadu_ps(W + 2 * ldw + i), w3 = _mm512_loadu_ps(W + 3 * ldw + i);
+#pragma GCC unroll 6
+        for (int r = 0; r < 6; r++) {
+            const __m512 xv = _mm512_loadu_ps(X + r * ldx + i);
+            acc[r][0] = _mm512_fmadd_ps(w0, xv, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(w1, xv, acc[r][1]);
+            acc[r][2] = _mm512_fmadd_ps(w2, xv, acc[r][2]);
+            acc[r][3] = _mm512_fmadd_ps(w3, xv, acc[r][3]);
+        }
+    }
+    for (int r = 0; r < 6; r++)
         for (int o = 0; o < 4; o++) {
             float s = _mm512_reduce_add_ps(acc[r][o]);
             for (int j = i; j < K; j++) s += W[o * ldw + j] * X[r * ldx + j];
@@ -373,6 +406,48 @@ static void q4_row_perm(const g3n_mat *W, int r, float *dst, int qb) {
                 dst[b + j] = g3n_quant_w(sc, bi, v & 15u), dst[b + qb / 2 + j] = g3n_quant_w(sc, bi, v >> 4);
             }
     }
+}
+
+#ifdef G3N_X86
+/* Row r of a 4-bit (in q4_perm order, qb 32) or 8-bit W dequantized as
+ * q4_row_perm and g3n_mat_row give it, 16 weights a vector: scale * q rounded,
+ * then + bias (the same bits). The prompt path dequantizes every row once per
+ * step; element by element that was about as long as the products (E2B 4-bit
+ * pp128 on 2 cores, docs/SPEED.md). 0: not taken (other widths). */
+__attribute__((target("avx512f,avx512bw"))) static int qrow_avx512(const g3n_mat *W, int r, float *dst, int qb) {
+    const int K = W->cols, G = W->group_size, bits = W->bits;
+    if (!(bits == 8 || (bits == 4 && qb == 32)) || G % 32) return 0;
+    const size_t ng = (size_t)(K / G), es = g3n_dtype_size((g3n_dtype)W->sdtype);
+    const uint8_t *q = (const uint8_t *)((const uint32_t *)W->data + (size_t)r * g3n_quant_row_words(K, bits));
+    const char *sp = (const char *)W->scales + (size_t)r * ng * es, *bp = (const char *)W->biases + (size_t)r * ng * es;
+    for (int g = 0; g < K / G; g++) {
+        const __m512 sc = _mm512_set1_ps(g3n_quant_param(sp, W->sdtype, (size_t)g));
+        const __m512 bi = _mm512_set1_ps(g3n_quant_param(bp, W->sdtype, (size_t)g));
+        if (bits == 4) /* a block of 32: the 16 low nibbles (elements 2j), then the 16 high ones */
+            for (int b = g * G; b < (g + 1) * G; b += 32) {
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + b / 2)));
+                const __m512 qe = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+                const __m512 qo = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                _mm512_storeu_ps(dst + b, _mm512_add_ps(_mm512_mul_ps(sc, qe), bi));
+                _mm512_storeu_ps(dst + b + 16, _mm512_add_ps(_mm512_mul_ps(sc, qo), bi));
+            }
+        else
+            for (int b = g * G; b < (g + 1) * G; b += 16) {
+                const __m512 qv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + b))));
+                _mm512_storeu_ps(dst + b, _mm512_add_ps(_mm512_mul_ps(sc, qv), bi));
+            }
+    }
+    return 1;
+}
+#endif
+
+/* Row r of a quantized W as the prompt path's kernels take it (qb: q4_block) */
+static void qrow(const g3n_mat *W, int r, float *dst, int qb) {
+#ifdef G3N_X86
+    if (cpu_isa == ISA_AVX512 && qrow_avx512(W, r, dst, qb)) return;
+#endif
+    if (qb) q4_row_perm(W, r, dst, qb);
+    else g3n_mat_row(W, r, dst);
 }
 
 typedef struct {
@@ -652,13 +727,20 @@ static void cpu_matmul(g3n_backend *be, float *y, const g3n_mat *W, const float 
         float *wt = tscratch(c, (size_t)MM_BLOCK * K);
         for (int j = 0; j < MM_BLOCK; j++) { /* short blocks repeat the last row */
             const int r = o0 + G3N_MIN(j, no - 1);
-            if (qb) q4_row_perm(W, r, wt + (size_t)j * K, qb);
-            else if (W->bits) g3n_mat_row(W, r, wt + (size_t)j * K);
+            if (W->bits) qrow(W, r, wt + (size_t)j * K, qb);
             else cvt_row(W->dtype, wbase + (size_t)r * K * esz, wt + (size_t)j * K, K);
         }
         for (int j = 0; j < no; j += 4) {
             const float *wj = wt + (size_t)j * K;
             int r = 0;
+#ifdef G3N_X86
+            for (; cpu_isa == ISA_AVX512 && r + 6 <= rows; r += 6) {
+                float out[6][4];
+                k6x4_avx512(wj, (size_t)K, x + (size_t)r * K, (size_t)K, K, out);
+                for (int a = 0; a < 6; a++)
+                    for (int b = 0; b < 4 && j + b < no; b++) y[(size_t)(r + a) * O + o0 + j + b] = out[a][b];
+            }
+#endif
             for (; r + 4 <= rows; r += 4) {
                 float out[4][4];
                 k4x4(wj, (size_t)K, x + (size_t)r * K, (size_t)K, K, out);
