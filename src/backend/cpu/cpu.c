@@ -224,46 +224,23 @@ K1X4_AVX512(k1x4_bf16_avx512, uint16_t, LD16_BF16, G3N_BF16)
 K1X4_AVX512(k1x4_f16_avx512, uint16_t, LD16_F16, G3N_F16)
 K1X4_AVX512(k1x4_f32_avx512, float, LD16_F32, G3N_F32)
 
-__attribute__((target("avx512f"))) static void k4x4_avx512(const float *W, size_t ldw,
-                                                           const float *X, size_t ldx, int K,
-                                                           float out[4][4]) {
-    __m512 acc[4][4];
-    for (int r = 0; r < 4; r++)
-        for (int o = 0; o < 4; o++) acc[r][o] = _mm512_setzero_ps();
-    int i = 0;
-    for (; i + 16 <= K; i += 16) {
-        __m512 w0 = _mm512_loadu_ps(W + i), w1 = _mm512_loadu_ps(W + ldw + i);
-        __m512 w2 = _mm512_loadu_ps(W + 2 * ldw + i), w3 = _mm512_loadu_ps(W + 3 * ldw + i);
-#pragma GCC unroll 4 /* (not unrolled, the accumulators lived in memory: each FMA a load and a store) */
-        for (int r = 0; r < 4; r++) {
-            __m512 xv = _mm512_loadu_ps(X + r * ldx + i);
-            acc[r][0] = _mm512_fmadd_ps(w0, xv, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(w1, xv, acc[r][1]);
-            acc[r][2] = _mm512_fmadd_ps(w2, xv, acc[r][2]);
-            acc[r][3] = _mm512_fmadd_ps(w3, xv, acc[r][3]);
-        }
-    }
-    for (int r = 0; r < 4; r++)
-        for (int o = 0; o < 4; o++) {
-            float s = _mm512_reduce_add_ps(acc[r][o]);
-            for (int j = i; j < K; j++) s += W[o * ldw + j] * X[r * ldx + j];
-            out[r][o] = s;
-        }
-}
-
-/* 6 x rows against 4 W rows: 24 accumulators, 10 loads per 24 FMAs (k4x4: 8
- * per 16); each output summed as k4x4 and k1x4 sum it (see above) */
-__attribute__((target("avx512f"))) static void k6x4_avx512(const float *W, size_t ldw, const float *X, size_t ldx,
-                                                           int K, float out[6][4]) {
+/* n (4 or 6, a constant where it is inlined) x rows against 4 W rows: 4n
+ * accumulators, in registers (the r loop must unroll: a first k4x4 that did not
+ * kept them in memory, a load and a store each FMA; 6 x 4 loads 10 vectors per
+ * 24 FMAs). Each output summed as k1x4 sums it (see above). */
+__attribute__((target("avx512f"), always_inline)) static inline void kNx4_avx512(const float *W, size_t ldw,
+                                                                               const float *X, size_t ldx, int K,
+                                                                               float out[][4], const int n) {
     __m512 acc[6][4];
-    for (int r = 0; r < 6; r++)
+#pragma GCC unroll 6
+    for (int r = 0; r < n; r++)
         for (int o = 0; o < 4; o++) acc[r][o] = _mm512_setzero_ps();
     int i = 0;
     for (; i + 16 <= K; i += 16) {
         const __m512 w0 = _mm512_loadu_ps(W + i), w1 = _mm512_loadu_ps(W + ldw + i);
         const __m512 w2 = _mm512_loadu_ps(W + 2 * ldw + i), w3 = _mm512_loadu_ps(W + 3 * ldw + i);
 #pragma GCC unroll 6
-        for (int r = 0; r < 6; r++) {
+        for (int r = 0; r < n; r++) {
             const __m512 xv = _mm512_loadu_ps(X + r * ldx + i);
             acc[r][0] = _mm512_fmadd_ps(w0, xv, acc[r][0]);
             acc[r][1] = _mm512_fmadd_ps(w1, xv, acc[r][1]);
@@ -271,12 +248,22 @@ __attribute__((target("avx512f"))) static void k6x4_avx512(const float *W, size_
             acc[r][3] = _mm512_fmadd_ps(w3, xv, acc[r][3]);
         }
     }
-    for (int r = 0; r < 6; r++)
+    for (int r = 0; r < n; r++)
         for (int o = 0; o < 4; o++) {
             float s = _mm512_reduce_add_ps(acc[r][o]);
             for (int j = i; j < K; j++) s += W[o * ldw + j] * X[r * ldx + j];
             out[r][o] = s;
         }
+}
+
+__attribute__((target("avx512f"))) static void k4x4_avx512(const float *W, size_t ldw, const float *X, size_t ldx,
+                                                           int K, float out[4][4]) {
+    kNx4_avx512(W, ldw, X, ldx, K, out, 4);
+}
+
+__attribute__((target("avx512f"))) static void k6x4_avx512(const float *W, size_t ldw, const float *X, size_t ldx,
+                                                           int K, float out[6][4]) {
+    kNx4_avx512(W, ldw, X, ldx, K, out, 6);
 }
 
 __attribute__((target("avx512f,avx512bw"))) static void cvt_avx512(int dtype, const void *src,
