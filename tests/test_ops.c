@@ -916,6 +916,39 @@ TEST(batch_ops) {
 }
 
 /* elementwise, top-k, AltUp, magnitude match and per-layer inputs vs REF */
+/* The elementwise ops at a step's sizes (a prompt's activations, the logits):
+ * near the reference on every backend, and on the CPU its bits (cpu.c runs the
+ * reference op on slices in parallel; small_ops' 1000 elements stay in one). */
+static void check_same(const char *what, float *d, const float *ref, size_t n, double tol) {
+    float *h = host(d, n);
+    if (B_IS_CPU) CHECK_MSG(memcmp(h, ref, sizeof(float) * n) == 0, "%s: not the reference's bits", what);
+    test_close(what, h, ref, n, tol, tol);
+    free(h);
+    B->free(B, d);
+}
+
+TEST(elementwise_large) {
+    const size_t n = 3 * 8192 + 5; /* uneven slices */
+    float *a = rnd(n, 3.0f), *b = rnd(n, 3.0f), *y0 = malloc(sizeof(float) * n);
+    float *da = dev(a, n), *db = dev(b, n), *dy;
+    REF->gelu_mul(REF, y0, a, b, n);
+    B->gelu_mul(B, dy = dev_nan(n), da, db, n);
+    check_same("gelu_mul large", dy, y0, n, 1e-6);
+    REF->gelu_mul(REF, y0, a, NULL, n);
+    B->gelu_mul(B, dy = dev_nan(n), da, NULL, n);
+    check_same("gelu large", dy, y0, n, 1e-6);
+    memcpy(y0, a, sizeof(float) * n);
+    REF->softcap(REF, y0, n, 30.0f);
+    B->softcap(B, dy = dev(a, n), n, 30.0f);
+    check_same("softcap large", dy, y0, n, 1e-6);
+    const int R = 3, D = (int)(n / 3);
+    memcpy(y0, a, sizeof(float) * n);
+    REF->gaussian_topk(REF, y0, R, D, 1.6448533535f);
+    B->gaussian_topk(B, dy = dev(a, n), R, D, 1.6448533535f);
+    check_same("gaussian_topk rows", dy, y0, (size_t)R * D, 1e-5);
+    free(a), free(b), free(y0), B->free(B, da), B->free(B, db);
+}
+
 TEST(small_ops) {
     const size_t n = 1000;
     float *a = rnd(n, 3.0f), *b = rnd(n, 3.0f), *c = rnd(n, 3.0f), y0[1000];
@@ -1538,6 +1571,7 @@ static void run_backend(void) {
     RUN(attention_alone_bitwise);
     RUN(batch_ops);
     RUN(small_ops);
+    RUN(elementwise_large);
     RUN(fused_ops);
     RUN(row_kernels);
     RUN(correct_gate);

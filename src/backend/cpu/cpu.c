@@ -983,6 +983,46 @@ static double cpu_read_bandwidth(g3n_backend *be, size_t bytes) {
  * dense composition (the reference op). Sums run in unit order, so only their
  * order differs from the dense path. */
 
+/* ---- the reference's elementwise ops, on slices in parallel --------------------------
+ * The MLP's activation (gelu_mul: 16,384 values a token at E2B and E4B), the
+ * final soft-cap (262,144 logits) and the Gaussian top-k (a row at a time): the
+ * reference op itself runs on each slice or row, so the bits are its bits.
+ * Alone, in one thread, their tanhf and expm1f left the other idle: ~10% of an
+ * E2B prompt's time went to libgomp's waiting (perf, docs/SPEED.md, twentieth
+ * session). */
+static void (*ref_gelu_mul)(g3n_backend *, float *, const float *, const float *, size_t);
+static void (*ref_softcap)(g3n_backend *, float *, size_t, float);
+static void (*ref_gaussian_topk)(g3n_backend *, float *, int, int, float);
+
+#define EW_MIN 8192 /* elements below which one thread takes them all */
+
+static void cpu_gelu_mul(g3n_backend *be, float *y, const float *g, const float *u, size_t n) {
+    const int nt = n < EW_MIN ? 1 : ((cpu_ctx *)be->ctx)->n_threads;
+    if (nt < 2) return ref_gelu_mul(be, y, g, u, n);
+#pragma omp parallel for num_threads(nt)
+    for (int t = 0; t < nt; t++) {
+        const size_t a = n * (size_t)t / (size_t)nt, b = n * (size_t)(t + 1) / (size_t)nt;
+        ref_gelu_mul(be, y + a, g + a, u ? u + a : NULL, b - a);
+    }
+}
+
+static void cpu_softcap(g3n_backend *be, float *x, size_t n, float cap) {
+    const int nt = n < EW_MIN ? 1 : ((cpu_ctx *)be->ctx)->n_threads;
+    if (nt < 2) return ref_softcap(be, x, n, cap);
+#pragma omp parallel for num_threads(nt)
+    for (int t = 0; t < nt; t++) {
+        const size_t a = n * (size_t)t / (size_t)nt, b = n * (size_t)(t + 1) / (size_t)nt;
+        ref_softcap(be, x + a, b - a, cap);
+    }
+}
+
+static void cpu_gaussian_topk(g3n_backend *be, float *x, int rows, int dim, float kappa) {
+    const int nt = ((cpu_ctx *)be->ctx)->n_threads;
+    if (rows < 2 || nt < 2) return ref_gaussian_topk(be, x, rows, dim, kappa);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int r = 0; r < rows; r++) ref_gaussian_topk(be, x + (size_t)r * dim, 1, dim, kappa);
+}
+
 static int (*ref_mat_prepare)(g3n_backend *, g3n_mat *, char *, size_t);
 static void (*ref_mlp_sparse)(g3n_backend *, float *, float *, float *, const g3n_mat *, const g3n_mat *,
                               const g3n_mat *, const float *, int, float);
@@ -1098,6 +1138,10 @@ g3n_backend *cpu_backend_create(int n_threads, char *err, size_t errlen) {
     be->n_threads = n_threads;
     cpu_ref_fill_ops(be);
     ref_mat_prepare = be->mat_prepare, ref_mlp_sparse = be->mlp_sparse;
+    ref_gelu_mul = be->gelu_mul, ref_softcap = be->softcap, ref_gaussian_topk = be->gaussian_topk;
+    be->gelu_mul = cpu_gelu_mul;
+    be->softcap = cpu_softcap;
+    be->gaussian_topk = cpu_gaussian_topk;
     be->mat_prepare = cpu_mat_prepare;
     be->mlp_sparse = cpu_mlp_sparse;
     be->destroy = cpu_destroy;
