@@ -1108,13 +1108,13 @@ static int mm_launch(cuda_ctx *c, qargs &a, int R) {
     a.nr = R;
     /* Where the next kernel may start launching (PDL): after the main loop for
      * products under 16 MB (q/k/v, the per-layer projection) and a down product
-     * (one product, K > O), so that the next kernel's blocks are resident, and
-     * attention's loading its keys, by the time this one ends; at the exit for
-     * the rest. Earlier triggers and the gate/up product's were slower (E4B q8:
-     * at the start 328-329 tok/s; gate/up's after its staging 342-349, after
-     * its main loop 343-344), and
-     * these as measured (docs/SPEED.md, twentieth session): E4B q8 351-353 ->
-     * 363, E2B q8 508-511 -> 532-533. G3N_QMMA_TRIG=0: at the exit always. */
+     * (one product, K > O), so that the next kernel's blocks are resident (and
+     * attention's keys on their way) by the time this one ends; at the exit for
+     * the rest. Measured (docs/SPEED.md, twentieth session): E4B q8 351-353 ->
+     * 363 tok/s, E2B q8 508-511 -> 532-533; earlier triggers and the gate/up
+     * product's were slower (E4B q8 at the start 328-329, gate/up's after its
+     * staging 342-349, after its main loop 343-344). G3N_QMMA_TRIG=0: at the
+     * exit always. */
     static int trig_on = -1;
     if (trig_on < 0) trig_on = !(getenv("G3N_QMMA_TRIG") && !atoi(getenv("G3N_QMMA_TRIG")));
     size_t bytes = 0;
