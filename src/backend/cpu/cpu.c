@@ -974,15 +974,6 @@ static double cpu_read_bandwidth(g3n_backend *be, size_t bytes) {
     return best;
 }
 
-/* ---- exact sparsity ----------------------------------------------------------------------
- * In the top-k layers (SPEC §3.5) ~95% of the activations that reach the down
- * projection are exact zeros. After the dense gate product and the Gaussian top-k
- * only the surviving units are read: their up rows (one dot each) and their down
- * columns, as rows of W^T, a copy in the stored dtype made at load (m->tdata).
- * Decode steps of up to 8 rows; larger steps and quantized matrices take the
- * dense composition (the reference op). Sums run in unit order, so only their
- * order differs from the dense path. */
-
 /* ---- the reference's elementwise ops, on slices in parallel --------------------------
  * The MLP's activation (gelu_mul: 16,384 values a token at E2B and E4B), the
  * final soft-cap (262,144 logits) and the Gaussian top-k (a row at a time): the
@@ -1022,6 +1013,15 @@ static void cpu_gaussian_topk(g3n_backend *be, float *x, int rows, int dim, floa
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int r = 0; r < rows; r++) ref_gaussian_topk(be, x + (size_t)r * dim, 1, dim, kappa);
 }
+
+/* ---- exact sparsity ----------------------------------------------------------------------
+ * In the top-k layers (SPEC §3.5) ~95% of the activations that reach the down
+ * projection are exact zeros. After the dense gate product and the Gaussian top-k
+ * only the surviving units are read: their up rows (one dot each) and their down
+ * columns, as rows of W^T, a copy in the stored dtype made at load (m->tdata).
+ * Decode steps of up to 8 rows; larger steps and quantized matrices take the
+ * dense composition (the reference op). Sums run in unit order, so only their
+ * order differs from the dense path. */
 
 static int (*ref_mat_prepare)(g3n_backend *, g3n_mat *, char *, size_t);
 static void (*ref_mlp_sparse)(g3n_backend *, float *, float *, float *, const g3n_mat *, const g3n_mat *,
