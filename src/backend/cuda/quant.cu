@@ -58,7 +58,7 @@ typedef struct {
      * here), and where k_qgemv_s leaves them (pstride: slice k's sums at
      * y + k * pstride; 0: not) and how many (nparts, host side) */
     int pcap, pstride, nparts;
-    int trig; /* k_qmma: let the next kernel launch after the main loop (0: at the exit) */
+    int trig; /* k_qmma: let the next kernel launch after the main loop (1), after staging (2), at the exit (0) */
 } qargs;
 
 enum { QPLAIN = 0, QGELU_MUL = 1, QGATE_UP = 2 };
@@ -876,10 +876,11 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
         wsrc[i] = (const unsigned char *)(a.W[s] + (size_t)min(tile * 16 + i * 4 + (lane >> 3), O - 1) * wrow);
 #pragma unroll
     for (int k = 0; k < MM_NSLOT - 1; k++) issue(st_lo + k, k);
-    /* Only the wait here: launch_dependents comes after the main loop, for the
-     * products mm_launch picks (a.trig), or the next kernel starts as these
-     * blocks exit. Triggering at the start (as the other kernels do) was slower
-     * on the H100 at 8 bits (docs/SPEED.md, fifth and twentieth sessions). */
+    /* Only the wait here: launch_dependents comes after the staging (gate/up)
+     * or after the main loop, for the products mm_launch picks (a.trig), or the
+     * next kernel starts as these blocks exit. Triggering at the start (as the
+     * other kernels do) was slower on the H100 at 8 bits (docs/SPEED.md, fifth
+     * and twentieth sessions). */
     pdl_wait();
     { /* stage: unit u = (r, group, quarter tt, step j) is 8 inputs; a group's UPG units are consecutive lanes */
         const float *x = a.x[sx];
@@ -937,6 +938,7 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
         }
     }
     __syncthreads();
+    if (a.trig == 2) pdl_trigger(); /* gate/up (mm_launch) */
     float acc[NCB][4] = {}; /* per tile: rows g, g+8 x columns 2t, 2t+1 */
     auto group = [&](const mmgrp<WL> &d, int gr) {
         const int grl = gr - gs0;
@@ -996,7 +998,7 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
         if (++slot == MM_NSLOT) slot = 0;
     }
     cp_async_wait<0>();
-    if (a.trig) pdl_trigger(); /* (mm_launch: which products) */
+    if (a.trig == 1) pdl_trigger(); /* (mm_launch: which products) */
     /* the columns of each activation row (in tile order), added over the four t-lanes */
     for (int r = 0; r < R; r++)
 #pragma unroll
@@ -1093,7 +1095,7 @@ static int mm_launch(cuda_ctx *c, qargs &a, int R) {
     a.rb = rb;
     a.ks = ((ngmax + cs - 1) / cs + SG - 1) / SG * SG;
     cs = (ngmax + a.ks - 1) / a.ks;
-    const size_t smem = mm_smem<BITS, G>(R, a.ks);
+    size_t smem = mm_smem<BITS, G>(R, a.ks);
     if (smem > qs_smem_max(c)) return 0;
     int nb = 0;
     a.blk0[0] = 0;
@@ -1106,20 +1108,34 @@ static int mm_launch(cuda_ctx *c, qargs &a, int R) {
     if (nb > 65535) return 0;
     const dim3 grid((unsigned)cs, (unsigned)nb);
     a.nr = R;
+    /* A down product (one product, K > O) whose blocks the SMs hold at once takes
+     * one block an SM: its shared memory is padded past half an SM's. It then
+     * starts launching while gate/up still runs (below), and as gate/up's blocks
+     * leave, the SMs freed first would otherwise take two down blocks each while
+     * others had none. Measured (docs/SPEED.md, twenty-first session) with
+     * gate/up's trigger after its staging: E4B q8 363 -> 370 tok/s, E2B q8 533 ->
+     * 546; gate/up's trigger without the padding was slower (343, 525), the
+     * padding alone level. G3N_QMMA_PAD=0: neither. */
+    static int pad_on = -1;
+    if (pad_on < 0) pad_on = !(getenv("G3N_QMMA_PAD") && !atoi(getenv("G3N_QMMA_PAD")));
+    const int down = !gu && a.n == 1 && a.K[0] > a.O[0];
+    const size_t one_sm = c->smem_optin / 2 + 1024; /* two such blocks do not fit an SM */
+    if (pad_on && down && nb * cs <= c->n_sm && one_sm > smem && one_sm <= qs_smem_max(c)) smem = one_sm;
     /* Where the next kernel may start launching (PDL): after the main loop for
      * products under 16 MB (q/k/v, the per-layer projection) and a down product
      * (one product, K > O), so that the next kernel's blocks are resident (and
      * attention's keys on their way) by the time this one ends; at the exit for
-     * the rest. Measured (docs/SPEED.md, twentieth session): E4B q8 351-353 ->
-     * 363 tok/s, E2B q8 508-511 -> 532-533; earlier triggers and the gate/up
-     * product's were slower (E4B q8 at the start 328-329, gate/up's after its
-     * staging 342-349, after its main loop 343-344). G3N_QMMA_TRIG=0: at the
-     * exit always. */
+     * the rest; gate/up after its staging, where its down product is padded
+     * (above). Measured (docs/SPEED.md, twentieth session): E4B q8 351-353 ->
+     * 363 tok/s, E2B q8 508-511 -> 532-533; earlier triggers were slower (E4B
+     * q8 at the start 328-329), and so was gate/up's before the padding (after
+     * its staging 342-349, after its main loop 343-344). G3N_QMMA_TRIG=0: at
+     * the exit always. */
     static int trig_on = -1;
     if (trig_on < 0) trig_on = !(getenv("G3N_QMMA_TRIG") && !atoi(getenv("G3N_QMMA_TRIG")));
     size_t bytes = 0;
     for (int i = 0; i < a.n; i++) bytes += (size_t)a.O[i] * a.K[i] * BITS / 8;
-    a.trig = trig_on && !gu && (bytes < ((size_t)16 << 20) || (a.n == 1 && a.K[0] > a.O[0]));
+    a.trig = !trig_on ? 0 : gu ? (pad_on ? 2 : 0) : bytes < ((size_t)16 << 20) || down;
     /* matmul_parts: the slices need no cluster; each stores its sums, the reader adds them */
     const int parts = cs > 1 && cs <= a.pcap && a.mode == QPLAIN && a.n == 1;
     a.pstride = parts ? R * a.O[0] : 0;
