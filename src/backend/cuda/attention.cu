@@ -455,7 +455,8 @@ template <int G, int DPL, typename KT>
 __global__ void __launch_bounds__(DEC_WARPS * 32, 1)
     k_attn_decode(float *out, const float *q, const float *k, const float *v, const float *qn, const float *kn,
                   const g3n_kv_layer *kv, int owns, int layer, const int32_t *pos, const int32_t *seq,
-                  int Hkv, float theta, float eps, int window, int nb, int nsg, float *part, unsigned *cnt) {
+                  int Hkv, float theta, float eps, int window, int nb, int nsg, float *part, unsigned *cnt,
+                  int trig_early) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
     __trap(); /* clusters: sm_90 and later only (the host never launches it there) */
 #else
@@ -505,7 +506,16 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, 1)
     for (int i = 0; i < nb; i++) issue(i, ring + (size_t)i * 2 * hd);
     cluster_arrive_relaxed(); /* waited for before the first store to another block's memory */
     ATT_T(0);
-    KERNEL_BEGIN();
+    /* The wait, then the trigger: the next kernel (the o product) starts
+     * launching only once q/k/v has ended. Triggering at the start (as the
+     * other kernels do; trig_early, G3N_ATT_TRIG=0) let o, the attention
+     * residual and gate/up launch, one after another, while q/k/v still ran,
+     * and gate/up's blocks then loaded their first weights beside q/k/v's.
+     * That kept 8-bit q/k/v from triggering at its own start (docs/SPEED.md,
+     * twenty-first session). */
+    if (trig_early) pdl_trigger();
+    pdl_wait();
+    if (!trig_early) pdl_trigger();
     ATT_T(1);
     for (int job = warp; job < G + 2 * owns; job += DEC_WARPS) {
         if (job < G) dec_norm_rope<DPL>(sq[job], q + ((size_t)t * H + hk * G + job) * hd, qn, cs, sn, theta > 0, eps);
@@ -719,6 +729,8 @@ static void dec_launch(cuda_ctx *c, unsigned nsp, int nsg, int keep, int nb, flo
 #endif
     const int esz = sizeof(KT);
     const size_t smem = dec_smem(nb, 32 * DPL, esz);
+    static int trig_early = -1; /* G3N_ATT_TRIG=0: trigger at the start (timing) */
+    if (trig_early < 0) trig_early = getenv("G3N_ATT_TRIG") && !atoi(getenv("G3N_ATT_TRIG"));
     if (!raised) {
         CUDA_CHECK(cudaFuncSetAttribute(k_attn_decode<G, DPL, KT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         (int)dec_smem(DEC_RING, 32 * DPL, esz)));
@@ -739,7 +751,7 @@ static void dec_launch(cuda_ctx *c, unsigned nsp, int nsg, int keep, int nb, flo
     }
     launch_cluster(c, nsp, k_attn_decode<G, DPL, KT>, dim3((unsigned)c->n_tokens * Hkv * nsg * nsp),
                    dim3(DEC_WARPS * 32), smem, out, q, k, v, qn, kn, c->d_kv, owns, layer, d_pos(c), d_seq(c), Hkv,
-                   theta, eps, window, nb, nsg, c->att_part, c->att_cnt);
+                   theta, eps, window, nb, nsg, c->att_part, c->att_cnt, trig_early);
 }
 
 template <int G, typename KT>

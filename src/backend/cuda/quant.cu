@@ -58,7 +58,7 @@ typedef struct {
      * here), and where k_qgemv_s leaves them (pstride: slice k's sums at
      * y + k * pstride; 0: not) and how many (nparts, host side) */
     int pcap, pstride, nparts;
-    int trig; /* k_qmma: let the next kernel launch after the main loop (1), after staging (2), at the exit (0) */
+    int trig; /* k_qmma: let the next kernel launch at the start (3), after staging (2), after the main loop (1), at the exit (0) */
 } qargs;
 
 enum { QPLAIN = 0, QGELU_MUL = 1, QGATE_UP = 2 };
@@ -876,6 +876,7 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
         wsrc[i] = (const unsigned char *)(a.W[s] + (size_t)min(tile * 16 + i * 4 + (lane >> 3), O - 1) * wrow);
 #pragma unroll
     for (int k = 0; k < MM_NSLOT - 1; k++) issue(st_lo + k, k);
+    if (a.trig == 3) pdl_trigger(); /* small multi-products: q/k/v (mm_launch) */
     /* Only the wait here: launch_dependents comes after the staging (gate/up)
      * or after the main loop, for the products mm_launch picks (a.trig), or the
      * next kernel starts as these blocks exit. Triggering at the start (as the
@@ -1121,21 +1122,27 @@ static int mm_launch(cuda_ctx *c, qargs &a, int R) {
     const int down = !gu && a.n == 1 && a.K[0] > a.O[0];
     const size_t one_sm = c->smem_optin / 2 + 1024; /* two such blocks do not fit an SM */
     if (pad_on && down && nb * cs <= c->n_sm && one_sm > smem && one_sm <= qs_smem_max(c)) smem = one_sm;
-    /* Where the next kernel may start launching (PDL): after the main loop for
-     * products under 16 MB (q/k/v, the per-layer projection) and a down product
-     * (one product, K > O), so that the next kernel's blocks are resident (and
-     * attention's keys on their way) by the time this one ends; at the exit for
-     * the rest; gate/up after its staging, where its down product is padded
-     * (above). Measured (docs/SPEED.md, twentieth session): E4B q8 351-353 ->
-     * 363 tok/s, E2B q8 508-511 -> 532-533; earlier triggers were slower (E4B
-     * q8 at the start 328-329), and so was gate/up's before the padding (after
-     * its staging 342-349, after its main loop 343-344). G3N_QMMA_TRIG=0: at
-     * the exit always. */
+    /* Where the next kernel may start launching (PDL), so that its blocks are
+     * resident (and attention's keys on their way) by the time this one ends:
+     * - at the start in several products under 16 MB together (q/k/v: decode
+     *   attention, which follows, triggers only after its wait, so the launches
+     *   go no further while q/k/v runs);
+     * - after the main loop in other products under 16 MB (the per-layer
+     *   projection) and in a down product (one product, K > O);
+     * - after its staging in gate/up, where its down product is padded (above);
+     * - at the exit in the rest (the lm_head, a sparse layer's gate).
+     * Measured (docs/SPEED.md, twentieth and twenty-first sessions): the main
+     * loop's trigger E4B q8 351-353 -> 363 tok/s, E2B q8 508-511 -> 532-533;
+     * every small product at its start 328-329 (E4B q8); q/k/v at its start
+     * 365-367 against 369-371 while attention triggered at its start, and with
+     * attention's trigger after its wait 371 -> 373 (E4B q8), 549 -> 554 (E2B
+     * q8). G3N_QMMA_TRIG=0: at the exit always. */
     static int trig_on = -1;
     if (trig_on < 0) trig_on = !(getenv("G3N_QMMA_TRIG") && !atoi(getenv("G3N_QMMA_TRIG")));
     size_t bytes = 0;
     for (int i = 0; i < a.n; i++) bytes += (size_t)a.O[i] * a.K[i] * BITS / 8;
-    a.trig = !trig_on ? 0 : gu ? (pad_on ? 2 : 0) : bytes < ((size_t)16 << 20) || down;
+    const int small = bytes < ((size_t)16 << 20);
+    a.trig = !trig_on ? 0 : gu ? (pad_on ? 2 : 0) : small && a.n >= 2 ? 3 : small || down;
     /* matmul_parts: the slices need no cluster; each stores its sums, the reader adds them */
     const int parts = cs > 1 && cs <= a.pcap && a.mode == QPLAIN && a.n == 1;
     a.pstride = parts ? R * a.O[0] : 0;
