@@ -876,12 +876,12 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
         wsrc[i] = (const unsigned char *)(a.W[s] + (size_t)min(tile * 16 + i * 4 + (lane >> 3), O - 1) * wrow);
 #pragma unroll
     for (int k = 0; k < MM_NSLOT - 1; k++) issue(st_lo + k, k);
-    if (a.trig == 3) pdl_trigger(); /* small multi-products: q/k/v (mm_launch) */
-    /* Only the wait here: launch_dependents comes after the staging (gate/up)
-     * or after the main loop, for the products mm_launch picks (a.trig), or the
-     * next kernel starts as these blocks exit. Triggering at the start (as the
-     * other kernels do) was slower on the H100 at 8 bits (docs/SPEED.md, fifth
-     * and twentieth sessions). */
+    /* launch_dependents where mm_launch puts it for this product (a.trig): here
+     * (q/k/v), after the staging (gate/up), after the main loop, or nowhere (the
+     * next kernel starts as these blocks exit). Every product triggering here,
+     * as the other kernels do, was slower on the H100 at 8 bits (docs/SPEED.md,
+     * fifth, twentieth and twenty-first sessions). */
+    if (a.trig == 3) pdl_trigger();
     pdl_wait();
     { /* stage: unit u = (r, group, quarter tt, step j) is 8 inputs; a group's UPG units are consecutive lanes */
         const float *x = a.x[sx];
@@ -939,7 +939,7 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
         }
     }
     __syncthreads();
-    if (a.trig == 2) pdl_trigger(); /* gate/up (mm_launch) */
+    if (a.trig == 2) pdl_trigger();
     float acc[NCB][4] = {}; /* per tile: rows g, g+8 x columns 2t, 2t+1 */
     auto group = [&](const mmgrp<WL> &d, int gr) {
         const int grl = gr - gs0;
@@ -999,7 +999,7 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
         if (++slot == MM_NSLOT) slot = 0;
     }
     cp_async_wait<0>();
-    if (a.trig == 1) pdl_trigger(); /* (mm_launch: which products) */
+    if (a.trig == 1) pdl_trigger();
     /* the columns of each activation row (in tile order), added over the four t-lanes */
     for (int r = 0; r < R; r++)
 #pragma unroll
@@ -1082,6 +1082,17 @@ template <int BITS, int G> static size_t mm_smem(int R, int ks) {
            (size_t)8 * MM_NSLOT * sizeof(mmslot<BITS, G>);
 }
 
+/* The blocks of a plain one-product k_qmma launch of O x K (what mm_launch
+ * makes of it): whether its down product will be padded is what gate/up's
+ * trigger asks */
+static int mm_plain_blocks(const cuda_ctx *c, int O, int K, int G, int SG) {
+    int rb, cs;
+    const int ng = K / G, tiles = (O + 15) / 16;
+    mm_shape(c, tiles, ng, G, 0, &rb, &cs);
+    const int ks = ((ng + cs - 1) / cs + SG - 1) / SG * SG;
+    return (tiles + rb - 1) / rb * ((ng + ks - 1) / ks);
+}
+
 template <int BITS, int G, int SDT>
 static int mm_launch(cuda_ctx *c, qargs &a, int R) {
     constexpr int SG = mmslot<BITS, G>::SG;
@@ -1129,7 +1140,8 @@ static int mm_launch(cuda_ctx *c, qargs &a, int R) {
      *   go no further while q/k/v runs);
      * - after the main loop in other products under 16 MB (the per-layer
      *   projection) and in a down product (one product, K > O);
-     * - after its staging in gate/up, where its down product is padded (above);
+     * - after its staging in gate/up, where its down product (K x O) will be
+     *   padded (above; without the padding this was slower);
      * - at the exit in the rest (the lm_head, a sparse layer's gate).
      * Measured (docs/SPEED.md, twentieth and twenty-first sessions): the main
      * loop's trigger E4B q8 351-353 -> 363 tok/s, E2B q8 508-511 -> 532-533;
@@ -1142,7 +1154,8 @@ static int mm_launch(cuda_ctx *c, qargs &a, int R) {
     size_t bytes = 0;
     for (int i = 0; i < a.n; i++) bytes += (size_t)a.O[i] * a.K[i] * BITS / 8;
     const int small = bytes < ((size_t)16 << 20);
-    a.trig = !trig_on ? 0 : gu ? (pad_on ? 2 : 0) : small && a.n >= 2 ? 3 : small || down;
+    const int down_padded = gu && pad_on && mm_plain_blocks(c, a.K[0], a.O[0], G, SG) <= c->n_sm; /* (its down's) */
+    a.trig = !trig_on ? 0 : gu ? (down_padded ? 2 : 0) : small && a.n >= 2 ? 3 : small || down;
     /* matmul_parts: the slices need no cluster; each stores its sums, the reader adds them */
     const int parts = cs > 1 && cs <= a.pcap && a.mode == QPLAIN && a.n == 1;
     a.pstride = parts ? R * a.O[0] : 0;
