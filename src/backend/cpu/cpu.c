@@ -677,12 +677,15 @@ static void cpu_matmul(g3n_backend *be, float *y, const g3n_mat *W, const float 
     const char *wbase = W->data;
     const int qb = W->bits ? q4_block(W->bits) : 0;
     if (qb) { /* 4 bits: x (and below, the dequantized rows) in the kernels' order */
-        if ((size_t)rows * K > c->xperm_n) {
+        if ((size_t)rows * K > c->xperm_n) { /* 64-byte aligned: unaligned, every vector load of x spans two lines */
             free(c->xperm);
-            c->xperm = g3n_malloc(sizeof(float) * (size_t)rows * K);
+            void *p = NULL;
+            if (posix_memalign(&p, 64, sizeof(float) * (size_t)rows * K) != 0) abort();
+            c->xperm = p;
             c->xperm_n = (size_t)rows * K;
         }
         float *xp = c->xperm;
+#pragma omp parallel for schedule(static) num_threads(c->n_threads) if (rows >= 8)
         for (int r = 0; r < rows; r++) q4_perm(xp + (size_t)r * K, x + (size_t)r * K, K, qb);
         x = xp;
     }
