@@ -915,7 +915,6 @@ TEST(batch_ops) {
     free(kr), free(k), free(v), B->free(B, dkk), B->free(B, dv);
 }
 
-/* elementwise, top-k, AltUp, magnitude match and per-layer inputs vs REF */
 /* The elementwise ops at a step's sizes (a prompt's activations, the logits):
  * near the reference on every backend, and on the CPU its bits (cpu.c runs the
  * reference op on slices in parallel; small_ops' 1000 elements stay in one). */
@@ -949,6 +948,7 @@ TEST(elementwise_large) {
     free(a), free(b), free(y0), B->free(B, da), B->free(B, db);
 }
 
+/* elementwise, top-k, AltUp, magnitude match and per-layer inputs vs REF */
 TEST(small_ops) {
     const size_t n = 1000;
     float *a = rnd(n, 3.0f), *b = rnd(n, 3.0f), *c = rnd(n, 3.0f), y0[1000];

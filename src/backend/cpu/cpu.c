@@ -652,18 +652,24 @@ static int thread_id(void) {
 #endif
 }
 
+/* *buf grown to at least count floats (its contents dropped), 64-byte aligned:
+ * unaligned, every vector load of it would span two cache lines. */
+static float *grow_aligned(float **buf, size_t *cap, size_t count) {
+    if (count > *cap) {
+        free(*buf);
+        void *p = NULL;
+        if (posix_memalign(&p, 64, count * sizeof(float)) != 0) abort();
+        *buf = p;
+        *cap = count;
+    }
+    return *buf;
+}
+
 /* Scratch of at least count floats for the calling thread (grows once, then stays). */
 static float *tscratch(cpu_ctx *c, size_t count) {
     int t = thread_id();
     G3N_ASSERT(t < c->n_threads);
-    if (count > c->tscratch_n[t]) {
-        free(c->tscratch[t]);
-        void *p = NULL;
-        if (posix_memalign(&p, 64, count * sizeof(float)) != 0) abort();
-        c->tscratch[t] = p;
-        c->tscratch_n[t] = count;
-    }
-    return c->tscratch[t];
+    return grow_aligned(&c->tscratch[t], &c->tscratch_n[t], count);
 }
 
 /* ---- matmul ------------------------------------------------------------------------- */
@@ -677,14 +683,7 @@ static void cpu_matmul(g3n_backend *be, float *y, const g3n_mat *W, const float 
     const char *wbase = W->data;
     const int qb = W->bits ? q4_block(W->bits) : 0;
     if (qb) { /* 4 bits: x (and below, the dequantized rows) in the kernels' order */
-        if ((size_t)rows * K > c->xperm_n) { /* 64-byte aligned: unaligned, every vector load of x spans two lines */
-            free(c->xperm);
-            void *p = NULL;
-            if (posix_memalign(&p, 64, sizeof(float) * (size_t)rows * K) != 0) abort();
-            c->xperm = p;
-            c->xperm_n = (size_t)rows * K;
-        }
-        float *xp = c->xperm;
+        float *xp = grow_aligned(&c->xperm, &c->xperm_n, (size_t)rows * K);
 #pragma omp parallel for schedule(static) num_threads(c->n_threads) if (rows >= 8)
         for (int r = 0; r < rows; r++) q4_perm(xp + (size_t)r * K, x + (size_t)r * K, K, qb);
         x = xp;

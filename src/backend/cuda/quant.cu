@@ -1082,15 +1082,21 @@ template <int BITS, int G> static size_t mm_smem(int R, int ks) {
            (size_t)8 * MM_NSLOT * sizeof(mmslot<BITS, G>);
 }
 
+/* ng groups in at most cs K slices of whole ring stages (SG groups): the
+ * groups a slice (*ks) and the slices that makes */
+static int mm_slices(int ng, int cs, int SG, int *ks) {
+    *ks = ((ng + cs - 1) / cs + SG - 1) / SG * SG;
+    return (ng + *ks - 1) / *ks;
+}
+
 /* The blocks of a plain one-product k_qmma launch of O x K (what mm_launch
  * makes of it): whether its down product will be padded is what gate/up's
  * trigger asks */
 static int mm_plain_blocks(const cuda_ctx *c, int O, int K, int G, int SG) {
-    int rb, cs;
-    const int ng = K / G, tiles = (O + 15) / 16;
-    mm_shape(c, tiles, ng, G, 0, &rb, &cs);
-    const int ks = ((ng + cs - 1) / cs + SG - 1) / SG * SG;
-    return (tiles + rb - 1) / rb * ((ng + ks - 1) / ks);
+    int rb, cs, ks;
+    const int tiles = (O + 15) / 16;
+    mm_shape(c, tiles, K / G, G, 0, &rb, &cs);
+    return (tiles + rb - 1) / rb * mm_slices(K / G, cs, SG, &ks);
 }
 
 template <int BITS, int G, int SDT>
@@ -1105,8 +1111,7 @@ static int mm_launch(cuda_ctx *c, qargs &a, int R) {
     int rb, cs;
     mm_shape(c, tiles, ngmax, G, gu, &rb, &cs);
     a.rb = rb;
-    a.ks = ((ngmax + cs - 1) / cs + SG - 1) / SG * SG;
-    cs = (ngmax + a.ks - 1) / a.ks;
+    cs = mm_slices(ngmax, cs, SG, &a.ks);
     size_t smem = mm_smem<BITS, G>(R, a.ks);
     if (smem > qs_smem_max(c)) return 0;
     int nb = 0;
