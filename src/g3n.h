@@ -97,6 +97,8 @@ typedef struct {
     const char *decode_path_why; /* how it was chosen */
     int sparse;               /* exact activation sparsity on (g3n_model_params.sparse) */
     const char *kv_type;      /* "f16" or "f32" (g3n_model_params.kv_type) */
+    int chained;              /* greedy decoding queues each step before its token is
+                                 known (g3n_session_generate) */
 } g3n_model_info;
 
 g3n_model_info g3n_model_get_info(const g3n_model *m);
@@ -300,6 +302,19 @@ int32_t g3n_sampler_sample_top(g3n_sampler *s, const float *vals, const int32_t 
  * session has no logits (none evaluated, or g3n_batch_decode_sample kept none)
  * or the sampler covers more tokens than the model's logits. */
 int32_t g3n_session_sample(g3n_session *s, g3n_sampler *smp);
+
+/* What g3n_session_generate hands each token it picks: nonzero stops there
+ * (that token is then not evaluated). */
+typedef int (*g3n_token_fn)(void *ud, int32_t id);
+
+/* Pick a token with smp from the session's last logits (g3n_session_sample),
+ * hand it to on_token (may be NULL), evaluate it, and so on: at most n tokens
+ * are picked, and neither the n-th nor one on_token stops at nor one that does
+ * not fit the context is evaluated. Returns the number picked, or -1 and err
+ * (no logits, every logit masked, an evaluation that failed). The loop of `g3n
+ * generate` and of `g3n bench`'s decode. */
+int g3n_session_generate(g3n_session *s, g3n_sampler *smp, int n, g3n_token_fn on_token, void *ud,
+                         char *err, size_t errlen);
 
 /* g3n_batch_decode, then the next token of ss[i] by sampler smps[i] into out[i],
  * what g3n_session_sample would pick from that session's logits (-1 when every

@@ -524,6 +524,70 @@ TEST(sample_from_candidates) {
     g3n_model_close(m);
 }
 
+/* g3n_session_generate's callback: picks recorded, a stop at the stop_at-th */
+typedef struct {
+    int32_t got[64];
+    int n, stop_at;
+} gen_rec;
+
+static int gen_cb(void *ud, int32_t id) {
+    gen_rec *g = (gen_rec *)ud;
+    if (g->n < 64) g->got[g->n] = id;
+    return ++g->n == g->stop_at;
+}
+
+/* g3n_session_generate picks what the plain loop picks (a pick, a step),
+ * evaluates the same tokens (at most n picks, the n-th not evaluated; a stop;
+ * the context's end), and leaves the session where the loop does: the next
+ * step's logits are the same bits. */
+TEST(generate_equals_loop) {
+    g3n_model *m = open_model(FIX "conditional", DEVICE);
+    if (!m) return;
+    const g3n_model_info mi = g3n_model_get_info(m);
+    char err[512];
+    g3n_sampler_params pg = g3n_sampler_default_params();
+    pg.temperature = 0;
+    g3n_sampler *sg = g3n_sampler_create(&pg, mi.n_vocab_text, err, sizeof err);
+    const int32_t prompt[6] = {2, 17, 101, 55, 230, 9}, next = 77;
+    /* n, stop at the k-th pick (0: none), context */
+    const int cases[][3] = {{12, 0, 64}, {12, 5, 64}, {12, 2, 64}, {1, 0, 64}, {2, 0, 64}, {40, 0, 16}, {40, 10, 16}};
+    float *la = malloc(sizeof(float) * (size_t)mi.n_vocab);
+    for (size_t c = 0; c < sizeof cases / sizeof *cases && sg && la; c++) {
+        const int n = cases[c][0], stop_at = cases[c][1], n_ctx = cases[c][2];
+        g3n_session *a = g3n_session_create(m, n_ctx, 4, err, sizeof err), *b = g3n_session_create(m, n_ctx, 4, err, sizeof err);
+        if (!a || !b) break;
+        CHECK(g3n_session_eval(a, prompt, 6, NULL, err, sizeof err) == 0);
+        CHECK(g3n_session_eval(b, prompt, 6, NULL, err, sizeof err) == 0);
+        gen_rec ra = {{0}, 0, stop_at}, rb = {{0}, 0, stop_at};
+        for (;;) { /* the plain loop */
+            int32_t t = g3n_session_sample(a, sg);
+            CHECK(t >= 0);
+            if (gen_cb(&ra, t) || g3n_session_pos(a) >= n_ctx || ra.n == n) break;
+            CHECK(g3n_session_eval(a, &t, 1, NULL, err, sizeof err) == 0);
+        }
+        const int made = g3n_session_generate(b, sg, n, gen_cb, &rb, err, sizeof err);
+        CHECK_MSG(made == ra.n && rb.n == ra.n, "case %zu: %d picks, %d in the callback, the loop %d", c, made, rb.n,
+                  ra.n);
+        CHECK_MSG(memcmp(ra.got, rb.got, sizeof(int32_t) * (size_t)(ra.n < 64 ? ra.n : 64)) == 0, "case %zu: picks differ", c);
+        CHECK_MSG(g3n_session_pos(a) == g3n_session_pos(b), "case %zu: position %d, the loop %d", c,
+                  g3n_session_pos(b), g3n_session_pos(a));
+        if (g3n_session_pos(a) < n_ctx) {
+            CHECK(g3n_session_eval(a, &next, 1, la, err, sizeof err) == 0);
+            CHECK(g3n_session_eval(b, &next, 1, NULL, err, sizeof err) == 0);
+            const float *lb = g3n_session_logits(b);
+            CHECK_MSG(lb && memcmp(la, lb, sizeof(float) * (size_t)mi.n_vocab) == 0, "case %zu: the next step differs", c);
+        }
+        g3n_session_free(a), g3n_session_free(b);
+    }
+    /* no logits: an error, not a pick */
+    g3n_session *e = g3n_session_create(m, 16, 4, err, sizeof err);
+    CHECK(g3n_session_generate(e, sg, 4, NULL, NULL, err, sizeof err) == -1 && strstr(err, "no logits"));
+    g3n_session_free(e);
+    free(la);
+    g3n_sampler_free(sg);
+    g3n_model_close(m);
+}
+
 /* Prefix reuse: truncating a session to a prefix and evaluating a new suffix
  * gives the logits of evaluating prefix + suffix from scratch; truncation that
  * the sliding ring can no longer serve is refused. */
@@ -714,6 +778,7 @@ static void path_suite(void) {
     RUN(decode_equals_prefill);
     RUN(batch_decode_equals_alone);
     RUN(sample_from_candidates);
+    RUN(generate_equals_loop);
     RUN(session_truncate);
 }
 #endif
@@ -728,6 +793,7 @@ int main(int argc, char **argv) {
     RUN(decode_equals_prefill);
     RUN(batch_decode_equals_alone);
     RUN(sample_from_candidates);
+    RUN(generate_equals_loop);
     RUN(session_truncate);
     RUN(layouts_agree);
     RUN(kv_read_bytes);

@@ -36,6 +36,13 @@ static g3n_sampler *greedy_sampler(int n_vocab) {
     return s;
 }
 
+/* g3n_session_generate's callback: the picks into an FNV-1a hash (the checksum) */
+static int fnv_token(void *ud, int32_t id) {
+    uint64_t *h = (uint64_t *)ud;
+    *h = (*h ^ (uint64_t)id) * 1099511628211ull;
+    return 0;
+}
+
 /* --parallel 1,8,32: aggregate decode tok/s of P sequences stepped together
  * through g3n_batch_decode_sample (what `g3n serve` does with P busy slots). Each
  * sequence first gets its own n_prompt-token prompt; two untimed steps record
@@ -222,16 +229,13 @@ int cmd_bench(int argc, char **argv) {
                     g3n_session_sample(s, greedy);
                     back_to(s, prompt, depth);
                 }
-            /* the step and its greedy pick (what `g3n generate --temp 0` does per
-             * token: on a GPU the device's best logit, not a copy of the row) */
-            double spent = 0;
-            for (int i = 0; i < n_gen; i++) {
-                double t0 = now_s();
-                if (g3n_session_eval(s, &tok, 1, NULL, err, sizeof err)) die("%s", err);
-                tok = g3n_session_sample(s, greedy);
-                spent += now_s() - t0;
-                h = (h ^ (uint64_t)tok) * 1099511628211ull;
-            }
+            /* n_gen steps and their greedy picks as `g3n generate --temp 0` makes
+             * them (g3n_session_generate; on a GPU the pick is the device's best
+             * logit, not a copy of the row) */
+            double t0 = now_s();
+            if (g3n_session_eval(s, &tok, 1, NULL, err, sizeof err)) die("%s", err);
+            if (g3n_session_generate(s, greedy, n_gen, fnv_token, &h, err, sizeof err) != n_gen) die("%s", err);
+            const double spent = now_s() - t0;
             tg[pi * reps + r] = n_gen / spent;
             checksum[pi] = h;
         }

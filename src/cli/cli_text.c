@@ -4,6 +4,7 @@
  * speed go to stderr. */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -134,6 +135,33 @@ typedef struct {
     int n_prompt_tok;
 } gen_state;
 
+typedef struct {
+    gen_state *g;
+    g3n_detok dt;
+} gen_token;
+
+/* Each picked token: kept, then a stop token ends it; else it enters the
+ * sampler's history and its text is printed */
+static int gen_on_token(void *ud, int32_t tok) {
+    gen_token *gt = (gen_token *)ud;
+    gen_state *g = gt->g;
+    if (g->n_out == g->cap_out) {
+        g->cap_out = g->cap_out ? 2 * g->cap_out : 256;
+        g->out = realloc(g->out, sizeof(int32_t) * (size_t)g->cap_out);
+        if (!g->out) die("out of memory");
+    }
+    g->out[g->n_out++] = tok;
+    if (is_stop(&g->stops, tok)) return 1;
+    g3n_sampler_accept(g->smp, tok);
+    if (g->tk) {
+        char buf[256];
+        size_t k = g3n_detok_push(g->tk, &gt->dt, tok, 1, buf, sizeof buf);
+        fwrite(buf, 1, k, stdout);
+        fflush(stdout);
+    }
+    return 0;
+}
+
 /* Evaluate `ids` (appended to the session), then sample up to n_predict tokens
  * (-1: until a stop token or the context ends), streaming text to stdout.
  * Generated ids are appended to g->out; returns the number generated. The
@@ -148,34 +176,16 @@ static int generate(gen_state *g, const int32_t *ids, int n, int n_predict) {
     g->t_prompt += now_s() - t0;
     g->n_prompt_tok += n;
     for (int i = 0; i < n; i++) g3n_sampler_accept(g->smp, ids[i]);
-    g3n_detok dt;
-    memset(&dt, 0, sizeof dt);
-    char buf[256];
-    int made = 0;
+    gen_token gt;
+    memset(&gt, 0, sizeof gt);
+    gt.g = g;
     t0 = now_s();
-    while (n_predict < 0 || made < n_predict) {
-        int32_t tok = g3n_session_sample(g->s, g->smp);
-        if (tok < 0) die("every logit is -inf or NaN: the model produced no usable distribution");
-        if (g->n_out == g->cap_out) {
-            g->cap_out = g->cap_out ? 2 * g->cap_out : 256;
-            g->out = realloc(g->out, sizeof(int32_t) * (size_t)g->cap_out);
-            if (!g->out) die("out of memory");
-        }
-        g->out[g->n_out++] = tok;
-        made++;
-        if (is_stop(&g->stops, tok)) break;
-        g3n_sampler_accept(g->smp, tok);
-        if (g->tk) {
-            size_t k = g3n_detok_push(g->tk, &dt, tok, 1, buf, sizeof buf);
-            fwrite(buf, 1, k, stdout);
-            fflush(stdout);
-        }
-        if (g3n_session_pos(g->s) >= g3n_session_n_ctx(g->s)) break;
-        if (n_predict >= 0 && made == n_predict) break;
-        if (g3n_session_eval(g->s, &tok, 1, NULL, err, sizeof err)) die("%s", err);
-    }
+    const int made = g3n_session_generate(g->s, g->smp, n_predict < 0 ? INT_MAX : n_predict, gen_on_token, &gt, err,
+                                          sizeof err);
+    if (made < 0) die("%s", err);
     if (g->tk) {
-        size_t k = g3n_detok_flush(g->tk, &dt, buf, sizeof buf);
+        char buf[256];
+        size_t k = g3n_detok_flush(g->tk, &gt.dt, buf, sizeof buf);
         fwrite(buf, 1, k, stdout);
         fflush(stdout);
     }

@@ -218,6 +218,21 @@ int g3n_session_eval(g3n_session *s, const int32_t *ids, int n, float *logits_ou
     return 0;
 }
 
+int g3n_session_generate(g3n_session *s, g3n_sampler *smp, int n, g3n_token_fn on_token, void *ud, char *err,
+                         size_t errlen) {
+    int made = 0;
+    while (made < n) {
+        const int32_t t = g3n_session_sample(s, smp);
+        if (t < 0)
+            return g3n_err(err, errlen, s->have_logits ? "every logit is -inf or NaN: no token to pick"
+                                                       : "no logits to pick from: evaluate a token first");
+        made++;
+        if ((on_token && on_token(ud, t)) || made == n || s->pos >= s->n_ctx) break;
+        if (g3n_session_eval(s, &t, 1, NULL, err, errlen)) return -1;
+    }
+    return made;
+}
+
 /* ---- batched decode: one token of each of several sessions per step ---------------------- */
 
 /* The step's sequences are named through a fixed table of KV caches, one entry

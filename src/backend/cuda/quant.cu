@@ -1095,6 +1095,7 @@ static int mm_slices(int ng, int cs, int SG, int *ks) {
 static int mm_plain_blocks(const cuda_ctx *c, int O, int K, int G, int SG) {
     int rb, cs, ks;
     const int tiles = (O + 15) / 16;
+    if (K < G || K % G) return INT_MAX; /* no such quantized product (an odd test shape's gate/up) */
     mm_shape(c, tiles, K / G, G, 0, &rb, &cs);
     return (tiles + rb - 1) / rb * mm_slices(K / G, cs, SG, &ks);
 }
