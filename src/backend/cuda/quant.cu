@@ -25,6 +25,7 @@
 #include <cooperative_groups.h>
 
 #include "cuda_common.cuh"
+#include "backend/cuda/launch_shape.h"
 #include "quant.h"
 
 namespace cg = cooperative_groups;
@@ -1041,38 +1042,28 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
     q_cluster_sync(); /* keep this block's sums alive until rank 0 has read them */
 }
 
-/* The shape of a k_qmma launch: row tiles per block (rb) and cluster slices of K
- * (cs), from a per-product sweep on the H100 (docs/SPEED.md): the best launches
- * had about one block per SM or more, each warp with 16-32 groups of 64 inputs
- * (8-16 ring stages at 4 bits), and the fewest cluster slices and most rows per
- * block that give that (a block stages its slice of the activations whatever its
- * rows; clusters cost scheduling and a barrier). The candidates in that order of
- * preference; the first that passes the strictest test wins. G3N_QMMA=rb,cs
- * overrides (timing). */
-static void mm_shape(const cuda_ctx *c, int tiles, int ng, int G, int gu, int *rb, int *cs) {
-    static const int cand[][2] = {{8, 1}, {4, 1}, {8, 2}, {2, 1}, {4, 2}, {8, 4}, {2, 2}, {4, 4}, {8, 8},
-                                  {1, 1}, {2, 4}, {4, 8}, {1, 2}, {2, 8}, {1, 4}, {1, 8}};
+/* The shape arithmetic (launch_shape.h) with this GPU's SMs and clusters and
+ * G3N_QMMA=rb,cs's override (timing) */
+static void mm_fix(int *rb, int *cs) {
     static int fix_rb = -1, fix_cs = 0;
     if (fix_rb < 0) {
         const char *e = getenv("G3N_QMMA");
         fix_rb = 0;
         if (e && sscanf(e, "%d,%d", &fix_rb, &fix_cs) != 2) fix_rb = 0, fix_cs = 0;
     }
-    const int n = (int)(sizeof cand / sizeof *cand);
-    int best = -1, best_blocks = 0;
-    for (int pass = 0; pass < 3 && best < 0; pass++)
-        for (int i = 0; i < n; i++) {
-            const int r = cand[i][0], s = cand[i][1];
-            if ((gu && r < 2) || (s > 1 && !c->cluster_ok)) continue;
-            const int blocks = (tiles + r - 1) / r * s, u = ng / (s * (8 / r)) * G / 64; /* per warp: groups of 64 */
-            if (pass == 0 && blocks * 10 >= c->n_sm * 9 && u >= 16 && u <= 32) { best = i; break; }
-            if (pass == 1 && blocks * 20 >= c->n_sm * 9 && u >= 8) { best = i; break; }
-            if (pass == 2 && u >= G3N_MIN(4, ng * G / 64) && blocks > best_blocks) best = i, best_blocks = blocks;
-        }
-    int r = best >= 0 ? cand[best][0] : 8, s = best >= 0 ? cand[best][1] : 1;
-    if (fix_rb == 1 || fix_rb == 2 || fix_rb == 4 || fix_rb == 8) r = G3N_MAX(fix_rb, gu ? 2 : 1);
-    if (fix_cs >= 1 && fix_cs <= 8 && (c->cluster_ok || fix_cs == 1)) s = fix_cs;
-    *rb = r, *cs = s;
+    *rb = fix_rb, *cs = fix_cs;
+}
+
+static void mm_shape(const cuda_ctx *c, int tiles, int ng, int G, int gu, int *rb, int *cs) {
+    int fr, fc;
+    mm_fix(&fr, &fc);
+    mm_shape_for(c->n_sm, c->cluster_ok, fr, fc, tiles, ng, G, gu, rb, cs);
+}
+
+static int mm_plain_blocks(const cuda_ctx *c, int O, int K, int G, int SG) {
+    int fr, fc;
+    mm_fix(&fr, &fc);
+    return mm_plain_blocks_for(c->n_sm, c->cluster_ok, fr, fc, O, K, G, SG);
 }
 
 /* k_qmma's dynamic shared memory for a slice of `ks` groups: multipliers, B fragments, the warps' rings */
@@ -1080,24 +1071,6 @@ template <int BITS, int G> static size_t mm_smem(int R, int ks) {
     const size_t ncb = (size_t)(3 * R + 7) / 8;
     return (size_t)ks * (ncb * 4 * sizeof(float4) + (size_t)(G / 32) * 3 * R * 4 * sizeof(uint2)) +
            (size_t)8 * MM_NSLOT * sizeof(mmslot<BITS, G>);
-}
-
-/* ng groups in at most cs K slices of whole ring stages (SG groups): the
- * groups a slice (*ks) and the slices that makes */
-static int mm_slices(int ng, int cs, int SG, int *ks) {
-    *ks = ((ng + cs - 1) / cs + SG - 1) / SG * SG;
-    return (ng + *ks - 1) / *ks;
-}
-
-/* The blocks of a plain one-product k_qmma launch of O x K (what mm_launch
- * makes of it): whether its down product will be padded is what gate/up's
- * trigger asks */
-static int mm_plain_blocks(const cuda_ctx *c, int O, int K, int G, int SG) {
-    int rb, cs, ks;
-    const int tiles = (O + 15) / 16;
-    if (K < G || K % G) return INT_MAX; /* no such quantized product (an odd test shape's gate/up) */
-    mm_shape(c, tiles, K / G, G, 0, &rb, &cs);
-    return (tiles + rb - 1) / rb * mm_slices(K / G, cs, SG, &ks);
 }
 
 template <int BITS, int G, int SDT>

@@ -1,0 +1,63 @@
+/* launch_shape.h: the plain arithmetic behind a k_qmma launch (quant.cu), in C
+ * with no CUDA types, so that tests/test_launch.c sweeps it on the CPU, where CI
+ * runs: host code in a .cu file is built there but never run, and a division by
+ * zero in it once crashed test_ops on the H100 only (docs/SPEED.md,
+ * twenty-second session). The GPU's part comes in as numbers: its SMs, whether
+ * it has thread-block clusters, and G3N_QMMA's override. */
+#ifndef G3N_LAUNCH_SHAPE_H
+#define G3N_LAUNCH_SHAPE_H
+
+#include <limits.h>
+
+/* The shape of a k_qmma launch of `tiles` tiles of 16 rows over ng groups of G
+ * inputs (gu: gate and up together, two tiles a row tile): row tiles per block
+ * (*rb) and cluster slices of K (*cs), from a per-product sweep on the H100
+ * (docs/SPEED.md): the best launches had about one block per SM or more, each
+ * warp with 16-32 groups of 64 inputs (8-16 ring stages at 4 bits), and the
+ * fewest cluster slices and most rows per block that give that (a block stages
+ * its slice of the activations whatever its rows; clusters cost scheduling and a
+ * barrier). The candidates in that order of preference; the first that passes
+ * the strictest test wins. fix_rb, fix_cs (G3N_QMMA=rb,cs; 0: none) override. */
+static inline void mm_shape_for(int n_sm, int cluster_ok, int fix_rb, int fix_cs, int tiles, int ng, int G, int gu,
+                                int *rb, int *cs) {
+    static const int cand[][2] = {{8, 1}, {4, 1}, {8, 2}, {2, 1}, {4, 2}, {8, 4}, {2, 2}, {4, 4}, {8, 8},
+                                  {1, 1}, {2, 4}, {4, 8}, {1, 2}, {2, 8}, {1, 4}, {1, 8}};
+    const int n = (int)(sizeof cand / sizeof *cand), least = ng * G / 64 < 4 ? ng * G / 64 : 4;
+    int best = -1, best_blocks = 0;
+    for (int pass = 0; pass < 3 && best < 0; pass++)
+        for (int i = 0; i < n; i++) {
+            const int r = cand[i][0], s = cand[i][1];
+            if ((gu && r < 2) || (s > 1 && !cluster_ok)) continue;
+            const int blocks = (tiles + r - 1) / r * s, u = ng / (s * (8 / r)) * G / 64; /* per warp: groups of 64 */
+            if (pass == 0 && blocks * 10 >= n_sm * 9 && u >= 16 && u <= 32) { best = i; break; }
+            if (pass == 1 && blocks * 20 >= n_sm * 9 && u >= 8) { best = i; break; }
+            if (pass == 2 && u >= least && blocks > best_blocks) best = i, best_blocks = blocks;
+        }
+    int r = best >= 0 ? cand[best][0] : 8, s = best >= 0 ? cand[best][1] : 1;
+    if (fix_rb == 1 || fix_rb == 2 || fix_rb == 4 || fix_rb == 8) r = fix_rb > (gu ? 2 : 1) ? fix_rb : (gu ? 2 : 1);
+    if (fix_cs >= 1 && fix_cs <= 8 && (cluster_ok || fix_cs == 1)) s = fix_cs;
+    *rb = r, *cs = s;
+}
+
+/* ng >= 1 groups in at most cs K slices of whole ring stages (SG groups): the
+ * groups a slice (*ks, a multiple of SG) and the slices that makes (<= cs) */
+static inline int mm_slices(int ng, int cs, int SG, int *ks) {
+    *ks = ((ng + cs - 1) / cs + SG - 1) / SG * SG;
+    return (ng + *ks - 1) / *ks;
+}
+
+/* The blocks of a plain one-product k_qmma launch of O x K (what mm_launch
+ * makes of it): whether its down product will be padded is what gate/up's
+ * trigger asks. INT_MAX where no such quantized product exists (K not a
+ * positive multiple of G: an odd test shape's gate/up, whose "down" is O x K
+ * with K < G). */
+static inline int mm_plain_blocks_for(int n_sm, int cluster_ok, int fix_rb, int fix_cs, int O, int K, int G,
+                                      int SG) {
+    int rb, cs, ks;
+    const int tiles = (O + 15) / 16;
+    if (G < 1 || K < G || K % G) return INT_MAX;
+    mm_shape_for(n_sm, cluster_ok, fix_rb, fix_cs, tiles, K / G, G, 0, &rb, &cs);
+    return (tiles + rb - 1) / rb * mm_slices(K / G, cs, SG, &ks);
+}
+
+#endif

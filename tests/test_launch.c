@@ -1,0 +1,97 @@
+/* test_launch.c: the CUDA backend's launch arithmetic (src/backend/cuda/
+ * launch_shape.h) swept on the CPU over GPUs of other sizes and over every
+ * product shape in range, odd ones too: no division by zero, and the
+ * properties k_qmma relies on (a slice is whole ring stages, the slices cover
+ * the groups, no cluster where the GPU has none). CI has no GPU, so this is
+ * where such host code runs before a GPU does. */
+#include "test.h"
+
+#include "backend/cuda/launch_shape.h"
+
+static const int SMS[] = {1, 2, 8, 46, 66, 108, 132, 144, 170};
+#define N_SMS ((int)(sizeof SMS / sizeof *SMS))
+
+static int pow2_le8(int v) { return v == 1 || v == 2 || v == 4 || v == 8; }
+
+/* Every shape's rows a block and slices are candidates, gate/up's rows a block
+ * at least 2 (a row tile is one gate and one up tile), no slices without
+ * clusters; G3N_QMMA's override wins where it is allowed. */
+TEST(mm_shape) {
+    int bad = 0;
+    for (int a = 0; a < N_SMS; a++)
+        for (int cl = 0; cl < 2; cl++)
+            for (int G = 32; G <= 128; G *= 2)
+                for (int gu = 0; gu < 2; gu++)
+                    for (int tiles = 1; tiles <= 1100 && bad < 5; tiles += 7)
+                        for (int ng = 0; ng <= 700 && bad < 5; ng += 3) {
+                            int rb = 0, cs = 0;
+                            mm_shape_for(SMS[a], cl, 0, 0, tiles, ng, G, gu, &rb, &cs);
+                            const int ok = pow2_le8(rb) && pow2_le8(cs) && (!gu || rb >= 2) && (cl || cs == 1);
+                            if (!ok) bad++;
+                            CHECK_MSG(ok, "sms %d clusters %d G %d gu %d tiles %d ng %d: rb %d cs %d", SMS[a], cl, G, gu,
+                                      tiles, ng, rb, cs);
+                        }
+    int rb, cs;
+    mm_shape_for(132, 1, 4, 2, 300, 64, 64, 0, &rb, &cs);
+    CHECK(rb == 4 && cs == 2);
+    mm_shape_for(132, 1, 1, 0, 300, 64, 64, 1, &rb, &cs); /* gate/up: at least 2 rows a block */
+    CHECK(rb == 2);
+    mm_shape_for(132, 0, 0, 4, 300, 64, 64, 0, &rb, &cs); /* no clusters: the override's slices are refused */
+    CHECK(cs == 1);
+}
+
+/* ng groups in at most cs slices of whole ring stages: ks a positive multiple
+ * of SG, slices <= cs, the slices cover ng and none is empty. */
+TEST(mm_slices) {
+    int bad = 0;
+    for (int ng = 1; ng <= 2000 && bad < 5; ng++)
+        for (int cs = 1; cs <= 8; cs++)
+            for (int SG = 1; SG <= 4; SG *= 2) {
+                int ks = 0;
+                const int n = mm_slices(ng, cs, SG, &ks);
+                const int ok = ks >= SG && ks % SG == 0 && n >= 1 && n <= cs && n * ks >= ng && (n - 1) * ks < ng;
+                if (!ok) bad++;
+                CHECK_MSG(ok, "ng %d cs %d SG %d: %d slices of %d", ng, cs, SG, n, ks);
+            }
+}
+
+/* Any O x K, including those that are no quantized product (K below one group
+ * or not a multiple of it: the odd gate/up shapes of test_ops, whose "down"
+ * crashed here with a division by zero, twenty-second session): a block count
+ * of at least 1, or INT_MAX for no product; and the count is what the shape and
+ * the slices make. */
+TEST(mm_plain_blocks) {
+    int bad = 0;
+    for (int a = 0; a < N_SMS; a++)
+        for (int cl = 0; cl < 2; cl++)
+            for (int G = 32; G <= 128; G *= 2)
+                for (int SG = 1; SG <= 4; SG *= 2)
+                    for (int O = 1; O <= 20000 && bad < 5; O += 97)
+                        for (int K = 0; K <= 20000 && bad < 5; K += 61) {
+                            const int b = mm_plain_blocks_for(SMS[a], cl, 0, 0, O, K, G, SG);
+                            int want = INT_MAX;
+                            if (K >= G && K % G == 0) {
+                                int rb, cs, ks;
+                                mm_shape_for(SMS[a], cl, 0, 0, (O + 15) / 16, K / G, G, 0, &rb, &cs);
+                                want = ((O + 15) / 16 + rb - 1) / rb * mm_slices(K / G, cs, SG, &ks);
+                            }
+                            const int ok = b == want && b >= 1;
+                            if (!ok) bad++;
+                            CHECK_MSG(ok, "sms %d O %d K %d G %d SG %d: %d blocks, want %d", SMS[a], O, K, G, SG, b,
+                                      want);
+                        }
+    CHECK(mm_plain_blocks_for(132, 1, 0, 0, 2048, 37, 64, 2) == INT_MAX); /* K < G */
+    CHECK(mm_plain_blocks_for(132, 1, 0, 0, 2048, 96, 64, 2) == INT_MAX); /* K % G */
+    CHECK(mm_plain_blocks_for(132, 1, 0, 0, 2048, 0, 64, 2) == INT_MAX);
+    /* E4B's 8-bit down product (2048 x 16384, groups of 64): 128 blocks on the
+     * H100, so gate/up triggers early and the down product is padded */
+    CHECK(mm_plain_blocks_for(132, 1, 0, 0, 2048, 16384, 64, 2) == 128);
+}
+
+int main(int argc, char **argv) {
+    test_init(argc, argv);
+    RUN(mm_shape);
+    RUN(mm_slices);
+    RUN(mm_plain_blocks);
+    return test_summary();
+}
