@@ -11,7 +11,8 @@ Kernels on the L2-prefetch side stream (k_l2_prefetch) are left out of the
 steps and summarized on their own.
 With --head N / --tail N: one middle step's first N kernels (after the previous
 step's last three) / last N kernels and the side-stream kernels that ran during
-it, with start and end in us from the step's start.
+it, with start and end in us from the step's start. Always: when the step's
+second kernel starts after its first (a recorded step's start).
 Usage: python3 tools/ktrace_report.py trace.txt [--demangle] [--layer [--at L]] [--head N] [--tail N]"""
 import signal
 import subprocess
@@ -64,6 +65,9 @@ def main():
     n = len(sel)
     tot = sum(s[-1][1] - s[0][0] for s in sel) / n
     print(f"{n} steps of {len(shape)} kernels; step {tot / 1e3:.1f} us ({1e9 / tot:.1f} tok/s under tracing)")
+    if len(shape) > 1:  # ~3 us without the L2 prefetch's side branch, ~12 with it (docs/SPEED.md, 22nd session)
+        second = sorted(s[1][0] - s[0][0] for s in sel)[n // 2]
+        print(f"the step's second kernel starts {second / 1e3:.2f} us after its first (median)")
     inc = OrderedDict()
     dur = defaultdict(float)
     cnt = defaultdict(int)
