@@ -97,8 +97,6 @@ typedef struct {
     const char *decode_path_why; /* how it was chosen */
     int sparse;               /* exact activation sparsity on (g3n_model_params.sparse) */
     const char *kv_type;      /* "f16" or "f32" (g3n_model_params.kv_type) */
-    int chained;              /* greedy decoding queues each step before its token is
-                                 known (g3n_session_generate) */
 } g3n_model_info;
 
 g3n_model_info g3n_model_get_info(const g3n_model *m);
