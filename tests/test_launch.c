@@ -1,5 +1,5 @@
-/* test_launch.c: the CUDA backend's launch arithmetic (src/backend/cuda/
- * launch_shape.h) swept on the CPU over GPUs of other sizes and over every
+/* test_launch.c: the CUDA backend's launch arithmetic and L2 prefetch plan
+ * (src/backend/cuda/launch_shape.h) swept on the CPU over GPUs of other sizes and over every
  * product shape in range, odd ones too: no division by zero, and the
  * properties k_qmma relies on (a slice is whole ring stages, the slices cover
  * the groups, no cluster where the GPU has none). CI has no GPU, so this is
@@ -88,10 +88,70 @@ TEST(mm_plain_blocks) {
     CHECK(mm_plain_blocks_for(132, 1, 0, 0, 2048, 16384, 64, 2) == 128);
 }
 
+/* The MLP's matrices of the published shapes (gate, up, down; bytes with
+ * scales and biases, groups of 64) */
+static pf_mat mlp_mat(int D, int I, int bits) {
+    const size_t n = (size_t)D * I;
+    return (pf_mat){bits ? n * bits / 8 + n / 64 * 4 : n * 2, bits, 1};
+}
+
+/* The prefetch plan: whole matrices only at 4 bits or fewer, together within
+ * 3/4 of the L2, none where the attention reads more; otherwise a share of
+ * about `part` bytes spread over the first product's matrices. The published
+ * shapes on the H100 (50 MB of L2): E4B 4-bit's gate and up whole (37.7 MB),
+ * E2B bf16's gate (33.5 MB, which fits) spread, as measured faster
+ * (docs/SPEED.md, twenty-third session). */
+TEST(pf_plan) {
+    const size_t l2 = 50u << 20, part = l2 / 6;
+    static const int BITS[] = {0, 2, 3, 4, 5, 6, 8};
+    int bad = 0;
+    for (int b = 0; b < 7; b++)
+        for (int D = 64; D <= 4096 && bad < 5; D += 192)
+            for (int I = 64; I <= 20000 && bad < 5; I += 997)
+                for (int n = 1; n <= 3; n++)
+                    for (int most = 0; most <= 3; most++)
+                        for (int kv = 0; kv < 3; kv++) {
+                            pf_mat m[3] = {mlp_mat(D, I, BITS[b]), mlp_mat(D, I, BITS[b]), mlp_mat(I, D, BITS[b])};
+                            const size_t kvb = kv == 0 ? 0 : kv == 1 ? m[0].bytes : (size_t)1 << 40;
+                            int spread = -1;
+                            unsigned stride = 0;
+                            const int w = pf_plan(m, n, most, l2, part, kvb, &spread, &stride);
+                            size_t tot = 0;
+                            for (int i = 0; i < w; i++) tot += m[i].bytes;
+                            int ok = w >= 0 && w <= n && w <= most && tot <= l2 / 4 * 3;
+                            if (w) ok = ok && BITS[b] >= 1 && BITS[b] <= 4 && kvb <= tot && spread == 0;
+                            if (!w && spread) {
+                                const size_t sum = m[0].bytes * (size_t)spread;
+                                ok = ok && spread <= n && stride >= 2 && sum / stride <= part &&
+                                     (stride == 2 || sum / (stride - 1) > part);
+                            }
+                            /* 4 bits or fewer, nothing in the way, the first fits: it is asked for whole */
+                            if (BITS[b] >= 1 && BITS[b] <= 4 && most >= 1 && kv == 0 && m[0].bytes <= l2 / 4 * 3)
+                                ok = ok && w >= 1;
+                            if (BITS[b] == 0 || BITS[b] > 4) ok = ok && w == 0 && spread >= 1;
+                            if (!ok) bad++;
+                            CHECK_MSG(ok, "bits %d D %d I %d n %d most %d kv %d: whole %d spread %d stride %u",
+                                      BITS[b], D, I, n, most, kv, w, spread, stride);
+                        }
+    pf_mat e4b_q4[3] = {mlp_mat(2560, 10240, 4), mlp_mat(2560, 10240, 4), mlp_mat(10240, 2560, 4)};
+    int spread;
+    unsigned stride;
+    CHECK(pf_plan(e4b_q4, 3, 2, l2, part, 0, &spread, &stride) == 2);
+    pf_mat e2b_bf16[3] = {mlp_mat(2048, 8192, 0), mlp_mat(2048, 8192, 0), mlp_mat(8192, 2048, 0)};
+    CHECK(pf_plan(e2b_bf16, 3, 2, l2, part, 0, &spread, &stride) == 0 && spread == 2 && stride == 8);
+    CHECK(pf_plan(e2b_bf16, 1, 2, l2, part, 0, &spread, &stride) == 0 && spread == 1 && stride == 4);
+    pf_mat e2b_q8[3] = {mlp_mat(2048, 8192, 8), mlp_mat(2048, 8192, 8), mlp_mat(8192, 2048, 8)};
+    CHECK(pf_plan(e2b_q8, 3, 2, l2, part, 0, &spread, &stride) == 0 && spread == 2);
+    CHECK(pf_plan(e2b_q8, 3, 2, l2, 0, 0, &spread, &stride) == 0 && spread == 0); /* no share asked for */
+    e4b_q4[0].ok = 0; /* not on the GPU: nothing */
+    CHECK(pf_plan(e4b_q4, 3, 2, l2, part, 0, &spread, &stride) == 0 && spread == 0);
+}
+
 int main(int argc, char **argv) {
     test_init(argc, argv);
     RUN(mm_shape);
     RUN(mm_slices);
     RUN(mm_plain_blocks);
+    RUN(pf_plan);
     return test_summary();
 }

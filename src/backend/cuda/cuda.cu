@@ -4,6 +4,7 @@
  * only its rows), and recorded steps (CUDA graphs) replayed by key.
  * The kernels live in ops.cu, gemv.cu and attention.cu. */
 #include "cuda_common.cuh"
+#include "backend/cuda/launch_shape.h"
 extern "C" {
 #include "quant.h"
 }
@@ -240,8 +241,17 @@ __global__ void k_l2_prefetch(pf_ranges r) {
  * (27 with two), and once the layers take less than that it falls behind and
  * the step's end waits for it (E2B 4-bit with the down product's slices left
  * to the reader: 672 tok/s with three, 710 with two; nineteenth session;
- * G3N_PF_WHOLE=n: at most n, for timing).
- * Where none fits (bf16, 8 bits), a spread share of the first product's (below).
+ * G3N_PF_WHOLE=n: at most n, for timing). Only matrices of 4 bits or fewer:
+ * a bf16 or 8-bit gate fits alone at E2B (33.5 / 17.8 MB) and E4B 8-bit
+ * (27.9 MB), E2B 8-bit's gate and up together (35.7 MB), but asking for them
+ * whole made those models slower than the spread share does (tg128 on the
+ * H100, twenty-third session: E2B bf16 437 → 462, E2B 8-bit 545 → 552-556,
+ * E4B 8-bit 371-372 → 382-383; E4B 4-bit 550-556 → 548 the other way; E2B
+ * 4-bit level): their products before the MLP read 2-4x the bytes of 4-bit
+ * ones, and a whole matrix asked for at the layer's start takes the memory
+ * from them.
+ * Where none is asked for whole (bf16, 8 bits), a spread share of the first
+ * product's (below).
  * 16 blocks: more slow the small products that run meanwhile (docs/SPEED.md,
  * eleventh and sixteenth sessions). Whole matrices are not asked for where the
  * layer's attention reads more keys and values than they hold: that walk needs
@@ -252,31 +262,19 @@ __global__ void k_l2_prefetch(pf_ranges r) {
 static void cu_prefetch(g3n_backend *be, const g3n_mat *const *W, int n, size_t kv_bytes) {
     cuda_ctx *c = CTX(be);
     if (!c->pf_on || !c->capturing || c->n_tokens > 8) return;
-    pf_ranges r = {};
-    r.stride = 1;
-    size_t tot = 0;
-    int whole = 0;
     static int most = -1;
     if (most < 0) most = getenv("G3N_PF_WHOLE") ? G3N_MIN(atoi(getenv("G3N_PF_WHOLE")), PF_MAX / 3) : 2;
-    for (int i = 0; i < n && i < most; i++) {
-        const size_t all = g3n_mat_bytes(W[i]);
-        if (!W[i]->data || W[i]->transposed || tot + all > c->l2_bytes / 4 * 3) break;
-        tot += all;
-        whole++;
-    }
-    /* none fits whole: every stride-th chunk of the first product's matrices
-     * (gate and up read together; a sparse layer's gate), so that its blocks
-     * find a share of their rows in the L2 all through the product, while the
-     * rest streams from DRAM (G3N_PF_PART: that share's MB) */
-    if (whole && kv_bytes > tot) return; /* the layer's attention needs the memory more */
-    int spread = 0;
-    if (!whole && c->pf_part && n > 0 && W[0]->data && !W[0]->transposed) {
-        spread = n >= 2 && W[1]->data && !W[1]->transposed && g3n_mat_bytes(W[1]) == g3n_mat_bytes(W[0]) ? 2 : 1;
-        size_t sum = 0;
-        for (int i = 0; i < spread; i++) sum += g3n_mat_bytes(W[i]);
-        r.stride = (unsigned)((sum + c->pf_part - 1) / c->pf_part);
-        if (r.stride < 2) r.stride = 2;
-    }
+    /* none asked for whole: every stride-th chunk of the first product's
+     * matrices (gate and up read together; a sparse layer's gate), so that its
+     * blocks find a share of their rows in the L2 all through the product, while
+     * the rest streams from DRAM (G3N_PF_PART: that share's MB) */
+    pf_mat pm[PF_MAX / 3];
+    n = G3N_MIN(n, PF_MAX / 3);
+    for (int i = 0; i < n; i++)
+        pm[i] = (pf_mat){g3n_mat_bytes(W[i]), W[i]->bits, W[i]->data && !W[i]->transposed};
+    int spread;
+    pf_ranges r = {};
+    const int whole = pf_plan(pm, n, most, c->l2_bytes, c->pf_part, kv_bytes, &spread, &r.stride);
     for (int i = 0; i < (spread ? spread : whole); i++) {
         const g3n_mat *m = W[i];
         /* all its bytes; of them the packed codes (or the values), then scales and biases alike */

@@ -1,5 +1,5 @@
-/* launch_shape.h: the plain arithmetic behind a k_qmma launch (quant.cu), in C
- * with no CUDA types, so that tests/test_launch.c sweeps it on the CPU, where CI
+/* launch_shape.h: the plain arithmetic behind a k_qmma launch (quant.cu) and
+ * the L2 prefetch's plan (cuda.cu), in C with no CUDA types, so that tests/test_launch.c sweeps it on the CPU, where CI
  * runs: host code in a .cu file is built there but never run, and a division by
  * zero in it once crashed test_ops on the H100 only (docs/SPEED.md,
  * twenty-second session). The GPU's part comes in as numbers: its SMs, whether
@@ -8,6 +8,7 @@
 #define G3N_LAUNCH_SHAPE_H
 
 #include <limits.h>
+#include <stddef.h>
 
 /* The shape of a k_qmma launch of `tiles` tiles of 16 rows over ng groups of G
  * inputs (gu: gate and up together, two tiles a row tile): row tiles per block
@@ -58,6 +59,43 @@ static inline int mm_plain_blocks_for(int n_sm, int cluster_ok, int fix_rb, int 
     if (G < 1 || K < G || K % G) return INT_MAX;
     mm_shape_for(n_sm, cluster_ok, fix_rb, fix_cs, tiles, K / G, G, 0, &rb, &cs);
     return (tiles + rb - 1) / rb * mm_slices(K / G, cs, SG, &ks);
+}
+
+/* One matrix the L2 prefetch may ask for: its bytes (codes, scales and biases
+ * together), its bits (0: a bf16/f16/f32 matrix) and whether the kernel can
+ * read it (on the GPU, not transposed). */
+typedef struct {
+    size_t bytes;
+    int bits;
+    int ok;
+} pf_mat;
+
+/* What the prefetch at a decode layer's start asks for, of the MLP's n
+ * matrices in the order they are read (cuda.cu's cu_prefetch says why):
+ * returns the first k matrices to ask for whole (k <= most), where k >= 1; or
+ * 0 with *spread > 0 matrices of which every *stride-th chunk is asked for (a
+ * share of about `part` bytes); or 0 and *spread = 0: nothing. Whole only at 4
+ * bits or fewer, while they fit together in 3/4 of the L2 (l2 bytes), and not
+ * where the layer's attention reads more (kv_bytes) than they hold. The spread
+ * share covers the first matrix, or the first two where they are the same size
+ * (gate and up). */
+static inline int pf_plan(const pf_mat *m, int n, int most, size_t l2, size_t part, size_t kv_bytes, int *spread,
+                          unsigned *stride) {
+    size_t tot = 0;
+    int whole = 0;
+    *spread = 0, *stride = 1;
+    for (int i = 0; i < n && i < most; i++) {
+        if (!m[i].ok || m[i].bits < 1 || m[i].bits > 4 || tot + m[i].bytes > l2 / 4 * 3) break;
+        tot += m[i].bytes;
+        whole++;
+    }
+    if (whole) return kv_bytes > tot ? 0 : whole;
+    if (!part || n < 1 || !m[0].ok || !m[0].bytes) return 0;
+    *spread = n >= 2 && m[1].ok && m[1].bytes == m[0].bytes ? 2 : 1;
+    const size_t sum = m[0].bytes * (size_t)*spread;
+    const size_t st = (sum + part - 1) / part;
+    *stride = st < 2 ? 2u : st > UINT_MAX ? UINT_MAX : (unsigned)st;
+    return 0;
 }
 
 #endif
