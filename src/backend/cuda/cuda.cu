@@ -241,15 +241,15 @@ __global__ void k_l2_prefetch(pf_ranges r) {
  * (27 with two), and once the layers take less than that it falls behind and
  * the step's end waits for it (E2B 4-bit with the down product's slices left
  * to the reader: 672 tok/s with three, 710 with two; nineteenth session;
- * G3N_PF_WHOLE=n: at most n, for timing). Only matrices of 4 bits or fewer:
- * a bf16 or 8-bit gate fits alone at E2B (33.5 / 17.8 MB) and E4B 8-bit
- * (27.9 MB), E2B 8-bit's gate and up together (35.7 MB), but asking for them
- * whole made those models slower than the spread share does (tg128 on the
- * H100, twenty-third session: E2B bf16 437 → 462, E2B 8-bit 545 → 552-556,
- * E4B 8-bit 371-372 → 382-383; E4B 4-bit 550-556 → 548 the other way; E2B
- * 4-bit level): their products before the MLP read 2-4x the bytes of 4-bit
- * ones, and a whole matrix asked for at the layer's start takes the memory
- * from them.
+ * G3N_PF_WHOLE=n: at most n, for timing). Only matrices of 4 bits or fewer
+ * (launch_shape.h's pf_plan): a bf16 gate fits alone at E2B (33.5 MB), so do
+ * E4B 8-bit's (35.7 MB) and E2B 8-bit's gate and up together (35.7 MB), but
+ * asking for them whole made those models slower than the spread share does
+ * (tg128 on the H100, twenty-third session: E2B bf16 437 → 462, E2B 8-bit 545
+ * → 552-556, E4B 8-bit 371-372 → 382-383; E4B 4-bit without its whole
+ * matrices 550-556 → 548, the other way; E2B 4-bit level): their products
+ * before the MLP read 2-4x the bytes of 4-bit ones, and a whole matrix asked
+ * for at the layer's start takes the memory from them.
  * Where none is asked for whole (bf16, 8 bits), a spread share of the first
  * product's (below).
  * 16 blocks: more slow the small products that run meanwhile (docs/SPEED.md,
