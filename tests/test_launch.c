@@ -38,6 +38,15 @@ TEST(mm_shape) {
     CHECK(rb == 2);
     mm_shape_for(132, 0, 0, 4, 300, 64, 64, 0, &rb, &cs); /* no clusters: the override's slices are refused */
     CHECK(cs == 1);
+    /* E4B's sparse-layer gate (16384 x 2048, plain): two blocks an SM, no slices;
+     * its dense gate/up (two tiles a row tile) as before: 256 blocks of 8 */
+    mm_shape_for(132, 1, 0, 0, 1024, 32, 64, 0, &rb, &cs);
+    CHECK(rb == 4 && cs == 1);
+    mm_shape_for(132, 1, 0, 0, 2048, 32, 64, 1, &rb, &cs);
+    CHECK(rb == 8 && cs == 1);
+    /* E2B's (8192 x 2048): two blocks an SM would leave a warp 8 groups: one, as before */
+    mm_shape_for(132, 1, 0, 0, 512, 32, 64, 0, &rb, &cs);
+    CHECK(rb == 4 && cs == 1);
 }
 
 /* ng groups in at most cs slices of whole ring stages: ks a positive multiple

@@ -18,21 +18,27 @@
  * fewest cluster slices and most rows per block that give that (a block stages
  * its slice of the activations whatever its rows; clusters cost scheduling and a
  * barrier). The candidates in that order of preference; the first that passes
- * the strictest test wins. fix_rb, fix_cs (G3N_QMMA=rb,cs; 0: none) override. */
+ * the strictest test wins. Stricter than all: a plain product that makes two
+ * blocks an SM without K slices takes them (E4B 8-bit's sparse-layer gate,
+ * 16384 x 2048: one block an SM streamed 2.4 TB/s in the step, two 3.4;
+ * twenty-third session); gate/up and the down products, whose blocks launch
+ * beside each other's (quant.cu, mm_launch), keep the rule they were measured
+ * with. fix_rb, fix_cs (G3N_QMMA=rb,cs; 0: none) override. */
 static inline void mm_shape_for(int n_sm, int cluster_ok, int fix_rb, int fix_cs, int tiles, int ng, int G, int gu,
                                 int *rb, int *cs) {
     static const int cand[][2] = {{8, 1}, {4, 1}, {8, 2}, {2, 1}, {4, 2}, {8, 4}, {2, 2}, {4, 4}, {8, 8},
                                   {1, 1}, {2, 4}, {4, 8}, {1, 2}, {2, 8}, {1, 4}, {1, 8}};
     const int n = (int)(sizeof cand / sizeof *cand), least = ng * G / 64 < 4 ? ng * G / 64 : 4;
     int best = -1, best_blocks = 0;
-    for (int pass = 0; pass < 3 && best < 0; pass++)
+    for (int pass = 0; pass < 4 && best < 0; pass++)
         for (int i = 0; i < n; i++) {
             const int r = cand[i][0], s = cand[i][1];
             if ((gu && r < 2) || (s > 1 && !cluster_ok)) continue;
             const int blocks = (tiles + r - 1) / r * s, u = ng / (s * (8 / r)) * G / 64; /* per warp: groups of 64 */
-            if (pass == 0 && blocks * 10 >= n_sm * 9 && u >= 16 && u <= 32) { best = i; break; }
-            if (pass == 1 && blocks * 20 >= n_sm * 9 && u >= 8) { best = i; break; }
-            if (pass == 2 && u >= least && blocks > best_blocks) best = i, best_blocks = blocks;
+            if (pass == 0 && !gu && s == 1 && blocks * 10 >= 2 * n_sm * 9 && u >= 16 && u <= 32) { best = i; break; }
+            if (pass == 1 && blocks * 10 >= n_sm * 9 && u >= 16 && u <= 32) { best = i; break; }
+            if (pass == 2 && blocks * 20 >= n_sm * 9 && u >= 8) { best = i; break; }
+            if (pass == 3 && u >= least && blocks > best_blocks) best = i, best_blocks = blocks;
         }
     int r = best >= 0 ? cand[best][0] : 8, s = best >= 0 ? cand[best][1] : 1;
     if (fix_rb == 1 || fix_rb == 2 || fix_rb == 4 || fix_rb == 8) r = fix_rb > (gu ? 2 : 1) ? fix_rb : (gu ? 2 : 1);
