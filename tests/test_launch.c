@@ -21,20 +21,21 @@ TEST(mm_shape) {
     for (int a = 0; a < N_SMS; a++)
         for (int cl = 0; cl < 2; cl++)
             for (int G = 32; G <= 128; G *= 2)
-                for (int gu = 0; gu < 2; gu++)
+                for (int kind = MM_PLAIN; kind <= MM_DOWN; kind++)
                     for (int tiles = 1; tiles <= 1100 && bad < 5; tiles += 7)
                         for (int ng = 0; ng <= 700 && bad < 5; ng += 3) {
                             int rb = 0, cs = 0;
-                            mm_shape_for(SMS[a], cl, 0, 0, tiles, ng, G, gu, &rb, &cs);
-                            const int ok = pow2_le8(rb) && pow2_le8(cs) && (!gu || rb >= 2) && (cl || cs == 1);
+                            mm_shape_for(SMS[a], cl, 0, 0, tiles, ng, G, kind, &rb, &cs);
+                            const int ok =
+                                pow2_le8(rb) && pow2_le8(cs) && (kind != MM_GATE_UP || rb >= 2) && (cl || cs == 1);
                             if (!ok) bad++;
-                            CHECK_MSG(ok, "sms %d clusters %d G %d gu %d tiles %d ng %d: rb %d cs %d", SMS[a], cl, G, gu,
-                                      tiles, ng, rb, cs);
+                            CHECK_MSG(ok, "sms %d clusters %d G %d kind %d tiles %d ng %d: rb %d cs %d", SMS[a], cl, G,
+                                      kind, tiles, ng, rb, cs);
                         }
     int rb, cs;
     mm_shape_for(132, 1, 4, 2, 300, 64, 64, 0, &rb, &cs);
     CHECK(rb == 4 && cs == 2);
-    mm_shape_for(132, 1, 1, 0, 300, 64, 64, 1, &rb, &cs); /* gate/up: at least 2 rows a block */
+    mm_shape_for(132, 1, 1, 0, 300, 64, 64, MM_GATE_UP, &rb, &cs); /* gate/up: at least 2 rows a block */
     CHECK(rb == 2);
     mm_shape_for(132, 0, 0, 4, 300, 64, 64, 0, &rb, &cs); /* no clusters: the override's slices are refused */
     CHECK(cs == 1);
@@ -42,11 +43,24 @@ TEST(mm_shape) {
      * its dense gate/up (two tiles a row tile) as before: 256 blocks of 8 */
     mm_shape_for(132, 1, 0, 0, 1024, 32, 64, 0, &rb, &cs);
     CHECK(rb == 4 && cs == 1);
-    mm_shape_for(132, 1, 0, 0, 2048, 32, 64, 1, &rb, &cs);
+    mm_shape_for(132, 1, 0, 0, 2048, 32, 64, MM_GATE_UP, &rb, &cs);
     CHECK(rb == 8 && cs == 1);
     /* E2B's (8192 x 2048): two blocks an SM would leave a warp 8 groups: one, as before */
     mm_shape_for(132, 1, 0, 0, 512, 32, 64, 0, &rb, &cs);
     CHECK(rb == 4 && cs == 1);
+    /* the down products (E4B 2048 x 16384, E2B 2048 x 8192): 16 x 8 blocks, one an SM;
+     * without clusters no slices (the plain rule: 128 blocks of one tile) */
+    mm_shape_for(132, 1, 0, 0, 128, 256, 64, MM_DOWN, &rb, &cs);
+    CHECK(rb == 8 && cs == 8);
+    mm_shape_for(132, 1, 0, 0, 128, 128, 64, MM_DOWN, &rb, &cs);
+    CHECK(rb == 8 && cs == 8);
+    mm_shape_for(132, 0, 0, 0, 128, 256, 64, MM_DOWN, &rb, &cs);
+    CHECK(cs == 1);
+    /* a GPU with fewer SMs than those blocks (the H100 PCIe's 114): the plain rule */
+    int prb, pcs;
+    mm_shape_for(114, 1, 0, 0, 128, 256, 64, MM_DOWN, &rb, &cs);
+    mm_shape_for(114, 1, 0, 0, 128, 256, 64, MM_PLAIN, &prb, &pcs);
+    CHECK(rb == prb && cs == pcs && (128 + rb - 1) / rb * cs <= 114 * 2);
 }
 
 /* ng groups in at most cs slices of whole ring stages: ks a positive multiple
@@ -81,7 +95,8 @@ TEST(mm_plain_blocks) {
                             int want = INT_MAX;
                             if (K >= G && K % G == 0) {
                                 int rb, cs, ks;
-                                mm_shape_for(SMS[a], cl, 0, 0, (O + 15) / 16, K / G, G, 0, &rb, &cs);
+                                mm_shape_for(SMS[a], cl, 0, 0, (O + 15) / 16, K / G, G, K > O ? MM_DOWN : MM_PLAIN,
+                                             &rb, &cs);
                                 want = ((O + 15) / 16 + rb - 1) / rb * mm_slices(K / G, cs, SG, &ks);
                             }
                             const int ok = b == want && b >= 1;

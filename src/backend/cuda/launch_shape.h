@@ -10,33 +10,53 @@
 #include <limits.h>
 #include <stddef.h>
 
+/* What a k_qmma launch computes (mm_shape_for's `kind`) */
+enum { MM_PLAIN, MM_GATE_UP, MM_DOWN };
+
 /* The shape of a k_qmma launch of `tiles` tiles of 16 rows over ng groups of G
- * inputs (gu: gate and up together, two tiles a row tile): row tiles per block
+ * inputs (kind: MM_GATE_UP, gate and up together, two tiles a row tile;
+ * MM_DOWN, one product with K > O; else MM_PLAIN): row tiles per block
  * (*rb) and cluster slices of K (*cs), from a per-product sweep on the H100
  * (docs/SPEED.md): the best launches had about one block per SM or more, each
  * warp with 16-32 groups of 64 inputs (8-16 ring stages at 4 bits), and the
  * fewest cluster slices and most rows per block that give that (a block stages
  * its slice of the activations whatever its rows; clusters cost scheduling and a
  * barrier). The candidates in that order of preference; the first that passes
- * the strictest test wins. Stricter than all: a plain product that makes two
- * blocks an SM without K slices takes them (E4B 8-bit's sparse-layer gate,
- * 16384 x 2048: one block an SM streamed 2.4 TB/s in the step, two 3.4;
- * twenty-third session); gate/up and the down products, whose blocks launch
- * beside each other's (quant.cu, mm_launch), keep the rule they were measured
- * with. fix_rb, fix_cs (G3N_QMMA=rb,cs; 0: none) override. */
-static inline void mm_shape_for(int n_sm, int cluster_ok, int fix_rb, int fix_cs, int tiles, int ng, int G, int gu,
+ * the strictest test wins. Stricter than all (twenty-third session, in the
+ * decode step):
+ * - a plain product that makes two blocks an SM without K slices takes them
+ *   (E4B 8-bit's sparse-layer gate, 16384 x 2048: one block an SM streamed
+ *   2.4 TB/s, two 3.4);
+ * - a down product takes the most rows a block and K slices that give about
+ *   one block an SM (E4B 8-bit's, 2048 x 16384: 16 x 8 blocks 12.8 µs, 32 x 4
+ *   13.4, 64 x 2 15.0; tg128 E4B 8-bit +1.5%, E2B +1.9%). Its blocks launch
+ *   while gate/up runs and take one an SM (quant.cu, mm_launch), so each
+ *   streams its rows from the start; more slices give each block more rows
+ *   to stream at once.
+ * Gate/up keeps the rule it was measured with. fix_rb, fix_cs (G3N_QMMA=rb,cs;
+ * 0: none) override. */
+static inline void mm_shape_for(int n_sm, int cluster_ok, int fix_rb, int fix_cs, int tiles, int ng, int G, int kind,
                                 int *rb, int *cs) {
     static const int cand[][2] = {{8, 1}, {4, 1}, {8, 2}, {2, 1}, {4, 2}, {8, 4}, {2, 2}, {4, 4}, {8, 8},
                                   {1, 1}, {2, 4}, {4, 8}, {1, 2}, {2, 8}, {1, 4}, {1, 8}};
     const int n = (int)(sizeof cand / sizeof *cand), least = ng * G / 64 < 4 ? ng * G / 64 : 4;
+    const int gu = kind == MM_GATE_UP;
     int best = -1, best_blocks = 0;
     for (int pass = 0; pass < 4 && best < 0; pass++)
         for (int i = 0; i < n; i++) {
             const int r = cand[i][0], s = cand[i][1];
             if ((gu && r < 2) || (s > 1 && !cluster_ok)) continue;
             const int blocks = (tiles + r - 1) / r * s, u = ng / (s * (8 / r)) * G / 64; /* per warp: groups of 64 */
-            if (pass == 0 && !gu && s == 1 && blocks * 10 >= 2 * n_sm * 9 && u >= 16 && u <= 32) { best = i; break; }
-            if (pass == 1 && blocks * 10 >= n_sm * 9 && u >= 16 && u <= 32) { best = i; break; }
+            const int one_wave = blocks * 10 >= n_sm * 9 && u >= 16 && u <= 32;
+            if (pass == 0 && kind == MM_PLAIN && s == 1 && blocks * 10 >= 2 * n_sm * 9 && u >= 16 && u <= 32) {
+                best = i;
+                break;
+            }
+            if (pass == 0 && kind == MM_DOWN && r == s && r >= 4 && blocks <= n_sm && one_wave) {
+                best = i; /* {4, 4} before {8, 8} in the list: take the later */
+                if (r == 8) break;
+            }
+            if (pass == 1 && one_wave) { best = i; break; }
             if (pass == 2 && blocks * 20 >= n_sm * 9 && u >= 8) { best = i; break; }
             if (pass == 3 && u >= least && blocks > best_blocks) best = i, best_blocks = blocks;
         }
@@ -53,8 +73,8 @@ static inline int mm_slices(int ng, int cs, int SG, int *ks) {
     return (ng + *ks - 1) / *ks;
 }
 
-/* The blocks of a plain one-product k_qmma launch of O x K (what mm_launch
- * makes of it): whether its down product will be padded is what gate/up's
+/* The blocks of a one-product k_qmma launch of O x K (what mm_launch makes
+ * of it; a down product where K > O): whether its down product will be padded is what gate/up's
  * trigger asks. INT_MAX where no such quantized product exists (K not a
  * positive multiple of G: an odd test shape's gate/up, whose "down" is O x K
  * with K < G). */
@@ -63,7 +83,7 @@ static inline int mm_plain_blocks_for(int n_sm, int cluster_ok, int fix_rb, int 
     int rb, cs, ks;
     const int tiles = (O + 15) / 16;
     if (G < 1 || K < G || K % G) return INT_MAX;
-    mm_shape_for(n_sm, cluster_ok, fix_rb, fix_cs, tiles, K / G, G, 0, &rb, &cs);
+    mm_shape_for(n_sm, cluster_ok, fix_rb, fix_cs, tiles, K / G, G, K > O ? MM_DOWN : MM_PLAIN, &rb, &cs);
     return (tiles + rb - 1) / rb * mm_slices(K / G, cs, SG, &ks);
 }
 

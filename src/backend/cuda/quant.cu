@@ -1054,10 +1054,10 @@ static void mm_fix(int *rb, int *cs) {
     *rb = fix_rb, *cs = fix_cs;
 }
 
-static void mm_shape(const cuda_ctx *c, int tiles, int ng, int G, int gu, int *rb, int *cs) {
+static void mm_shape(const cuda_ctx *c, int tiles, int ng, int G, int kind, int *rb, int *cs) {
     int fr, fc;
     mm_fix(&fr, &fc);
-    mm_shape_for(c->n_sm, c->cluster_ok, fr, fc, tiles, ng, G, gu, rb, cs);
+    mm_shape_for(c->n_sm, c->cluster_ok, fr, fc, tiles, ng, G, kind, rb, cs);
 }
 
 static int mm_plain_blocks(const cuda_ctx *c, int O, int K, int G, int SG) {
@@ -1082,8 +1082,9 @@ static int mm_launch(cuda_ctx *c, qargs &a, int R) {
         if ((a.K[i] / G) % 2) return 0; /* the ring copies scale words, two groups at a time */
         ngmax = G3N_MAX(ngmax, a.K[i] / G), tiles += (a.O[i] + 15) / 16;
     }
+    const int down = !gu && a.n == 1 && a.K[0] > a.O[0];
     int rb, cs;
-    mm_shape(c, tiles, ngmax, G, gu, &rb, &cs);
+    mm_shape(c, tiles, ngmax, G, gu ? MM_GATE_UP : down ? MM_DOWN : MM_PLAIN, &rb, &cs);
     a.rb = rb;
     cs = mm_slices(ngmax, cs, SG, &a.ks);
     size_t smem = mm_smem<BITS, G>(R, a.ks);
@@ -1109,7 +1110,6 @@ static int mm_launch(cuda_ctx *c, qargs &a, int R) {
      * padding alone level. G3N_QMMA_PAD=0: neither. */
     static int pad_on = -1;
     if (pad_on < 0) pad_on = !(getenv("G3N_QMMA_PAD") && !atoi(getenv("G3N_QMMA_PAD")));
-    const int down = !gu && a.n == 1 && a.K[0] > a.O[0];
     const size_t one_sm = c->smem_optin / 2 + 1024; /* two such blocks do not fit an SM */
     if (pad_on && down && nb * cs <= c->n_sm && one_sm > smem && one_sm <= qs_smem_max(c)) smem = one_sm;
     /* Where the next kernel may start launching (PDL), so that its blocks are
