@@ -1,9 +1,9 @@
 /* test_launch.c: the CUDA backend's launch arithmetic and L2 prefetch plan
- * (src/backend/cuda/launch_shape.h) swept on the CPU over GPUs of other sizes and over every
- * product shape in range, odd ones too: no division by zero, and the
- * properties k_qmma relies on (a slice is whole ring stages, the slices cover
- * the groups, no cluster where the GPU has none). CI has no GPU, so this is
- * where such host code runs before a GPU does. */
+ * (src/backend/cuda/launch_shape.h) swept on the CPU over GPUs of other sizes
+ * and over every product shape in range, odd ones too: no division by zero,
+ * and the properties k_qmma relies on (a slice is whole ring stages, the
+ * slices cover the groups, no cluster where the GPU has none). CI has no GPU,
+ * so this is where such host code runs before a GPU does. */
 #include "test.h"
 
 #include "backend/cuda/launch_shape.h"
@@ -157,7 +157,7 @@ TEST(pf_plan) {
                             CHECK_MSG(ok, "bits %d D %d I %d n %d most %d kv %d: whole %d spread %d stride %u",
                                       BITS[b], D, I, n, most, kv, w, spread, stride);
                         }
-    pf_mat e4b_q4[3] = {mlp_mat(2560, 10240, 4), mlp_mat(2560, 10240, 4), mlp_mat(10240, 2560, 4)};
+    pf_mat e4b_q4[3] = {mlp_mat(2048, 16384, 4), mlp_mat(2048, 16384, 4), mlp_mat(16384, 2048, 4)};
     int spread;
     unsigned stride;
     CHECK(pf_plan(e4b_q4, 3, 2, l2, part, 0, &spread, &stride) == 2);

@@ -1,8 +1,8 @@
 /* launch_shape.h: the plain arithmetic behind a k_qmma launch (quant.cu) and
- * the L2 prefetch's plan (cuda.cu), in C with no CUDA types, so that tests/test_launch.c sweeps it on the CPU, where CI
- * runs: host code in a .cu file is built there but never run, and a division by
- * zero in it once crashed test_ops on the H100 only (docs/SPEED.md,
- * twenty-second session). The GPU's part comes in as numbers: its SMs, whether
+ * the L2 prefetch's plan (cuda.cu), in C with no CUDA types, so that
+ * tests/test_launch.c sweeps it on the CPU, where CI runs: host code in a .cu
+ * file is built there but never run, and a division by zero in it once crashed
+ * test_ops on the H100 only (docs/SPEED.md, twenty-second session). The GPU's part comes in as numbers: its SMs, whether
  * it has thread-block clusters, and G3N_QMMA's override. */
 #ifndef G3N_LAUNCH_SHAPE_H
 #define G3N_LAUNCH_SHAPE_H
@@ -29,7 +29,7 @@ enum { MM_PLAIN, MM_GATE_UP, MM_DOWN };
  *   2.4 TB/s, two 3.4);
  * - a down product takes the most rows a block and K slices that give about
  *   one block an SM (E4B 8-bit's, 2048 x 16384: 16 x 8 blocks 12.8 µs, 32 x 4
- *   13.4, 64 x 2 15.0; tg128 E4B 8-bit +1.5%, E2B +1.9%). Its blocks launch
+ *   13.4, 64 x 2 15.0; tg128 E4B 8-bit +1.5-2%, E2B 8-bit 0-2%). Its blocks launch
  *   while gate/up runs and take one an SM (quant.cu, mm_launch), so each
  *   streams its rows from the start; more slices give each block more rows
  *   to stream at once.
@@ -74,8 +74,8 @@ static inline int mm_slices(int ng, int cs, int SG, int *ks) {
 }
 
 /* The blocks of a one-product k_qmma launch of O x K (what mm_launch makes
- * of it; a down product where K > O): whether its down product will be padded is what gate/up's
- * trigger asks. INT_MAX where no such quantized product exists (K not a
+ * of it; a down product where K > O): whether its down product will be padded
+ * is what gate/up's trigger asks. INT_MAX where no such quantized product exists (K not a
  * positive multiple of G: an odd test shape's gate/up, whose "down" is O x K
  * with K < G). */
 static inline int mm_plain_blocks_for(int n_sm, int cluster_ok, int fix_rb, int fix_cs, int O, int K, int G,
