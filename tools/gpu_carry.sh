@@ -8,6 +8,7 @@
 #   export LD_LIBRARY_PATH=/tmp/cx/lib
 #   G3N_REQUIRE_CUDA=1 /tmp/cx/bin/test_ops && /tmp/cx/bin/test_model
 #   /tmp/cx/bin/g3n bench -m /tmp/g3n-e4b -p 512 -n 128
+#   sh tools/gpu_ab.sh g3n-e2b e4b-q4 -- prev=/tmp/px/bin/g3n new=/tmp/cx/bin/g3n
 # (carry/ must be ignored: echo /carry/ >> .git/info/exclude)
 set -eu
 make -s CUDA=1 REL=build/exp CUDA_ARCH="-gencode arch=compute_90a,code=sm_90a" -j2 \
