@@ -264,21 +264,21 @@ static void cu_prefetch(g3n_backend *be, const g3n_mat *const *W, int n, size_t 
     if (!c->pf_on || !c->capturing || c->n_tokens > 8) return;
     static int most = -1;
     if (most < 0) most = getenv("G3N_PF_WHOLE") ? G3N_MIN(atoi(getenv("G3N_PF_WHOLE")), PF_MAX / 3) : 2;
-    /* none asked for whole: every stride-th chunk of the first product's
-     * matrices (gate and up read together; a sparse layer's gate), so that its
-     * blocks find a share of their rows in the L2 all through the product, while
-     * the rest streams from DRAM (G3N_PF_PART: that share's MB) */
     pf_mat pm[PF_MAX / 3];
     n = G3N_MIN(n, PF_MAX / 3);
     for (int i = 0; i < n; i++)
         pm[i] = (pf_mat){g3n_mat_bytes(W[i]), W[i]->bits, W[i]->data && !W[i]->transposed};
+    /* whole matrices, or where none is asked for whole every stride-th chunk of
+     * the first product's matrices (gate and up read together; a sparse layer's
+     * gate), so that its blocks find a share of their rows in the L2 all through
+     * the product, while the rest streams from DRAM (G3N_PF_PART: that share's MB) */
     int spread;
     pf_ranges r = {};
     const int whole = pf_plan(pm, n, most, c->l2_bytes, c->pf_part, kv_bytes, &spread, &r.stride);
     for (int i = 0; i < (spread ? spread : whole); i++) {
         const g3n_mat *m = W[i];
         /* all its bytes; of them the packed codes (or the values), then scales and biases alike */
-        const size_t all = g3n_mat_bytes(m);
+        const size_t all = pm[i].bytes;
         const size_t db = m->bits ? (size_t)m->rows * g3n_quant_row_words(m->cols, m->bits) * 4 : all, sb = (all - db) / 2;
         r.p[r.k] = (const char *)m->data, r.n[r.k++] = db;
         if (sb) {

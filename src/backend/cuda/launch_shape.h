@@ -47,8 +47,8 @@ static inline void mm_shape_for(int n_sm, int cluster_ok, int fix_rb, int fix_cs
             const int r = cand[i][0], s = cand[i][1];
             if ((gu && r < 2) || (s > 1 && !cluster_ok)) continue;
             const int blocks = (tiles + r - 1) / r * s, u = ng / (s * (8 / r)) * G / 64; /* per warp: groups of 64 */
-            const int one_wave = blocks * 10 >= n_sm * 9 && u >= 16 && u <= 32;
-            if (pass == 0 && kind == MM_PLAIN && s == 1 && blocks * 10 >= 2 * n_sm * 9 && u >= 16 && u <= 32) {
+            const int u_ok = u >= 16 && u <= 32, one_wave = blocks * 10 >= n_sm * 9 && u_ok;
+            if (pass == 0 && kind == MM_PLAIN && s == 1 && blocks * 10 >= 2 * n_sm * 9 && u_ok) {
                 best = i;
                 break;
             }
