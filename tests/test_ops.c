@@ -770,6 +770,34 @@ TEST(qkv_attention) {
     qkv_attention_case(8, 1, 32, 0, 100, 1, 1, 50, 1);      /* G = 8 */
     qkv_attention_case(4, 2, 32, 8, 15, 2, 5, 30, 1);       /* prompt chunks of two sequences */
     qkv_attention_case(4, 2, 32, 0, 64, 1, 1, 63, 1);       /* the last slot of the cache */
+    qkv_attention_case(8, 2, 256, 0, 300, 1, 1, 2, 1);      /* 3 keys over 4 blocks: shares left empty */
+    qkv_attention_case(8, 2, 256, 0, 600, 3, 1, 400, 0);    /* KV-shared, 401-475 keys of a 512 reach */
+}
+
+/* The decode cases through each of the GPU's two decode kernels: the CUDA
+ * backend takes k_attn_short where a step sees at most G3N_ATT_SHORT_MAX keys
+ * (256 by default) and k_attn_decode beyond; here k_attn_decode everywhere
+ * (G3N_ATT_SHORT=0), k_attn_short up to its 512 keys, and that with 16-block
+ * clusters (G3N_ATT_SHORT_NSP=16, where the GPU has them), f32 and f16 caches. */
+TEST(qkv_attention_kernels) {
+    if (B_IS_CPU) return; /* (the CPU has one attention) */
+    static const char *const runs[][3] = {{"0", NULL, NULL}, {"1", "512", NULL}, {"1", "512", "16"}};
+    for (int i = 0; i < 3; i++) {
+        setenv("G3N_ATT_SHORT", runs[i][0], 1);
+        if (runs[i][1]) setenv("G3N_ATT_SHORT_MAX", runs[i][1], 1);
+        if (runs[i][2]) setenv("G3N_ATT_SHORT_NSP", runs[i][2], 1);
+        for (KV16 = 0; KV16 < 2; KV16++) {
+            qkv_attention_case(8, 2, 256, 512, 515, 1, 1, 700, 1); /* sliding, ring wrapped: 512 keys */
+            qkv_attention_case(8, 2, 256, 512, 515, 2, 1, 700, 0); /* KV-shared, two sequences */
+            qkv_attention_case(8, 2, 256, 0, 600, 3, 1, 400, 0);   /* KV-shared, 401-475 keys */
+            qkv_attention_case(4, 2, 32, 8, 12, 3, 1, 5, 1);
+            qkv_attention_case(4, 4, 64, 0, 300, 4, 1, 0, 1);
+            qkv_attention_case(4, 1, 128, 0, 200, 2, 1, 70, 1);
+            qkv_attention_case(8, 2, 256, 0, 300, 1, 1, 2, 1);
+        }
+        KV16 = 0;
+        unsetenv("G3N_ATT_SHORT"), unsetenv("G3N_ATT_SHORT_MAX"), unsetenv("G3N_ATT_SHORT_NSP");
+    }
 }
 
 TEST(qkv_attention_f16) {
@@ -782,6 +810,8 @@ TEST(qkv_attention_f16) {
     qkv_attention_case(6, 3, 48, 0, 100, 2, 1, 20, 1);     /* hd not a multiple of 32 */
     qkv_attention_case(8, 1, 32, 0, 100, 1, 1, 50, 1);     /* G = 8 */
     qkv_attention_case(4, 2, 32, 8, 15, 2, 5, 30, 1);      /* prompt chunks */
+    qkv_attention_case(8, 2, 256, 0, 300, 1, 1, 2, 1);     /* 3 keys over 4 blocks */
+    qkv_attention_case(8, 2, 256, 0, 600, 3, 1, 400, 0);   /* KV-shared, three sequences */
     if (!B_IS_CPU) { /* split into chunks of keys */
         setenv("G3N_ATT_NSG", "5", 1), setenv("G3N_ATT_KPB", "16", 1);
         qkv_attention_case(8, 2, 256, 0, 4096, 1, 1, 3000, 1);
@@ -1568,6 +1598,7 @@ static void run_backend(void) {
     RUN(qkv_attention);
     RUN(qkv_attention_f16);
     RUN(qkv_attention_split);
+    RUN(qkv_attention_kernels);
     RUN(attention_alone_bitwise);
     RUN(batch_ops);
     RUN(small_ops);

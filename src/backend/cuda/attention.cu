@@ -754,11 +754,258 @@ static void dec_launch(cuda_ctx *c, unsigned nsp, int nsg, int keep, int nb, flo
                    theta, eps, window, nb, nsg, c->att_part, c->att_cnt, trig_early);
 }
 
+/* ---- decode attention over a short span: the scores exchanged, the values split by dims ----
+ *
+ * Where a step's tokens see few keys (at most 256 by default: a context under
+ * 256 tokens; short_launch says why not more), one cluster of nsp blocks per
+ * (token, KV head) as k_attn_decode, but the work is cut the other way after
+ * the scores: block r computes the scores of its share of the keys (their K
+ * rows, a warp two keys at a time), pushes them into every rank's shared
+ * memory, and after one cluster barrier every block holds all of the span's
+ * scores. It then takes the softmax itself and the outputs of its own
+ * nd = hd / nsp dims of each head, over every key's values of those dims
+ * (loaded before the PDL wait like the K rows): no partial outputs, no maxima
+ * and sums to merge, one cluster barrier instead of k_attn_decode's two and
+ * its warps' merge. A block reads the same bytes (its keys' K rows, every
+ * key's V slice). The values' sum is split over the block's threads by key
+ * (ks, ks + ksl, ...; four running sums a thread) and added in a fixed order:
+ * the result does not depend on timing. Where k_attn_decode's stages took
+ * 7.6 µs after the PDL wait at E4B 4-bit, this takes 5.5 (-DATT_TRACE). */
+
+/* 4 consecutive cache elements (16- or 8-byte aligned in shared memory) as floats */
+__device__ __forceinline__ void ld4f(const float *p, float (&x)[4]) {
+    const float4 v = *(const float4 *)p;
+    x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
+}
+__device__ __forceinline__ void ld4f(const __half *p, float (&x)[4]) {
+    const uint2 u = *(const uint2 *)p;
+    const float2 a = __half22float2(*(const __half2 *)&u.x), b = __half22float2(*(const __half2 *)&u.y);
+    x[0] = a.x, x[1] = a.y, x[2] = b.x, x[3] = b.y;
+}
+
+#define ATT_SHORT_MAX 512 /* the most keys k_attn_short takes (G3N_ATT_SHORT_MAX up to it) */
+
+template <int G, int DPL, typename KT>
+__global__ void __launch_bounds__(DEC_WARPS * 32, 1)
+    k_attn_short(float *out, const float *q, const float *k, const float *v, const float *qn, const float *kn,
+                 const g3n_kv_layer *kv, int owns, int layer, const int32_t *pos, const int32_t *seq, int Hkv,
+                 float theta, float eps, int window, int kcap, int scap) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    __trap(); /* clusters: sm_90 and later only (the host never launches it there) */
+#else
+    constexpr int hd = 32 * DPL, EPC = 16 / sizeof(KT); /* cache elements a 16-byte copy */
+    constexpr bool H16 = sizeof(KT) == 2;
+    extern __shared__ float4 sh_dyn[]; /* scores [G][scap], K rows [kcap][hd], V slices [scap][nd] */
+    __shared__ float sq[G][hd], snew[2][hd], hinv[G];
+    __shared__ float4 red[DEC_WARPS * 32];
+    cg::cluster_group cl = cg::this_cluster();
+    const int nsp = (int)cl.num_blocks(), rank = (int)cl.block_rank();
+    const int grp = blockIdx.x / nsp, t = grp / Hkv, hk = grp % Hkv;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, H = Hkv * G, kvd = Hkv * hd;
+    const int nd = hd / nsp, d0 = rank * nd; /* this block's output dims of each head */
+    float *sc = (float *)sh_dyn;
+    KT *kb = (KT *)(sc + (size_t)G * scap), *vb = kb + (size_t)kcap * hd;
+    /* Before the PDL wait: RoPE's cos and sin, this block's keys' K rows and
+     * every key's V slice, except the step's own key p (stored by this step) */
+    const int p = pos[t];
+    const g3n_kv_layer L = kv[(size_t)seq[t] * G3N_KV_MAX_LAYERS + layer];
+    float cs[DPL], sn[DPL];
+    if (theta > 0) rope_cs<DPL>(cs, sn, (float)p, theta);
+    const int lo = window > 0 ? max(0, p - window + 1) : 0, span = p - lo + 1;
+    const int share = (span + nsp - 1) / nsp, j0 = lo + rank * share, j1 = min(j0 + share, p + 1);
+    const KT *Kc = (const KT *)L.k + (size_t)hk * hd, *Vc = (const KT *)L.v + (size_t)hk * hd + d0;
+    /* a warp a key (its lanes the row's 16-byte copies); the V slices kpw keys
+     * a warp at once, vch copies each (powers of two) */
+    constexpr int kch = hd / EPC;
+    for (int jj = warp; jj < j1 - j0; jj += DEC_WARPS) {
+        const int j = j0 + jj;
+        if (j < p) {
+            const KT *src = Kc + (size_t)(j % L.cap) * kvd;
+            KT *dst = kb + (size_t)jj * hd;
+            for (int c = lane; c < kch; c += 32) cp_async16(dst + c * EPC, src + c * EPC);
+        }
+    }
+    const int vch = nd / EPC, vsh = __ffs(vch) - 1, kpw = vch >= 32 ? 1 : 32 >> vsh;
+    const int sub = vch >= 32 ? 0 : lane >> vsh, c0 = vch >= 32 ? lane : lane & (vch - 1);
+    for (int jj = warp * kpw + sub; jj < span - 1; jj += DEC_WARPS * kpw) {
+        const KT *src = Vc + (size_t)((lo + jj) % L.cap) * kvd;
+        KT *dst = vb + (size_t)jj * nd;
+        for (int c = c0; c < vch; c += 32) cp_async16(dst + c * EPC, src + c * EPC);
+    }
+    cp_async_commit();
+    cluster_arrive_relaxed(); /* waited for before the first store to another block's memory */
+    ATT_T(0);
+    pdl_wait();
+    pdl_trigger(); /* after the wait, as k_attn_decode (it says why) */
+    ATT_T(1);
+    for (int job = warp; job < G + 2 * owns; job += DEC_WARPS) {
+        if (job < G) dec_norm_rope<DPL>(sq[job], q + ((size_t)t * H + hk * G + job) * hd, qn, cs, sn, theta > 0, eps);
+        else if (job == G) dec_norm_rope<DPL>(snew[0], k + ((size_t)t * Hkv + hk) * hd, kn, cs, sn, theta > 0, eps, H16);
+        else dec_norm_rope<DPL>(snew[1], v + ((size_t)t * Hkv + hk) * hd, NULL, cs, sn, false, eps, H16);
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    ATT_T(2);
+    if (owns && p >= j0 && p < j1) { /* this block's share holds the new position: store it */
+        const size_t o = (size_t)(p % L.cap) * kvd + (size_t)hk * hd;
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) kv_st(L, L.k, o + d, snew[0][d]), kv_st(L, L.v, o + d, snew[1][d]);
+    }
+    /* the scores of this block's keys, a warp two keys at a time (their sums
+     * overlap), into every rank's sc */
+    cluster_wait(); /* every block has started (the arrive above) */
+    const int nk = j1 - j0;
+    for (int jj = warp; jj < nk; jj += 2 * DEC_WARPS) {
+        float kr[2][DPL], sg[2][G];
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const int ju = min(jj + u * DEC_WARPS, nk - 1), j = j0 + ju; /* (the second may repeat the first) */
+            const KT *kp = j == p ? Kc + (size_t)(p % L.cap) * kvd : kb + (size_t)ju * hd; /* p: a KV-shared layer's */
+#pragma unroll
+            for (int d = 0; d < DPL; d++) kr[u][d] = j == p && owns ? snew[0][lane + 32 * d] : kv_f(kp[lane + 32 * d]);
+        }
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            sg[0][g] = 0, sg[1][g] = 0;
+#pragma unroll
+            for (int d = 0; d < DPL; d++) {
+                const float qv = sq[g][lane + 32 * d];
+                sg[0][g] += qv * kr[0][d], sg[1][g] += qv * kr[1][d];
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < G; g++) sg[0][g] = warp_sum(sg[0][g]), sg[1][g] = warp_sum(sg[1][g]);
+        if (lane < nsp) {
+            float *dst = cl.map_shared_rank(sc, lane) + (j0 - lo) + jj;
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                dst[(size_t)g * scap] = sg[0][g];
+                if (jj + DEC_WARPS < nk) dst[(size_t)g * scap + DEC_WARPS] = sg[1][g];
+            }
+        }
+    }
+    ATT_T(3);
+    cl.sync();
+    ATT_T(4);
+    /* each head's softmax over the span (warp g), the weights left in sc */
+    if (warp < G) {
+        float *sg = sc + (size_t)warp * scap, M = -INFINITY, Ls = 0;
+        for (int j = lane; j < span; j += 32) M = fmaxf(M, sg[j]);
+        M = warp_max(M);
+        for (int j = lane; j < span; j += 32) {
+            const float e = __expf(sg[j] - M);
+            sg[j] = e, Ls += e;
+        }
+        Ls = warp_sum(Ls);
+        if (lane == 0) hinv[warp] = 1.0f / Ls;
+    }
+    __syncthreads();
+    ATT_T(5);
+    /* outputs: 4 dims of one head a thread (npair of them), the keys split over ksl threads */
+    const int npair = G * nd / 4, ksl = blockDim.x / npair, pr = threadIdx.x % npair, ks = threadIdx.x / npair;
+    const int g = pr / (nd / 4), d4 = pr % (nd / 4) * 4;
+    const float *wg = sc + (size_t)g * scap;
+    float4 a[4];
+#pragma unroll
+    for (int u = 0; u < 4; u++) a[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+    int jj = ks;
+    for (; jj + 3 * ksl < span - 1; jj += 4 * ksl) /* four keys at a time, the step's own not among them */
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int ju = jj + u * ksl;
+            const float w = wg[ju];
+            float x[4];
+            ld4f(vb + (size_t)ju * nd + d4, x);
+            a[u].x += w * x[0], a[u].y += w * x[1], a[u].z += w * x[2], a[u].w += w * x[3];
+        }
+    for (; jj < span; jj += ksl) {
+        const float w = wg[jj];
+        float x[4];
+        if (jj == span - 1) { /* the step's own key */
+            const KT *vp = Vc + (size_t)(p % L.cap) * kvd + d4;
+#pragma unroll
+            for (int e = 0; e < 4; e++) x[e] = owns ? snew[1][d0 + d4 + e] : kv_f(vp[e]);
+        } else {
+            ld4f(vb + (size_t)jj * nd + d4, x);
+        }
+        a[0].x += w * x[0], a[0].y += w * x[1], a[0].z += w * x[2], a[0].w += w * x[3];
+    }
+#pragma unroll
+    for (int u = 1; u < 4; u++) a[0].x += a[u].x, a[0].y += a[u].y, a[0].z += a[u].z, a[0].w += a[u].w;
+    red[threadIdx.x] = a[0];
+    __syncthreads();
+    ATT_T(6);
+    if (ks == 0) {
+        float4 r = a[0];
+        for (int k2 = 1; k2 < ksl; k2++) {
+            const float4 b = red[k2 * npair + pr];
+            r.x += b.x, r.y += b.y, r.z += b.z, r.w += b.w;
+        }
+        const float iv = hinv[g];
+        float *o = out + ((size_t)t * H + hk * G + g) * hd + d0 + d4;
+        o[0] = r.x * iv, o[1] = r.y * iv, o[2] = r.z * iv, o[3] = r.w * iv;
+    }
+    ATT_T(7);
+#ifdef ATT_TRACE
+    const int nsg = 1;
+#endif
+    ATT_DONE();
+#endif
+}
+
+/* k_attn_short's dynamic shared memory */
+static size_t short_smem(int G, int hd, int nsp, int kcap, int scap, int esz) {
+    return (size_t)G * scap * sizeof(float) + (size_t)kcap * hd * esz + (size_t)scap * (hd / nsp) * esz;
+}
+
+/* k_attn_short where it applies (at most G3N_ATT_SHORT_MAX keys, default 256,
+ * at most ATT_SHORT_MAX; each block's dims whole 16-byte copies, its shared
+ * memory within the SM's): 1 if launched. Measured (docs/SPEED.md,
+ * twenty-fourth session) at 256 keys a step (tg from an empty context): E2B
+ * 4-bit +3.9%, E4B 4-bit +2.1%, 8-bit +2-2.5%, bf16 +0.5%; at 512 (a 400- or
+ * 2000-token context) level to 3% slower with nsp 8, and with 16-block
+ * clusters (G3N_ATT_SHORT_NSP=16) 4.5% faster at 400 but 7% slower at 2000, so
+ * longer spans keep k_attn_decode. G3N_ATT_SHORT=0: never. All three read on
+ * each call (the tests switch them). */
+template <int G, int DPL, typename KT>
+static int short_launch(cuda_ctx *c, unsigned nsp, int cap, float *out, const float *q, const float *k, const float *v,
+                        const float *qn, const float *kn, int owns, int layer, int Hkv, float theta, float eps,
+                        int window) {
+    const char *e = getenv("G3N_ATT_SHORT"), *em = getenv("G3N_ATT_SHORT_MAX"), *en = getenv("G3N_ATT_SHORT_NSP");
+    const int smax = em ? atoi(em) : 256, snsp = en ? atoi(en) : 0;
+    if ((e && !atoi(e)) || cap > smax || cap > ATT_SHORT_MAX) return 0;
+    if (snsp > 0 && snsp <= 16) nsp = (unsigned)snsp; /* 16: a non-portable cluster (H100: up to 16) */
+#ifdef ATT_TRACE
+    static int reg;
+    if (!reg) atexit(att_trace_dump), reg = 1;
+#endif
+    constexpr int hd = 32 * DPL, esz = sizeof(KT);
+    if ((hd / (int)nsp) % (16 / esz) || G * (hd / (int)nsp) / 4 > DEC_WARPS * 32) return 0;
+    const int scap = (cap + 7) / 8 * 8, kcap = (cap + (int)nsp - 1) / (int)nsp;
+    const size_t smem = short_smem(G, hd, (int)nsp, kcap, scap, esz);
+    const size_t lim = c->smem_optin - 12 * 1024; /* past the static arrays (10 KB at G 4, hd 256) */
+    if (smem > lim) return 0;
+    static int raised;
+    if (!raised) {
+        CUDA_CHECK(cudaFuncSetAttribute(k_attn_short<G, DPL, KT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)lim));
+        CUDA_CHECK(cudaFuncSetAttribute(k_attn_short<G, DPL, KT>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+        raised = 1;
+    }
+    if (nsp > 8 && cuda_resident_clusters((const void *)k_attn_short<G, DPL, KT>, nsp, DEC_WARPS * 32, smem) < 1)
+        return 0; /* no such cluster on this GPU */
+    launch_cluster(c, nsp, k_attn_short<G, DPL, KT>, dim3((unsigned)c->n_tokens * Hkv * nsp), dim3(DEC_WARPS * 32),
+                   smem, out, q, k, v, qn, kn, c->d_kv, owns, layer, d_pos(c), d_seq(c), Hkv, theta, eps, window,
+                   kcap, scap);
+    return 1;
+}
+
 template <int G, typename KT>
-static int attn_decode_launch(cuda_ctx *c, int dpl, unsigned nsp, int nsg, int keep, int nb, float *out, const float *q,
-                              const float *k, const float *v, const float *qn, const float *kn, int owns, int layer,
-                              int Hkv, float theta, float eps, int window) {
-#define DEC(D) dec_launch<G, D, KT>(c, nsp, nsg, keep, nb, out, q, k, v, qn, kn, owns, layer, Hkv, theta, eps, window)
+static int attn_decode_launch(cuda_ctx *c, int dpl, unsigned nsp, int nsg, int keep, int nb, int cap, float *out,
+                              const float *q, const float *k, const float *v, const float *qn, const float *kn, int owns,
+                              int layer, int Hkv, float theta, float eps, int window) {
+#define DEC(D)                                                                                                     \
+    if (nsg > 1 || keep ||                                                                                         \
+        !short_launch<G, D, KT>(c, nsp, cap, out, q, k, v, qn, kn, owns, layer, Hkv, theta, eps, window))          \
+    dec_launch<G, D, KT>(c, nsp, nsg, keep, nb, out, q, k, v, qn, kn, owns, layer, Hkv, theta, eps, window)
     switch (dpl) {
     case 1: DEC(1); return 1;
     case 2: DEC(2); return 1;
@@ -821,9 +1068,9 @@ void cuda_op_qkv_attention(g3n_backend *be, float *out, float *q, float *k, floa
         PROF_BEGIN(c);
 #define DEC_G(g)                                                                                                 \
     done = f16                                                                                                   \
-               ? attn_decode_launch<g, __half>(c, dpl, nsp, nsg, keep, nb, out, q, k, v, q_norm.data, k_norm.data, \
+               ? attn_decode_launch<g, __half>(c, dpl, nsp, nsg, keep, nb, cap, out, q, k, v, q_norm.data, k_norm.data, \
                                                layer >= 0, attn_layer, n_head_kv, theta, eps, window)           \
-               : attn_decode_launch<g, float>(c, dpl, nsp, nsg, keep, nb, out, q, k, v, q_norm.data, k_norm.data,  \
+               : attn_decode_launch<g, float>(c, dpl, nsp, nsg, keep, nb, cap, out, q, k, v, q_norm.data, k_norm.data, \
                                               layer >= 0, attn_layer, n_head_kv, theta, eps, window)
         if (G == 1) DEC_G(1);
         else if (G == 2) DEC_G(2);
