@@ -104,6 +104,7 @@ typedef struct {
     int n_tokens, n_seq;
     int one_per_seq; /* every token of the step is its own sequence's only one (decode) */
     int reach;       /* batch_reach: the context the step reaches */
+    int carve;       /* the next launch takes all of L1 as shared memory (quant.cu says why) */
     int cap_tokens, cap_seq;
     int32_t *d_meta;       /* [3][cap_tokens]: ids, pos, seq */
     int32_t *h_meta;       /* pinned staging of the same */
@@ -231,21 +232,30 @@ int cuda_attention_mma(cuda_ctx *c, float *out, const float *q, int layer, int n
 template <typename... KArgs, typename... Args>
 static inline void launch_cluster(cuda_ctx *c, unsigned cluster, void (*kernel)(KArgs...), dim3 grid, dim3 block,
                                   size_t smem, Args... args) {
+    const int carve = c->carve;
+    c->carve = 0;
     if (c->skip[0] && cuda_skipped(c, (const void *)kernel)) return;
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
     cfg.stream = c->stream;
-    cudaLaunchAttribute at[2];
+    cudaLaunchAttribute at[3];
     at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     at[0].val.programmaticStreamSerializationAllowed = c->pdl;
-    at[1].id = cudaLaunchAttributeClusterDimension;
-    at[1].val.clusterDim.x = cluster;
-    at[1].val.clusterDim.y = 1;
-    at[1].val.clusterDim.z = 1;
+    unsigned na = 1;
+    if (cluster > 1) {
+        at[na].id = cudaLaunchAttributeClusterDimension;
+        at[na].val.clusterDim.x = cluster;
+        at[na].val.clusterDim.y = 1;
+        at[na++].val.clusterDim.z = 1;
+    }
+    if (carve) { /* this launch's SMs with all of their L1 as shared memory */
+        at[na].id = cudaLaunchAttributePreferredSharedMemoryCarveout;
+        at[na++].val.sharedMemCarveout = 100;
+    }
     cfg.attrs = at;
-    cfg.numAttrs = cluster > 1 ? 2 : 1;
+    cfg.numAttrs = na;
     CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, (KArgs)args...));
 }
 
