@@ -11,6 +11,8 @@
 #            directory
 #   VARIANT  LABEL=BINARY[,VAR=VALUE...]: a g3n binary and the environment it
 #            runs under, e.g. prev=/tmp/px/bin/g3n new=./g3n nopf=./g3n,G3N_PF=0
+#            (a value cannot hold a comma, e.g. G3N_QFORCE=O,K,S,J: give a
+#            two-line script that sets it and execs g3n as the BINARY)
 # env: ROUNDS (2), PP (512), TG (128), REPS (2), PATH_ARG (--decode-path fused),
 #      BENCH_ARGS (more bench options), OUT (logs; ./out)
 # e.g. sh tools/gpu_ab.sh g3n-e2b e4b-q4 -- prev=/tmp/px/bin/g3n new=/tmp/cx/bin/g3n

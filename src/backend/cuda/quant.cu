@@ -748,7 +748,7 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
      * against 5.9 in a KV-shared layer, whose q/k/v has 66 blocks). This launch
      * asks for all of L1 as shared memory, so attention's blocks fit beside
      * q/k/v's: attention 12.2 -> 9.3 µs (docs/SPEED.md, twenty-fourth session;
-     * tg64 after a 400-token context E4B 4-bit +1.8%, E2B 4-bit +2.8%). Not
+     * tg64 after 400-2000 tokens E4B 4-bit +2.3-3.3%, E2B 4-bit +2.7-2.9%). Not
      * at 256 keys or fewer (clusters of 4 find free SMs; there it cost 0.3-1%)
      * nor at 8 bits (k_qmma: -1.3%). G3N_CARVE=0: never. */
     static int carve_on = -1;
