@@ -340,6 +340,11 @@ struct g3n_backend {
      * keys and values (a long context) and needs the memory itself. No result
      * changes. */
     void (*prefetch)(g3n_backend *be, const g3n_mat *const *W, int n, size_t kv_bytes);
+    /* Optional (NULL): a hint that the next matmul_multi is a layer's query/key/
+     * value product, which qkv_attention reads next. A GPU backend may launch
+     * it so that attention's blocks fit beside its own and start early. No
+     * result changes. */
+    void (*attention_next)(g3n_backend *be);
     /* Optional (NULL): every decoder layer of a step of one token in one pass
      * (the "mega" decode path), the maths of decoder_layer_fused over all
      * layers, then the last layer's per-layer input added to planes 1..: S in,

@@ -264,6 +264,7 @@ static void decoder_layer_fused(g3n_model *M, fwd_scratch *f, int l, int n) {
     const g3n_mat *W1[4] = {&lw->q_proj, &lw->laurel_left, &lw->k_proj, &lw->v_proj};
     float *y1[4] = {f->q, f->lt, f->k, f->v};
     const float *x1[4] = {f->x, f->x, f->x, f->x};
+    if (be->attention_next) be->attention_next(be);
     be->matmul_multi(be, owns ? 4 : 2, W1, y1, x1, n);
     be->qkv_attention(be, f->att, f->q, f->k, f->v, lw->q_norm, lw->k_norm, owns ? l : -1,
                       c->kv_source[l], c->n_head, c->n_head_kv, c->head_dim, theta, eps,

@@ -364,7 +364,7 @@ __device__ unsigned att_trn;
 #ifndef ATT_TRACE_MIN_NSG /* record the blocks of launches with at least this many chunks (long contexts) */
 #define ATT_TRACE_MIN_NSG 1
 #endif
-#define ATT_DONE() if (threadIdx.x == 0 && nsg >= ATT_TRACE_MIN_NSG) { unsigned i_ = atomicAdd(&att_trn, 1); if (i_ < (1u << 18)) { \
+#define ATT_DONE(nsg) if (threadIdx.x == 0 && (nsg) >= ATT_TRACE_MIN_NSG) { unsigned i_ = atomicAdd(&att_trn, 1); if (i_ < (1u << 18)) { \
     att_tr[i_][0] = tt0, att_tr[i_][1] = tt1, att_tr[i_][2] = tt2, att_tr[i_][3] = tt3, att_tr[i_][4] = tt4, \
     att_tr[i_][5] = tt5, att_tr[i_][6] = tt6, att_tr[i_][7] = tt7; } }
 static void att_trace_dump(void) {
@@ -382,7 +382,7 @@ static void att_trace_dump(void) {
 }
 #else
 #define ATT_T(k)
-#define ATT_DONE()
+#define ATT_DONE(nsg)
 #endif
 
 /* RoPE's cos and sin at position p for this lane's pairs of an hd = 32 * DPL
@@ -431,6 +431,34 @@ __device__ __forceinline__ void dec_norm_rope(float *dst, const float *src, cons
         }
 #pragma unroll
     for (int k = 0; k < DPL; k++) dst[lane + 32 * k] = kv_round(h16, x[k]);
+}
+
+/* After the PDL wait, a decode attention block's heads (both kernels): the G
+ * query heads of KV head hk of token t normalised and rotated into sq, and in a
+ * layer that owns its cache the new key and value into snew (f16-rounded where
+ * the cache is), one warp a vector. */
+template <int G, int DPL, bool H16>
+__device__ __forceinline__ void dec_heads(float (&sq)[G][32 * DPL], float (&snew)[2][32 * DPL], const float *q,
+                                          const float *k, const float *v, const float *qn, const float *kn,
+                                          const float (&cs)[DPL], const float (&sn)[DPL], int t, int hk, int Hkv,
+                                          int owns, float theta, float eps) {
+    constexpr int hd = 32 * DPL;
+    const int warp = threadIdx.x >> 5, H = Hkv * G;
+    for (int job = warp; job < G + 2 * owns; job += DEC_WARPS) {
+        if (job < G) dec_norm_rope<DPL>(sq[job], q + ((size_t)t * H + hk * G + job) * hd, qn, cs, sn, theta > 0, eps);
+        else if (job == G) dec_norm_rope<DPL>(snew[0], k + ((size_t)t * Hkv + hk) * hd, kn, cs, sn, theta > 0, eps, H16);
+        else dec_norm_rope<DPL>(snew[1], v + ((size_t)t * Hkv + hk) * hd, NULL, cs, sn, false, eps, H16);
+    }
+}
+
+/* The step's new key and value (snew) into the cache at position p, by the
+ * one block whose share of the keys holds p */
+template <int DPL>
+__device__ __forceinline__ void dec_store_new(const g3n_kv_layer &L, const float (&snew)[2][32 * DPL], int p, int hk,
+                                              int kvd) {
+    constexpr int hd = 32 * DPL;
+    const size_t o = (size_t)(p % L.cap) * kvd + (size_t)hk * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) kv_st(L, L.k, o + d, snew[0][d]), kv_st(L, L.v, o + d, snew[1][d]);
 }
 
 /* cp.async.wait_group with a run-time depth (the ring's nb, 1..DEC_RING) */
@@ -517,17 +545,10 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, 1)
     pdl_wait();
     if (!trig_early) pdl_trigger();
     ATT_T(1);
-    for (int job = warp; job < G + 2 * owns; job += DEC_WARPS) {
-        if (job < G) dec_norm_rope<DPL>(sq[job], q + ((size_t)t * H + hk * G + job) * hd, qn, cs, sn, theta > 0, eps);
-        else if (job == G) dec_norm_rope<DPL>(snew[0], k + ((size_t)t * Hkv + hk) * hd, kn, cs, sn, theta > 0, eps, H16);
-        else dec_norm_rope<DPL>(snew[1], v + ((size_t)t * Hkv + hk) * hd, NULL, cs, sn, false, eps, H16);
-    }
+    dec_heads<G, DPL, H16>(sq, snew, q, k, v, qn, kn, cs, sn, t, hk, Hkv, owns, theta, eps);
     __syncthreads();
     ATT_T(2);
-    if (owns && p >= j0 && p < j1) { /* this block's share holds the new position */
-        const size_t o = (size_t)(p % L.cap) * kvd + (size_t)hk * hd;
-        for (int d = threadIdx.x; d < hd; d += blockDim.x) kv_st(L, L.k, o + d, snew[0][d]), kv_st(L, L.v, o + d, snew[1][d]);
-    }
+    if (owns && p >= j0 && p < j1) dec_store_new<DPL>(L, snew, p, hk, kvd); /* this block's share holds p */
     float qr[G][DPL], acc[G][DPL], m[G], l[G];
 #pragma unroll
     for (int g = 0; g < G; g++) {
@@ -706,7 +727,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, 1)
             if (threadIdx.x == 0) cnt[(size_t)grp * nsp + rank] = 0;
         }
     }
-    ATT_T(7); ATT_DONE();
+    ATT_T(7); ATT_DONE(nsg);
 #endif
 }
 
@@ -838,18 +859,11 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, 1)
     pdl_wait();
     pdl_trigger(); /* after the wait, as k_attn_decode (it says why) */
     ATT_T(1);
-    for (int job = warp; job < G + 2 * owns; job += DEC_WARPS) {
-        if (job < G) dec_norm_rope<DPL>(sq[job], q + ((size_t)t * H + hk * G + job) * hd, qn, cs, sn, theta > 0, eps);
-        else if (job == G) dec_norm_rope<DPL>(snew[0], k + ((size_t)t * Hkv + hk) * hd, kn, cs, sn, theta > 0, eps, H16);
-        else dec_norm_rope<DPL>(snew[1], v + ((size_t)t * Hkv + hk) * hd, NULL, cs, sn, false, eps, H16);
-    }
+    dec_heads<G, DPL, H16>(sq, snew, q, k, v, qn, kn, cs, sn, t, hk, Hkv, owns, theta, eps);
     cp_async_wait<0>();
     __syncthreads();
     ATT_T(2);
-    if (owns && p >= j0 && p < j1) { /* this block's share holds the new position: store it */
-        const size_t o = (size_t)(p % L.cap) * kvd + (size_t)hk * hd;
-        for (int d = threadIdx.x; d < hd; d += blockDim.x) kv_st(L, L.k, o + d, snew[0][d]), kv_st(L, L.v, o + d, snew[1][d]);
-    }
+    if (owns && p >= j0 && p < j1) dec_store_new<DPL>(L, snew, p, hk, kvd); /* this block's share holds p */
     /* the scores of this block's keys, a warp two keys at a time (their sums
      * overlap), into every rank's sc */
     cluster_wait(); /* every block has started (the arrive above) */
@@ -945,10 +959,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, 1)
         o[0] = r.x * iv, o[1] = r.y * iv, o[2] = r.z * iv, o[3] = r.w * iv;
     }
     ATT_T(7);
-#ifdef ATT_TRACE
-    const int nsg = 1;
-#endif
-    ATT_DONE();
+    ATT_DONE(1);
 #endif
 }
 
@@ -957,21 +968,29 @@ static size_t short_smem(int G, int hd, int nsp, int kcap, int scap, int esz) {
     return (size_t)G * scap * sizeof(float) + (size_t)kcap * hd * esz + (size_t)scap * (hd / nsp) * esz;
 }
 
-/* k_attn_short where it applies (at most G3N_ATT_SHORT_MAX keys, default 256,
- * at most ATT_SHORT_MAX; each block's dims whole 16-byte copies, its shared
- * memory within the SM's): 1 if launched. Measured (docs/SPEED.md,
- * twenty-fourth session) at 256 keys a step (tg from an empty context): E2B
- * 4-bit +3.9%, E4B 4-bit +2.1%, 8-bit +2-2.5%, bf16 +0.5%; at 512 (a 400- or
- * 2000-token context) level to 3% slower with nsp 8, and with 16-block
- * clusters (G3N_ATT_SHORT_NSP=16) 4.5% faster at 400 but 7% slower at 2000, so
- * longer spans keep k_attn_decode. G3N_ATT_SHORT=0: never. All three read on
- * each call (the tests switch them). */
+/* k_attn_short where it applies (at most G3N_ATT_SHORT_MAX keys, at most
+ * ATT_SHORT_MAX; each block's dims whole 16-byte copies, its shared memory
+ * within the SM's): 1 if launched. Measured (docs/SPEED.md, twenty-fourth and
+ * twenty-fifth sessions) at 256 keys a step (tg from an empty context): E2B
+ * 4-bit +3.9%, E4B 4-bit +2.1%, 8-bit +2-2.5%, bf16 +0.5%. Past 256 keys it
+ * takes 16-block clusters (a non-portable size: the H100 has them), and only
+ * where the whole step reaches at most 512 keys after a quantized q/k/v
+ * product (`wide`): tg64 after 400 tokens E2B 8-bit +5.6%, E4B 8-bit +3.8%,
+ * E4B 4-bit +1.5%, E2B 4-bit +0.6%, but bf16 -2.6% (E4B) and -3.9% (E2B):
+ * bf16's q/k/v (k_gemv, 392 blocks, 3 an SM by registers) leaves no free
+ * half-GPC for such a cluster until it ends. With the sliding layers at 512
+ * keys and the global ones past it (-d 2000) it was 2.6-3.4% slower at 4 bits
+ * (and in clusters of 8, slower at 400 and at 2000), so other steps keep
+ * k_attn_decode past 256 keys. G3N_ATT_SHORT=0: never; G3N_ATT_SHORT_MAX=k:
+ * up to k keys in any step; G3N_ATT_SHORT_NSP=n: clusters of n (0: of
+ * k_attn_decode's size). All three read on each call (the tests switch them). */
 template <int G, int DPL, typename KT>
 static int short_launch(cuda_ctx *c, unsigned nsp, int cap, float *out, const float *q, const float *k, const float *v,
                         const float *qn, const float *kn, int owns, int layer, int Hkv, float theta, float eps,
                         int window) {
     const char *e = getenv("G3N_ATT_SHORT"), *em = getenv("G3N_ATT_SHORT_MAX"), *en = getenv("G3N_ATT_SHORT_NSP");
-    const int smax = em ? atoi(em) : 256, snsp = en ? atoi(en) : 0;
+    const int wide = c->reach > 0 && c->reach <= ATT_SHORT_MAX && c->qkv_bits > 0;
+    const int smax = em ? atoi(em) : wide ? ATT_SHORT_MAX : 256, snsp = en ? atoi(en) : cap > 256 ? 16 : 0;
     if ((e && !atoi(e)) || cap > smax || cap > ATT_SHORT_MAX) return 0;
     if (snsp > 0 && snsp <= 16) nsp = (unsigned)snsp; /* 16: a non-portable cluster (H100: up to 16) */
 #ifdef ATT_TRACE
@@ -1020,6 +1039,7 @@ void cuda_op_qkv_attention(g3n_backend *be, float *out, float *q, float *k, floa
                            int layer, int attn_layer, int n_head, int n_head_kv, int head_dim, float theta, float eps,
                            int window) {
     cuda_ctx *c = CTX(be);
+    cuda_pf_release(c);
     const int G = n_head / n_head_kv, dpl = head_dim / 32;
     int done = 0;
     static int off = -1;

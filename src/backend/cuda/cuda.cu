@@ -200,15 +200,14 @@ static int cu_matmul_parts(g3n_backend *be, float *y, const g3n_mat *W, const fl
     return 1;
 }
 
+/* attention_next (backend.h): the next matmul_multi's launch may be made so
+ * that decode attention's blocks fit beside it (quant.cu: the carveout), and
+ * attention's launch may depend on the product's kind (attention.cu
+ * short_launch); cuda_op_matmul_multi clears the mark */
+static void cu_attention_next(g3n_backend *be) { CTX(be)->att_next = 1; }
+
 /* ---- L2 prefetch of the next products' weights --------------------------------------- */
 
-#define PF_MAX 9
-typedef struct {
-    const char *p[PF_MAX];
-    size_t n[PF_MAX];
-    int k;
-    unsigned stride; /* every stride-th chunk of each range (1: all of it) */
-} pf_ranges;
 
 /* Each thread asks the L2 for 16 KB chunks of the ranges, strided over the grid:
  * on sm_90 one bulk prefetch each (the copy engine fetches, the thread moves on),
@@ -259,6 +258,7 @@ __global__ void k_l2_prefetch(pf_ranges r) {
  * them in its full-attention layers, E2B 4-bit 1.6-2%, and after 8k with an
  * f32 cache 2.5%; eighteenth session). The spread share is asked for always
  * (E4B bf16 after 32k tokens: 1.5% faster with it). */
+static void pf_issue(cuda_ctx *c, const pf_ranges *rp);
 static void cu_prefetch(g3n_backend *be, const g3n_mat *const *W, int n, size_t kv_bytes) {
     cuda_ctx *c = CTX(be);
     if (!c->pf_on || !c->capturing || c->n_tokens > 8) return;
@@ -271,10 +271,12 @@ static void cu_prefetch(g3n_backend *be, const g3n_mat *const *W, int n, size_t 
     /* whole matrices, or where none is asked for whole every stride-th chunk of
      * the first product's matrices (gate and up read together; a sparse layer's
      * gate), so that its blocks find a share of their rows in the L2 all through
-     * the product, while the rest streams from DRAM (G3N_PF_PART: that share's MB) */
+     * the product, while the rest streams from DRAM (G3N_PF_PART, G3N_PF_PART16:
+     * that share's MB at 8 bits / 16-bit weights) */
     int spread;
     pf_ranges r = {};
-    const int whole = pf_plan(pm, n, most, c->l2_bytes, c->pf_part, kv_bytes, &spread, &r.stride);
+    const int w16 = pm[0].bits == 0;
+    const int whole = pf_plan(pm, n, most, c->l2_bytes, w16 ? c->pf_part16 : c->pf_part, kv_bytes, &spread, &r.stride);
     for (int i = 0; i < (spread ? spread : whole); i++) {
         const g3n_mat *m = W[i];
         /* all its bytes; of them the packed codes (or the values), then scales and biases alike */
@@ -287,6 +289,31 @@ static void cu_prefetch(g3n_backend *be, const g3n_mat *const *W, int n, size_t 
         }
     }
     if (!r.k) return;
+    if (spread && w16 && c->pf_late) { /* held back to the layer's attention (cuda_pf_release) */
+        c->pf_held = r, c->pf_hold = 1;
+        return;
+    }
+    pf_issue(c, &r);
+}
+
+/* A 16-bit share held back by cu_prefetch, asked for where decode attention
+ * starts (cuda_op_qkv_attention, after the q/k/v product's launch). Asked for
+ * at the layer's start, the share took the memory from AltUp predict and the
+ * q/k/v product (13 MB at E4B bf16); from here it fills the time attention, o
+ * and the residual leave the memory idle, so it can be 4x as large: tg128 E4B
+ * bf16 294.9 -> 302.3 tok/s with 32 MB (24: 298.6, 40: 301.7), 293.0 -> 294.9
+ * at the layer's start with 16, and 293.3 held back with the old 8 MB; E2B bf16
+ * +0.8-1.6%; after 2000 tokens E4B bf16 +2.7% (docs/SPEED.md, twenty-fifth
+ * session). Not at 8 bits: held back with 24-40 MB, E4B 8-bit lost 3.5% (E2B
+ * gained 1.2%). G3N_PF_LATE=0: at the layer's start. */
+void cuda_pf_release(cuda_ctx *c) {
+    if (!c->pf_hold) return;
+    c->pf_hold = 0;
+    if (c->capturing) pf_issue(c, &c->pf_held);
+}
+
+static void pf_issue(cuda_ctx *c, const pf_ranges *rp) {
+    const pf_ranges r = *rp;
     if (!c->pf_stream) {
         CUDA_CHECK(cudaStreamCreateWithFlags(&c->pf_stream, cudaStreamNonBlocking));
         CUDA_CHECK(cudaEventCreateWithFlags(&c->pf_fork, cudaEventDisableTiming));
@@ -302,6 +329,7 @@ static void cu_prefetch(g3n_backend *be, const g3n_mat *const *W, int n, size_t 
 static void cu_graph_end(g3n_backend *be) {
     cuda_ctx *c = CTX(be);
     if (!c->capturing) return;
+    c->pf_hold = 0; /* (one held back for an attention that did not come) */
     if (c->pf_pending) { /* join the side stream: a recorded step ends with it */
         CUDA_CHECK(cudaEventRecord(c->pf_join, c->pf_stream));
         CUDA_CHECK(cudaStreamWaitEvent(c->stream, c->pf_join, 0));
@@ -552,6 +580,9 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     c->l2_bytes = (size_t)prop.l2CacheSize;
     const char *pp = getenv("G3N_PF_PART");
     c->pf_part = pp ? (size_t)G3N_MAX(0, atoi(pp)) << 20 : c->l2_bytes / 6; /* measured: docs/SPEED.md, sixteenth session */
+    const char *pp16 = getenv("G3N_PF_PART16"), *pl = getenv("G3N_PF_LATE");
+    c->pf_part16 = pp16 ? (size_t)G3N_MAX(0, atoi(pp16)) << 20 : c->l2_bytes / 8 * 5; /* cuda_pf_release says why */
+    c->pf_late = !(pl && !atoi(pl));
     const char *sk = getenv("G3N_CUDA_SKIP");
     if (sk) snprintf(c->skip, sizeof c->skip, "%s", sk);
     const char *pe = getenv("G3N_CUDA_PROFILE");
@@ -619,6 +650,7 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     be->logits_top = cuda_op_logits_top;
     be->logits_top_queue = cuda_op_logits_top_queue;
     be->prefetch = cu_prefetch;
+    be->attention_next = cu_attention_next;
     return be;
 }
 

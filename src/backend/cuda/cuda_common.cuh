@@ -83,6 +83,15 @@ typedef struct {
 #define QTRACE_RECS (1 << 22) /* G3N_QTRACE records (k_qgemv_s blocks) */
 #define QTRACE_BYTES ((8 + (size_t)QTRACE_RECS * 8) * 8) /* a count, padding, 8 words a record */
 
+/* byte ranges for the L2 prefetch (cuda.cu) */
+#define PF_MAX 9
+typedef struct {
+    const char *p[PF_MAX];
+    size_t n[PF_MAX];
+    int k;
+    unsigned stride; /* every stride-th chunk of each range (1: all of it) */
+} pf_ranges;
+
 typedef struct {
     int device;
     int n_sm; /* multiprocessors */
@@ -105,6 +114,8 @@ typedef struct {
     int one_per_seq; /* every token of the step is its own sequence's only one (decode) */
     int reach;       /* batch_reach: the context the step reaches */
     int carve;       /* the next launch takes all of L1 as shared memory (quant.cu says why) */
+    int att_next;    /* attention_next: the matmul_multi under way is q/k/v, attention follows */
+    int qkv_bits;    /* the bits of the last such q/k/v product (0: 16-bit weights) */
     int cap_tokens, cap_seq;
     int32_t *d_meta;       /* [3][cap_tokens]: ids, pos, seq */
     int32_t *h_meta;       /* pinned staging of the same */
@@ -169,7 +180,9 @@ typedef struct {
      * off): a side stream forked from the step's stream while a step is
      * recorded, joined at the step's end */
     int pf_on, pf_pending;
-    size_t l2_bytes, pf_part;
+    pf_ranges pf_held;    /* a 16-bit share held back to the layer's attention (cuda.cu cuda_pf_release) */
+    int pf_hold, pf_late; /* pf_held waits; shares are held back (G3N_PF_LATE=0: not) */
+    size_t l2_bytes, pf_part, pf_part16; /* the spread share at 8 bits / 16-bit weights (cuda.cu) */
     cudaStream_t pf_stream;
     cudaEvent_t pf_fork, pf_join;
     /* recorded steps */
@@ -553,6 +566,7 @@ int cuda_qtranspose_ok(const g3n_mat *m);
 void *cuda_qtranspose(cuda_ctx *c, const g3n_mat *m);
 void cuda_op_mlp_sparse(g3n_backend *be, float *y, float *gate, float *up, const g3n_mat *Wg,
                         const g3n_mat *Wu, const g3n_mat *Wd, const float *u, int rows, float kappa);
+void cuda_pf_release(cuda_ctx *c);
 void cuda_op_matmul_multi(g3n_backend *be, int n, const g3n_mat *const *W, float *const *y,
                           const float *const *x, int rows);
 void cuda_op_altup_predict_fused(g3n_backend *be, float *pred, float *x, float *S, float *ple_proj,

@@ -257,6 +257,10 @@ static void multi_run(cuda_ctx *c, int n, const g3n_mat *const *W, float *const 
         min_k = G3N_MIN(min_k, W[i]->cols);
     }
     a.wpr = mode == GEMV_GATE_UP ? 1 : pick_wpr(a.row0[n], min_k);
+    static const int debug = getenv("G3N_QDEBUG") != NULL; /* print each launch's shape */
+    if (debug)
+        fprintf(stderr, "gemv O%d K%d n%d rows %d: wpr %d blocks %d\n", a.O[0], a.K[0], n, rows, a.wpr,
+                mode == GEMV_GATE_UP ? (a.O[0] + 3) / 4 : (a.row0[n] + 8 / a.wpr - 1) / (8 / a.wpr));
     if (W[0]->dtype == G3N_BF16) gemv_launch<__nv_bfloat16>(c, a, rows);
     else if (W[0]->dtype == G3N_F16) gemv_launch<__half>(c, a, rows);
     else gemv_launch<float>(c, a, rows);
@@ -309,8 +313,8 @@ void cuda_op_matmul(g3n_backend *be, float *y, const g3n_mat *W, const float *x,
     }
 }
 
-void cuda_op_matmul_multi(g3n_backend *be, int n, const g3n_mat *const *W, float *const *y,
-                          const float *const *x, int rows) {
+static void matmul_multi_any(g3n_backend *be, int n, const g3n_mat *const *W, float *const *y,
+                             const float *const *x, int rows) {
     for (int i = 0; i < n; i++)
         if (W[i]->bits) return cuda_quant_op_multi(be, n, W, y, x, rows); /* quant.cu */
     cuda_ctx *c = CTX(be);
@@ -330,6 +334,14 @@ void cuda_op_matmul_multi(g3n_backend *be, int n, const g3n_mat *const *W, float
         snprintf(name, sizeof name, "matmul_multi x%d %dx%d.. r%d", n, W[0]->rows, W[0]->cols, rows);
         PROF_END(c, name, bytes);
     }
+}
+
+void cuda_op_matmul_multi(g3n_backend *be, int n, const g3n_mat *const *W, float *const *y,
+                          const float *const *x, int rows) {
+    cuda_ctx *c = CTX(be);
+    if (c->att_next) c->qkv_bits = W[0]->bits; /* what attention's launch follows (attention.cu short_launch) */
+    matmul_multi_any(be, n, W, y, x, rows);
+    c->att_next = 0; /* attention_next marks one product */
 }
 
 /* The fused epilogues: one pass over the weights, the activation applied at the

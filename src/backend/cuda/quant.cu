@@ -739,21 +739,24 @@ static int qlaunch_s(cuda_ctx *c, qargs &a, int R) {
                 nsplit, a.flat ? " (flat)" : a.pstride ? " (parts)" : "", a.J, nb,
                 qs_resident_clusters<BITS, SDT>(c, R, apart ? 1u : (unsigned)nsplit, smem));
     const dim3 grid((unsigned)nsplit, (unsigned)nb);
-    /* A decode layer's q, LAuReL-left, k and v (the one product of four) run as
-     * 98 blocks, one an SM, and its SMs keep the L1/shared split they chose for
-     * two such blocks, which leaves no room for a block of the decode attention
-     * that follows: its clusters of 8 (a step past 256 keys) then found 8 free
-     * SMs in a GPC only as q/k/v ended, and its keys' loads before the PDL wait
-     * came after it (ktrace: attention starting 1.0 µs before q/k/v's end,
-     * against 5.9 in a KV-shared layer, whose q/k/v has 66 blocks). This launch
-     * asks for all of L1 as shared memory, so attention's blocks fit beside
-     * q/k/v's: attention 12.2 -> 9.3 µs (docs/SPEED.md, twenty-fourth session;
-     * tg64 after 400-2000 tokens E4B 4-bit +2.3-3.3%, E2B 4-bit +2.7-2.9%). Not
-     * at 256 keys or fewer (clusters of 4 find free SMs; there it cost 0.3-1%)
-     * nor at 8 bits (k_qmma: -1.3%). G3N_CARVE=0: never. */
+    /* A decode layer's q, LAuReL-left, k and v (the product attention_next
+     * marks) run as 98 blocks where the layer stores keys (E4B and E2B), one an
+     * SM, and its SMs keep the L1/shared split they chose for two such blocks,
+     * which leaves no room for a block of the decode attention that follows:
+     * its clusters of 8 (a step past 256 keys) then found 8 free SMs in a GPC
+     * only as q/k/v ended, and its keys' loads before the PDL wait came after
+     * it (ktrace: attention starting 1.0 µs before q/k/v's end, against 5.9 in
+     * a KV-shared layer, whose q/k/v has 66 blocks). This launch asks for all of
+     * L1 as shared memory, so attention's blocks fit beside q/k/v's: attention
+     * 12.2 -> 9.3 µs (docs/SPEED.md, twenty-fourth session; tg64 after 400-2000
+     * tokens E4B 4-bit +2.3-3.3%, E2B 4-bit +2.7-2.9%). Not at 256 keys or
+     * fewer (clusters of 4 find free SMs; there it cost 0.3-1%), nor where the
+     * launch leaves half of the SMs free (a KV-shared layer's 66 blocks), nor
+     * at 8 bits (k_qmma: -1.3%). G3N_CARVE=0: never. */
     static int carve_on = -1;
     if (carve_on < 0) carve_on = !(getenv("G3N_CARVE") && !atoi(getenv("G3N_CARVE")));
-    c->carve = carve_on && BITS == 4 && a.n == 4 && R == 1 && c->one_per_seq && c->reach > 256;
+    c->carve = carve_on && c->att_next && BITS == 4 && R == 1 && c->one_per_seq && c->reach > 256 &&
+               nb * nsplit > c->n_sm / 2;
 #define L(r) launch_cluster(c, apart ? 1u : (unsigned)nsplit, k_qgemv_s<BITS, r, SDT>, grid, 256, smem, a)
     ROWS_SWITCH(R, L)
 #undef L
