@@ -208,7 +208,6 @@ static void cu_attention_next(g3n_backend *be) { CTX(be)->att_next = 1; }
 
 /* ---- L2 prefetch of the next products' weights --------------------------------------- */
 
-
 /* Each thread asks the L2 for 16 KB chunks of the ranges, strided over the grid:
  * on sm_90 one bulk prefetch each (the copy engine fetches, the thread moves on),
  * before that one prefetch a 128-byte line. Nothing waits for the data. */
@@ -228,6 +227,21 @@ __global__ void k_l2_prefetch(pf_ranges r) {
 #endif
         }
     }
+}
+
+/* The ranges asked for by a kernel on the side stream, forked from the step's
+ * stream here (while a step is recorded) and joined at the step's end */
+static void pf_issue(cuda_ctx *c, const pf_ranges *r) {
+    if (!c->pf_stream) {
+        CUDA_CHECK(cudaStreamCreateWithFlags(&c->pf_stream, cudaStreamNonBlocking));
+        CUDA_CHECK(cudaEventCreateWithFlags(&c->pf_fork, cudaEventDisableTiming));
+        CUDA_CHECK(cudaEventCreateWithFlags(&c->pf_join, cudaEventDisableTiming));
+    }
+    CUDA_CHECK(cudaEventRecord(c->pf_fork, c->stream));
+    CUDA_CHECK(cudaStreamWaitEvent(c->pf_stream, c->pf_fork, 0));
+    k_l2_prefetch<<<16, 128, 0, c->pf_stream>>>(*r);
+    CUDA_LAUNCHED();
+    c->pf_pending = 1;
 }
 
 /* The hint of backend.h, taken while a decode step is recorded: a kernel on a
@@ -258,7 +272,6 @@ __global__ void k_l2_prefetch(pf_ranges r) {
  * them in its full-attention layers, E2B 4-bit 1.6-2%, and after 8k with an
  * f32 cache 2.5%; eighteenth session). The spread share is asked for always
  * (E4B bf16 after 32k tokens: 1.5% faster with it). */
-static void pf_issue(cuda_ctx *c, const pf_ranges *rp);
 static void cu_prefetch(g3n_backend *be, const g3n_mat *const *W, int n, size_t kv_bytes) {
     cuda_ctx *c = CTX(be);
     if (!c->pf_on || !c->capturing || c->n_tokens > 8) return;
@@ -310,20 +323,6 @@ void cuda_pf_release(cuda_ctx *c) {
     if (!c->pf_hold) return;
     c->pf_hold = 0;
     if (c->capturing) pf_issue(c, &c->pf_held);
-}
-
-static void pf_issue(cuda_ctx *c, const pf_ranges *rp) {
-    const pf_ranges r = *rp;
-    if (!c->pf_stream) {
-        CUDA_CHECK(cudaStreamCreateWithFlags(&c->pf_stream, cudaStreamNonBlocking));
-        CUDA_CHECK(cudaEventCreateWithFlags(&c->pf_fork, cudaEventDisableTiming));
-        CUDA_CHECK(cudaEventCreateWithFlags(&c->pf_join, cudaEventDisableTiming));
-    }
-    CUDA_CHECK(cudaEventRecord(c->pf_fork, c->stream));
-    CUDA_CHECK(cudaStreamWaitEvent(c->pf_stream, c->pf_fork, 0));
-    k_l2_prefetch<<<16, 128, 0, c->pf_stream>>>(r);
-    CUDA_LAUNCHED();
-    c->pf_pending = 1;
 }
 
 static void cu_graph_end(g3n_backend *be) {

@@ -136,6 +136,9 @@ static void gemv_launch(cuda_ctx *c, const multi_args &a, int R) {
     const int rows_per_block = 8 / a.wpr;
     const dim3 grid(a.mode == GEMV_GATE_UP ? (unsigned)((a.O[0] + 3) / 4)
                                            : (unsigned)((a.row0[a.n] + rows_per_block - 1) / rows_per_block));
+    static const int debug = getenv("G3N_QDEBUG") != NULL; /* print each launch's shape */
+    if (debug)
+        fprintf(stderr, "gemv O%d K%d n%d rows %d: wpr %d blocks %u\n", a.O[0], a.K[0], a.n, R, a.wpr, grid.x);
 #define L(r) launch(c, k_gemv<T, r>, grid, 256, 0, a)
     ROWS_SWITCH(R, L)
 #undef L
@@ -257,10 +260,6 @@ static void multi_run(cuda_ctx *c, int n, const g3n_mat *const *W, float *const 
         min_k = G3N_MIN(min_k, W[i]->cols);
     }
     a.wpr = mode == GEMV_GATE_UP ? 1 : pick_wpr(a.row0[n], min_k);
-    static const int debug = getenv("G3N_QDEBUG") != NULL; /* print each launch's shape */
-    if (debug)
-        fprintf(stderr, "gemv O%d K%d n%d rows %d: wpr %d blocks %d\n", a.O[0], a.K[0], n, rows, a.wpr,
-                mode == GEMV_GATE_UP ? (a.O[0] + 3) / 4 : (a.row0[n] + 8 / a.wpr - 1) / (8 / a.wpr));
     if (W[0]->dtype == G3N_BF16) gemv_launch<__nv_bfloat16>(c, a, rows);
     else if (W[0]->dtype == G3N_F16) gemv_launch<__half>(c, a, rows);
     else gemv_launch<float>(c, a, rows);

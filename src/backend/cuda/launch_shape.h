@@ -2,8 +2,9 @@
  * the L2 prefetch's plan (cuda.cu), in C with no CUDA types, so that
  * tests/test_launch.c sweeps it on the CPU, where CI runs: host code in a .cu
  * file is built there but never run, and a division by zero in it once crashed
- * test_ops on the H100 only (docs/SPEED.md, twenty-second session). The GPU's part comes in as numbers: its SMs, whether
- * it has thread-block clusters, and G3N_QMMA's override. */
+ * test_ops on the H100 only (docs/SPEED.md, twenty-second session). The GPU's
+ * part comes in as numbers: its SMs, whether it has thread-block clusters, and
+ * G3N_QMMA's override. */
 #ifndef G3N_LAUNCH_SHAPE_H
 #define G3N_LAUNCH_SHAPE_H
 
@@ -12,6 +13,12 @@
 
 /* What a k_qmma launch computes (mm_shape_for's `kind`) */
 enum { MM_PLAIN, MM_GATE_UP, MM_DOWN };
+
+/* The kind of a launch of n products (gu: gate and up together), the first
+ * O x K: a down product is one product with more inputs than outputs */
+static inline int mm_kind(int gu, int n, int O, int K) {
+    return gu ? MM_GATE_UP : n == 1 && K > O ? MM_DOWN : MM_PLAIN;
+}
 
 /* The shape of a k_qmma launch of `tiles` tiles of 16 rows over ng groups of G
  * inputs (kind: MM_GATE_UP, gate and up together, two tiles a row tile;
@@ -75,15 +82,15 @@ static inline int mm_slices(int ng, int cs, int SG, int *ks) {
 
 /* The blocks of a one-product k_qmma launch of O x K (what mm_launch makes
  * of it; a down product where K > O): whether its down product will be padded
- * is what gate/up's trigger asks. INT_MAX where no such quantized product exists (K not a
- * positive multiple of G: an odd test shape's gate/up, whose "down" is O x K
- * with K < G). */
+ * is what gate/up's trigger asks. INT_MAX where no such quantized product
+ * exists (K not a positive multiple of G: an odd test shape's gate/up, whose
+ * "down" is O x K with K < G). */
 static inline int mm_plain_blocks_for(int n_sm, int cluster_ok, int fix_rb, int fix_cs, int O, int K, int G,
                                       int SG) {
     int rb, cs, ks;
     const int tiles = (O + 15) / 16;
     if (G < 1 || K < G || K % G) return INT_MAX;
-    mm_shape_for(n_sm, cluster_ok, fix_rb, fix_cs, tiles, K / G, G, K > O ? MM_DOWN : MM_PLAIN, &rb, &cs);
+    mm_shape_for(n_sm, cluster_ok, fix_rb, fix_cs, tiles, K / G, G, mm_kind(0, 1, O, K), &rb, &cs);
     return (tiles + rb - 1) / rb * mm_slices(K / G, cs, SG, &ks);
 }
 

@@ -1100,9 +1100,9 @@ static int mm_launch(cuda_ctx *c, qargs &a, int R) {
         if ((a.K[i] / G) % 2) return 0; /* the ring copies scale words, two groups at a time */
         ngmax = G3N_MAX(ngmax, a.K[i] / G), tiles += (a.O[i] + 15) / 16;
     }
-    const int down = !gu && a.n == 1 && a.K[0] > a.O[0];
+    const int kind = mm_kind(gu, a.n, a.O[0], a.K[0]), down = kind == MM_DOWN;
     int rb, cs;
-    mm_shape(c, tiles, ngmax, G, gu ? MM_GATE_UP : down ? MM_DOWN : MM_PLAIN, &rb, &cs);
+    mm_shape(c, tiles, ngmax, G, kind, &rb, &cs);
     a.rb = rb;
     cs = mm_slices(ngmax, cs, SG, &a.ks);
     size_t smem = mm_smem<BITS, G>(R, a.ks);
