@@ -588,6 +588,49 @@ TEST(generate_equals_loop) {
     g3n_model_close(m);
 }
 
+/* Greedy steps read the LM head through the backend's cheaper copy where it
+ * makes one (logits_pruned; CUDA): they pick what steps over the whole row pick
+ * (a second model opened with G3N_PRUNE=0), and a reader of the whole row after
+ * one gets the row's own bits. */
+TEST(greedy_pruned) {
+    setenv("G3N_PRUNE", "0", 1);
+    g3n_model *a = open_model(FIX "conditional", DEVICE);
+    unsetenv("G3N_PRUNE");
+    g3n_model *b = open_model(FIX "conditional", DEVICE);
+    if (!a || !b) {
+        if (a) g3n_model_close(a);
+        if (b) g3n_model_close(b);
+        return;
+    }
+    const g3n_model_info ia = g3n_model_get_info(a), ib = g3n_model_get_info(b);
+    CHECK(ia.decode_bytes_greedy == 0);
+    if (!strcmp(DEVICE, "cuda"))
+        CHECK_MSG(ib.decode_bytes_greedy > 0 && ib.decode_bytes_greedy < ib.decode_bytes, "greedy bytes %zu of %zu",
+                  ib.decode_bytes_greedy, ib.decode_bytes);
+    char err[512];
+    g3n_sampler_params pg = g3n_sampler_default_params();
+    pg.temperature = 0;
+    g3n_sampler *sg = g3n_sampler_create(&pg, ia.n_vocab_text, err, sizeof err);
+    g3n_session *sa = g3n_session_create(a, 64, 4, err, sizeof err), *sb = g3n_session_create(b, 64, 4, err, sizeof err);
+    const int32_t prompt[5] = {2, 31, 7, 250, 12}, next = 5;
+    if (sg && sa && sb) {
+        CHECK(g3n_session_eval(sa, prompt, 5, NULL, err, sizeof err) == 0);
+        CHECK(g3n_session_eval(sb, prompt, 5, NULL, err, sizeof err) == 0);
+        gen_rec ra = {{0}, 0, 0}, rb = {{0}, 0, 0};
+        CHECK(g3n_session_generate(sa, sg, 40, gen_cb, &ra, err, sizeof err) == 40);
+        CHECK(g3n_session_generate(sb, sg, 40, gen_cb, &rb, err, sizeof err) == 40);
+        CHECK_MSG(memcmp(ra.got, rb.got, sizeof(int32_t) * 40) == 0, "greedy picks differ with the copy");
+        CHECK(g3n_session_eval(sa, &next, 1, NULL, err, sizeof err) == 0);
+        CHECK(g3n_session_eval(sb, &next, 1, NULL, err, sizeof err) == 0);
+        const float *la = g3n_session_logits(sa), *lb = g3n_session_logits(sb);
+        CHECK_MSG(la && lb && memcmp(la, lb, sizeof(float) * (size_t)ia.n_vocab) == 0, "the row after a greedy step differs");
+    }
+    if (sa) g3n_session_free(sa);
+    if (sb) g3n_session_free(sb);
+    if (sg) g3n_sampler_free(sg);
+    g3n_model_close(a), g3n_model_close(b);
+}
+
 /* Prefix reuse: truncating a session to a prefix and evaluating a new suffix
  * gives the logits of evaluating prefix + suffix from scratch; truncation that
  * the sliding ring can no longer serve is refused. */
@@ -779,6 +822,7 @@ static void path_suite(void) {
     RUN(batch_decode_equals_alone);
     RUN(sample_from_candidates);
     RUN(generate_equals_loop);
+    RUN(greedy_pruned);
     RUN(session_truncate);
 }
 #endif
@@ -794,6 +838,7 @@ int main(int argc, char **argv) {
     RUN(batch_decode_equals_alone);
     RUN(sample_from_candidates);
     RUN(generate_equals_loop);
+    RUN(greedy_pruned);
     RUN(session_truncate);
     RUN(layouts_agree);
     RUN(kv_read_bytes);

@@ -463,6 +463,73 @@ TEST(matmul_large) {
     }
 }
 
+/* Greedy logits through the backend's cheaper copy of the LM head
+ * (logits_pruned): every logit it computes is matmul-then-softcap's, bit for
+ * bit; every one of the first n that equals their best is among them; the rest
+ * are -inf; on random rows a handful are computed. Gemma's width and narrow
+ * ones, odd row counts, each 16-bit dtype and f32, n below the rows, rows
+ * that differ from the best in one weight (near ties) and copies of it (ties). */
+TEST(unembed_pruned) {
+    if (!B->unembed_prepare) {
+        printf("  (no logits_pruned on this backend)\n");
+        return;
+    }
+    const struct { int dtype, rows, cols, n, kind; } cs[] = {
+        {G3N_BF16, 20000, 2048, 20000, 0}, {G3N_BF16, 4099, 2048, 4000, 1}, {G3N_F16, 3001, 256, 3001, 0},
+        {G3N_F32, 777, 64, 777, 1},        {G3N_BF16, 1000, 128, 1000, 2},  {G3N_F16, 515, 192, 300, 2},
+    };
+    for (size_t ci = 0; ci < sizeof cs / sizeof *cs; ci++) {
+        const int dt = cs[ci].dtype, O = cs[ci].rows, K = cs[ci].cols, n = cs[ci].n, kind = cs[ci].kind;
+        const size_t N = (size_t)O * K, es = g3n_dtype_size((g3n_dtype)dt);
+        float *w = rnd(N, 1.0f);
+        const int top = 37 % n; /* a row made large, and its near or exact copies */
+        for (int k = 0; k < K; k++) w[(size_t)top * K + k] *= 2.0f;
+        for (int r = 100; kind && r < O && r < 140; r++) {
+            memcpy(w + (size_t)r * K, w + (size_t)top * K, 4 * (size_t)K);
+            if (kind == 1) w[(size_t)r * K + (r * 7) % K] *= 1.01f;
+        }
+        void *mem = malloc(es * N);
+        for (size_t i = 0; i < N; i++) {
+            if (dt == G3N_F32) ((float *)mem)[i] = w[i];
+            else ((uint16_t *)mem)[i] = dt == G3N_BF16 ? g3n_f32_to_bf16(w[i]) : g3n_f32_to_f16(w[i]);
+        }
+        g3n_mat W = {dt, O, K, mem, "lm_head test", 0, 0, 0, 0, 0, 0, NULL, NULL, 0, 0, NULL};
+        char err[256];
+        CHECK_MSG(B->mat_prepare(B, &W, err, sizeof err) == 0, "%s", err);
+        const size_t rb = B->unembed_prepare(B, &W);
+        CHECK_MSG(rb > 0 && rb < es * N + (size_t)O * K, "case %zu: unembed_prepare gave %zu bytes", ci, rb);
+        for (int pass = 0; pass < 2 && rb; pass++) {
+            const float cap = pass ? 30.0f : 0.0f;
+            float *x = rnd((size_t)K, 1.0f + pass);
+            float *dx = dev(x, (size_t)K), *dfull = dev_nan((size_t)O), *dpr = dev_nan((size_t)O);
+            B->matmul(B, dfull, &W, dx, 1);
+            if (cap > 0) B->softcap(B, dfull, (size_t)O, cap);
+            B->logits_pruned(B, dpr, &W, dx, n, cap);
+            float *full = host(dfull, (size_t)O), *pr = host(dpr, (size_t)O);
+            float best = -INFINITY;
+            for (int v = 0; v < n; v++) best = fmaxf(best, full[v]);
+            int cand = 0, wrong = 0, missed = 0;
+            for (int v = 0; v < O; v++) {
+                if (pr[v] == -INFINITY) {
+                    missed += v < n && full[v] == best;
+                    continue;
+                }
+                cand++;
+                wrong += v >= n || memcmp(&pr[v], &full[v], 4) != 0;
+            }
+            CHECK_MSG(!wrong && !missed, "case %zu pass %d: %d logits differ from matmul's, %d best left out", ci,
+                      pass, wrong, missed);
+            /* (random rows: the copy's bound leaves ~20 of 20,000) */
+            CHECK_MSG(cand >= 1 && (kind || cand <= O / 100), "case %zu pass %d: %d candidates of %d", ci, pass, cand, O);
+            if (pass == 0) printf("  case %zu: %d candidates of %d\n", ci, cand, O);
+            free(full), free(pr), free(x);
+            B->free(B, dx), B->free(B, dfull), B->free(B, dpr);
+        }
+        free(w);
+        keep_alive(mem);
+    }
+}
+
 /* The mlx format itself: packing (mlx's byte-wise extraction for 3, 5, 6 bits
  * written out), quantize -> dequantize error within half a step, the affine
  * endpoint rules (0 exact, constant groups). */
@@ -1611,6 +1678,7 @@ static void run_backend(void) {
     RUN(fused_ops_q4);
     RUN(fused_ops_q8);
     RUN(logits_top);
+    RUN(unembed_pruned);
 }
 
 int main(int argc, char **argv) {

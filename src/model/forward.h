@@ -25,6 +25,12 @@ const float *fwd_logits(const fwd_scratch *f);
  * later step of one row of logits (0: none): the backend's logits_top_queue
  * then runs with the step, recorded with it. */
 void fwd_set_top(fwd_scratch *f, int m, int n);
+/* Make the last step's logits row what a reader of its best m of the first n
+ * logits needs (m 0: the whole row): a step run for the best of them alone
+ * (fwd_set_top with m 1, where the backend reads the LM head through a cheaper
+ * copy: m->prune_ok) left only the candidates for it, so any other reader gets
+ * the row recomputed here first. */
+void fwd_logits_need(g3n_model *M, fwd_scratch *f, int m, int n);
 
 /* Decode paths (m->fused): one op per step of the maths, the fused ops, or the
  * fused ops with every layer of a one-token step in one backend call. */

@@ -365,6 +365,12 @@ g3n_model *g3n_model_open(const char *dir, const g3n_model_params *params, char 
     m->kv_f16 = p.kv_type && !strcmp(p.kv_type, "f16");
     if (rc == 0) rc = load_weights(m, err, errlen);
     if (rc == 0) fwd_dec_model_init(m);
+    if (rc == 0 && m->be->unembed_prepare) { /* greedy steps read a cheaper copy of the LM head */
+        const size_t copy = m->be->unembed_prepare(m->be, &m->w.embed_tokens);
+        const size_t base = m->decode_bytes_sparse ? m->decode_bytes_sparse : m->decode_bytes;
+        m->prune_ok = copy > 0;
+        m->decode_bytes_greedy = copy ? base - m->w.embed_tokens.file_bytes + copy : 0;
+    }
     if (rc == 0 && p.decode_path && fwd_path_parse(p.decode_path) < 0 && strcmp(p.decode_path, "auto"))
         rc = g3n_err(err, errlen, "decode path \"%s\": expected fused, split, mega or auto", p.decode_path);
     if (rc == 0) decode_path_choose(m, p.decode_path);
@@ -411,6 +417,7 @@ g3n_model_info g3n_model_get_info(const g3n_model *m) {
     i.weight_bytes = m->weight_bytes;
     i.decode_bytes = m->decode_bytes;
     i.decode_bytes_sparse = m->decode_bytes_sparse;
+    i.decode_bytes_greedy = m->decode_bytes_greedy;
     i.layout = m->layout;
     i.backend = m->be ? m->be->name : "";
     i.device_name = m->be ? m->be->device_name : "";

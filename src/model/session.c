@@ -115,6 +115,7 @@ const float *g3n_session_logits(const g3n_session *s) {
     if (s->logits_on_dev) { /* a cache filled on first use: logically const */
         g3n_session *w = (g3n_session *)s;
         g3n_backend *be = s->m->be;
+        fwd_logits_need(s->m, s->fwd, 0, 0);
         be->read(be, w->logits, fwd_logits(s->fwd), (size_t)s->m->cfg.n_vocab * sizeof(float));
         w->logits_on_dev = 0;
     }
@@ -145,6 +146,7 @@ int32_t g3n_session_sample(g3n_session *s, g3n_sampler *smp) {
         float vals[G3N_TOP_MAX];
         int32_t ids[G3N_TOP_MAX];
         uint8_t ok = 0;
+        fwd_logits_need(s->m, s->fwd, m, g3n_sampler_vocab(smp));
         if (be->logits_top(be, fwd_logits(s->fwd), 1, 0, g3n_sampler_vocab(smp), m, vals, ids, &ok) && ok) {
             const int32_t t = g3n_sampler_sample_top(smp, vals, ids, m);
             if (t != -2) return t;

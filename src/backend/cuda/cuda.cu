@@ -451,6 +451,7 @@ static void cu_destroy(g3n_backend *be) {
     cuda_ctx *c = CTX(be);
     cudaStreamSynchronize(c->stream);
     cuda_mega_report(c);
+    cuda_unembed_free(c);
     if (c->qtrace) { /* G3N_QTRACE: the last QTRACE_RECS k_qgemv_s blocks */
         unsigned long long *h = (unsigned long long *)malloc(QTRACE_BYTES);
         FILE *f = fopen(getenv("G3N_QTRACE"), "wb");
@@ -648,6 +649,8 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     be->decode_layers = cuda_op_decode_layers;
     be->logits_top = cuda_op_logits_top;
     be->logits_top_queue = cuda_op_logits_top_queue;
+    be->unembed_prepare = cuda_op_unembed_prepare;
+    be->logits_pruned = cuda_op_logits_pruned;
     be->prefetch = cu_prefetch;
     be->attention_next = cu_attention_next;
     return be;

@@ -174,6 +174,7 @@ typedef struct {
     unsigned long long *tq_dev;
     void *tq_host;
     cuda_top_req tq, graph_tq[CUDA_MAX_GRAPHS];
+    struct cuda_unembed *unembed; /* unembed.cu: the 8-bit copy of the unembedding and its bounds */
     unsigned long long *mg_trace; /* G3N_MEGA_TRACE=1: barrier times of the last step */
     int mg_trace_nbar;
     /* L2 prefetch of the next products' weights (cu_prefetch; G3N_PF=0 turns it
@@ -567,6 +568,15 @@ void *cuda_qtranspose(cuda_ctx *c, const g3n_mat *m);
 void cuda_op_mlp_sparse(g3n_backend *be, float *y, float *gate, float *up, const g3n_mat *Wg,
                         const g3n_mat *Wu, const g3n_mat *Wd, const float *u, int rows, float kappa);
 void cuda_pf_release(cuda_ctx *c);
+/* unembed.cu (greedy logits through an 8-bit copy of the unembedding); the exact
+ * rows in gemv.cu: UP_ROWS rows a block of UP_THREADS */
+#define UP_ROWS 2048
+#define UP_THREADS 256
+size_t cuda_op_unembed_prepare(g3n_backend *be, const g3n_mat *W);
+void cuda_op_logits_pruned(g3n_backend *be, float *logits, const g3n_mat *W, const float *h, int n, float cap);
+void cuda_unembed_free(cuda_ctx *c);
+void cuda_unembed_exact(cuda_ctx *c, float *logits, const g3n_mat *W, const float *x, const float *cm,
+                        const float *bmax, int nblk, const float *xn, int n, float cap);
 void cuda_op_matmul_multi(g3n_backend *be, int n, const g3n_mat *const *W, float *const *y,
                           const float *const *x, int rows);
 void cuda_op_altup_predict_fused(g3n_backend *be, float *pred, float *x, float *S, float *ple_proj,

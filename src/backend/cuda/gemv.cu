@@ -118,6 +118,91 @@ __global__ void __launch_bounds__(256) k_gemv(multi_args a) {
     }
 }
 
+/* ---- greedy logits: the exact rows of a pruned unembedding (unembed.cu) ----------------
+ *
+ * W . x for one row, as k_gemv computes it with one warp a row and one input row
+ * (wpr 1, R 1: the tied lm_head's shape): the lane's chunks c, c + 32, ... in
+ * batches of 8, each chunk's 8 products added in order and then to the sum,
+ * then the warp's sum. The same operations in the same order, so the same bits
+ * (test_ops unembed_pruned checks them against matmul). */
+template <typename T> __device__ __forceinline__ float gemv_dot1(const T *w, const float *x, int K) {
+    const int lane = threadIdx.x & 31, nc = K / 8;
+    constexpr int U = 8;
+    float acc[1] = {0.f};
+    for (int c = lane; c < nc; c += U * 32) {
+        raw8<T> q[U];
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (c + u * 32 < nc) ldraw(q[u], w + (size_t)(c + u * 32) * 8);
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (c + u * 32 < nc) {
+                float f[8];
+                cvt8(q[u], f);
+                fma8<1>(acc, f, x, K, c + u * 32);
+            }
+    }
+    return warp_sum(acc[0]);
+}
+
+/* Block b's UP_ROWS rows of the logits (UP_ROWS / UP_THREADS a thread): each
+ * whose upper bound (its approximate logit, in logits, plus cm[v] |x|) reaches
+ * the largest lower bound less a slack is a candidate and gets its exact
+ * softcapped logit; the others -inf. Rows at or past n are not candidates. The
+ * largest lower bound is the largest of bmax[0..nblk) (k_unembed_bound), |x|
+ * is *xn. */
+template <typename T>
+__global__ void __launch_bounds__(UP_THREADS)
+    k_unembed_exact(float *logits, const T *W, const float *x, int K, const float *cm, const float *bmax, int nblk,
+                    const float *xn, int rows, int n, float cap) {
+    constexpr int PT = UP_ROWS / UP_THREADS;
+    __shared__ float red[32];
+    __shared__ int list[UP_ROWS], nl;
+    const int v0 = blockIdx.x * UP_ROWS + threadIdx.x;
+    float m[PT]; /* weights: before the wait */
+#pragma unroll
+    for (int k = 0; k < PT; k++) m[k] = v0 + k * UP_THREADS < rows ? cm[v0 + k * UP_THREADS] : 0.f;
+    if (threadIdx.x == 0) nl = 0;
+    KERNEL_BEGIN();
+    float t = -INFINITY;
+    for (int i = threadIdx.x; i < nblk; i += UP_THREADS) t = fmaxf(t, bmax[i]);
+    t = warp_max(t);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = t;
+    __syncthreads();
+    t = red[0];
+    for (int w = 1; w < UP_THREADS / 32; w++) t = fmaxf(t, red[w]);
+    t -= fabsf(t) * 0x1p-10f; /* (the slack: roundings of the bounds and of ties) */
+    const float hn = *xn;
+#pragma unroll
+    for (int k = 0; k < PT; k++) {
+        const int v = v0 + k * UP_THREADS;
+        if (v >= rows) break;
+        const float a = logits[v];
+        if (v < n && a + m[k] * hn >= t) list[atomicAdd(&nl, 1)] = v;
+        else logits[v] = -INFINITY;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x >> 5; i < nl; i += UP_THREADS / 32) {
+        const int r = list[i];
+        const float d = gemv_dot1<T>(W + (size_t)r * K, x, K);
+        if ((threadIdx.x & 31) == 0) logits[r] = cap > 0 ? cap * tanhf(d / cap) : d;
+    }
+}
+
+void cuda_unembed_exact(cuda_ctx *c, float *logits, const g3n_mat *W, const float *x, const float *cm,
+                        const float *bmax, int nblk, const float *xn, int n, float cap) {
+    const dim3 grid((unsigned)((W->rows + UP_ROWS - 1) / UP_ROWS)), block(UP_THREADS);
+    if (W->dtype == G3N_BF16)
+        launch(c, k_unembed_exact<__nv_bfloat16>, grid, block, 0, logits, (const __nv_bfloat16 *)W->data, x,
+               W->cols, cm, bmax, nblk, xn, W->rows, n, cap);
+    else if (W->dtype == G3N_F16)
+        launch(c, k_unembed_exact<__half>, grid, block, 0, logits, (const __half *)W->data, x, W->cols, cm,
+               bmax, nblk, xn, W->rows, n, cap);
+    else
+        launch(c, k_unembed_exact<float>, grid, block, 0, logits, (const float *)W->data, x, W->cols, cm,
+               bmax, nblk, xn, W->rows, n, cap);
+}
+
 /* any K: one warp per output row, one weight per lane step */
 __global__ void k_gemv_scalar(float *y, const void *W, int dtype, const float *x, int O, int K, int rows) {
     KERNEL_BEGIN();
