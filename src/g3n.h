@@ -89,9 +89,10 @@ typedef struct {
     size_t decode_bytes;   /* weight bytes one decoded token reads (dense) */
     size_t decode_bytes_sparse; /* the same with exact sparsity (expected: the top-k
                              layers' up/down bytes times 1 - target); 0 when off */
-    size_t decode_bytes_greedy; /* the same for a greedy step (the best logit alone), where
-                             the backend reads the LM head through a cheaper copy and
-                             then the exact rows of the few candidates; 0 when it does not */
+    size_t decode_bytes_greedy; /* the same for a step whose sampler picks from the best few
+                             logits (greedy, top-k), where the backend reads the LM head
+                             through a cheaper copy and then the exact rows of the few
+                             candidates; 0 when it does not */
     const char *layout;    /* which tensor-name layout the files use */
     const char *backend;   /* backend in use */
     const char *device_name; /* the hardware it runs on */

@@ -588,10 +588,11 @@ TEST(generate_equals_loop) {
     g3n_model_close(m);
 }
 
-/* Greedy steps read the LM head through the backend's cheaper copy where it
- * makes one (logits_pruned; CUDA): they pick what steps over the whole row pick
- * (a second model opened with G3N_PRUNE=0), and a reader of the whole row after
- * one gets the row's own bits. */
+/* Steps whose sampler picks from the best m logits read the LM head through
+ * the backend's cheaper copy where it makes one (logits_pruned; CUDA): greedy
+ * (m 1) and Gemma's sampling (top-k 64: m 65) pick what steps over the whole
+ * row pick (a second model opened with G3N_PRUNE=0), and a reader of the whole
+ * row after one gets the row's own bits. */
 TEST(greedy_pruned) {
     setenv("G3N_PRUNE", "0", 1);
     g3n_model *a = open_model(FIX "conditional", DEVICE);
@@ -624,6 +625,18 @@ TEST(greedy_pruned) {
         CHECK(g3n_session_eval(sb, &next, 1, NULL, err, sizeof err) == 0);
         const float *la = g3n_session_logits(sa), *lb = g3n_session_logits(sb);
         CHECK_MSG(la && lb && memcmp(la, lb, sizeof(float) * (size_t)ia.n_vocab) == 0, "the row after a greedy step differs");
+        g3n_sampler_params ps = g3n_sampler_default_params(); /* Gemma's: top-k 64, top-p 0.95 */
+        ps.seed = 11;
+        g3n_sampler *s1 = g3n_sampler_create(&ps, ia.n_vocab_text, err, sizeof err);
+        g3n_sampler *s2 = g3n_sampler_create(&ps, ia.n_vocab_text, err, sizeof err);
+        gen_rec qa = {{0}, 0, 0}, qb = {{0}, 0, 0};
+        if (s1 && s2) {
+            CHECK(g3n_session_generate(sa, s1, 12, gen_cb, &qa, err, sizeof err) == 12);
+            CHECK(g3n_session_generate(sb, s2, 12, gen_cb, &qb, err, sizeof err) == 12);
+            CHECK_MSG(memcmp(qa.got, qb.got, sizeof(int32_t) * 12) == 0, "sampled picks differ with the copy");
+        }
+        if (s1) g3n_sampler_free(s1);
+        if (s2) g3n_sampler_free(s2);
     }
     if (sa) g3n_session_free(sa);
     if (sb) g3n_session_free(sb);

@@ -463,12 +463,14 @@ TEST(matmul_large) {
     }
 }
 
-/* Greedy logits through the backend's cheaper copy of the LM head
- * (logits_pruned): every logit it computes is matmul-then-softcap's, bit for
- * bit; every one of the first n that equals their best is among them; the rest
- * are -inf; on random rows a handful are computed. Gemma's width and narrow
- * ones, odd row counts, each 16-bit dtype and f32, n below the rows, rows
- * that differ from the best in one weight (near ties) and copies of it (ties). */
+/* Logits through the backend's cheaper copy of the LM head for a reader of
+ * the best m (logits_pruned): every logit it computes is matmul-then-softcap's,
+ * bit for bit; the best m of the first n and every one equal to the m-th are
+ * among them; the rest are -inf; on random rows few are computed; logits_top
+ * over the row gives the whole row's best m (queued too). Gemma's row count
+ * and width and narrow ones, odd row counts, each 16-bit dtype and f32, n below
+ * the rows, rows that differ from the best in one weight (near ties) and copies
+ * of it (ties), m 1 (greedy), 3 and 65 (top-k 64). */
 TEST(unembed_pruned) {
     if (!B->unembed_prepare) {
         printf("  (no logits_pruned on this backend)\n");
@@ -477,7 +479,12 @@ TEST(unembed_pruned) {
     const struct { int dtype, rows, cols, n, kind; } cs[] = {
         {G3N_BF16, 20000, 2048, 20000, 0}, {G3N_BF16, 4099, 2048, 4000, 1}, {G3N_F16, 3001, 256, 3001, 0},
         {G3N_F32, 777, 64, 777, 1},        {G3N_BF16, 1000, 128, 1000, 2},  {G3N_F16, 515, 192, 300, 2},
+        {G3N_F16, 262144, 64, 262144, 0},
     };
+    const int ms[3] = {1, 3, 65};
+    float vals[2][65];
+    int32_t ids[2][65];
+    uint8_t ok[2];
     for (size_t ci = 0; ci < sizeof cs / sizeof *cs; ci++) {
         const int dt = cs[ci].dtype, O = cs[ci].rows, K = cs[ci].cols, n = cs[ci].n, kind = cs[ci].kind;
         const size_t N = (size_t)O * K, es = g3n_dtype_size((g3n_dtype)dt);
@@ -498,33 +505,56 @@ TEST(unembed_pruned) {
         CHECK_MSG(B->mat_prepare(B, &W, err, sizeof err) == 0, "%s", err);
         const size_t rb = B->unembed_prepare(B, &W);
         CHECK_MSG(rb > 0 && rb < es * N + (size_t)O * K, "case %zu: unembed_prepare gave %zu bytes", ci, rb);
-        for (int pass = 0; pass < 2 && rb; pass++) {
-            const float cap = pass ? 30.0f : 0.0f;
-            float *x = rnd((size_t)K, 1.0f + pass);
+        float *live[18] = {NULL}; /* freed after the case: a queued request names its logits by address */
+        for (int pass = 0; pass < 6 && rb; pass++) {
+            const float cap = pass % 2 ? 30.0f : 0.0f;
+            const int m = ms[pass / 2], nblk = (O + 2047) / 2048; /* (the CUDA copy's blocks of rows) */
+            if (m > n) continue;
+            float *x = rnd((size_t)K, 1.0f + pass % 2);
             float *dx = dev(x, (size_t)K), *dfull = dev_nan((size_t)O), *dpr = dev_nan((size_t)O);
             B->matmul(B, dfull, &W, dx, 1);
             if (cap > 0) B->softcap(B, dfull, (size_t)O, cap);
-            B->logits_pruned(B, dpr, &W, dx, n, cap);
+            B->logits_pruned(B, dpr, &W, dx, n, m, cap);
             float *full = host(dfull, (size_t)O), *pr = host(dpr, (size_t)O);
-            float best = -INFINITY;
-            for (int v = 0; v < n; v++) best = fmaxf(best, full[v]);
+            int *idx = malloc(sizeof(int) * (size_t)n);
+            test_logit_order(full, n, idx);
+            const float mth = full[idx[m - 1]];
             int cand = 0, wrong = 0, missed = 0;
             for (int v = 0; v < O; v++) {
                 if (pr[v] == -INFINITY) {
-                    missed += v < n && full[v] == best;
+                    missed += v < n && full[v] >= mth;
                     continue;
                 }
                 cand++;
                 wrong += v >= n || memcmp(&pr[v], &full[v], 4) != 0;
             }
-            CHECK_MSG(!wrong && !missed, "case %zu pass %d: %d logits differ from matmul's, %d best left out", ci,
-                      pass, wrong, missed);
-            /* (random rows: the copy's bound leaves ~20 of 20,000) */
-            CHECK_MSG(cand >= 1 && (kind || cand <= O / 100), "case %zu pass %d: %d candidates of %d", ci, pass, cand, O);
-            if (pass == 0) printf("  case %zu: %d candidates of %d\n", ci, cand, O);
-            free(full), free(pr), free(x);
-            B->free(B, dx), B->free(B, dfull), B->free(B, dpr);
+            CHECK_MSG(!wrong && !missed, "case %zu m %d cap %g: %d logits differ from matmul's, %d of the best left out",
+                      ci, m, cap, wrong, missed);
+            /* random rows: the copy's bound leaves a handful for m 1, a few hundred for 65 of 262,144 */
+            CHECK_MSG(cand >= m && (kind || m > nblk || cand <= O / 20), "case %zu m %d: %d candidates of %d", ci, m,
+                      cand, O);
+            if (cap == 0) printf("  case %zu m %d: %d candidates of %d\n", ci, m, cand, O);
+            for (int q = 0; q < 2 && B->logits_top; q++) { /* the row's best m from the pruned row: plain, queued */
+                const float *dl = q ? dpr : dfull;
+                CHECK(B->logits_top(B, dl, 1, 0, n, m, vals[q], ids[q], &ok[q]) && ok[q]);
+            }
+            for (int q = 1; q < 2 && B->logits_top_queue && B->logits_top; q++) {
+                if (!B->logits_top_queue(B, dpr, 1, (size_t)n, n, m)) continue;
+                float v2[65];
+                int32_t i2[65];
+                uint8_t ok2 = 0;
+                CHECK(B->logits_top(B, dpr, 1, 0, n, m, v2, i2, &ok2) && ok2);
+                CHECK_MSG(!memcmp(v2, vals[0], 4 * (size_t)m) && !memcmp(i2, ids[0], 4 * (size_t)m),
+                          "case %zu m %d: queued best of the pruned row differ", ci, m);
+            }
+            if (B->logits_top)
+                CHECK_MSG(!memcmp(vals[1], vals[0], 4 * (size_t)m) && !memcmp(ids[1], ids[0], 4 * (size_t)m),
+                          "case %zu m %d: the pruned row's best differ from the row's", ci, m);
+            free(full), free(pr), free(x), free(idx);
+            live[3 * pass] = dx, live[3 * pass + 1] = dfull, live[3 * pass + 2] = dpr;
         }
+        for (int i = 0; i < 18; i++)
+            if (live[i]) B->free(B, live[i]);
         free(w);
         keep_alive(mem);
     }

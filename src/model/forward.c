@@ -47,8 +47,8 @@ struct fwd_scratch {
     float *parts;  /* [FWD_PARTS, D] a one-row step's down product as K-slice sums (matmul_parts) */
     float *logits; /* [lm_rows, V] */
     int top_m, top_n; /* fwd_set_top */
-    int partial;      /* the logits row holds only the candidates for the best of its first
-                         `partial` logits (logits_pruned); fwd_logits_need completes it */
+    int partial, part_m; /* the logits row holds only the candidates for the best part_m of its
+                            first `partial` logits (logits_pruned); fwd_logits_need completes it */
 };
 
 static size_t fl(size_t n) { return (n + 15) & ~(size_t)15; } /* 64-byte alignment */
@@ -322,21 +322,21 @@ static void decoder_layer_fused(g3n_model *M, fwd_scratch *f, int l, int n) {
 }
 
 /* The LM head over h [nr, D] into logits, soft-capped; where `best` > 0 (one
- * row), only what the best of its first `best` logits needs (logits_pruned). */
-static void unembed(g3n_model *M, float *logits, const float *h, int nr, int best) {
+ * row), only what the best best_m of its first `best` logits need (logits_pruned). */
+static void unembed(g3n_model *M, float *logits, const float *h, int nr, int best, int best_m) {
     g3n_backend *be = M->be;
     const g3n_config *c = &M->cfg;
     const float cap = c->final_softcap > 0 ? c->final_softcap : 0;
     if (best > 0) {
-        be->logits_pruned(be, logits, &M->w.embed_tokens, h, best, cap);
+        be->logits_pruned(be, logits, &M->w.embed_tokens, h, best, best_m, cap);
         return;
     }
     be->matmul(be, logits, &M->w.embed_tokens, h, nr);
     if (cap > 0) be->softcap(be, logits, (size_t)nr * c->n_vocab, cap);
 }
 
-/* Collapse the planes of rows [r0, r0+nr) into logits (SPEC §3.7); best: unembed's. */
-static void output_logits(g3n_model *M, fwd_scratch *f, int n, int r0, int nr, float *logits, int best) {
+/* Collapse the planes of rows [r0, r0+nr) into logits (SPEC §3.7); best, best_m: unembed's. */
+static void output_logits(g3n_model *M, fwd_scratch *f, int n, int r0, int nr, float *logits, int best, int best_m) {
     g3n_backend *be = M->be;
     const g3n_config *c = &M->cfg;
     const int D = c->n_embd, A = c->n_altup;
@@ -365,15 +365,15 @@ static void output_logits(g3n_model *M, fwd_scratch *f, int n, int r0, int nr, f
         be->scale(be, h, h, 1.0f / (float)A, (size_t)nr * D);
         be->rmsnorm(be, h, h, M->w.norm, nr, D, c->rms_eps);
     }
-    unembed(M, logits, h, nr, best);
+    unembed(M, logits, h, nr, best, best_m);
 }
 
 const float *fwd_logits(const fwd_scratch *f) { return f->logits; }
 
 void fwd_logits_need(g3n_model *M, fwd_scratch *f, int m, int n) {
-    if (!f->partial || (m == 1 && n == f->partial)) return;
-    unembed(M, f->logits, f->t0, 1, 0); /* h is still there: the next step writes it */
-    f->partial = 0;
+    if (!f->partial || (m >= 1 && m <= f->part_m && n == f->partial)) return;
+    unembed(M, f->logits, f->t0, 1, 0, 0); /* h is still there: the next step writes it */
+    f->partial = f->part_m = 0;
 }
 
 void fwd_set_top(fwd_scratch *f, int m, int n) {
@@ -454,6 +454,7 @@ static uint64_t step_key(const fwd_scratch *f, const g3n_batch *b, int out_row0,
     MIX(f->top_m);
     MIX(f->top_n);
     MIX(f->partial);                  /* the LM head read through the backend's copy (unembed) */
+    MIX(f->part_m);
     const int decode = batch_one_per_seq(b);
     MIX(decode);                      /* a backend may take another path for decode steps */
     if (decode) MIX(batch_reach(b)); /* ... sized by the context reached */
@@ -471,9 +472,9 @@ void fwd_run(g3n_model *M, fwd_scratch *f, const g3n_batch *b, int out_row0, flo
     float *S_orig = f->S, *pred_orig = f->pred;
     const size_t V = (size_t)M->cfg.n_vocab;
     const int n_out = n - out_row0;
-    /* a step whose sampler takes the best logit needs no other (unembed) */
-    const int best = n_out == 1 && f->top_m == 1 && M->prune_ok && !logits_host ? f->top_n : 0;
-    f->partial = best;
+    /* a step whose sampler takes from the best m logits needs no other (unembed) */
+    const int best = n_out == 1 && f->top_m >= 1 && M->prune_ok && !logits_host ? f->top_n : 0;
+    f->partial = best, f->part_m = best ? f->top_m : 0;
     if (n_out <= f->lm_rows) {
         /* one step, one block of logits: recordable and replayable */
         int replayed = 0, recording = be->graph_begin && !fwd_debug_hook;
@@ -481,7 +482,7 @@ void fwd_run(g3n_model *M, fwd_scratch *f, const g3n_batch *b, int out_row0, flo
         if (!replayed) {
             embed_tokens(M, f, n);
             layers_run(M, f, n);
-            if (n_out > 0) output_logits(M, f, n, out_row0, n_out, f->logits, best);
+            if (n_out > 0) output_logits(M, f, n, out_row0, n_out, f->logits, best, f->part_m);
             if (n_out == 1 && f->top_m && be->logits_top_queue) /* the sampler's candidates, with the step */
                 be->logits_top_queue(be, f->logits, 1, (size_t)M->cfg.n_vocab, f->top_n, f->top_m);
             f->S = S_orig;
@@ -496,7 +497,7 @@ void fwd_run(g3n_model *M, fwd_scratch *f, const g3n_batch *b, int out_row0, flo
     layers_run(M, f, n);
     for (int r0 = out_row0; r0 < n; r0 += f->lm_rows) {
         int nr = G3N_MIN(f->lm_rows, n - r0);
-        output_logits(M, f, n, r0, nr, f->logits, 0);
+        output_logits(M, f, n, r0, nr, f->logits, 0, 0);
         be->read(be, logits_host + (size_t)(r0 - out_row0) * V, f->logits, (size_t)nr * V * sizeof(float));
     }
     f->S = S_orig;

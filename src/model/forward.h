@@ -26,10 +26,10 @@ const float *fwd_logits(const fwd_scratch *f);
  * then runs with the step, recorded with it. */
 void fwd_set_top(fwd_scratch *f, int m, int n);
 /* Make the last step's logits row what a reader of its best m of the first n
- * logits needs (m 0: the whole row): a step run for the best of them alone
- * (fwd_set_top with m 1, where the backend reads the LM head through a cheaper
- * copy: m->prune_ok) left only the candidates for it, so any other reader gets
- * the row recomputed here first. */
+ * logits needs (m 0: the whole row): a step run for its sampler's best m' alone
+ * (fwd_set_top, where the backend reads the LM head through a cheaper copy:
+ * m->prune_ok) left only the candidates for them, so a reader of more than m'
+ * or of other n gets the row recomputed here first. */
 void fwd_logits_need(g3n_model *M, fwd_scratch *f, int m, int n);
 
 /* Decode paths (m->fused): one op per step of the maths, the fused ops, or the

@@ -573,10 +573,10 @@ void cuda_pf_release(cuda_ctx *c);
 #define UP_ROWS 2048
 #define UP_THREADS 256
 size_t cuda_op_unembed_prepare(g3n_backend *be, const g3n_mat *W);
-void cuda_op_logits_pruned(g3n_backend *be, float *logits, const g3n_mat *W, const float *h, int n, float cap);
+void cuda_op_logits_pruned(g3n_backend *be, float *logits, const g3n_mat *W, const float *h, int n, int m, float cap);
 void cuda_unembed_free(cuda_ctx *c);
 void cuda_unembed_exact(cuda_ctx *c, float *logits, const g3n_mat *W, const float *x, const float *cm,
-                        const float *bmax, int nblk, const float *xn, int n, float cap);
+                        const float *bmax, int nblk, const float *xn, int n, int m, float cap);
 void cuda_op_matmul_multi(g3n_backend *be, int n, const g3n_mat *const *W, float *const *y,
                           const float *const *x, int rows);
 void cuda_op_altup_predict_fused(g3n_backend *be, float *pred, float *x, float *S, float *ple_proj,

@@ -147,30 +147,35 @@ template <typename T> __device__ __forceinline__ float gemv_dot1(const T *w, con
 
 /* Block b's UP_ROWS rows of the logits (UP_ROWS / UP_THREADS a thread): each
  * whose upper bound (its approximate logit, in logits, plus cm[v] |x|) reaches
- * the largest lower bound less a slack is a candidate and gets its exact
- * softcapped logit; the others -inf. Rows at or past n are not candidates. The
- * largest lower bound is the largest of bmax[0..nblk) (k_unembed_bound), |x|
- * is *xn. */
+ * t less a slack is a candidate and gets its exact softcapped logit; the others
+ * -inf. Rows at or past n are not candidates. t is the m-th largest of the
+ * blocks' largest lower bounds bmax[0..nblk) (k_unembed_bound): m rows (each
+ * the largest of its block) have exact logits at or above it, so it is at most
+ * the m-th largest exact logit (-inf where m > nblk). |x| is *xn. */
 template <typename T>
 __global__ void __launch_bounds__(UP_THREADS)
     k_unembed_exact(float *logits, const T *W, const float *x, int K, const float *cm, const float *bmax, int nblk,
-                    const float *xn, int rows, int n, float cap) {
+                    const float *xn, int rows, int n, int m, float cap) {
     constexpr int PT = UP_ROWS / UP_THREADS;
-    __shared__ float red[32];
+    __shared__ float bm[UP_THREADS], tsel;
     __shared__ int list[UP_ROWS], nl;
     const int v0 = blockIdx.x * UP_ROWS + threadIdx.x;
-    float m[PT]; /* weights: before the wait */
+    float mg[PT]; /* the rows' bounds per unit of |x| (weights: before the wait) */
 #pragma unroll
-    for (int k = 0; k < PT; k++) m[k] = v0 + k * UP_THREADS < rows ? cm[v0 + k * UP_THREADS] : 0.f;
-    if (threadIdx.x == 0) nl = 0;
+    for (int k = 0; k < PT; k++) mg[k] = v0 + k * UP_THREADS < rows ? cm[v0 + k * UP_THREADS] : 0.f;
+    if (threadIdx.x == 0) nl = 0, tsel = -INFINITY;
     KERNEL_BEGIN();
-    float t = -INFINITY;
-    for (int i = threadIdx.x; i < nblk; i += UP_THREADS) t = fmaxf(t, bmax[i]);
-    t = warp_max(t);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = t;
+    const bool sel = m <= nblk && nblk <= UP_THREADS;
+    if (sel && threadIdx.x < nblk) bm[threadIdx.x] = bmax[threadIdx.x];
     __syncthreads();
-    t = red[0];
-    for (int w = 1; w < UP_THREADS / 32; w++) t = fmaxf(t, red[w]);
+    if (sel && threadIdx.x < nblk) { /* the m-th largest: fewer than m above it, m or more at or above */
+        const float v = bm[threadIdx.x];
+        int above = 0, same = 0;
+        for (int j = 0; j < nblk; j++) above += bm[j] > v, same += bm[j] == v;
+        if (above < m && above + same >= m) tsel = v; /* (ties write the same value) */
+    }
+    __syncthreads();
+    float t = tsel;
     t -= fabsf(t) * 0x1p-10f; /* (the slack: roundings of the bounds and of ties) */
     const float hn = *xn;
 #pragma unroll
@@ -178,7 +183,7 @@ __global__ void __launch_bounds__(UP_THREADS)
         const int v = v0 + k * UP_THREADS;
         if (v >= rows) break;
         const float a = logits[v];
-        if (v < n && a + m[k] * hn >= t) list[atomicAdd(&nl, 1)] = v;
+        if (v < n && a + mg[k] * hn >= t) list[atomicAdd(&nl, 1)] = v;
         else logits[v] = -INFINITY;
     }
     __syncthreads();
@@ -190,17 +195,17 @@ __global__ void __launch_bounds__(UP_THREADS)
 }
 
 void cuda_unembed_exact(cuda_ctx *c, float *logits, const g3n_mat *W, const float *x, const float *cm,
-                        const float *bmax, int nblk, const float *xn, int n, float cap) {
+                        const float *bmax, int nblk, const float *xn, int n, int m, float cap) {
     const dim3 grid((unsigned)((W->rows + UP_ROWS - 1) / UP_ROWS)), block(UP_THREADS);
     if (W->dtype == G3N_BF16)
         launch(c, k_unembed_exact<__nv_bfloat16>, grid, block, 0, logits, (const __nv_bfloat16 *)W->data, x,
-               W->cols, cm, bmax, nblk, xn, W->rows, n, cap);
+               W->cols, cm, bmax, nblk, xn, W->rows, n, m, cap);
     else if (W->dtype == G3N_F16)
         launch(c, k_unembed_exact<__half>, grid, block, 0, logits, (const __half *)W->data, x, W->cols, cm,
-               bmax, nblk, xn, W->rows, n, cap);
+               bmax, nblk, xn, W->rows, n, m, cap);
     else
         launch(c, k_unembed_exact<float>, grid, block, 0, logits, (const float *)W->data, x, W->cols, cm,
-               bmax, nblk, xn, W->rows, n, cap);
+               bmax, nblk, xn, W->rows, n, m, cap);
 }
 
 /* any K: one warp per output row, one weight per lane step */

@@ -26,8 +26,11 @@
  *  1. k_top_max: each slice's best key.
  *  2. k_top_gather: t, the m-th best of the slices' best keys, is at most the
  *     row's m-th best (those m keys are m keys of the row), so the row's best m
- *     are among its keys at or above t; every block appends its slice's to the
- *     row's list (atomic slots: the list's order varies, its set does not).
+ *     are among its keys at or above t; every block appends its slice's finite
+ *     ones to the row's list (atomic slots: the list's order varies, its set
+ *     does not). -inf and NaN are left out, so that a row of few finite logits
+ *     among -inf (logits_pruned's) does not fill the list with them; a row of
+ *     fewer than m finite logits then declines (step 3).
  *  3. k_top_sort: one block sorts the list and writes the best m; more than
  *     TOP_CAP keys at or above t (ties of -inf, say) and it declines, and the
  *     row goes through the two steps above.
@@ -186,7 +189,7 @@ __global__ void __launch_bounds__(1024) k_top_gather(unsigned long long *list, u
     const int i0 = blockIdx.x * TOP_SLICE, i1 = min(n, i0 + TOP_SLICE);
     for (int i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
         const unsigned long long k = top_key(x[i], i);
-        if (k >= t) {
+        if (k >= t && x[i] > -INFINITY) { /* (-inf and NaN never: a row of fewer finite than m declines) */
             const unsigned slot = atomicAdd(&cnt[blockIdx.y], 1u);
             if (slot < TOP_CAP) list[slot] = k;
         }
@@ -200,7 +203,7 @@ __global__ void __launch_bounds__(1024) k_top_sort(float *out, const unsigned lo
     KERNEL_BEGIN();
     out += blockIdx.x * (2 * (size_t)m + 1), list += (size_t)blockIdx.x * TOP_CAP;
     const unsigned total = cnt[blockIdx.x];
-    if (total > TOP_CAP || total < (unsigned)m) { /* (fewer: cannot happen) */
+    if (total > TOP_CAP || total < (unsigned)m) { /* (fewer: fewer than m finite logits) */
         if (threadIdx.x == 0) out[2 * m] = 0.0f;
         return;
     }

@@ -1,10 +1,11 @@
 /* unembed.cu: the best logit of a one-token step through an 8-bit copy of a
  * 16-bit LM head (backend.h: unembed_prepare, logits_pruned).
  *
- * A greedy step needs only the row's largest logit, but the tied LM head is
+ * A step whose sampler picks from the best m logits (greedy: the largest;
+ * Gemma's top-k 64: the best 65) needs only those, but the tied LM head is
  * 262,144 x 2,048 weights: in bf16 1.07 GB a token, 14% of what an E4B step
  * reads and 25% of E2B's. Here such a step reads an 8-bit copy (0.57 GB) and
- * then the rows of the few that can still be the largest (16-bit, or f32):
+ * then the rows of the few that can still be among the best (16-bit, or f32):
  *
  *  1. a_v = W~[v] . h for every row v, W~ the copy (groups of 64, bf16 scale
  *     and bias, made at load by k_unembed_quant), through the 8-bit products
@@ -19,13 +20,14 @@
  *     2^-21 of a chunk's largest, and their float finish). |h| is rounded up
  *     by 2^-10. k_unembed_bound takes each block's largest lower bound
  *     a_v - cm[v] |h|;
- *  3. k_unembed_exact (gemv.cu) takes the largest of those, t, less 2^-10 |t|,
- *     and gives every row whose upper bound a_v + cm[v] |h| reaches it its
- *     exact logit, the matmul's arithmetic (so the same bits) soft-capped as
- *     softcap does; the others -inf. A row left out has d_v < t <= the largest
- *     d, so the largest logit and every logit equal to it are among the exact
- *     ones; the slack covers the bounds' own roundings and rows that differ
- *     from the largest by less than the cap's rounding.
+ *  3. k_unembed_exact (gemv.cu) takes the m-th largest of those, t (the
+ *     sampler's best m: 1 greedy, top-k + 1 sampling), less 2^-10 |t|, and gives
+ *     every row whose upper bound a_v + cm[v] |h| reaches it its exact logit,
+ *     the matmul's arithmetic (so the same bits) soft-capped as softcap does;
+ *     the others -inf. m rows have d at or above t, so a row left out has d_v <
+ *     t <= the m-th largest d: the best m logits and every logit equal to the
+ *     m-th are among the exact ones; the slack covers the bounds' own roundings
+ *     and rows that differ from the m-th by less than the cap's rounding.
  *
  * The copy's error is about 0.6% of a row's norm, so on random checkpoints the
  * candidates are a handful of rows. Rows at or past n (the sampler's
@@ -149,11 +151,19 @@ size_t cuda_op_unembed_prepare(g3n_backend *be, const g3n_mat *W) {
         return 0; /* kept in host memory: not read by products */
     }
     cuda_unembed_free(c);
+    const size_t R = (size_t)W->rows, ng = R * (W->cols / UQ_GROUP), nblk = (R + UP_ROWS - 1) / UP_ROWS;
+    const size_t sz[6] = {R * W->cols, ng * 2, ng * 2, R * 4, nblk * 4, 2 * sizeof(float)};
+    /* only where the GPU keeps room for what comes after the weights (K/V
+     * caches, scratch): a tenth of it, at least 1 GB */
+    size_t fr = 0, tot = 0;
+    if (cudaMemGetInfo(&fr, &tot) != cudaSuccess ||
+        fr < sz[0] + sz[1] + sz[2] + sz[3] + G3N_MAX(tot / 10, (size_t)1 << 30)) {
+        cudaGetLastError();
+        return 0;
+    }
     cuda_unembed *u = (cuda_unembed *)g3n_calloc(1, sizeof(*u));
     c->unembed = u;
-    const size_t R = (size_t)W->rows, ng = R * (W->cols / UQ_GROUP);
-    u->nblk = (int)((R + UP_ROWS - 1) / UP_ROWS);
-    const size_t sz[6] = {R * W->cols, ng * 2, ng * 2, R * 4, (size_t)u->nblk * 4, 2 * sizeof(float)};
+    u->nblk = (int)nblk;
     for (int i = 0; i < 6; i++)
         if (cudaMalloc(&u->mem[i], sz[i]) != cudaSuccess) {
             cudaGetLastError();
@@ -192,7 +202,7 @@ size_t cuda_op_unembed_prepare(g3n_backend *be, const g3n_mat *W) {
     return q->file_bytes + sz[3];
 }
 
-void cuda_op_logits_pruned(g3n_backend *be, float *logits, const g3n_mat *W, const float *h, int n, float cap) {
+void cuda_op_logits_pruned(g3n_backend *be, float *logits, const g3n_mat *W, const float *h, int n, int m, float cap) {
     cuda_ctx *c = CTX(be);
     cuda_unembed *u = c->unembed;
     G3N_ASSERT(u && u->W == W->data);
@@ -200,7 +210,7 @@ void cuda_op_logits_pruned(g3n_backend *be, float *logits, const g3n_mat *W, con
     cuda_quant_matmul(c, logits, &u->q8, h, 1);
     launch(c, k_unembed_bound, dim3((unsigned)u->nblk), dim3(UP_THREADS), 0, (const float *)logits, h, W->cols,
            (const float *)u->cm, W->rows, n, u->bmax, u->xn);
-    cuda_unembed_exact(c, logits, W, h, u->cm, u->bmax, u->nblk, u->xn, n, cap);
+    cuda_unembed_exact(c, logits, W, h, u->cm, u->bmax, u->nblk, u->xn, n, m, cap);
     CUDA_LAUNCHED();
     PROF_END(c, "logits_pruned", (double)u->q8.file_bytes);
 }
