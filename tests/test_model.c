@@ -612,7 +612,7 @@ TEST(greedy_pruned) {
     g3n_sampler_params pg = g3n_sampler_default_params();
     pg.temperature = 0;
     g3n_sampler *sg = g3n_sampler_create(&pg, ia.n_vocab_text, err, sizeof err);
-    g3n_session *sa = g3n_session_create(a, 64, 4, err, sizeof err), *sb = g3n_session_create(b, 64, 4, err, sizeof err);
+    g3n_session *sa = g3n_session_create(a, 96, 4, err, sizeof err), *sb = g3n_session_create(b, 96, 4, err, sizeof err);
     const int32_t prompt[5] = {2, 31, 7, 250, 12}, next = 5;
     if (sg && sa && sb) {
         CHECK(g3n_session_eval(sa, prompt, 5, NULL, err, sizeof err) == 0);
@@ -635,6 +635,20 @@ TEST(greedy_pruned) {
             CHECK(g3n_session_generate(sb, s2, 12, gen_cb, &qb, err, sizeof err) == 12);
             CHECK_MSG(memcmp(qa.got, qb.got, sizeof(int32_t) * 12) == 0, "sampled picks differ with the copy");
         }
+        /* one session through a batcher (what g3n serve steps with one client busy) */
+        g3n_batcher *ba = g3n_batcher_create(a, 4, err, sizeof err), *bb = g3n_batcher_create(b, 4, err, sizeof err);
+        g3n_sampler *u1[2] = {sg, s1}, *u2[2] = {sg, s2};
+        int32_t ta = next, tb = next;
+        for (int step = 0; step < 8 && ba && bb && s1 && s2; step++) {
+            int32_t pa = -1, pb = -1;
+            CHECK_MSG(g3n_batch_decode_sample(ba, &sa, &ta, 1, &u1[step % 2], &pa, err, sizeof err) == 0, "%s", err);
+            CHECK_MSG(g3n_batch_decode_sample(bb, &sb, &tb, 1, &u2[step % 2], &pb, err, sizeof err) == 0, "%s", err);
+            CHECK_MSG(pa == pb && pa >= 0, "batched step %d: %d with the copy, %d without", step, (int)pb, (int)pa);
+            if (step % 2) g3n_sampler_accept(s1, pa), g3n_sampler_accept(s2, pb);
+            ta = pa, tb = pb;
+        }
+        if (ba) g3n_batcher_free(ba);
+        if (bb) g3n_batcher_free(bb);
         if (s1) g3n_sampler_free(s1);
         if (s2) g3n_sampler_free(s2);
     }

@@ -382,6 +382,7 @@ static void batch_row(g3n_batcher *bt, g3n_session *s, int i) {
 
 int g3n_batch_decode(g3n_batcher *bt, g3n_session **ss, const int32_t *ids, int n,
                      float *logits_out, char *err, size_t errlen) {
+    fwd_set_top(bt->fwd, 0, 0); /* every row read whole */
     if (batch_step(bt, ss, ids, n, err, errlen)) return -1;
     const size_t V = (size_t)bt->m->cfg.n_vocab;
     g3n_backend *be = bt->m->be;
@@ -405,9 +406,15 @@ int g3n_batch_decode_sample(g3n_batcher *bt, g3n_session **ss, const int32_t *id
             return g3n_err(err, errlen, "batch decode: sampler %d covers %d tokens, the model's logits %zu", i,
                            g3n_sampler_vocab(smps[i]), V);
     }
+    /* a step of one session queues its sampler's best m with the step, and may
+     * read only what they need (fwd_set_top, as g3n_session_eval); the rows of
+     * several are read here after the step */
+    const int m1 = n == 1 ? top_want(bt->m, smps, 1) : 0;
+    fwd_set_top(bt->fwd, m1, m1 ? g3n_sampler_vocab(smps[0]) : 0);
     if (batch_step(bt, ss, ids, n, err, errlen)) return -1;
     g3n_backend *be = bt->m->be;
     const int m = top_want(bt->m, smps, n);
+    if (m > 0) fwd_logits_need(bt->m, bt->fwd, m, g3n_sampler_vocab(smps[0]));
     float *vals = bt->top_vals;
     int32_t *cids = bt->top_ids;
     uint8_t *ok = bt->top_ok;
@@ -421,6 +428,7 @@ int g3n_batch_decode_sample(g3n_batcher *bt, g3n_session **ss, const int32_t *id
             t = g3n_sampler_sample_top(smps[i], vals + (size_t)i * m, cids + (size_t)i * m, k);
         }
         if (t == -2) {
+            fwd_logits_need(bt->m, bt->fwd, 0, 0);
             batch_row(bt, ss[i], i);
             t = g3n_sampler_sample(smps[i], ss[i]->logits);
         }
