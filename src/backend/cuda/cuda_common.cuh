@@ -568,7 +568,7 @@ void *cuda_qtranspose(cuda_ctx *c, const g3n_mat *m);
 void cuda_op_mlp_sparse(g3n_backend *be, float *y, float *gate, float *up, const g3n_mat *Wg,
                         const g3n_mat *Wu, const g3n_mat *Wd, const float *u, int rows, float kappa);
 void cuda_pf_release(cuda_ctx *c);
-/* unembed.cu (greedy logits through an 8-bit copy of the unembedding); the exact
+/* unembed.cu (the best logits through an 8-bit copy of the unembedding); the exact
  * rows in gemv.cu: UP_ROWS rows a block of UP_THREADS */
 #define UP_ROWS 2048
 #define UP_THREADS 256

@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(256) k_gemv(multi_args a) {
     }
 }
 
-/* ---- greedy logits: the exact rows of a pruned unembedding (unembed.cu) ----------------
+/* ---- the best logits: the exact rows of a pruned unembedding (unembed.cu) --------------
  *
  * W . x for one row, as k_gemv computes it with one warp a row and one input row
  * (wpr 1, R 1: the tied lm_head's shape): the lane's chunks c, c + 32, ... in
