@@ -10,16 +10,17 @@
  *  1. a_v = W~[v] . h for every row v, W~ the copy (groups of 64, bf16 scale
  *     and bias, made at load by k_unembed_quant), through the 8-bit products
  *     of quant.cu;
- *  2. the logit matmul computes, d_v, lies within cm[v] |h| of a_v, where at
+ *  2. the logit that matmul computes, d_v, lies within cm[v] |h| of a_v, where at
  *     load, in double, cm[v] = |W[v] - W~[v]| + 2^-11 (|W[v]| + |P[v]|), norms
  *     of row v and P[v]_i = |s q_i| + |b| (its scale and bias terms):
  *     |(W[v] - W~[v]) . h| <= |W[v] - W~[v]| |h| (Cauchy-Schwarz), and 2^-11
  *     |W[v]| |h| and 2^-11 |P[v]| |h| bound every rounding of the two fp32
  *     sums (at most K <= 8,192 terms: gamma_K < 2^-11, by the sum of the
  *     terms' magnitudes; the 8-bit products round only the activations, to
- *     2^-21 of a chunk's largest, and their float finish). |h| is rounded up
- *     by 2^-10. k_unembed_bound takes each block's largest lower bound
- *     a_v - cm[v] |h|;
+ *     2^-21 of a chunk's largest, and their float finish; gamma_2048 is a
+ *     quarter of 2^-11, and the rest covers the bounds' own float arithmetic).
+ *     |h| is rounded up by 2^-10. k_unembed_bound takes each block's largest
+ *     lower bound a_v - cm[v] |h|;
  *  3. k_unembed_exact (gemv.cu) takes the m-th largest of those, t (the
  *     sampler's best m: 1 greedy, top-k + 1 sampling), less 2^-10 |t|, and gives
  *     every row whose upper bound a_v + cm[v] |h| reaches it its exact logit,
@@ -40,7 +41,7 @@
 
 struct cuda_unembed {
     g3n_mat q8;      /* the copy, as quant.cu's products read a matrix */
-    const void *W;   /* the 16-bit matrix it copies */
+    const void *W;   /* the matrix it copies (its data) */
     float *cm;       /* [rows] the error bound per unit of |h| */
     float *bmax;     /* [nblk] each bound block's largest lower bound */
     float *xn;       /* |h|, rounded up */
