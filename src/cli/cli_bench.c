@@ -286,8 +286,9 @@ int cmd_bench(int argc, char **argv) {
                    sgp[pi].sd);
         printf("\ndevice %s; decode reads %.3f GB/token", mi.device_name, rd / 1e9);
         if (wb != mi.decode_bytes)
-            printf(" with%s%s (expected; %.3f dense)", mi.decode_bytes_sparse ? " exact sparsity" : "",
-                   mi.decode_bytes_greedy ? (mi.decode_bytes_sparse ? " and the LM head read through its copy (greedy)" : " the LM head read through its copy (greedy)") : "",
+            printf(" with%s%s%s (expected; %.3f dense)", mi.decode_bytes_sparse ? " exact sparsity" : "",
+                   mi.decode_bytes_sparse && mi.decode_bytes_greedy ? " and" : "",
+                   mi.decode_bytes_greedy ? " the LM head read through its copy (greedy)" : "",
                    (mi.decode_bytes + kvb) / 1e9);
         if (depth) printf(" (%s K/V cache %.1f MB of it)", mi.kv_type, kvb / 1e6);
         printf(" -> %.2f GB/s", gbs);

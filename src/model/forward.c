@@ -47,8 +47,8 @@ struct fwd_scratch {
     float *parts;  /* [FWD_PARTS, D] a one-row step's down product as K-slice sums (matmul_parts) */
     float *logits; /* [lm_rows, V] */
     int top_m, top_n; /* fwd_set_top */
-    int partial, part_m; /* the logits row holds only the candidates for the best part_m of its
-                            first `partial` logits (logits_pruned); fwd_logits_need completes it */
+    int pruned;       /* the last step's logits row holds only the candidates for its best top_m
+                         of the first top_n (logits_pruned); fwd_logits_need completes it */
 };
 
 static size_t fl(size_t n) { return (n + 15) & ~(size_t)15; } /* 64-byte alignment */
@@ -371,9 +371,9 @@ static void output_logits(g3n_model *M, fwd_scratch *f, int n, int r0, int nr, f
 const float *fwd_logits(const fwd_scratch *f) { return f->logits; }
 
 void fwd_logits_need(g3n_model *M, fwd_scratch *f, int m, int n) {
-    if (!f->partial || (m >= 1 && m <= f->part_m && n == f->partial)) return;
+    if (!f->pruned || (m >= 1 && m <= f->top_m && n == f->top_n)) return;
     unembed(M, f->logits, f->t0, 1, 0, 0); /* h is still there: the next step writes it */
-    f->partial = f->part_m = 0;
+    f->pruned = 0;
 }
 
 void fwd_set_top(fwd_scratch *f, int m, int n) {
@@ -453,8 +453,7 @@ static uint64_t step_key(const fwd_scratch *f, const g3n_batch *b, int out_row0,
     MIX(fused);
     MIX(f->top_m);
     MIX(f->top_n);
-    MIX(f->partial);                  /* the LM head read through the backend's copy (unembed) */
-    MIX(f->part_m);
+    MIX(f->pruned);                   /* the LM head read through the backend's copy (unembed) */
     const int decode = batch_one_per_seq(b);
     MIX(decode);                      /* a backend may take another path for decode steps */
     if (decode) MIX(batch_reach(b)); /* ... sized by the context reached */
@@ -473,8 +472,7 @@ void fwd_run(g3n_model *M, fwd_scratch *f, const g3n_batch *b, int out_row0, flo
     const size_t V = (size_t)M->cfg.n_vocab;
     const int n_out = n - out_row0;
     /* a step whose sampler takes from the best m logits needs no other (unembed) */
-    const int best = n_out == 1 && f->top_m >= 1 && M->prune_ok && !logits_host ? f->top_n : 0;
-    f->partial = best, f->part_m = best ? f->top_m : 0;
+    f->pruned = n_out == 1 && f->top_m >= 1 && M->prune_ok && !logits_host;
     if (n_out <= f->lm_rows) {
         /* one step, one block of logits: recordable and replayable */
         int replayed = 0, recording = be->graph_begin && !fwd_debug_hook;
@@ -482,7 +480,7 @@ void fwd_run(g3n_model *M, fwd_scratch *f, const g3n_batch *b, int out_row0, flo
         if (!replayed) {
             embed_tokens(M, f, n);
             layers_run(M, f, n);
-            if (n_out > 0) output_logits(M, f, n, out_row0, n_out, f->logits, best, f->part_m);
+            if (n_out > 0) output_logits(M, f, n, out_row0, n_out, f->logits, f->pruned ? f->top_n : 0, f->top_m);
             if (n_out == 1 && f->top_m && be->logits_top_queue) /* the sampler's candidates, with the step */
                 be->logits_top_queue(be, f->logits, 1, (size_t)M->cfg.n_vocab, f->top_n, f->top_m);
             f->S = S_orig;

@@ -365,7 +365,7 @@ g3n_model *g3n_model_open(const char *dir, const g3n_model_params *params, char 
     m->kv_f16 = p.kv_type && !strcmp(p.kv_type, "f16");
     if (rc == 0) rc = load_weights(m, err, errlen);
     if (rc == 0) fwd_dec_model_init(m);
-    if (rc == 0 && m->be->unembed_prepare) { /* greedy steps read a cheaper copy of the LM head */
+    if (rc == 0 && m->be->unembed_prepare) { /* greedy and top-k steps read a cheaper copy of the LM head */
         const size_t copy = m->be->unembed_prepare(m->be, &m->w.embed_tokens);
         const size_t base = m->decode_bytes_sparse ? m->decode_bytes_sparse : m->decode_bytes;
         m->prune_ok = copy > 0;
