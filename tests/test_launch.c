@@ -167,6 +167,10 @@ TEST(pf_plan) {
     pf_mat e2b_q8[3] = {mlp_mat(2048, 8192, 8), mlp_mat(2048, 8192, 8), mlp_mat(8192, 2048, 8)};
     CHECK(pf_plan(e2b_q8, 3, 2, l2, part, 0, &spread, &stride) == 0 && spread == 2);
     CHECK(pf_plan(e2b_q8, 3, 2, l2, 0, 0, &spread, &stride) == 0 && spread == 0); /* no share asked for */
+    /* the share the backend asks for now at 8 bits (5/8 of the L2, cuda.cu):
+     * every third 16 KB of E4B 8-bit's gate and up (71.3 MB) */
+    pf_mat e4b_q8[3] = {mlp_mat(2048, 16384, 8), mlp_mat(2048, 16384, 8), mlp_mat(16384, 2048, 8)};
+    CHECK(pf_plan(e4b_q8, 3, 2, l2, l2 / 8 * 5, 0, &spread, &stride) == 0 && spread == 2 && stride == 3);
     e4b_q4[0].ok = 0; /* not on the GPU: nothing */
     CHECK(pf_plan(e4b_q4, 3, 2, l2, part, 0, &spread, &stride) == 0 && spread == 0);
 }

@@ -579,7 +579,11 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     c->pf_on = !(pf && strcmp(pf, "0") == 0);
     c->l2_bytes = (size_t)prop.l2CacheSize;
     const char *pp = getenv("G3N_PF_PART");
-    c->pf_part = pp ? (size_t)G3N_MAX(0, atoi(pp)) << 20 : c->l2_bytes / 6; /* measured: docs/SPEED.md, sixteenth session */
+    /* 5/8 of the L2 at 8 bits too, since their products' copies ask the L2 to
+     * evict the weights first (cp_async16w): tg128 E4B 8-bit 421.9 -> 437.6 tok/s
+     * against 1/6 (the sixteenth session's share), E2B 8-bit 579.5 -> 581.2
+     * (docs/SPEED.md, twenty-seventh session) */
+    c->pf_part = pp ? (size_t)G3N_MAX(0, atoi(pp)) << 20 : c->l2_bytes / 8 * 5;
     const char *pp16 = getenv("G3N_PF_PART16"), *pl = getenv("G3N_PF_LATE");
     c->pf_part16 = pp16 ? (size_t)G3N_MAX(0, atoi(pp16)) << 20 : c->l2_bytes / 8 * 5; /* cuda_pf_release says why */
     c->pf_late = !(pl && !atoi(pl));

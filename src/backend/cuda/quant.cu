@@ -343,6 +343,17 @@ template <int SDT> __device__ __forceinline__ float sb_value(uint32_t w, int g) 
 }
 
 /* A warp's ring slot: for each of its QRPW rows, every lane's chunk words, scale and bias word. */
+/* A weight's 16 bytes into shared memory: 8-bit weights with the L2's
+ * evict-first hint (cp_async16w: E4B 8-bit +3.2%, E2B +1.1%); 4-bit ones, whose
+ * gate and up the L2 holds whole, without it (E2B 4-bit -1.7% with it; docs/SPEED.md,
+ * twenty-seventh session). */
+template <int BITS> __device__ __forceinline__ void cp_async16q(void *dst, const void *src) {
+    if (BITS == 8)
+        cp_async16w(dst, src);
+    else
+        cp_async16(dst, src);
+}
+
 template <int BITS> struct qslot {
     uint4 w[QRPW][BITS / 4][32];
     uint32_t sc[QRPW][32], bi[QRPW][32];
@@ -397,7 +408,7 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
                 const int g = grow[i] + (ch >> gsh);
                 const uint4 *p = (const uint4 *)(wrow[i] + ch * BITS);
 #pragma unroll
-                for (int j = 0; j < BITS / 4; j++) cp_async16(&sl.w[i][j][lane], p + j);
+                for (int j = 0; j < BITS / 4; j++) cp_async16q<BITS>(&sl.w[i][j][lane], p + j);
                 cp_async4(&sl.sc[i][lane], sb_word(S, g));
                 cp_async4(&sl.bi[i][lane], sb_word(B, g));
             }
@@ -876,7 +887,7 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const int row = i * 4 + (lane >> 3), p = lane & 7;
-                if (gr0 + p * 16 / GB < hi) cp_async16(&sl.w[row][p ^ (row & 7)], wsrc[i] + (size_t)gr0 * GB + p * 16);
+                if (gr0 + p * 16 / GB < hi) cp_async16q<BITS>(&sl.w[row][p ^ (row & 7)], wsrc[i] + (size_t)gr0 * GB + p * 16);
             }
 #pragma unroll
             for (int i = 0; i < 2; i++) /* scale words then bias words: 16 rows x SW each */
