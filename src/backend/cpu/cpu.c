@@ -396,14 +396,46 @@ static void q4_row_perm(const g3n_mat *W, int r, float *dst, int qb) {
 }
 
 #ifdef G3N_X86
-/* Row r of a 4-bit (in q4_perm order, qb 32) or 8-bit W dequantized as
+/* Elements c0..c0+7 (c0 a multiple of 8) of a row of 2, 3, 5 or 6 bits: they
+ * take `bits` whole bytes from byte c0 * bits / 8 of the little-endian stream
+ * (g3n_quant_get's order), read as one integer (exactly those bytes: a row's
+ * last ones end the allocation). Element i is then bits i*bits.. of it. */
+static inline uint64_t q_bytes8(const uint32_t *row, int bits, int c0) {
+    const uint8_t *p = (const uint8_t *)row + (size_t)c0 * (size_t)bits / 8;
+    /* whole-width loads put together in registers (one memcpy of 3, 5 or 6 bytes
+     * into a zeroed integer went through the stack: 2x slower than this) */
+    uint32_t w = 0;
+    uint16_t h = 0;
+    if (bits >= 4) {
+        memcpy(&w, p, 4);
+        if (bits == 6) memcpy(&h, p + 4, 2);
+        return (uint64_t)w | (uint64_t)(bits == 6 ? h : bits == 5 ? p[4] : 0) << 32;
+    }
+    memcpy(&h, p, 2);
+    return (uint64_t)h | (uint64_t)(bits == 3 ? p[2] : 0) << 16;
+}
+
+/* q of elements c0..c0+15 (c0 a multiple of 16) as 16 int32 lanes: 8 bits, or
+ * 2, 3, 5 and 6 (q_bytes8); 4 bits take their own paths (above and below) */
+__attribute__((target("avx512f,avx512bw"), always_inline)) static inline __m512i unpack16_avx512(const uint32_t *row,
+                                                                                               int bits, int c0) {
+    if (bits == 8) return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)row + c0)));
+    const __m512i sh = _mm512_set_epi64(7 * bits, 6 * bits, 5 * bits, 4 * bits, 3 * bits, 2 * bits, bits, 0);
+    const __m512i m = _mm512_set1_epi64((1 << bits) - 1);
+    const __m512i lo = _mm512_and_si512(_mm512_srlv_epi64(_mm512_set1_epi64((long long)q_bytes8(row, bits, c0)), sh), m);
+    const __m512i hi =
+        _mm512_and_si512(_mm512_srlv_epi64(_mm512_set1_epi64((long long)q_bytes8(row, bits, c0 + 8)), sh), m);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)), _mm512_cvtepi64_epi32(hi), 1);
+}
+
+/* Row r of a quantized W (4 bits in q4_perm order, qb 32) dequantized as
  * q4_row_perm and g3n_mat_row give it, 16 weights a vector: scale * q rounded,
  * then + bias (the same bits). The prompt path dequantizes every row once per
  * step; element by element that was about as long as the products (E2B 4-bit
- * pp128 on 2 cores, docs/SPEED.md). 0: not taken (other widths). */
+ * pp128 on 2 cores, docs/SPEED.md). 0: not taken (4 bits in another order). */
 __attribute__((target("avx512f,avx512bw"))) static int qrow_avx512(const g3n_mat *W, int r, float *dst, int qb) {
     const int K = W->cols, G = W->group_size, bits = W->bits;
-    if (!(bits == 8 || (bits == 4 && qb == 32)) || G % 32) return 0;
+    if ((bits == 4 && qb != 32) || G % 32) return 0;
     const size_t ng = (size_t)(K / G), es = g3n_dtype_size((g3n_dtype)W->sdtype);
     const uint8_t *q = (const uint8_t *)((const uint32_t *)W->data + (size_t)r * g3n_quant_row_words(K, bits));
     const char *sp = (const char *)W->scales + (size_t)r * ng * es, *bp = (const char *)W->biases + (size_t)r * ng * es;
@@ -418,9 +450,14 @@ __attribute__((target("avx512f,avx512bw"))) static int qrow_avx512(const g3n_mat
                 _mm512_storeu_ps(dst + b, _mm512_add_ps(_mm512_mul_ps(sc, qe), bi));
                 _mm512_storeu_ps(dst + b + 16, _mm512_add_ps(_mm512_mul_ps(sc, qo), bi));
             }
-        else
+        else if (bits == 8)
             for (int b = g * G; b < (g + 1) * G; b += 16) {
                 const __m512 qv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + b))));
+                _mm512_storeu_ps(dst + b, _mm512_add_ps(_mm512_mul_ps(sc, qv), bi));
+            }
+        else /* 2, 3, 5, 6 bits (through unpack16_avx512 at 8 bits, E2B 8-bit pp16 was 8% slower) */
+            for (int b = g * G; b < (g + 1) * G; b += 16) {
+                const __m512 qv = _mm512_cvtepi32_ps(unpack16_avx512((const uint32_t *)q, bits, b));
                 _mm512_storeu_ps(dst + b, _mm512_add_ps(_mm512_mul_ps(sc, qv), bi));
             }
     }
@@ -469,13 +506,17 @@ static void k1x4q_scalar(const qrows4 *R, const float *x, int K, float out[4]) {
 }
 
 #ifdef G3N_X86
-/* q of elements c0..c0+7 (c0 a multiple of 8) as 8 int32 lanes (not 4 bits: see above) */
+/* q of elements c0..c0+7 (c0 a multiple of 8) as 8 int32 lanes, as
+ * unpack16_avx512 does (not 4 bits); bits a constant where the caller passes one */
 __attribute__((target("avx2,fma"), always_inline)) static inline __m256i unpack8_avx2(const uint32_t *row,
                                                                                      int bits, int c0) {
     if (bits == 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)row + c0)));
-    int32_t v[8];
-    for (int i = 0; i < 8; i++) v[i] = (int32_t)g3n_quant_get(row, bits, c0 + i);
-    return _mm256_loadu_si256((const __m256i *)v);
+    const __m256i u = _mm256_set1_epi64x((long long)q_bytes8(row, bits, c0)), m = _mm256_set1_epi64x((1 << bits) - 1);
+    const __m256i lo = _mm256_and_si256(_mm256_srlv_epi64(u, _mm256_set_epi64x(3 * bits, 2 * bits, bits, 0)), m);
+    const __m256i hi = _mm256_and_si256(_mm256_srlv_epi64(u, _mm256_set_epi64x(7 * bits, 6 * bits, 5 * bits, 4 * bits)), m);
+    /* the low words of lo's 4 lanes, then hi's */
+    const __m256i idx = _mm256_set_epi32(6, 4, 2, 0, 6, 4, 2, 0);
+    return _mm256_permute2x128_si256(_mm256_permutevar8x32_epi32(lo, idx), _mm256_permutevar8x32_epi32(hi, idx), 0x30);
 }
 
 /* How far ahead in a row's bytes the quantized kernels ask for the weights: the
@@ -488,10 +529,35 @@ static inline size_t q4_ahead(int K, int bits) {
     return row * 4 < 8192 ? row * 4 : 8192;
 }
 
-/* bits is a constant where the caller passes 4 or 8: the unpacking is specialised */
+/* Where the scales are 16-bit (bf16, f16: at most 11 significant bits) and q has
+ * at most 8, the product scale * q is exact in f32, so g3n_quant_w's rounded
+ * product and then sum round once, at the sum: one FMA, scale * q + bias, gives
+ * the same bits (subnormal products too; an overflowing one, scale > 1.3e36, aside). f32 scales
+ * keep the product and the sum. */
+static inline int q_fma_exact(const qrows4 *R) { return R->sdtype != G3N_F32 && R->bits <= 8; }
+
+/* fn(R, x, K, out, bits, ex) with the width, and at 4 (where fma4) and 8 bits
+ * the FMA choice, as constants: each call is specialised (the loader admits
+ * only 2, 3, 4, 5, 6 and 8 bits) */
+#define Q_DISPATCH(fn, R, x, K, out, fma4)                                                                  \
+    do {                                                                                                      \
+        const int ex_ = q_fma_exact(R);                                                                       \
+        switch ((R)->bits) {                                                                                  \
+        case 4: if (ex_ && (fma4)) fn(R, x, K, out, 4, 1); else fn(R, x, K, out, 4, 0); break;               \
+        case 8: if (ex_) fn(R, x, K, out, 8, 1); else fn(R, x, K, out, 8, 0); break;                         \
+        case 6: fn(R, x, K, out, 6, ex_); break;                                                              \
+        case 5: fn(R, x, K, out, 5, ex_); break;                                                              \
+        case 3: fn(R, x, K, out, 3, ex_); break;                                                              \
+        default: fn(R, x, K, out, 2, ex_); break;                                                             \
+        }                                                                                                     \
+    } while (0)
+
+/* bits (and ex: q_fma_exact) are constants where the caller passes them: the
+ * unpacking is specialised */
 __attribute__((target("avx2,fma"), always_inline)) static inline void k1x4q_avx2_bits(const qrows4 *R,
                                                                                     const float *x, int K,
-                                                                                    float out[4], const int bits) {
+                                                                                    float out[4], const int bits,
+                                                                                    const int ex) {
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     const int G = R->group, ng = K / G, sdt = R->sdtype; /* locals, as in k1x4q_avx512_bits */
     const size_t ahead = q4_ahead(K, bits);
@@ -514,8 +580,10 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void k1x4q_avx2
                         _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)R->q[o] + i / 2)));
                     const __m256 qe = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
                     const __m256 qo = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
-                    acc[o] = _mm256_fmadd_ps(_mm256_add_ps(_mm256_mul_ps(sc[o], qe), bi[o]), xe, acc[o]);
-                    acc[o] = _mm256_fmadd_ps(_mm256_add_ps(_mm256_mul_ps(sc[o], qo), bi[o]), xo, acc[o]);
+                    const __m256 we = ex ? _mm256_fmadd_ps(sc[o], qe, bi[o]) : _mm256_add_ps(_mm256_mul_ps(sc[o], qe), bi[o]);
+                    const __m256 wo = ex ? _mm256_fmadd_ps(sc[o], qo, bi[o]) : _mm256_add_ps(_mm256_mul_ps(sc[o], qo), bi[o]);
+                    acc[o] = _mm256_fmadd_ps(we, xe, acc[o]);
+                    acc[o] = _mm256_fmadd_ps(wo, xo, acc[o]);
                 }
             }
         else
@@ -524,7 +592,7 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void k1x4q_avx2
 #pragma GCC unroll 4
                 for (int o = 0; o < 4; o++) {
                     const __m256 q = _mm256_cvtepi32_ps(unpack8_avx2(R->q[o], bits, i));
-                    const __m256 w = _mm256_add_ps(_mm256_mul_ps(sc[o], q), bi[o]);
+                    const __m256 w = ex ? _mm256_fmadd_ps(sc[o], q, bi[o]) : _mm256_add_ps(_mm256_mul_ps(sc[o], q), bi[o]);
                     acc[o] = _mm256_fmadd_ps(w, xv, acc[o]);
                 }
             }
@@ -533,22 +601,12 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void k1x4q_avx2
 }
 
 __attribute__((target("avx2,fma"))) static void k1x4q_avx2(const qrows4 *R, const float *x, int K, float out[4]) {
-    if (R->bits == 4) k1x4q_avx2_bits(R, x, K, out, 4);
-    else if (R->bits == 8) k1x4q_avx2_bits(R, x, K, out, 8);
-    else k1x4q_avx2_bits(R, x, K, out, R->bits);
+    Q_DISPATCH(k1x4q_avx2_bits, R, x, K, out, 1);
 }
 
-/* q of elements c0..c0+15 as 16 int32 lanes (not 4 bits: see above) */
-__attribute__((target("avx512f,avx512bw"), always_inline)) static inline __m512i unpack16_avx512(const uint32_t *row,
-                                                                                               int bits, int c0) {
-    if (bits == 8) return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)row + c0)));
-    int32_t v[16];
-    for (int i = 0; i < 16; i++) v[i] = (int32_t)g3n_quant_get(row, bits, c0 + i);
-    return _mm512_loadu_si512(v);
-}
 
 __attribute__((target("avx512f,avx512bw"), always_inline)) static inline void k1x4q_avx512_bits(
-    const qrows4 *R, const float *x, int K, float out[4], const int bits) {
+    const qrows4 *R, const float *x, int K, float out[4], const int bits, const int ex) {
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     /* locals: read through R inside the loops, the bounds and the group's parameters were
      * reloaded (and K / group divided) at every group, and the per-row setup went through the
@@ -592,7 +650,7 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) static inline void k1
 #pragma GCC unroll 4
                 for (int o = 0; o < 4; o++) {
                     const __m512 qv = _mm512_cvtepi32_ps(unpack16_avx512(R->q[o], bits, i));
-                    const __m512 w = _mm512_add_ps(_mm512_mul_ps(sc[o], qv), bi[o]);
+                    const __m512 w = ex ? _mm512_fmadd_ps(sc[o], qv, bi[o]) : _mm512_add_ps(_mm512_mul_ps(sc[o], qv), bi[o]);
                     acc[o] = _mm512_fmadd_ps(w, xv, acc[o]);
                 }
             }
@@ -602,9 +660,7 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) static inline void k1
 
 __attribute__((target("avx512f,avx512bw"))) static void k1x4q_avx512(const qrows4 *R, const float *x, int K,
                                                                      float out[4]) {
-    if (R->bits == 4) k1x4q_avx512_bits(R, x, K, out, 4);
-    else if (R->bits == 8) k1x4q_avx512_bits(R, x, K, out, 8);
-    else k1x4q_avx512_bits(R, x, K, out, R->bits);
+    Q_DISPATCH(k1x4q_avx512_bits, R, x, K, out, 0); /* 4 bits: a table a group, no product a weight */
 }
 #endif
 
