@@ -222,10 +222,14 @@ TEST(load) {
 
 TEST(load_speed) {
     NEED_TK;
-    /* The first load ran at start-up; retry twice before calling it slow (a busy
-     * machine), and only judge the optimized build. */
+    /* A guard against a gross regression (loading quadratic in the vocabulary or
+     * the merges), not a benchmark: the load takes ~0.3-0.45 s on the 2-core
+     * VMs, and a limit of 0.5 s failed CI once on a busy one (0.510 s). The
+     * first load ran at start-up; retry twice before calling it slow, and only
+     * judge the optimized build. */
+    const double limit = 2.0;
     double best = TK_LOAD_S;
-    for (int r = 0; r < 2 && best > 0.5 && !SANITIZED; r++) {
+    for (int r = 0; r < 2 && best > limit && !SANITIZED; r++) {
         char err[256];
         double t0 = g3n_time_s();
         g3n_tokenizer *tk = g3n_tokenizer_load(TK_PATH, err, sizeof err);
@@ -235,7 +239,7 @@ TEST(load_speed) {
         if (t < best) best = t;
     }
     printf("  load %.3f s (best)\n", best);
-    if (!SANITIZED) CHECK_MSG(best < 0.5, "loading took %.3f s (limit 0.5 s)", best);
+    if (!SANITIZED) CHECK_MSG(best < limit, "loading took %.3f s (limit %.1f s)", best, limit);
 }
 
 /* ---- encode: known ids and references ------------------------------------------------ */
