@@ -583,9 +583,10 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
      * evict the weights first (cp_async16w): tg128 E4B 8-bit 421.9 -> 437.6 tok/s
      * against 1/6 (the sixteenth session's share), E2B 8-bit 579.5 -> 581.2
      * (docs/SPEED.md, twenty-seventh session) */
-    c->pf_part = pp ? (size_t)G3N_MAX(0, atoi(pp)) << 20 : c->l2_bytes / 8 * 5;
+    const size_t share = c->l2_bytes / 8 * 5;
+    c->pf_part = pp ? (size_t)G3N_MAX(0, atoi(pp)) << 20 : share;
     const char *pp16 = getenv("G3N_PF_PART16"), *pl = getenv("G3N_PF_LATE");
-    c->pf_part16 = pp16 ? (size_t)G3N_MAX(0, atoi(pp16)) << 20 : c->l2_bytes / 8 * 5; /* cuda_pf_release says why */
+    c->pf_part16 = pp16 ? (size_t)G3N_MAX(0, atoi(pp16)) << 20 : share; /* cuda_pf_release says why */
     c->pf_late = !(pl && !atoi(pl));
     const char *sk = getenv("G3N_CUDA_SKIP");
     if (sk) snprintf(c->skip, sizeof c->skip, "%s", sk);

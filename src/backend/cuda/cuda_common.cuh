@@ -454,19 +454,19 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src) {
 /* The same for a weight's bytes, which a step reads once: the copy asks the L2
  * to evict them first (an access policy), so the stream does not push out what
  * is still to be read (the L2 prefetch of the MLP's matrices, keys and values).
- * E4B 8-bit +3.7% (docs/SPEED.md, twenty-seventh session). The 16-bit
+ * E4B 8-bit +3.2-4.2% alone (docs/SPEED.md, twenty-seventh session). The 16-bit
  * products' `ld.cs` loads measured level with the same hint. Not in sparse.cu's
  * copies: there it made the kernel stop at an illegal instruction on the H100
  * (not understood). */
 __device__ __forceinline__ void cp_async16w(void *dst, const void *src) {
-    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
     uint64_t pol;
     asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
     asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "l"(pol)
                  : "memory");
 #else
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+    cp_async16(dst, src);
 #endif
 }
 __device__ __forceinline__ void cp_async4(void *dst, const void *src) {

@@ -342,9 +342,8 @@ template <int SDT> __device__ __forceinline__ float sb_value(uint32_t w, int g) 
     return __half2float(__ushort_as_half((unsigned short)h));
 }
 
-/* A warp's ring slot: for each of its QRPW rows, every lane's chunk words, scale and bias word. */
 /* A weight's 16 bytes into shared memory: 8-bit weights with the L2's
- * evict-first hint (cp_async16w: E4B 8-bit +3.2%, E2B +1.1%); 4-bit ones, whose
+ * evict-first hint (cp_async16w: E4B 8-bit +3.2-4.2%, E2B +1.1%); 4-bit ones, whose
  * gate and up the L2 holds whole, without it (E2B 4-bit -1.7% with it; docs/SPEED.md,
  * twenty-seventh session). */
 template <int BITS> __device__ __forceinline__ void cp_async16q(void *dst, const void *src) {
@@ -354,6 +353,7 @@ template <int BITS> __device__ __forceinline__ void cp_async16q(void *dst, const
         cp_async16(dst, src);
 }
 
+/* A warp's ring slot: for each of its QRPW rows, every lane's chunk words, scale and bias word. */
 template <int BITS> struct qslot {
     uint4 w[QRPW][BITS / 4][32];
     uint32_t sc[QRPW][32], bi[QRPW][32];
