@@ -137,6 +137,10 @@ test-cuda: tokenizer-fixture
 	    || { echo "$$out"; exit 1; }; \
 	  echo "$$e test_ops (quantized): $$(echo "$$out" | tail -1)"; \
 	  done
+	@# batched products of any size on cuBLAS (G3N_BLAS_MB=0): the sparse MLP's gate of 3 rows takes it there
+	@# (not test_ops matmul: its rows alone must equal its batched rows bit for bit, which cuBLAS does not give)
+	@out=$$(G3N_BLAS_MB=0 G3N_REQUIRE_CUDA=1 build/release-cuda/tests/test_ops batch_ops fused_ops) \
+	  || { echo "$$out"; exit 1; }; echo "G3N_BLAS_MB=0 test_ops: $$(echo "$$out" | tail -1)"
 	@# k_correct_gate's other shapes: gate rows a block, pairs of elements a thread
 	@for e in G3N_CG_RPB=1 G3N_CG_RPB=16 G3N_CG_PAIRS=4; do \
 	  out=$$(env $$e G3N_REQUIRE_CUDA=1 build/release-cuda/tests/test_ops correct_gate) || { echo "$$out"; exit 1; }; \

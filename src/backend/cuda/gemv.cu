@@ -21,6 +21,7 @@ typedef struct {
     const float *x[MULTI_MAX];
     int O[MULTI_MAX], K[MULTI_MAX];
     int row0[MULTI_MAX + 1]; /* first global row of each product */
+    int pair0[MULTI_MAX + 1]; /* k_gemv2: first row pair of each product */
     int n;
     int wpr;  /* warps per output row: 1, 2, 4 or 8 */
     int mode; /* GEMV_PLAIN, GEMV_GELU_MUL (y = gelu(W.x) * m), GEMV_GATE_UP (two
@@ -115,6 +116,70 @@ __global__ void __launch_bounds__(256) k_gemv(multi_args a) {
         for (int k = 0; k < wpr; k++) v += part[warp + k][lane];
         const size_t o = (size_t)lane * a.O[s] + row;
         a.y[s][o] = a.mode == GEMV_GELU_MUL ? gelu_tanh_d(v) * a.m[o] : v;
+    }
+}
+
+/* k_gemv's one-warp-a-row shape (wpr 1) for R >= 4 input rows of 16-bit weights,
+ * two output rows a warp: each lane loads both rows' chunks, and each chunk of
+ * the inputs it reads (R rows of 8 floats, from L1) serves both. With one row a
+ * warp every 16 bytes of weights took 16 R bytes of inputs through L1, which
+ * bounded k_gemv<bf16, 8> at ~1.8 TB/s of weights (the q/k/v and o products of
+ * a batched step of 8: 15-16 µs at E4B; docs/SPEED.md, twenty-eighth session).
+ * A row's sum takes k_gemv's steps (its chunks in order, then the warp's sum);
+ * that it gives a one-row step's bits is not established (a bitwise test of
+ * batched rows against rows alone failed a case on the H100 that was not
+ * identified; docs/SPEED.md, twenty-eighth session). Block = 8 warps = 16 rows
+ * of one product (pairs do not straddle products). */
+template <typename T, int R>
+__global__ void __launch_bounds__(256, 2) k_gemv2(multi_args a) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int pair = blockIdx.x * 8 + warp;
+    if (pair >= a.pair0[a.n]) { KERNEL_BEGIN(); return; }
+    int s = 0;
+    while (pair >= a.pair0[s + 1]) s++;
+    const int row = 2 * (pair - a.pair0[s]), K = a.K[s], O = a.O[s], two = row + 1 < O;
+    const T *w0 = (const T *)a.W[s] + (size_t)row * K, *w1 = w0 + (two ? K : 0);
+    const float *x = a.x[s];
+    const int nc = K / 8;
+    constexpr int U = 8; /* K <= 2048 (gemv_launch): one batch of chunks a lane */
+    raw8<T> q0[U], q1[U];
+#pragma unroll
+    for (int u = 0; u < U; u++)
+        if (lane + u * 32 < nc) {
+            ldraw(q0[u], w0 + (size_t)(lane + u * 32) * 8);
+            ldraw(q1[u], w1 + (size_t)(lane + u * 32) * 8);
+        }
+    KERNEL_BEGIN();
+    float acc0[R], acc1[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc0[r] = acc1[r] = 0;
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int c = lane + u * 32;
+        if (c < nc) {
+            float f0[8], f1[8];
+            cvt8(q0[u], f0), cvt8(q1[u], f1);
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const float4 *xp = (const float4 *)(x + (size_t)r * K + (size_t)c * 8);
+                const float4 xa = __ldg(xp), xb = __ldg(xp + 1);
+                acc0[r] += f0[0] * xa.x + f0[1] * xa.y + f0[2] * xa.z + f0[3] * xa.w + f0[4] * xb.x + f0[5] * xb.y +
+                           f0[6] * xb.z + f0[7] * xb.w;
+                acc1[r] += f1[0] * xa.x + f1[1] * xa.y + f1[2] * xa.z + f1[3] * xa.w + f1[4] * xb.x + f1[5] * xb.y +
+                           f1[6] * xb.z + f1[7] * xb.w;
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) acc0[r] = warp_sum(acc0[r]), acc1[r] = warp_sum(acc1[r]);
+    if (lane < R) { /* lane r stores activation row r (a constant index per unrolled step) */
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            if (lane == r) {
+                const size_t o = (size_t)r * O + row;
+                a.y[s][o] = a.mode == GEMV_GELU_MUL ? gelu_tanh_d(acc0[r]) * a.m[o] : acc0[r];
+                if (two) a.y[s][o + 1] = a.mode == GEMV_GELU_MUL ? gelu_tanh_d(acc1[r]) * a.m[o + 1] : acc1[r];
+            }
     }
 }
 
@@ -222,7 +287,23 @@ __global__ void k_gemv_scalar(float *y, const void *W, int dtype, const float *x
 }
 
 template <typename T>
-static void gemv_launch(cuda_ctx *c, const multi_args &a, int R) {
+static void gemv_launch(cuda_ctx *c, multi_args &a, int R) {
+    if constexpr (sizeof(T) == 2) { /* 16-bit weights: two rows a warp for 4-8 input rows */
+        int kmax = 0;
+        for (int i = 0; i < a.n; i++) kmax = G3N_MAX(kmax, a.K[i]);
+        if (R >= 4 && a.wpr == 1 && kmax <= 2048 && a.mode != GEMV_GATE_UP) {
+            for (int i = 0; i < a.n; i++) a.pair0[i + 1] = a.pair0[i] + (a.O[i] + 1) / 2;
+            const dim3 grid((unsigned)((a.pair0[a.n] + 7) / 8));
+#define L(r) launch(c, k_gemv2<T, r>, grid, 256, 0, a)
+            if (R == 4) L(4);
+            else if (R == 5) L(5);
+            else if (R == 6) L(6);
+            else if (R == 7) L(7);
+            else L(8);
+#undef L
+            return;
+        }
+    }
     const int rows_per_block = 8 / a.wpr;
     const dim3 grid(a.mode == GEMV_GATE_UP ? (unsigned)((a.O[0] + 3) / 4)
                                            : (unsigned)((a.row0[a.n] + rows_per_block - 1) / rows_per_block));
@@ -489,8 +570,11 @@ void cuda_op_mlp_sparse(g3n_backend *be, float *y, float *gate, float *up, const
     cuda_ctx *c = CTX(be);
     if (rows <= 8 && (Wd->transposed || Wd->tdata) && (Wg->bits || Wg->cols % 8 == 0) && !Wg->transposed) {
         PROF_BEGIN(c);
+        /* the gate as matmul takes it: in a batched step of 3-8 rows a gate of
+         * 16 MB or more on cuBLAS (use_blas), where k_gemv's 8 rows took 85 µs for
+         * E4B's 67 MB (E4B bf16, 8 streams +10%; docs/SPEED.md, twenty-eighth session) */
         if (Wg->bits) cuda_quant_matmul(c, gate, Wg, u, rows);
-        else multi_run(c, 1, &Wg, &gate, &u, rows);
+        else matmul_one(c, gate, Wg, u, rows);
         const int done = cuda_mlp_sparse(c, y, gate, Wu, Wd, u, rows, kappa);
         PROF_END(c, done ? "mlp_sparse (gate, gather, reduce)" : "mlp_sparse gate", mat_bytes(Wg));
         if (done) return;
