@@ -31,14 +31,31 @@ typedef struct {
 
 enum { GEMV_PLAIN = 0, GEMV_GELU_MUL = 1, GEMV_GATE_UP = 2 };
 
+/* a chunk's 8 products, added in order (the chunk's contribution to a row's sum) */
+__device__ __forceinline__ float dot8(const float w[8], const float4 a, const float4 b) {
+    return w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * b.x + w[5] * b.y + w[6] * b.z + w[7] * b.w;
+}
+
+/* chunk c of R input rows (8 floats each, from L1) against one chunk of weights
+ * (fma8) or two rows' chunks at the same inputs (fma8x2) */
 template <int R>
 __device__ __forceinline__ void fma8(float acc[R], const float wf[8], const float *x, int K, int c) {
 #pragma unroll
     for (int r = 0; r < R; r++) {
         const float4 *xp = (const float4 *)(x + (size_t)r * K + (size_t)c * 8);
         const float4 a = __ldg(xp), b = __ldg(xp + 1);
-        acc[r] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x + wf[5] * b.y +
-                  wf[6] * b.z + wf[7] * b.w;
+        acc[r] += dot8(wf, a, b);
+    }
+}
+template <int R>
+__device__ __forceinline__ void fma8x2(float acc0[R], float acc1[R], const float w0[8], const float w1[8],
+                                       const float *x, int K, int c) {
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const float4 *xp = (const float4 *)(x + (size_t)r * K + (size_t)c * 8);
+        const float4 a = __ldg(xp), b = __ldg(xp + 1);
+        acc0[r] += dot8(w0, a, b);
+        acc1[r] += dot8(w1, a, b);
     }
 }
 
@@ -159,15 +176,7 @@ __global__ void __launch_bounds__(256, 2) k_gemv2(multi_args a) {
         if (c < nc) {
             float f0[8], f1[8];
             cvt8(q0[u], f0), cvt8(q1[u], f1);
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                const float4 *xp = (const float4 *)(x + (size_t)r * K + (size_t)c * 8);
-                const float4 xa = __ldg(xp), xb = __ldg(xp + 1);
-                acc0[r] += f0[0] * xa.x + f0[1] * xa.y + f0[2] * xa.z + f0[3] * xa.w + f0[4] * xb.x + f0[5] * xb.y +
-                           f0[6] * xb.z + f0[7] * xb.w;
-                acc1[r] += f1[0] * xa.x + f1[1] * xa.y + f1[2] * xa.z + f1[3] * xa.w + f1[4] * xb.x + f1[5] * xb.y +
-                           f1[6] * xb.z + f1[7] * xb.w;
-            }
+            fma8x2<R>(acc0, acc1, f0, f1, x, K, c);
         }
     }
 #pragma unroll
