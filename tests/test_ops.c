@@ -237,6 +237,46 @@ TEST(matmul) {
                 }
 }
 
+/* Several 16-bit products in one call and the gelu * m epilogue for 1-8 rows of
+ * input (on a GPU, 4-8 rows take two output rows a warp: k_gemv2), each product
+ * with its own rows, width and input: odd row counts, a product of one row, K of
+ * 8 to 2048. */
+TEST(matmul_multi_rows) {
+    const int O[3] = {37, 6, 1}, K[3] = {64, 2048, 8}, rows_s[] = {1, 3, 4, 5, 7, 8};
+    for (int d = 1; d < 3; d++) /* f16, bf16 */
+        for (size_t a = 0; a < sizeof rows_s / sizeof *rows_s; a++) {
+            const int R = rows_s[a];
+            tmat W[3];
+            float *x[3], *dx[3], *y0[3], *dy[3];
+            for (int i = 0; i < 3; i++) {
+                W[i] = make_mat(DTYPES[d], O[i], K[i], 0);
+                x[i] = rnd((size_t)R * K[i], 2.0f), dx[i] = dev(x[i], (size_t)R * K[i]);
+                y0[i] = malloc(4 * (size_t)R * O[i]), dy[i] = dev_nan((size_t)R * O[i]);
+            }
+            const g3n_mat *Wr[3] = {&W[0].ref, &W[1].ref, &W[2].ref}, *Wb[3] = {&W[0].b, &W[1].b, &W[2].b};
+            const float *xr[3] = {x[0], x[1], x[2]}, *xb[3] = {dx[0], dx[1], dx[2]};
+            REF->matmul_multi(REF, 3, Wr, y0, xr, R);
+            B->matmul_multi(B, 3, Wb, dy, xb, R);
+            for (int i = 0; i < 3; i++) {
+                char what[96];
+                snprintf(what, sizeof what, "matmul_multi %s R%d O%d K%d", g3n_dtype_name(DTYPES[d]), R, O[i], K[i]);
+                float *y1 = host(dy[i], (size_t)R * O[i]);
+                check_dots(what, y1, y0[i], &W[i].ref, x[i], R, 2e-6);
+                free(y1);
+            }
+            const size_t n = (size_t)R * O[0];
+            float *mm = rnd(n, 1.0f), *dmm = dev(mm, n), *dg = dev_nan(n);
+            REF->matmul_gelu_mul(REF, y0[0], &W[0].ref, x[0], mm, R);
+            B->matmul_gelu_mul(B, dg, &W[0].b, dx[0], dmm, R);
+            char what[96];
+            snprintf(what, sizeof what, "matmul_gelu_mul %s R%d", g3n_dtype_name(DTYPES[d]), R);
+            cmp(what, dg, y0[0], n, 1e-5, 1e-5 + rms_tol(y0[0], n, 1e-5)); /* (cmp frees dg) */
+            free(mm), B->free(B, dmm);
+            for (int i = 0; i < 3; i++)
+                free(W[i].mem), free(x[i]), free(y0[i]), B->free(B, dx[i]), B->free(B, dy[i]);
+        }
+}
+
 /* Quantized products: every bit width and group size the loader accepts, each
  * scale dtype, awkward row/output counts; on the CPU also bitwise row-alone ==
  * row-in-block (the decode kernels dequantize in registers, the prompt path
@@ -1685,6 +1725,7 @@ static void run_backend(void) {
     B->batch_set(B, &wide);
     RUN(matmul);
     RUN(matmul_large);
+    RUN(matmul_multi_rows);
     RUN(qmatmul);
     RUN(qmatmul_large);
     RUN(qmatmul_flat_bitwise);

@@ -145,8 +145,8 @@ __global__ void __launch_bounds__(256) k_gemv(multi_args a) {
  * A row's sum takes k_gemv's steps (its chunks in order, then the warp's sum);
  * that it gives a one-row step's bits is not established (a bitwise test of
  * batched rows against rows alone failed a case on the H100 that was not
- * identified; docs/SPEED.md, twenty-eighth session). Block = 8 warps = 16 rows
- * of one product (pairs do not straddle products). */
+ * identified; docs/SPEED.md, twenty-eighth session). Block = 8 warps = 8 pairs
+ * of rows; a pair never straddles two products (test_ops matmul_multi_rows). */
 template <typename T, int R>
 __global__ void __launch_bounds__(256, 2) k_gemv2(multi_args a) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
