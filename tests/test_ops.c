@@ -237,6 +237,34 @@ TEST(matmul) {
                 }
 }
 
+/* W[0..2] in one matmul_multi call, each with its own R rows of random input,
+ * against the reference (check_dots, labelled "what O.. K.."); product 0's input
+ * stays for the caller's epilogues in *x0 (host) and *dx0 (backend), which the
+ * caller frees. */
+static void check_multi3(const char *what, tmat W[3], int R, float **x0, float **dx0) {
+    float *x[3], *dx[3], *y0[3], *dy[3];
+    const g3n_mat *Wr[3], *Wb[3];
+    for (int i = 0; i < 3; i++) {
+        const int O = W[i].ref.rows, K = W[i].ref.cols;
+        x[i] = rnd((size_t)R * K, 2.0f), dx[i] = dev(x[i], (size_t)R * K);
+        y0[i] = malloc(4 * (size_t)R * O), dy[i] = dev_nan((size_t)R * O);
+        Wr[i] = &W[i].ref, Wb[i] = &W[i].b;
+    }
+    const float *xr[3] = {x[0], x[1], x[2]}, *xb[3] = {dx[0], dx[1], dx[2]};
+    REF->matmul_multi(REF, 3, Wr, y0, xr, R);
+    B->matmul_multi(B, 3, Wb, dy, xb, R);
+    for (int i = 0; i < 3; i++) {
+        const int O = W[i].ref.rows, K = W[i].ref.cols;
+        char label[128];
+        snprintf(label, sizeof label, "%s O%d K%d", what, O, K);
+        float *y1 = host(dy[i], (size_t)R * O);
+        check_dots(label, y1, y0[i], &W[i].ref, x[i], R, 2e-6);
+        free(y1), free(y0[i]), B->free(B, dy[i]);
+        if (i) free(x[i]), B->free(B, dx[i]);
+    }
+    *x0 = x[0], *dx0 = dx[0];
+}
+
 /* Several 16-bit products in one call and the gelu * m epilogue for 1-8 rows of
  * input (on a GPU, 4-8 rows take two output rows a warp: k_gemv2), each product
  * with its own rows, width and input: odd row counts, a product of one row, K of
@@ -247,33 +275,19 @@ TEST(matmul_multi_rows) {
         for (size_t a = 0; a < sizeof rows_s / sizeof *rows_s; a++) {
             const int R = rows_s[a];
             tmat W[3];
-            float *x[3], *dx[3], *y0[3], *dy[3];
-            for (int i = 0; i < 3; i++) {
-                W[i] = make_mat(DTYPES[d], O[i], K[i], 0);
-                x[i] = rnd((size_t)R * K[i], 2.0f), dx[i] = dev(x[i], (size_t)R * K[i]);
-                y0[i] = malloc(4 * (size_t)R * O[i]), dy[i] = dev_nan((size_t)R * O[i]);
-            }
-            const g3n_mat *Wr[3] = {&W[0].ref, &W[1].ref, &W[2].ref}, *Wb[3] = {&W[0].b, &W[1].b, &W[2].b};
-            const float *xr[3] = {x[0], x[1], x[2]}, *xb[3] = {dx[0], dx[1], dx[2]};
-            REF->matmul_multi(REF, 3, Wr, y0, xr, R);
-            B->matmul_multi(B, 3, Wb, dy, xb, R);
-            for (int i = 0; i < 3; i++) {
-                char what[96];
-                snprintf(what, sizeof what, "matmul_multi %s R%d O%d K%d", g3n_dtype_name(DTYPES[d]), R, O[i], K[i]);
-                float *y1 = host(dy[i], (size_t)R * O[i]);
-                check_dots(what, y1, y0[i], &W[i].ref, x[i], R, 2e-6);
-                free(y1);
-            }
-            const size_t n = (size_t)R * O[0];
-            float *mm = rnd(n, 1.0f), *dmm = dev(mm, n), *dg = dev_nan(n);
-            REF->matmul_gelu_mul(REF, y0[0], &W[0].ref, x[0], mm, R);
-            B->matmul_gelu_mul(B, dg, &W[0].b, dx[0], dmm, R);
+            for (int i = 0; i < 3; i++) W[i] = make_mat(DTYPES[d], O[i], K[i], 0);
             char what[96];
+            float *x0, *dx0;
+            snprintf(what, sizeof what, "matmul_multi %s R%d", g3n_dtype_name(DTYPES[d]), R);
+            check_multi3(what, W, R, &x0, &dx0);
+            const size_t n = (size_t)R * O[0];
+            float *mm = rnd(n, 1.0f), *dmm = dev(mm, n), *dg = dev_nan(n), *g0 = malloc(4 * n);
+            REF->matmul_gelu_mul(REF, g0, &W[0].ref, x0, mm, R);
+            B->matmul_gelu_mul(B, dg, &W[0].b, dx0, dmm, R);
             snprintf(what, sizeof what, "matmul_gelu_mul %s R%d", g3n_dtype_name(DTYPES[d]), R);
-            cmp(what, dg, y0[0], n, 1e-5, 1e-5 + rms_tol(y0[0], n, 1e-5)); /* (cmp frees dg) */
-            free(mm), B->free(B, dmm);
-            for (int i = 0; i < 3; i++)
-                free(W[i].mem), free(x[i]), free(y0[i]), B->free(B, dx[i]), B->free(B, dy[i]);
+            cmp(what, dg, g0, n, 1e-5, 1e-5 + rms_tol(g0, n, 1e-5)); /* (cmp frees dg) */
+            free(mm), free(g0), free(x0), B->free(B, dmm), B->free(B, dx0);
+            for (int i = 0; i < 3; i++) free(W[i].mem);
         }
 }
 
@@ -408,23 +422,12 @@ TEST(qmatmul_fused_odd) {
                  * kernel declines, or even ones everywhere, which it takes (8 bits; 2-8 rows at 4) */
                 const int odd = (gi + a) % 2, O[3] = {37, 6, 1}, K[3] = {(2 + odd) * G, 16384, (2 - odd) * G};
                 tmat W[3];
-                float *x[3], *dx[3], *y0[3], *dy[3];
-                for (int i = 0; i < 3; i++) {
-                    W[i] = make_qmat_ex(bits, G, sd, O[i], K[i], 0, 0, 0);
-                    x[i] = rnd((size_t)R * K[i], 2.0f), dx[i] = dev(x[i], (size_t)R * K[i]);
-                    y0[i] = malloc(4 * (size_t)R * O[i]), dy[i] = dev_nan((size_t)R * O[i]);
-                }
-                const g3n_mat *Wr[3] = {&W[0].ref, &W[1].ref, &W[2].ref}, *Wb[3] = {&W[0].b, &W[1].b, &W[2].b};
-                const float *xr[3] = {x[0], x[1], x[2]}, *xb[3] = {dx[0], dx[1], dx[2]};
-                REF->matmul_multi(REF, 3, Wr, y0, xr, R);
-                B->matmul_multi(B, 3, Wb, dy, xb, R);
-                for (int i = 0; i < 3; i++) {
+                for (int i = 0; i < 3; i++) W[i] = make_qmat_ex(bits, G, sd, O[i], K[i], 0, 0, 0);
+                float *x0, *dx0;
+                {
                     char what[96];
-                    snprintf(what, sizeof what, "qmatmul_multi q%d g%d %s R%d O%d K%d", bits, G,
-                             g3n_dtype_name(sd), R, O[i], K[i]);
-                    float *y1 = host(dy[i], (size_t)R * O[i]);
-                    check_dots(what, y1, y0[i], &W[i].ref, x[i], R, 2e-6);
-                    free(y1);
+                    snprintf(what, sizeof what, "qmatmul_multi q%d g%d %s R%d", bits, G, g3n_dtype_name(sd), R);
+                    check_multi3(what, W, R, &x0, &dx0);
                 }
                 /* epilogues on product 0's shape (37 rows) */
                 {
@@ -433,18 +436,18 @@ TEST(qmatmul_fused_odd) {
                     float *mm = rnd(n, 1.0f), *dmm = dev(mm, n), *g0 = malloc(4 * n), *u0 = malloc(4 * n);
                     float *dg = dev_nan(n), *du = dev_nan(n);
                     char what[96];
-                    REF->matmul_gelu_mul(REF, g0, &W[0].ref, x[0], mm, R);
-                    B->matmul_gelu_mul(B, dg, &W[0].b, dx[0], dmm, R);
+                    REF->matmul_gelu_mul(REF, g0, &W[0].ref, x0, mm, R);
+                    B->matmul_gelu_mul(B, dg, &W[0].b, dx0, dmm, R);
                     snprintf(what, sizeof what, "qmatmul_gelu_mul q%d g%d R%d", bits, G, R);
                     cmp(what, dg, g0, n, 1e-5, 2e-3); /* terms up to ~1e3: float rounding ~1e-4 */
-                    REF->matmul_gate_up(REF, g0, u0, &W[0].ref, &Wu.ref, x[0], R);
-                    B->matmul_gate_up(B, dg = dev_nan(n), du, &W[0].b, &Wu.b, dx[0], R);
+                    REF->matmul_gate_up(REF, g0, u0, &W[0].ref, &Wu.ref, x0, R);
+                    B->matmul_gate_up(B, dg = dev_nan(n), du, &W[0].b, &Wu.b, dx0, R);
                     snprintf(what, sizeof what, "qmatmul_gate_up q%d g%d R%d", bits, G, R);
                     cmp(what, dg, g0, n, 1e-5, 2e-3); /* terms up to ~1e3: float rounding ~1e-4 */
                     free(Wu.mem), free(mm), free(g0), free(u0), B->free(B, dmm), B->free(B, du);
                 }
-                for (int i = 0; i < 3; i++)
-                    free(W[i].mem), free(x[i]), free(y0[i]), B->free(B, dx[i]), B->free(B, dy[i]);
+                free(x0), B->free(B, dx0);
+                for (int i = 0; i < 3; i++) free(W[i].mem);
             }
 }
 
