@@ -131,8 +131,10 @@ test-cuda: tokenizer-fixture
 	  out=$$(G3N_QGEMV=$$k G3N_REQUIRE_CUDA=1 build/release-cuda/tests/test_ops $$t) || { echo "$$out"; exit 1; }; \
 	  echo "G3N_QGEMV=$$k test_ops $$t: $$(echo "$$out" | tail -1)"; \
 	  done; done
-	@# k_qgemv_s's K slices reduced in clusters only, in memory for every split product, and split narrow
-	@for e in G3N_QFLAT=0 "G3N_QFLAT=2 G3N_QSPLIT_KB=0" "G3N_QFLAT=0 G3N_QSPLIT_KB=0" "G3N_QWIDE=0 G3N_QSPLIT_KB=0"; do \
+	@# k_qgemv_s's K slices reduced in clusters only, in memory for every split product, and split narrow;
+	@# k_qmma's in clusters only and in memory for every split product
+	@for e in G3N_QFLAT=0 "G3N_QFLAT=2 G3N_QSPLIT_KB=0" "G3N_QFLAT=0 G3N_QSPLIT_KB=0" "G3N_QWIDE=0 G3N_QSPLIT_KB=0" \
+	  G3N_MMFLAT=0 G3N_MMFLAT=2; do \
 	  out=$$(env $$e G3N_REQUIRE_CUDA=1 build/release-cuda/tests/test_ops qmatmul qmatmul_large qmatmul_fused_odd fused_ops_q) \
 	    || { echo "$$out"; exit 1; }; \
 	  echo "$$e test_ops (quantized): $$(echo "$$out" | tail -1)"; \

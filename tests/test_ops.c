@@ -367,6 +367,28 @@ TEST(qmatmul_flat_bitwise) {
     }
 }
 
+/* The same for the tensor-core kernel's K slices (G3N_MMFLAT: 0 in a cluster, 2
+ * through memory, which it does for 3-8 rows): E4B's and E2B's down shapes at
+ * 4 and 8 bits in batched steps' row counts, and an odd one. */
+TEST(qmatmul_mmflat_bitwise) {
+    const struct { int O, K, bits, R; } cs[] = {{2048, 16384, 8, 3}, {2048, 8192, 8, 8}, {2048, 16384, 4, 8},
+                                                {2048, 8192, 4, 4}, {300, 16384, 4, 5}};
+    for (size_t t = 0; t < sizeof cs / sizeof *cs; t++) {
+        const int O = cs[t].O, K = cs[t].K, R = cs[t].R;
+        const size_t n = (size_t)R * O;
+        tmat W = make_qmat_ex(cs[t].bits, 64, G3N_BF16, O, K, 0, 0, 0);
+        float *x = rnd((size_t)R * K, 1.0f), *dx = dev(x, (size_t)R * K), *d0 = dev_nan(n), *d1 = dev_nan(n);
+        setenv("G3N_MMFLAT", "0", 1);
+        B->matmul(B, d0, &W.b, dx, R);
+        setenv("G3N_MMFLAT", "2", 1);
+        B->matmul(B, d1, &W.b, dx, R);
+        unsetenv("G3N_MMFLAT");
+        float *h0 = host(d0, n), *h1 = host(d1, n);
+        CHECK_MSG(memcmp(h0, h1, 4 * n) == 0, "q%d %dx%d R%d: flat and cluster differ", cs[t].bits, O, K, R);
+        free(h0), free(h1), free(x), free(W.mem), B->free(B, d0), B->free(B, d1), B->free(B, dx);
+    }
+}
+
 /* matmul_parts (where a backend has it): the parts added in order on the host
  * are matmul's result bit for bit, on E4B's and E2B's 4-bit down shapes (split
  * over K into 8 and 4 slices on the H100), their 8-bit ones (the tensor-core
@@ -1732,6 +1754,7 @@ static void run_backend(void) {
     RUN(qmatmul);
     RUN(qmatmul_large);
     RUN(qmatmul_flat_bitwise);
+    RUN(qmatmul_mmflat_bitwise);
     RUN(matmul_parts);
     RUN(qmatmul_fused_odd);
     RUN(qembed);

@@ -843,6 +843,13 @@ template <int WL> struct mmgrp {
  * biases; the 16-byte pieces of row r are stored XOR-swizzled by r % 8 so that
  * the fragment reads touch every bank equally. */
 #define MM_NSLOT 4 /* measured against 2 and 3 (E4B q8 227 / 249 / 257 tok/s) */
+/* Slots for an instantiation of RM rows: fewer where more rows are staged
+ * (3-8: 55-74 KB of B fragments for 2048 inputs), so that two blocks fit an
+ * SM; with four, a batched gate/up's 256 blocks ran one an SM, in two waves
+ * (ncu: 12.5% occupancy, 43% of issue slots). E4B 4-bit 8 / 16 streams with
+ * the flat down product: 1,764 / 1,915 -> 1,952 / 2,076 tok/s (twenty-ninth
+ * session). */
+#define MM_NSL(RM) ((RM) <= 2 ? MM_NSLOT : (RM) <= 5 ? 3 : 2)
 template <int BITS, int G> struct mmslot {
     static constexpr int GB = G * BITS / 8, SG = GB >= 128 ? 1 : 128 / GB, SW = SG >= 2 ? SG / 2 : 1;
     uint4 w[16][8];
@@ -878,7 +885,8 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
     const unsigned short *S = (const unsigned short *)a.S[s], *Z = (const unsigned short *)a.B[s];
     float4 *mul = mmsm; /* [group][tile][t]: m(2t), m(2t+1), xs(2t), xs(2t+1) of the tile's columns */
     uint2 *xq = (uint2 *)(mul + (size_t)a.ks * NCB * 4); /* [group][step][column][t]: B fragments */
-    mmslot<BITS, G> *ring = (mmslot<BITS, G> *)(xq + (size_t)a.ks * NS * NC * 4) + warp * MM_NSLOT;
+    constexpr int NSL = MM_NSL(RM);
+    mmslot<BITS, G> *ring = (mmslot<BITS, G> *)(xq + (size_t)a.ks * NS * NC * 4) + warp * NSL;
     const unsigned char *wsrc[4]; /* the rows this lane copies pieces of */
     auto issue = [&](int st, int slot) {
         if (st < st_hi) {
@@ -905,7 +913,7 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
     for (int i = 0; i < 4; i++)
         wsrc[i] = (const unsigned char *)(a.W[s] + (size_t)min(tile * 16 + i * 4 + (lane >> 3), O - 1) * wrow);
 #pragma unroll
-    for (int k = 0; k < MM_NSLOT - 1; k++) issue(st_lo + k, k);
+    for (int k = 0; k < NSL - 1; k++) issue(st_lo + k, k);
     /* launch_dependents where mm_launch puts it for this product (a.trig): here
      * (q/k/v), after the staging (gate/up), after the main loop, or nowhere (the
      * next kernel starts as these blocks exit). Every product triggering here,
@@ -1001,8 +1009,8 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
         }
     };
     for (int st = st_lo, slot = 0; st < st_hi; st++) {
-        issue(st + MM_NSLOT - 1, slot == 0 ? MM_NSLOT - 1 : slot - 1);
-        cp_async_wait<MM_NSLOT - 1>();
+        issue(st + NSL - 1, slot == 0 ? NSL - 1 : slot - 1);
+        cp_async_wait<NSL - 1>();
         __syncwarp(); /* every lane's copies of this stage are complete */
         const mmslot<BITS, G> &sl = ring[slot];
 #pragma unroll
@@ -1026,7 +1034,7 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
             }
         }
         __syncwarp(); /* all lanes are done with the slot before it is refilled */
-        if (++slot == MM_NSLOT) slot = 0;
+        if (++slot == NSL) slot = 0;
     }
     cp_async_wait<0>();
     if (a.trig == 1) pdl_trigger();
@@ -1050,6 +1058,40 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
         float v = 0;
         for (int k = 0; k < KW; k++) v += red[k * RB + ti][row][r];
         blk[ti][row][r] = v;
+        if constexpr (RM > 2)
+            if (a.flat) a.part[((size_t)b * gridDim.x + blockIdx.x) * (RB * 16 * R) + i] = v;
+    }
+    /* K slices without a cluster (3 rows or more; one or two keep the code they
+     * were measured with): the last slice of this row block to arrive adds them
+     * in rank order */
+    if constexpr (RM > 2) {
+        if (a.flat) {
+            __shared__ int last;
+            const int nsplit = gridDim.x, per = RB * 16 * R;
+            __threadfence();
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                last = atomicAdd(&a.cnt[b], 1u) == (unsigned)nsplit - 1;
+                if (last) a.cnt[b] = 0; /* for the next launch: every slice has counted */
+            }
+            __syncthreads();
+            if (last) {
+                __threadfence();
+                const float *pb = a.part + (size_t)b * nsplit * per;
+                const int nt = gu ? RB / 2 : RB;
+                for (int i = threadIdx.x; i < nt * 16 * R; i += 256) {
+                    const int ti = i / (16 * R), row = i / R % 16, r = i % R, iu = i + (RB / 2) * 16 * R;
+                    const int o = (gu ? b * (RB / 2) + ti : (b - a.blk0[sx]) * RB + ti) * 16 + row;
+                    float v = __ldcg(pb + i), u = gu ? __ldcg(pb + iu) : 0.f;
+                    for (int k = 1; k < nsplit; k++) {
+                        v += __ldcg(pb + (size_t)k * per + i);
+                        if (gu) u += __ldcg(pb + (size_t)k * per + iu);
+                    }
+                    q_store(a, v, u, sx, o, r);
+                }
+            }
+            return;
+        }
     }
     if (a.pstride) { /* K slices left to the reader (matmul_parts; one plain product): stored apart */
         __syncthreads();
@@ -1099,7 +1141,31 @@ static int mm_plain_blocks(const cuda_ctx *c, int O, int K, int G, int SG) {
 template <int BITS, int G> static size_t mm_smem(int R, int ks) {
     const size_t ncb = (size_t)(3 * R + 7) / 8;
     return (size_t)ks * (ncb * 4 * sizeof(float4) + (size_t)(G / 32) * 3 * R * 4 * sizeof(uint2)) +
-           (size_t)8 * MM_NSLOT * sizeof(mmslot<BITS, G>);
+           (size_t)8 * MM_NSL(R <= 2 ? 2 : R <= 5 ? 5 : 8) * sizeof(mmslot<BITS, G>);
+}
+
+/* Clusters of `cs` blocks of k_qmma (the instantiation for R rows) with `smem`
+ * bytes of shared memory that the device holds at once (remembered); INT_MAX
+ * where it does not answer. */
+template <int BITS, int G, int SDT> static int mm_resident_clusters(const cuda_ctx *c, int R, unsigned cs, size_t smem) {
+    static struct {
+        int rm;
+        unsigned cs;
+        size_t smem;
+        int n;
+    } memo[32];
+    static int n_memo;
+    const int rm = R <= 2 ? 2 : R <= 5 ? 5 : 8;
+    for (int i = 0; i < n_memo; i++)
+        if (memo[i].rm == rm && memo[i].cs == cs && memo[i].smem == smem) return memo[i].n;
+    const void *k = rm == 2 ? (const void *)k_qmma<BITS, G, 2, SDT>
+                    : rm == 5 ? (const void *)k_qmma<BITS, G, 5, SDT>
+                              : (const void *)k_qmma<BITS, G, 8, SDT>;
+    CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)qs_smem_max(c)));
+    int n = cuda_resident_clusters(k, cs, 256, smem);
+    if (n <= 0) n = INT_MAX;
+    if (n_memo < 32) memo[n_memo].rm = rm, memo[n_memo].cs = cs, memo[n_memo].smem = smem, memo[n_memo++].n = n;
+    return n;
 }
 
 template <int BITS, int G, int SDT>
@@ -1168,6 +1234,30 @@ static int mm_launch(cuda_ctx *c, qargs &a, int R) {
     const int parts = cs > 1 && cs <= a.pcap && a.mode == QPLAIN && a.n == 1;
     a.pstride = parts ? R * a.O[0] : 0;
     a.nparts = parts ? cs : 1;
+    /* K slices whose clusters the device cannot hold all at once (a cluster
+     * must sit in one GPC: 16 clusters of 8 blocks at one block an SM leave the
+     * last as a second wave on the H100) run without a cluster ("flat"): each
+     * block stores its sums and the last slice of its row block to finish adds
+     * them in rank order, the cluster's order. 3-8 rows only (k_qmma<.., 5|8,
+     * ..>): with the flat branch in it, the one-row kernel took a different
+     * schedule and ran 4-7% slower at 8 bits. Measured (docs/SPEED.md,
+     * twenty-ninth session): the down products of batched 4- and 8-bit steps
+     * (2048 x 8192|16384 at 4-8 rows: 16 clusters of 8, one block an SM for
+     * their staged rows; 15 fit), E4B 4-bit 4 / 8 / 16 streams +11 / +10 /
+     * +15% (+12 / +17 / +21% with MM_NSL's slots). G3N_MMFLAT: 0 never, 2
+     * every split product (tests). */
+    const char *fe = getenv("G3N_MMFLAT"); /* read on each call: tests switch it */
+    const int flat_env = fe ? atoi(fe) : 1;
+    a.flat = 0;
+    if (cs > 1 && R > 2 && !parts && flat_env && c->qs_part &&
+        (size_t)nb * cs * rb * 16 * R <= c->qs_part_n && (size_t)nb <= c->qs_cnt_n)
+        a.flat = flat_env == 2 || nb > mm_resident_clusters<BITS, G, SDT>(c, R, (unsigned)cs, smem);
+    a.part = c->qs_part, a.cnt = c->qs_cnt;
+    static const int debug = getenv("G3N_QDEBUG") != NULL; /* print each launch's shape */
+    if (debug)
+        fprintf(stderr, "qmma O%d K%d n%d R%d: rb %d slices %d%s blocks %d resident clusters %d\n", a.O[0], a.K[0], a.n,
+                R, rb, cs, a.flat ? " (flat)" : a.pstride ? " (parts)" : "", nb,
+                cs > 1 ? mm_resident_clusters<BITS, G, SDT>(c, R, (unsigned)cs, smem) : 0);
     static int attr[3]; /* the dynamic shared memory limit, raised once per instantiation */
 #define L(i, rm)                                                                                      \
     do {                                                                                              \
@@ -1175,7 +1265,7 @@ static int mm_launch(cuda_ctx *c, qargs &a, int R) {
             CUDA_CHECK(cudaFuncSetAttribute(k_qmma<BITS, G, rm, SDT>,                                 \
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)qs_smem_max(c))); \
         attr[i] = 1;                                                                                  \
-        launch_cluster(c, parts ? 1u : (unsigned)cs, k_qmma<BITS, G, rm, SDT>, grid, 256, smem, a);   \
+        launch_cluster(c, parts || a.flat ? 1u : (unsigned)cs, k_qmma<BITS, G, rm, SDT>, grid, 256, smem, a); \
     } while (0)
     if (R <= 2) L(0, 2); /* one n8 tile of B columns */
     else if (R <= 5) L(1, 5);
