@@ -8,7 +8,10 @@ consumed, and end. Records are grouped into launches in the order blocks
 ended; a step starts after the LM head (the product with the most rows). For one step a quarter of
 the way in, every launch is printed with quantiles (0, 10, 25, 50, 75, 90,
 100%) of its blocks' start, release, activations staged, last item and end, relative to the end of the
-launch before it. Usage:
+launch before it. A launch is named by its first product's shape, so each line
+also names the next launch's: a dense layer's gate/up is followed by its down
+product, a sparse layer's gate by the next layer's q/k/v (its up and down rows
+are k_mlp_sparse's, which this trace does not see). Usage:
   G3N_QTRACE=/tmp/qt.bin g3n bench -m DIR -p 0 -n 16 -r 1 --decode-path fused
   python3 tools/qtrace_report.py /tmp/qt.bin [STEP]
 STEP: which step to print (default: one a quarter of the way in); the
@@ -50,12 +53,16 @@ def main():
     b = starts[k + 1] if k + 1 < len(starts) else len(L)
     print("%d launches, %d steps; step %d..%d (us from the previous launch's end)" % (len(L), len(starts), a, b))
     prev = None
-    for sig, blocks in L[a:b]:
+    for i, (sig, blocks) in enumerate(L[a:b]):
         end = max(x[4] for x in blocks)
         if prev is None:
             prev = min(x[1] for x in blocks)
         sms = len(set(x[5] for x in blocks))
-        print("O%-6d K%-6d slices %d x %-4d blocks on %d SMs" % (sig[0], sig[1], sig[2], sig[3], sms))
+        # a launch is named by its first product: a sparse layer's gate and a
+        # dense layer's gate/up look alike; the next launch tells them apart
+        nxt = L[a + i + 1][0] if a + i + 1 < len(L) else None
+        print("O%-6d K%-6d slices %d x %-4d blocks on %d SMs%s" % (sig[0], sig[1], sig[2], sig[3], sms,
+              "  (next: O%d K%d)" % nxt[:2] if nxt else ""))
         for name, k in (("start", 0), ("release", 1), ("staged", 2), ("items", 3), ("end", 4)):
             print("   %-8s %s" % (name, q([(x[k] - prev) / 1e3 for x in blocks])))
         prev = end
