@@ -17,10 +17,11 @@ the medians over launches of each block event (release, staged, last items,
 end: p50 and p100 over the launch's blocks) and CUPTI's end, in us after the
 previous main-stream kernel's CUPTI end. k_l2_prefetch (the side stream) is
 left out of the main stream."""
-import array
 import bisect
 import statistics
 import sys
+
+import qtrace_report  # tools/, beside this script
 
 
 def ktrace(path):
@@ -40,20 +41,8 @@ def ktrace(path):
 
 
 def qtrace(path):
-    a = array.array("Q")
-    with open(path, "rb") as f:
-        a.frombytes(f.read())
-    out, cur = [], None
-    for i in range(min(a[0], (len(a) - 8) // 8)):
-        r = a[8 + i * 8 : 16 + i * 8]
-        sig = (r[0] >> 32, r[0] & 0xFFFFFFFF, r[1] >> 48, (r[1] >> 32) & 0xFFFF)  # O, K, slices, blocks
-        blk = (r[3], r[4], r[5], r[6], r[7])  # start, release, staged, items, end
-        if cur and cur[0] == sig and len(cur[1]) < sig[2] * sig[3]:
-            cur[1].append(blk)
-        else:
-            cur = (sig, [blk])
-            out.append(cur)
-    out = [l for l in out if len(l[1]) == l[0][2] * l[0][3]]
+    """qtrace_report's launches, complete ones only, in start order"""
+    out = [l for l in qtrace_report.launches(path) if len(l[1]) == l[0][2] * l[0][3]]
     out.sort(key=lambda l: min(b[0] for b in l[1]))
     return out
 
