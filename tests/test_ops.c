@@ -345,26 +345,30 @@ TEST(qmatmul_large) {
                 }
 }
 
+/* One product of R rows of a bits-bit O x K matrix, run with env var `var` at
+ * v0 and then at v1: the same bits (CHECK, labelled with var). */
+static void check_env_bitwise(const char *var, const char *v0, const char *v1, int bits, int O, int K, int R) {
+    const size_t n = (size_t)R * O;
+    tmat W = make_qmat_ex(bits, 64, G3N_BF16, O, K, 0, 0, 0);
+    float *x = rnd((size_t)R * K, 1.0f), *dx = dev(x, (size_t)R * K), *d0 = dev_nan(n), *d1 = dev_nan(n);
+    setenv(var, v0, 1);
+    B->matmul(B, d0, &W.b, dx, R);
+    setenv(var, v1, 1);
+    B->matmul(B, d1, &W.b, dx, R);
+    unsetenv(var);
+    float *h0 = host(d0, n), *h1 = host(d1, n);
+    CHECK_MSG(memcmp(h0, h1, 4 * n) == 0, "q%d %dx%d R%d: %s=%s and %s differ", bits, O, K, R, var, v0, v1);
+    free(h0), free(h1), free(x), free(W.mem), B->free(B, d0), B->free(B, d1), B->free(B, dx);
+}
+
 /* A GPU's K slices added in a cluster or through memory (G3N_QFLAT) give the
  * same bits: both add the slices' sums in slice order. E4B's and E2B's 4-bit
  * down shapes (the second flat only when every split product is), one row
  * (more take the tensor-core kernel). On the CPU backends both runs are the
  * same code. */
 TEST(qmatmul_flat_bitwise) {
-    const int shapes[][2] = {{2048, 16384}, {2048, 8192}};
-    for (int s = 0; s < 2; s++) {
-        const int O = shapes[s][0], K = shapes[s][1];
-        tmat W = make_qmat_ex(4, 64, G3N_BF16, O, K, 0, 0, 0);
-        float *x = rnd((size_t)K, 1.0f), *dx = dev(x, (size_t)K), *d0 = dev_nan((size_t)O), *d1 = dev_nan((size_t)O);
-        setenv("G3N_QFLAT", "0", 1);
-        B->matmul(B, d0, &W.b, dx, 1);
-        setenv("G3N_QFLAT", s ? "2" : "1", 1);
-        B->matmul(B, d1, &W.b, dx, 1);
-        unsetenv("G3N_QFLAT");
-        float *h0 = host(d0, (size_t)O), *h1 = host(d1, (size_t)O);
-        CHECK_MSG(memcmp(h0, h1, 4 * (size_t)O) == 0, "q4 %dx%d: flat and cluster differ", O, K);
-        free(h0), free(h1), free(x), free(W.mem), B->free(B, d0), B->free(B, d1), B->free(B, dx);
-    }
+    check_env_bitwise("G3N_QFLAT", "0", "1", 4, 2048, 16384, 1);
+    check_env_bitwise("G3N_QFLAT", "0", "2", 4, 2048, 8192, 1);
 }
 
 /* The same for the tensor-core kernel's K slices (G3N_MMFLAT: 0 in a cluster, 2
@@ -373,20 +377,8 @@ TEST(qmatmul_flat_bitwise) {
 TEST(qmatmul_mmflat_bitwise) {
     const struct { int O, K, bits, R; } cs[] = {{2048, 16384, 8, 3}, {2048, 8192, 8, 8}, {2048, 16384, 4, 8},
                                                 {2048, 8192, 4, 4}, {300, 16384, 4, 5}};
-    for (size_t t = 0; t < sizeof cs / sizeof *cs; t++) {
-        const int O = cs[t].O, K = cs[t].K, R = cs[t].R;
-        const size_t n = (size_t)R * O;
-        tmat W = make_qmat_ex(cs[t].bits, 64, G3N_BF16, O, K, 0, 0, 0);
-        float *x = rnd((size_t)R * K, 1.0f), *dx = dev(x, (size_t)R * K), *d0 = dev_nan(n), *d1 = dev_nan(n);
-        setenv("G3N_MMFLAT", "0", 1);
-        B->matmul(B, d0, &W.b, dx, R);
-        setenv("G3N_MMFLAT", "2", 1);
-        B->matmul(B, d1, &W.b, dx, R);
-        unsetenv("G3N_MMFLAT");
-        float *h0 = host(d0, n), *h1 = host(d1, n);
-        CHECK_MSG(memcmp(h0, h1, 4 * n) == 0, "q%d %dx%d R%d: flat and cluster differ", cs[t].bits, O, K, R);
-        free(h0), free(h1), free(x), free(W.mem), B->free(B, d0), B->free(B, d1), B->free(B, dx);
-    }
+    for (size_t t = 0; t < sizeof cs / sizeof *cs; t++)
+        check_env_bitwise("G3N_MMFLAT", "0", "2", cs[t].bits, cs[t].O, cs[t].K, cs[t].R);
 }
 
 /* matmul_parts (where a backend has it): the parts added in order on the host

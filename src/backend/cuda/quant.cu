@@ -606,28 +606,34 @@ template <int BITS, int SDT> static int qs_blocks_per_sm(const cuda_ctx *c, int 
     return v[R];
 }
 
-/* Clusters of `cs` blocks of k_qgemv_s<BITS, R, SDT> with `smem` bytes of shared
- * memory that the device holds at once (cuda_resident_clusters, remembered): on
- * the H100 32 clusters of 8 (256 blocks) do not all fit where 264 single blocks
- * do, and the last clusters then run as a second wave. */
-template <int BITS, int SDT> static int qs_resident_clusters(const cuda_ctx *c, int R, unsigned cs, size_t smem) {
+/* Clusters of `cs` blocks of 256 threads of `kernel` with `smem` bytes of shared
+ * memory that the device holds at once (cuda_resident_clusters, remembered per
+ * kernel, cs and smem; 0 where it does not answer): on the H100 32 clusters of
+ * 8 (256 blocks) do not all fit where 264 single blocks do, and the last
+ * clusters then run as a second wave. */
+static int resident_clusters(const void *kernel, unsigned cs, size_t smem) {
     static struct {
-        int R;
+        const void *kernel;
         unsigned cs;
         size_t smem;
         int n;
     } memo[64];
     static int n_memo;
     for (int i = 0; i < n_memo; i++)
-        if (memo[i].R == R && memo[i].cs == cs && memo[i].smem == smem) return memo[i].n;
+        if (memo[i].kernel == kernel && memo[i].cs == cs && memo[i].smem == smem) return memo[i].n;
+    const int n = cuda_resident_clusters(kernel, cs, 256, smem);
+    if (n_memo < 64) memo[n_memo].kernel = kernel, memo[n_memo].cs = cs, memo[n_memo].smem = smem, memo[n_memo++].n = n;
+    return n;
+}
+
+/* resident_clusters for k_qgemv_s<BITS, R, SDT>; where the device does not
+ * answer, the blocks that fit, as if clusters cost nothing */
+template <int BITS, int SDT> static int qs_resident_clusters(const cuda_ctx *c, int R, unsigned cs, size_t smem) {
     int n = 0;
-#define Q(r) n = cuda_resident_clusters((const void *)k_qgemv_s<BITS, r, SDT>, cs, 256, smem)
+#define Q(r) n = resident_clusters((const void *)k_qgemv_s<BITS, r, SDT>, cs, smem)
     ROWS_SWITCH(R, Q)
 #undef Q
-    if (n <= 0) /* not answered: the blocks that fit, as if clusters cost nothing */
-        n = c->n_sm * qs_blocks_per_sm<BITS, SDT>(c, R) / (int)cs;
-    if (n_memo < 64) memo[n_memo].R = R, memo[n_memo].cs = cs, memo[n_memo].smem = smem, memo[n_memo++].n = n;
-    return n;
+    return n > 0 ? n : c->n_sm * qs_blocks_per_sm<BITS, SDT>(c, R) / (int)cs;
 }
 
 /* Returns 0 (nothing launched) when the staged slice does not fit in shared memory. */
@@ -1144,28 +1150,15 @@ template <int BITS, int G> static size_t mm_smem(int R, int ks) {
            (size_t)8 * MM_NSL(R <= 2 ? 2 : R <= 5 ? 5 : 8) * sizeof(mmslot<BITS, G>);
 }
 
-/* Clusters of `cs` blocks of k_qmma (the instantiation for R rows) with `smem`
- * bytes of shared memory that the device holds at once (remembered); INT_MAX
- * where it does not answer. */
+/* resident_clusters for k_qmma (the instantiation for R rows; its shared memory
+ * limit raised first); INT_MAX where the device does not answer */
 template <int BITS, int G, int SDT> static int mm_resident_clusters(const cuda_ctx *c, int R, unsigned cs, size_t smem) {
-    static struct {
-        int rm;
-        unsigned cs;
-        size_t smem;
-        int n;
-    } memo[32];
-    static int n_memo;
-    const int rm = R <= 2 ? 2 : R <= 5 ? 5 : 8;
-    for (int i = 0; i < n_memo; i++)
-        if (memo[i].rm == rm && memo[i].cs == cs && memo[i].smem == smem) return memo[i].n;
-    const void *k = rm == 2 ? (const void *)k_qmma<BITS, G, 2, SDT>
-                    : rm == 5 ? (const void *)k_qmma<BITS, G, 5, SDT>
-                              : (const void *)k_qmma<BITS, G, 8, SDT>;
+    const void *k = R <= 2 ? (const void *)k_qmma<BITS, G, 2, SDT>
+                    : R <= 5 ? (const void *)k_qmma<BITS, G, 5, SDT>
+                             : (const void *)k_qmma<BITS, G, 8, SDT>;
     CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)qs_smem_max(c)));
-    int n = cuda_resident_clusters(k, cs, 256, smem);
-    if (n <= 0) n = INT_MAX;
-    if (n_memo < 32) memo[n_memo].rm = rm, memo[n_memo].cs = cs, memo[n_memo].smem = smem, memo[n_memo++].n = n;
-    return n;
+    const int n = resident_clusters(k, cs, smem);
+    return n > 0 ? n : INT_MAX;
 }
 
 template <int BITS, int G, int SDT>
