@@ -49,7 +49,9 @@ typedef struct {
                            the per-op path, the fused one, or (cuda, one-token
                            steps) every layer in one kernel; auto times a few
                            decode steps of each on this device at load and keeps
-                           the fastest (cached in ~/.cache/g3n) */
+                           the fastest (cached in ~/.cache/g3n). "fused-nol2":
+                           the fused path without the backend's L2 prefetch
+                           hints (same results; auto keeps them) */
     const char *kv_type;  /* element type of the K/V cache: "f32" (NULL: the
                            default; exact) or "f16": half the cache's memory and
                            of what attention reads (at 32k tokens ~1 GB a token
@@ -96,7 +98,7 @@ typedef struct {
     const char *layout;    /* which tensor-name layout the files use */
     const char *backend;   /* backend in use */
     const char *device_name; /* the hardware it runs on */
-    const char *decode_path; /* "fused", "split" or "mega" */
+    const char *decode_path; /* "fused", "fused-nol2", "split" or "mega" */
     const char *decode_paths; /* the ones this model and backend have, comma-separated */
     const char *decode_path_why; /* how it was chosen */
     int sparse;               /* exact activation sparsity on (g3n_model_params.sparse) */
@@ -105,8 +107,9 @@ typedef struct {
 
 g3n_model_info g3n_model_get_info(const g3n_model *m);
 
-/* Switch the decode path ("fused", "split" or "mega") of an open model; -1 on
- * another name or one the model lacks (decode_paths). For benchmarks and tests. */
+/* Switch the decode path ("fused", "fused-nol2", "split" or "mega") of an open
+ * model; -1 on another name or one the model lacks (decode_paths). For
+ * benchmarks and tests. */
 int g3n_model_set_decode_path(g3n_model *m, const char *path);
 
 /* Benchmark support: read bandwidth in bytes/s of the memory the weights live

@@ -79,6 +79,7 @@ else bad "bench --parallel" "$(cat "$T/bp" "$T/err")"; fi
 expect_error bench-parallel-list "--parallel" "$BIN" bench -q -m $FIX/causal --parallel 1,x
 
 # 4. errors: one line on stderr, exit status 1, never a crash
+expect_error decode-path-hints 'decode path "split-nol2"' "$BIN" logits -m $FIX/causal --decode-path split-nol2 --ids 1 --out "$T/x"
 expect_error no-model-dir "no such model directory" "$BIN" logits -m "$T/nope" --ids 1 --out "$T/x"
 expect_error no-model-flag "no model" "$BIN" logits --ids 1 --out "$T/x"
 expect_error bad-ids "not a comma-separated list" "$BIN" logits -m $FIX/causal --ids 1,x,3 --out "$T/x"

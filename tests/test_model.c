@@ -207,7 +207,8 @@ TEST(mega_taken) {
 /* Decoding the same tokens one at a time on the mega and the fused paths of one
  * model, after a prompt of n_prompt: the same logits to fp32 summation order
  * (the bound of decode against prefill), at every position (across a
- * sliding-window wrap and the KV-shared layers on the fixture). */
+ * sliding-window wrap and the KV-shared layers on the fixture). tol < 0: the
+ * same bits. */
 static double path_vs_path(const char *dir, const char *pa, const char *pb, int n_prompt, int n_steps, double tol) {
     g3n_model *m = open_model(dir, "cuda");
     if (!m) return -1;
@@ -232,7 +233,13 @@ static double path_vs_path(const char *dir, const char *pa, const char *pb, int 
         CHECK(g3n_session_eval(s[1], &tok, 1, NULL, err, sizeof err) == 0);
         char what[64];
         snprintf(what, sizeof what, "%s vs %s pos %d", pb, pa, n_prompt + t);
-        double e = test_close(what, g3n_session_logits(s[1]), lg, (size_t)V, tol, 1e-5 + 10 * tol * rms(lg, V));
+        double e;
+        if (tol < 0) {
+            e = memcmp(g3n_session_logits(s[1]), lg, sizeof(float) * (size_t)V) != 0;
+            CHECK_MSG(e == 0, "%s: %s: not the same bits", dir, what);
+        } else {
+            e = test_close(what, g3n_session_logits(s[1]), lg, (size_t)V, tol, 1e-5 + 10 * tol * rms(lg, V));
+        }
         if (e > worst) worst = e;
     }
     printf("  %s: %s vs %s, %d single-token steps after %d: worst rel L2 %.2e\n", dir, pb, pa, n_steps, n_prompt,
@@ -242,6 +249,17 @@ static double path_vs_path(const char *dir, const char *pa, const char *pb, int 
     for (int i = 0; i < 2; i++) g3n_session_free(s[i]);
     g3n_model_close(m);
     return worst;
+}
+
+/* The L2 prefetch hints change no result: the fused path with and without
+ * them (decode path fused-nol2) gives the same bits at every step,
+ * on the bf16 and 4-bit fixtures and on G3N_TEST_MODEL's checkpoint (E2B/E4B
+ * shapes: whole matrices asked for, the 16-bit share held back to attention). */
+TEST(l2_hints_bitwise) {
+    path_vs_path(FIX "conditional", "fused", "fused-nol2", 3, 20, -1);
+    path_vs_path(FIX "mlx", "fused", "fused-nol2", 3, 20, -1);
+    const char *big = getenv("G3N_TEST_MODEL");
+    if (big && *big) path_vs_path(big, "fused", "fused-nol2", 40, 6, -1);
 }
 
 /* matmul_parts: where G3N_TEST_MODEL names a checkpoint whose down products
@@ -835,6 +853,15 @@ TEST(session_errors) {
     CHECK(g3n_session_eval(s, ids, 3, NULL, err, sizeof err) == 0);
     g3n_session_free(s);
     CHECK(g3n_session_create(m, 100000, 4, err, sizeof err) == NULL && strstr(err, "max_position"));
+    /* decode path names: fused-nol2 (the fused path without L2 hints) only */
+    const char *badp[] = {"split-nol2", "mega-nol2", "-nol2", "fusednol2", "fused-nol2x", "fused-nol2-nol2",
+                          "averyveryverylongname-nol2", ""};
+    for (size_t i = 0; i < sizeof badp / sizeof *badp; i++)
+        CHECK_MSG(g3n_model_set_decode_path(m, badp[i]) != 0, "decode path \"%s\" taken", badp[i]);
+    CHECK(g3n_model_set_decode_path(m, "fused-nol2") == 0);
+    CHECK(strcmp(g3n_model_get_info(m).decode_path, "fused-nol2") == 0);
+    CHECK(g3n_model_set_decode_path(m, "fused") == 0);
+    CHECK(strcmp(g3n_model_get_info(m).decode_path, "fused") == 0);
     g3n_model_close(m);
 }
 
@@ -905,6 +932,7 @@ int main(int argc, char **argv) {
         path_suite();
         RUN(layouts_agree);
         RUN(parts_bitwise);
+        RUN(l2_hints_bitwise);
         printf("-- cuda, mega path (every layer of a one-token step in one kernel)\n");
         PATH = "mega";
         RUN(mega_taken);

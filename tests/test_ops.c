@@ -372,11 +372,13 @@ TEST(qmatmul_flat_bitwise) {
 }
 
 /* The same for the tensor-core kernel's K slices (G3N_MMFLAT: 0 in a cluster, 2
- * through memory, which it does for 3-8 rows): E4B's and E2B's down shapes at
- * 4 and 8 bits in batched steps' row counts, and an odd one. */
+ * through memory, in the kernel's flat instantiations): E4B's and E2B's down
+ * shapes at 4 and 8 bits in batched steps' row counts (one row at 8 bits: 4-bit
+ * rows take k_qgemv_s), and an odd one. */
 TEST(qmatmul_mmflat_bitwise) {
     const struct { int O, K, bits, R; } cs[] = {{2048, 16384, 8, 3}, {2048, 8192, 8, 8}, {2048, 16384, 4, 8},
-                                                {2048, 8192, 4, 4}, {300, 16384, 4, 5}};
+                                                {2048, 8192, 4, 4}, {300, 16384, 4, 5}, {2048, 16384, 8, 1},
+                                                {2048, 8192, 8, 2}, {2048, 16384, 4, 2}};
     for (size_t t = 0; t < sizeof cs / sizeof *cs; t++)
         check_env_bitwise("G3N_MMFLAT", "0", "2", cs[t].bits, cs[t].O, cs[t].K, cs[t].R);
 }

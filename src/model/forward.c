@@ -239,7 +239,7 @@ static void prefetch_mlp(g3n_model *M, const fwd_scratch *f, int l, int n) {
     g3n_backend *be = M->be;
     const g3n_config *c = &M->cfg;
     const g3n_layer_weights *lw = &M->w.layers[l];
-    if (!be->prefetch) return;
+    if (!be->prefetch || M->no_l2_hints) return;
     const g3n_mat *W[3] = {&lw->gate_proj, &lw->up_proj, &lw->down_proj};
     const int keys = c->is_sliding[l] ? G3N_MIN(f->reach, c->sliding_window) : f->reach;
     be->prefetch(be, W, c->sparsity[l] > 0 && M->sparse ? 1 : 3, model_kv_bytes(M, (size_t)n * keys));
@@ -392,6 +392,18 @@ int fwd_path_parse(const char *name) {
     return -1;
 }
 
+int fwd_path_parse_hints(const char *name, int *hints_off) {
+    const size_t n = strlen(name), ns = strlen(FWD_NO_L2_HINTS);
+    *hints_off = n > ns && !strcmp(name + n - ns, FWD_NO_L2_HINTS);
+    const size_t np = *hints_off ? n - ns : n;
+    char plain[16];
+    if (np >= sizeof plain) return -1;
+    memcpy(plain, name, np);
+    plain[np] = 0;
+    const int p = fwd_path_parse(plain);
+    return *hints_off && p != FWD_FUSED ? -1 : p;
+}
+
 void fwd_dec_model_init(g3n_model *M) {
     const g3n_config *c = &M->cfg;
     g3n_dec_model *d = &M->dec;
@@ -443,14 +455,15 @@ static void layers_run(g3n_model *M, fwd_scratch *f, int n) {
 fwd_hook_fn fwd_debug_hook;
 
 /* Everything a recorded step depends on besides the per-step metadata. */
-static uint64_t step_key(const fwd_scratch *f, const g3n_batch *b, int out_row0, int fused) {
+static uint64_t step_key(const g3n_model *M, const fwd_scratch *f, const g3n_batch *b, int out_row0) {
     uint64_t h = 1469598103934665603ull;
 #define MIX(v) (h = (h ^ (uint64_t)(v)) * 1099511628211ull)
     MIX(f->id);
     MIX(b->n);
     MIX(out_row0);
     MIX(b->n_seq);
-    MIX(fused);
+    MIX(M->fused);
+    MIX(M->no_l2_hints);
     MIX(f->top_m);
     MIX(f->top_n);
     MIX(f->pruned);                   /* the LM head read through the backend's copy (unembed) */
@@ -476,7 +489,7 @@ void fwd_run(g3n_model *M, fwd_scratch *f, const g3n_batch *b, int out_row0, flo
     if (n_out <= f->lm_rows) {
         /* one step, one block of logits: recordable and replayable */
         int replayed = 0, recording = be->graph_begin && !fwd_debug_hook;
-        if (recording) replayed = be->graph_begin(be, step_key(f, b, out_row0, M->fused));
+        if (recording) replayed = be->graph_begin(be, step_key(M, f, b, out_row0));
         if (!replayed) {
             embed_tokens(M, f, n);
             layers_run(M, f, n);

@@ -128,6 +128,7 @@ struct g3n_model {
     size_t decode_bytes_greedy; /* decode_bytes(_sparse) with that copy read instead of the LM head; 0: not */
     int sparse;          /* fused path: exact sparsity in the top-k layers */
     int kv_f16;          /* K/V caches in f16 (g3n_model_params.kv_type) */
+    int no_l2_hints;     /* fused path: the backend's L2 prefetch hints left out (decode path "fused-nol2") */
     char path_why[256];  /* how the decode path was chosen */
     int n_owned;
 };

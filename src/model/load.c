@@ -371,8 +371,11 @@ g3n_model *g3n_model_open(const char *dir, const g3n_model_params *params, char 
         m->prune_ok = copy > 0;
         m->decode_bytes_greedy = copy ? base - m->w.embed_tokens.file_bytes + copy : 0;
     }
-    if (rc == 0 && p.decode_path && fwd_path_parse(p.decode_path) < 0 && strcmp(p.decode_path, "auto"))
-        rc = g3n_err(err, errlen, "decode path \"%s\": expected fused, split, mega or auto", p.decode_path);
+    int hints_off;
+    if (rc == 0 && p.decode_path && fwd_path_parse_hints(p.decode_path, &hints_off) < 0 &&
+        strcmp(p.decode_path, "auto"))
+        rc = g3n_err(err, errlen, "decode path \"%s\": expected fused, fused-nol2, split, mega or auto",
+                     p.decode_path);
     if (rc == 0) decode_path_choose(m, p.decode_path);
     if (rc == 0) model_warm_up(m);
     if (rc != 0) {
@@ -421,7 +424,7 @@ g3n_model_info g3n_model_get_info(const g3n_model *m) {
     i.layout = m->layout;
     i.backend = m->be ? m->be->name : "";
     i.device_name = m->be ? m->be->device_name : "";
-    i.decode_path = fwd_path_name(m->fused);
+    i.decode_path = m->fused == FWD_FUSED && m->no_l2_hints ? "fused" FWD_NO_L2_HINTS : fwd_path_name(m->fused);
     i.decode_paths = m->mega_ok ? "fused,split,mega" : "fused,split";
     i.decode_path_why = m->path_why;
     i.sparse = m->sparse;

@@ -496,15 +496,17 @@ static void build_id(char *out, size_t n) {
 
 void decode_path_choose(g3n_model *m, const char *want) {
     char *why = m->path_why;
-    const int asked = want ? fwd_path_parse(want) : -1;
+    int off = 0;
+    const int asked = want ? fwd_path_parse_hints(want, &off) : -1;
     if (asked == FWD_MEGA && !m->mega_ok) {
         m->fused = FWD_FUSED;
         snprintf(why, sizeof m->path_why, "mega asked for, but the backend does not take this model whole%s: fused",
                  m->kv_f16 ? " (the mega path reads f32 K/V caches only)" : "");
         return;
     }
-    if (asked >= 0) {
+    if (asked >= 0) { /* fused-nol2 only when asked for: auto keeps the L2 hints (docs/ARCHITECTURE.md) */
         m->fused = asked;
+        m->no_l2_hints = off;
         snprintf(why, sizeof m->path_why, "asked for");
         return;
     }
@@ -576,8 +578,10 @@ void decode_path_choose(g3n_model *m, const char *want) {
 }
 
 int g3n_model_set_decode_path(g3n_model *m, const char *path) {
-    const int p = fwd_path_parse(path);
+    int off;
+    const int p = fwd_path_parse_hints(path, &off);
     if (p < 0 || (p == FWD_MEGA && !m->mega_ok)) return -1;
     m->fused = p;
+    m->no_l2_hints = off;
     return 0;
 }

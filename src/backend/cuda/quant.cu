@@ -326,6 +326,34 @@ __device__ __forceinline__ void q_finish(const qargs &a, float *pv, float *pu, i
     q_store(a, v, u, s, row, r);
 }
 
+/* The end of a product whose K slices run without a cluster ("flat"), after
+ * each block has stored its sums in a.part: whether this block is the last
+ * slice of its row block b to arrive (its counter is then put back to 0 for the
+ * next launch), which then adds the slices (flat_sum) and stores. */
+__device__ __forceinline__ bool flat_last(const qargs &a, int b) {
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(&a.cnt[b], 1u) == gridDim.x - 1;
+        if (last) a.cnt[b] = 0; /* every slice has counted */
+    }
+    __syncthreads();
+    if (last) __threadfence();
+    return last;
+}
+
+/* Sums iv (and iu where gu) of the nsplit slices of per floats at pb, in slice
+ * order: the cluster's order, so the same bits as q_finish */
+__device__ __forceinline__ void flat_sum(const float *pb, size_t per, int nsplit, int iv, int iu, int gu, float &v,
+                                         float &u) {
+    v = __ldcg(pb + iv), u = gu ? __ldcg(pb + iu) : 0.f;
+    for (int k = 1; k < nsplit; k++) {
+        v += __ldcg(pb + (size_t)k * per + iv);
+        if (gu) u += __ldcg(pb + (size_t)k * per + iu);
+    }
+}
+
 #define QJMAX 4   /* k_qgemv_s: tiles per warp, at most */
 /* k_qgemv_s: ring slots per warp (QSTAGES - 1 items in flight): 3 at 4 bits, 2 at 8
  * (whose slots are twice as large), so that two blocks fit on an SM */
@@ -524,7 +552,10 @@ __global__ void __launch_bounds__(256, R <= 2 ? 2 : 1) k_qgemv_s(qargs a) {
     if (a.flat) {
         /* K slices without a cluster: the sums to memory, and the last slice of
          * this row block to arrive adds them in slice order (the cluster's order:
-         * the same bits), whichever that is */
+         * the same bits), whichever that is. flat_last and flat_sum written out,
+         * as this kernel was measured: calling them gave its one-row 4-bit
+         * instantiations another schedule, E4B 4-bit tg128 -0.6-0.8% on the H200
+         * (docs/SPEED.md, thirtieth session). */
         __shared__ int last;
         const int nsplit = gridDim.x, per = J * 8 * PER;
         float *mine = a.part + ((size_t)b * nsplit + split) * per;
@@ -862,8 +893,9 @@ template <int BITS, int G> struct mmslot {
     uint32_t s[16][SW], z[16][SW];
 };
 
-/* RM: the most activation rows of the instantiation (2, 5 or 8), a.nr of them used */
-template <int BITS, int G, int RM, int SDT>
+/* RM: the most activation rows of the instantiation (2, 5 or 8), a.nr of them
+ * used; FLAT: the K slices are added through memory (a.flat), not in a cluster */
+template <int BITS, int G, int RM, int SDT, bool FLAT>
 __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
     constexpr int NS = G / 32;               /* mmas per group and n8 tile */
     constexpr int WL = G * BITS / 128;       /* words per lane and row in a group */
@@ -1064,40 +1096,25 @@ __global__ void __launch_bounds__(256, 2) k_qmma(qargs a) {
         float v = 0;
         for (int k = 0; k < KW; k++) v += red[k * RB + ti][row][r];
         blk[ti][row][r] = v;
-        if constexpr (RM > 2)
-            if (a.flat) a.part[((size_t)b * gridDim.x + blockIdx.x) * (RB * 16 * R) + i] = v;
+        if constexpr (FLAT) a.part[((size_t)b * gridDim.x + blockIdx.x) * (RB * 16 * R) + i] = v;
     }
-    /* K slices without a cluster (3 rows or more; one or two keep the code they
-     * were measured with): the last slice of this row block to arrive adds them
-     * in rank order */
-    if constexpr (RM > 2) {
-        if (a.flat) {
-            __shared__ int last;
-            const int nsplit = gridDim.x, per = RB * 16 * R;
-            __threadfence();
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                last = atomicAdd(&a.cnt[b], 1u) == (unsigned)nsplit - 1;
-                if (last) a.cnt[b] = 0; /* for the next launch: every slice has counted */
+    /* K slices without a cluster (their own instantiation: the flat branch in
+     * every one cost the one-row kernel 4-7%, another schedule): the last slice
+     * of this row block to arrive adds them in rank order */
+    if constexpr (FLAT) {
+        const int nsplit = gridDim.x, per = RB * 16 * R;
+        if (flat_last(a, b)) {
+            const float *pb = a.part + (size_t)b * nsplit * per;
+            const int nt = gu ? RB / 2 : RB;
+            for (int i = threadIdx.x; i < nt * 16 * R; i += 256) {
+                const int ti = i / (16 * R), row = i / R % 16, r = i % R;
+                const int o = (gu ? b * (RB / 2) + ti : (b - a.blk0[sx]) * RB + ti) * 16 + row;
+                float v, u;
+                flat_sum(pb, per, nsplit, i, i + (RB / 2) * 16 * R, gu, v, u);
+                q_store(a, v, u, sx, o, r);
             }
-            __syncthreads();
-            if (last) {
-                __threadfence();
-                const float *pb = a.part + (size_t)b * nsplit * per;
-                const int nt = gu ? RB / 2 : RB;
-                for (int i = threadIdx.x; i < nt * 16 * R; i += 256) {
-                    const int ti = i / (16 * R), row = i / R % 16, r = i % R, iu = i + (RB / 2) * 16 * R;
-                    const int o = (gu ? b * (RB / 2) + ti : (b - a.blk0[sx]) * RB + ti) * 16 + row;
-                    float v = __ldcg(pb + i), u = gu ? __ldcg(pb + iu) : 0.f;
-                    for (int k = 1; k < nsplit; k++) {
-                        v += __ldcg(pb + (size_t)k * per + i);
-                        if (gu) u += __ldcg(pb + (size_t)k * per + iu);
-                    }
-                    q_store(a, v, u, sx, o, r);
-                }
-            }
-            return;
         }
+        return;
     }
     if (a.pstride) { /* K slices left to the reader (matmul_parts; one plain product): stored apart */
         __syncthreads();
@@ -1153,9 +1170,9 @@ template <int BITS, int G> static size_t mm_smem(int R, int ks) {
 /* resident_clusters for k_qmma (the instantiation for R rows; its shared memory
  * limit raised first); INT_MAX where the device does not answer */
 template <int BITS, int G, int SDT> static int mm_resident_clusters(const cuda_ctx *c, int R, unsigned cs, size_t smem) {
-    const void *k = R <= 2 ? (const void *)k_qmma<BITS, G, 2, SDT>
-                    : R <= 5 ? (const void *)k_qmma<BITS, G, 5, SDT>
-                             : (const void *)k_qmma<BITS, G, 8, SDT>;
+    const void *k = R <= 2 ? (const void *)k_qmma<BITS, G, 2, SDT, false>
+                    : R <= 5 ? (const void *)k_qmma<BITS, G, 5, SDT, false>
+                             : (const void *)k_qmma<BITS, G, 8, SDT, false>;
     CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)qs_smem_max(c)));
     const int n = resident_clusters(k, cs, smem);
     return n > 0 ? n : INT_MAX;
@@ -1231,18 +1248,22 @@ static int mm_launch(cuda_ctx *c, qargs &a, int R) {
      * must sit in one GPC: 16 clusters of 8 blocks at one block an SM leave the
      * last as a second wave on the H100) run without a cluster ("flat"): each
      * block stores its sums and the last slice of its row block to finish adds
-     * them in rank order, the cluster's order. 3-8 rows only (k_qmma<.., 5|8,
-     * ..>): with the flat branch in it, the one-row kernel took a different
-     * schedule and ran 4-7% slower at 8 bits. Measured (docs/SPEED.md,
-     * twenty-ninth session): the down products of batched 4- and 8-bit steps
-     * (2048 x 8192|16384 at 4-8 rows: 16 clusters of 8, one block an SM for
-     * their staged rows; 15 fit), E4B 4-bit 4 / 8 / 16 streams +11 / +10 /
-     * +15% (+12 / +17 / +21% with MM_NSL's slots). G3N_MMFLAT: 0 never, 2
-     * every split product (tests). */
+     * them in rank order, the cluster's order. Measured (docs/SPEED.md,
+     * twenty-ninth session, H100): the down products of batched 4- and 8-bit
+     * steps (2048 x 8192|16384 at 4-8 rows: 16 clusters of 8, one block an SM
+     * for their staged rows; 15 fit), E4B 4-bit 4 / 8 / 16 streams +11 / +10 /
+     * +15% (+12 / +17 / +21% with MM_NSL's slots). Flat launches take their own
+     * instantiation (FLAT): with the flat branch compiled into every one, the
+     * one-row kernel took another schedule and ran 4-7% slower at 8 bits. So
+     * the launches that stay in clusters lost their flat code, and 1-2 rows
+     * may go flat too (a 2-stream step's down product; one stream's takes
+     * matmul_parts): thirtieth session, H200, E4B 4-bit 2 / 4 / 8 / 16 streams
+     * +10 / +3 / +3 / +1%, E4B 8-bit +11 / +3 / +7 / +9%. G3N_MMFLAT: 0 never,
+     * 2 every split product (tests). */
     const char *fe = getenv("G3N_MMFLAT"); /* read on each call: tests switch it */
     const int flat_env = fe ? atoi(fe) : 1;
     a.flat = 0;
-    if (cs > 1 && R > 2 && !parts && flat_env && c->qs_part &&
+    if (cs > 1 && !parts && flat_env && c->qs_part &&
         (size_t)nb * cs * rb * 16 * R <= c->qs_part_n && (size_t)nb <= c->qs_cnt_n)
         a.flat = flat_env == 2 || nb > mm_resident_clusters<BITS, G, SDT>(c, R, (unsigned)cs, smem);
     a.part = c->qs_part, a.cnt = c->qs_cnt;
@@ -1251,18 +1272,25 @@ static int mm_launch(cuda_ctx *c, qargs &a, int R) {
         fprintf(stderr, "qmma O%d K%d n%d R%d: rb %d slices %d%s blocks %d resident clusters %d\n", a.O[0], a.K[0], a.n,
                 R, rb, cs, a.flat ? " (flat)" : a.pstride ? " (parts)" : "", nb,
                 cs > 1 ? mm_resident_clusters<BITS, G, SDT>(c, R, (unsigned)cs, smem) : 0);
-    static int attr[3]; /* the dynamic shared memory limit, raised once per instantiation */
-#define L(i, rm)                                                                                      \
+    static int attr[6]; /* the dynamic shared memory limit, raised once per instantiation */
+#define L(i, rm, fl)                                                                                  \
     do {                                                                                              \
         if (!attr[i])                                                                                 \
-            CUDA_CHECK(cudaFuncSetAttribute(k_qmma<BITS, G, rm, SDT>,                                 \
+            CUDA_CHECK(cudaFuncSetAttribute(k_qmma<BITS, G, rm, SDT, fl>,                             \
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)qs_smem_max(c))); \
         attr[i] = 1;                                                                                  \
-        launch_cluster(c, parts || a.flat ? 1u : (unsigned)cs, k_qmma<BITS, G, rm, SDT>, grid, 256, smem, a); \
+        launch_cluster(c, parts || fl ? 1u : (unsigned)cs, k_qmma<BITS, G, rm, SDT, fl>, grid, 256, smem, a); \
     } while (0)
-    if (R <= 2) L(0, 2); /* one n8 tile of B columns */
-    else if (R <= 5) L(1, 5);
-    else L(2, 8);
+    const int ri = R <= 2 ? 0 : R <= 5 ? 1 : 2; /* 2 rows: one n8 tile of B columns, 5: two, 8: three */
+    if (a.flat) {
+        if (ri == 0) L(3, 2, true);
+        else if (ri == 1) L(4, 5, true);
+        else L(5, 8, true);
+    } else {
+        if (ri == 0) L(0, 2, false);
+        else if (ri == 1) L(1, 5, false);
+        else L(2, 8, false);
+    }
 #undef L
     CUDA_LAUNCHED();
     return 1;
