@@ -393,15 +393,8 @@ int fwd_path_parse(const char *name) {
 }
 
 int fwd_path_parse_hints(const char *name, int *hints_off) {
-    const size_t n = strlen(name), ns = strlen(FWD_NO_L2_HINTS);
-    *hints_off = n > ns && !strcmp(name + n - ns, FWD_NO_L2_HINTS);
-    const size_t np = *hints_off ? n - ns : n;
-    char plain[16];
-    if (np >= sizeof plain) return -1;
-    memcpy(plain, name, np);
-    plain[np] = 0;
-    const int p = fwd_path_parse(plain);
-    return *hints_off && p != FWD_FUSED ? -1 : p;
+    *hints_off = strcmp(name, FWD_FUSED_NO_L2_HINTS) == 0;
+    return *hints_off ? FWD_FUSED : fwd_path_parse(name);
 }
 
 void fwd_dec_model_init(g3n_model *M) {

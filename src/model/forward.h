@@ -37,10 +37,9 @@ void fwd_logits_need(g3n_model *M, fwd_scratch *f, int m, int n);
 enum { FWD_SPLIT = 0, FWD_FUSED = 1, FWD_MEGA = 2 };
 const char *fwd_path_name(int path);
 int fwd_path_parse(const char *name); /* -1 if unknown */
-/* A decode path's name with this suffix ("fused-nol2"): the fused path without
- * the backend's L2 prefetch hints (g3n_model.no_l2_hints) */
-#define FWD_NO_L2_HINTS "-nol2"
-/* fwd_path_parse of a name with or without that suffix (*hints_off: with it; fused only) */
+/* The fused path without the backend's L2 prefetch hints (g3n_model.no_l2_hints) */
+#define FWD_FUSED_NO_L2_HINTS "fused-nol2"
+/* fwd_path_parse, and that name (*hints_off set) */
 int fwd_path_parse_hints(const char *name, int *hints_off);
 
 /* Fill m->dec from the weights and ask the backend whether it takes it whole

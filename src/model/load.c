@@ -424,7 +424,7 @@ g3n_model_info g3n_model_get_info(const g3n_model *m) {
     i.layout = m->layout;
     i.backend = m->be ? m->be->name : "";
     i.device_name = m->be ? m->be->device_name : "";
-    i.decode_path = m->fused == FWD_FUSED && m->no_l2_hints ? "fused" FWD_NO_L2_HINTS : fwd_path_name(m->fused);
+    i.decode_path = m->fused == FWD_FUSED && m->no_l2_hints ? FWD_FUSED_NO_L2_HINTS : fwd_path_name(m->fused);
     i.decode_paths = m->mega_ok ? "fused,split,mega" : "fused,split";
     i.decode_path_why = m->path_why;
     i.sparse = m->sparse;

@@ -1272,24 +1272,25 @@ static int mm_launch(cuda_ctx *c, qargs &a, int R) {
         fprintf(stderr, "qmma O%d K%d n%d R%d: rb %d slices %d%s blocks %d resident clusters %d\n", a.O[0], a.K[0], a.n,
                 R, rb, cs, a.flat ? " (flat)" : a.pstride ? " (parts)" : "", nb,
                 cs > 1 ? mm_resident_clusters<BITS, G, SDT>(c, R, (unsigned)cs, smem) : 0);
-    static int attr[6]; /* the dynamic shared memory limit, raised once per instantiation */
-#define L(i, rm, fl)                                                                                  \
+    /* the instantiation: rows 2 (one n8 tile of B columns), 5 (two) or 8 (three), flat or not */
+    const int ri = R <= 2 ? 0 : R <= 5 ? 1 : 2;
+    static int attr[3][2]; /* the dynamic shared memory limit, raised once per instantiation */
+#define L(rm, fl)                                                                                     \
     do {                                                                                              \
-        if (!attr[i])                                                                                 \
+        if (!attr[ri][fl])                                                                            \
             CUDA_CHECK(cudaFuncSetAttribute(k_qmma<BITS, G, rm, SDT, fl>,                             \
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)qs_smem_max(c))); \
-        attr[i] = 1;                                                                                  \
+        attr[ri][fl] = 1;                                                                             \
         launch_cluster(c, parts || fl ? 1u : (unsigned)cs, k_qmma<BITS, G, rm, SDT, fl>, grid, 256, smem, a); \
     } while (0)
-    const int ri = R <= 2 ? 0 : R <= 5 ? 1 : 2; /* 2 rows: one n8 tile of B columns, 5: two, 8: three */
     if (a.flat) {
-        if (ri == 0) L(3, 2, true);
-        else if (ri == 1) L(4, 5, true);
-        else L(5, 8, true);
+        if (ri == 0) L(2, true);
+        else if (ri == 1) L(5, true);
+        else L(8, true);
     } else {
-        if (ri == 0) L(0, 2, false);
-        else if (ri == 1) L(1, 5, false);
-        else L(2, 8, false);
+        if (ri == 0) L(2, false);
+        else if (ri == 1) L(5, false);
+        else L(8, false);
     }
 #undef L
     CUDA_LAUNCHED();
