@@ -402,17 +402,18 @@ TEST(sparse_cpu_gathers) {
     free(lg[0]), free(lg[1]);
 }
 
-/* Batched decode: three sessions at different positions (one wraps its sliding
+/* Batched decode: five sessions at different positions (one wraps its sliding
  * ring during the test), stepped together with g3n_batch_decode, membership
- * changing between steps, give at every step the logits each gives alone. */
+ * changing between steps (2-5 sessions: on a recording backend 0-3 padding
+ * rows), give at every step the logits each gives alone. */
 TEST(batch_decode_equals_alone) {
     g3n_model *m = open_model(FIX "conditional", DEVICE);
     if (!m) return;
-    const int V = g3n_model_get_info(m).n_vocab, S = 3, STEPS = 14;
+    const int V = g3n_model_get_info(m).n_vocab, S = 5, STEPS = 14;
     char err[512];
-    g3n_session *alone[3], *bat[3];
-    int32_t ids[3][40];
-    int start[3] = {5, 12, 1};
+    g3n_session *alone[5], *bat[5];
+    int32_t ids[5][40];
+    int start[5] = {5, 12, 1, 3, 20};
     test_seed(11);
     for (int i = 0; i < S; i++)
         for (int j = 0; j < 40; j++) ids[i][j] = (int32_t)(3 + test_rand_u64() % 380);
@@ -422,17 +423,19 @@ TEST(batch_decode_equals_alone) {
         CHECK(g3n_session_eval(alone[i], ids[i], start[i], NULL, err, sizeof err) == 0);
         CHECK(g3n_session_eval(bat[i], ids[i], start[i], NULL, err, sizeof err) == 0);
     }
-    g3n_batcher *bt = g3n_batcher_create(m, 4, err, sizeof err);
+    g3n_batcher *bt = g3n_batcher_create(m, 8, err, sizeof err);
     CHECK_MSG(bt != NULL, "%s", err);
-    float *out = malloc(sizeof(float) * (size_t)V * 4);
+    float *out = malloc(sizeof(float) * (size_t)V * 8);
     for (int step = 0; step < STEPS && bt; step++) {
-        /* sessions 0 and 1 every step; session 2 joins on odd steps, in front */
-        g3n_session *ss[3];
-        int32_t tok[3];
-        int who[3], n = 0;
+        /* sessions 0 and 1 every step; session 2 joins on odd steps, in front;
+         * 3 and 4 every third step, behind */
+        g3n_session *ss[5];
+        int32_t tok[5];
+        int who[5], n = 0;
         if (step % 2) who[n++] = 2;
         who[n++] = 0;
         who[n++] = 1;
+        if (step % 3 == 0) who[n++] = 3, who[n++] = 4;
         for (int k = 0; k < n; k++) {
             int i = who[k];
             ss[k] = bat[i];
@@ -456,7 +459,7 @@ TEST(batch_decode_equals_alone) {
         g3n_session *dup[2] = {bat[0], bat[0]};
         int p0 = g3n_session_pos(bat[0]);
         CHECK(g3n_batch_decode(bt, dup, t2, 2, NULL, err, sizeof err) != 0 && strstr(err, "twice"));
-        CHECK(g3n_batch_decode(bt, bat, t2, 5, NULL, err, sizeof err) != 0);
+        CHECK(g3n_batch_decode(bt, bat, t2, 9, NULL, err, sizeof err) != 0); /* more than the batcher takes */
         CHECK(g3n_batch_decode(bt, bat, &bad, 1, NULL, err, sizeof err) != 0 && strstr(err, "390"));
         CHECK(g3n_session_pos(bat[0]) == p0);
     }
@@ -609,8 +612,9 @@ TEST(generate_equals_loop) {
 /* Steps whose sampler picks from the best m logits read the LM head through
  * the backend's cheaper copy where it makes one (logits_pruned; CUDA): greedy
  * (m 1) and Gemma's sampling (top-k 64: m 65) pick what steps over the whole
- * row pick (a second model opened with G3N_PRUNE=0), and a reader of the whole
- * row after one gets the row's own bits. */
+ * row pick (a second model opened with G3N_PRUNE=0), one session at a time and
+ * three in a batched step, and a reader of the whole row after one gets the
+ * row's own bits. */
 TEST(greedy_pruned) {
     setenv("G3N_PRUNE", "0", 1);
     g3n_model *a = open_model(FIX "conditional", DEVICE);
@@ -664,6 +668,32 @@ TEST(greedy_pruned) {
             CHECK_MSG(pa == pb && pa >= 0, "batched step %d: %d with the copy, %d without", step, (int)pb, (int)pa);
             if (step % 2) g3n_sampler_accept(s1, pa), g3n_sampler_accept(s2, pb);
             ta = pa, tb = pb;
+        }
+        /* three sessions in one batched step (g3n serve with three clients busy,
+         * a padding row beside them): every row pruned */
+        g3n_session *xa[3] = {sa, NULL, NULL}, *xb[3] = {sb, NULL, NULL};
+        int32_t na[3] = {ta, 17, 3}, nb[3] = {tb, 17, 3};
+        for (int i = 1; i < 3; i++) {
+            xa[i] = g3n_session_create(a, 96, 4, err, sizeof err), xb[i] = g3n_session_create(b, 96, 4, err, sizeof err);
+            if (xa[i] && xb[i]) {
+                CHECK(g3n_session_eval(xa[i], prompt + i, 5 - i, NULL, err, sizeof err) == 0);
+                CHECK(g3n_session_eval(xb[i], prompt + i, 5 - i, NULL, err, sizeof err) == 0);
+            }
+        }
+        g3n_sampler *v1[3] = {sg, s1, sg}, *v2[3] = {sg, s2, sg};
+        for (int step = 0; step < 6 && ba && bb && s1 && s2 && xa[1] && xa[2] && xb[1] && xb[2]; step++) {
+            int32_t pa[3] = {-1, -1, -1}, pb[3] = {-1, -1, -1};
+            CHECK_MSG(g3n_batch_decode_sample(ba, xa, na, 3, v1, pa, err, sizeof err) == 0, "%s", err);
+            CHECK_MSG(g3n_batch_decode_sample(bb, xb, nb, 3, v2, pb, err, sizeof err) == 0, "%s", err);
+            for (int i = 0; i < 3; i++)
+                CHECK_MSG(pa[i] == pb[i] && pa[i] >= 0, "batched step %d row %d: %d with the copy, %d without", step,
+                          i, (int)pb[i], (int)pa[i]);
+            g3n_sampler_accept(s1, pa[1]), g3n_sampler_accept(s2, pb[1]);
+            memcpy(na, pa, sizeof na), memcpy(nb, pb, sizeof nb);
+        }
+        for (int i = 1; i < 3; i++) {
+            if (xa[i]) g3n_session_free(xa[i]);
+            if (xb[i]) g3n_session_free(xb[i]);
         }
         if (ba) g3n_batcher_free(ba);
         if (bb) g3n_batcher_free(bb);

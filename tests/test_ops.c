@@ -265,12 +265,12 @@ static void check_multi3(const char *what, tmat W[3], int R, float **x0, float *
     *x0 = x[0], *dx0 = dx[0];
 }
 
-/* Several 16-bit products in one call and the gelu * m epilogue for 1-8 rows of
- * input (on a GPU, 4-8 rows take two output rows a warp: k_gemv2), each product
- * with its own rows, width and input: odd row counts, a product of one row, K of
- * 8 to 2048. */
+/* Several 16-bit products in one call and the gelu * m and gate/up epilogues for
+ * 1-8 rows of input (on a GPU, 2-8 rows take two output rows a warp: k_gemv2),
+ * each product with its own rows, width and input: odd row counts, a product of
+ * one row, K of 8 to 2048. */
 TEST(matmul_multi_rows) {
-    const int O[3] = {37, 6, 1}, K[3] = {64, 2048, 8}, rows_s[] = {1, 3, 4, 5, 7, 8};
+    const int O[3] = {37, 6, 1}, K[3] = {64, 2048, 8}, rows_s[] = {1, 2, 3, 4, 5, 7, 8};
     for (int d = 1; d < 3; d++) /* f16, bf16 */
         for (size_t a = 0; a < sizeof rows_s / sizeof *rows_s; a++) {
             const int R = rows_s[a];
@@ -286,6 +286,17 @@ TEST(matmul_multi_rows) {
             B->matmul_gelu_mul(B, dg, &W[0].b, dx0, dmm, R);
             snprintf(what, sizeof what, "matmul_gelu_mul %s R%d", g3n_dtype_name(DTYPES[d]), R);
             cmp(what, dg, g0, n, 1e-5, 1e-5 + rms_tol(g0, n, 1e-5)); /* (cmp frees dg) */
+            for (int i = 0; i < 2; i++) { /* gate/up: W[i] as the gate, a matrix of its shape as up */
+                tmat Wu = make_mat(DTYPES[d], O[i], K[i], 0);
+                const size_t ni = (size_t)R * O[i];
+                float *xi = rnd((size_t)R * K[i], 1.0f), *dxi = dev(xi, (size_t)R * K[i]);
+                float *a0 = malloc(4 * ni), *u0 = malloc(4 * ni), *da = dev_nan(ni), *du = dev_nan(ni);
+                REF->matmul_gate_up(REF, a0, u0, &W[i].ref, &Wu.ref, xi, R);
+                B->matmul_gate_up(B, da, du, &W[i].b, &Wu.b, dxi, R);
+                snprintf(what, sizeof what, "matmul_gate_up %s O%d K%d R%d", g3n_dtype_name(DTYPES[d]), O[i], K[i], R);
+                cmp(what, da, a0, ni, 1e-5, 1e-5 + rms_tol(a0, ni, 1e-5));
+                free(a0), free(u0), free(xi), free(Wu.mem), B->free(B, du), B->free(B, dxi);
+            }
             free(mm), free(g0), free(x0), B->free(B, dmm), B->free(B, dx0);
             for (int i = 0; i < 3; i++) free(W[i].mem);
         }
@@ -502,34 +513,37 @@ TEST(fused_ops_q8) {
     QBITS = 0;
 }
 
-/* The large shapes of E2B/E4B decode, one row: the GPU kernels' real sizes. */
+/* The large shapes of E2B/E4B decode, one and two rows (a batched step of two:
+ * on a GPU two output rows a warp): the GPU kernels' real sizes. */
 TEST(matmul_large) {
     int shapes[][2] = {{2048, 2048}, {16384, 2048}, {2048, 16384}, {8960, 2048}, {4, 2048}, {64, 2048}, {2048, 64}};
-    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
-        int O = shapes[s][0], K = shapes[s][1];
-        tmat W = make_mat(G3N_BF16, O, K, 0);
-        float *x = rnd((size_t)K, 1.0f), *y0 = malloc(4 * (size_t)O);
-        float *dx = dev(x, (size_t)K), *dy = dev_nan((size_t)O);
-        REF->matmul(REF, y0, &W.ref, x, 1);
-        B->matmul(B, dy, &W.b, dx, 1);
-        char what[64];
-        snprintf(what, sizeof what, "matmul bf16 %dx%d", O, K);
-        float *y1 = host(dy, (size_t)O);
-        check_dots(what, y1, y0, &W.ref, x, 1, 2e-6);
-        free(y1);
-        B->free(B, dy);
-        B->free(B, dx), free(W.mem), free(x), free(y0);
-    }
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++)
+        for (int R = 1; R <= 2; R++) {
+            int O = shapes[s][0], K = shapes[s][1];
+            tmat W = make_mat(G3N_BF16, O, K, 0);
+            float *x = rnd((size_t)R * K, 1.0f), *y0 = malloc(4 * (size_t)R * O);
+            float *dx = dev(x, (size_t)R * K), *dy = dev_nan((size_t)R * O);
+            REF->matmul(REF, y0, &W.ref, x, R);
+            B->matmul(B, dy, &W.b, dx, R);
+            char what[64];
+            snprintf(what, sizeof what, "matmul bf16 %dx%d R%d", O, K, R);
+            float *y1 = host(dy, (size_t)R * O);
+            check_dots(what, y1, y0, &W.ref, x, R, 2e-6);
+            free(y1);
+            B->free(B, dy);
+            B->free(B, dx), free(W.mem), free(x), free(y0);
+        }
 }
 
 /* Logits through the backend's cheaper copy of the LM head for a reader of
- * the best m (logits_pruned): every logit it computes is matmul-then-softcap's,
- * bit for bit; the best m of the first n and every one equal to the m-th are
- * among them; the rest are -inf; on random rows few are computed; logits_top
- * over the row gives the whole row's best m (queued too). Gemma's row count
- * and width and narrow ones, odd row counts, each 16-bit dtype and f32, n below
- * the rows, rows that differ from the best in one weight (near ties) and copies
- * of it (ties), m 1 (greedy), 3 and 65 (top-k 64). */
+ * each row's best m (logits_pruned): every logit it computes is a one-row
+ * matmul-then-softcap's, bit for bit; the best m of the first n and every one
+ * equal to the m-th are among them; the rest are -inf; on random rows few are
+ * computed; logits_top over the rows gives the whole rows' best m (queued
+ * too). Gemma's row count and width and narrow ones, odd row counts, each
+ * 16-bit dtype and f32, n below the rows, rows that differ from the best in
+ * one weight (near ties) and copies of it (ties), m 1 (greedy), 3 and 65
+ * (top-k 64), 1, 2, 3 and G3N_PRUNE_ROWS rows of h at once (a batched step). */
 TEST(unembed_pruned) {
     if (!B->unembed_prepare) {
         printf("  (no logits_pruned on this backend)\n");
@@ -540,10 +554,11 @@ TEST(unembed_pruned) {
         {G3N_F32, 777, 64, 777, 1},        {G3N_BF16, 1000, 128, 1000, 2},  {G3N_F16, 515, 192, 300, 2},
         {G3N_F16, 262144, 64, 262144, 0},
     };
-    const int ms[3] = {1, 3, 65};
-    float vals[2][65];
-    int32_t ids[2][65];
-    uint8_t ok[2];
+    const int ms[3] = {1, 3, 65}, hr[4] = {1, 2, 3, G3N_PRUNE_ROWS};
+    enum { RMAX = G3N_PRUNE_ROWS };
+    float vals[2][RMAX * 65];
+    int32_t ids[2][RMAX * 65];
+    uint8_t ok[2][RMAX];
     for (size_t ci = 0; ci < sizeof cs / sizeof *cs; ci++) {
         const int dt = cs[ci].dtype, O = cs[ci].rows, K = cs[ci].cols, n = cs[ci].n, kind = cs[ci].kind;
         const size_t N = (size_t)O * K, es = g3n_dtype_size((g3n_dtype)dt);
@@ -568,47 +583,54 @@ TEST(unembed_pruned) {
         for (int pass = 0; pass < 6 && rb; pass++) {
             const float cap = pass % 2 ? 30.0f : 0.0f;
             const int m = ms[pass / 2], nblk = (O + 2047) / 2048; /* (the CUDA copy's blocks of rows) */
+            const int R = hr[(ci + (size_t)pass) % 4]; /* rows of h */
             if (m > n) continue;
-            float *x = rnd((size_t)K, 1.0f + pass % 2);
-            float *dx = dev(x, (size_t)K), *dfull = dev_nan((size_t)O), *dpr = dev_nan((size_t)O);
-            B->matmul(B, dfull, &W, dx, 1);
-            if (cap > 0) B->softcap(B, dfull, (size_t)O, cap);
-            B->logits_pruned(B, dpr, &W, dx, n, m, cap);
-            float *full = host(dfull, (size_t)O), *pr = host(dpr, (size_t)O);
+            float *x = rnd((size_t)R * K, 1.0f + pass % 2);
+            float *dx = dev(x, (size_t)R * K), *dfull = dev_nan((size_t)R * O), *dpr = dev_nan((size_t)R * O);
+            for (int r = 0; r < R; r++) B->matmul(B, dfull + (size_t)r * O, &W, dx + (size_t)r * K, 1);
+            if (cap > 0) B->softcap(B, dfull, (size_t)R * O, cap);
+            B->logits_pruned(B, dpr, &W, dx, R, n, m, cap);
+            float *full = host(dfull, (size_t)R * O), *pr = host(dpr, (size_t)R * O);
             int *idx = malloc(sizeof(int) * (size_t)n);
-            test_logit_order(full, n, idx);
-            const float mth = full[idx[m - 1]];
-            int cand = 0, wrong = 0, missed = 0;
-            for (int v = 0; v < O; v++) {
-                if (pr[v] == -INFINITY) {
-                    missed += v < n && full[v] >= mth;
-                    continue;
+            for (int r = 0; r < R; r++) {
+                const float *fr = full + (size_t)r * O, *prr = pr + (size_t)r * O;
+                test_logit_order(fr, n, idx);
+                const float mth = fr[idx[m - 1]];
+                int cand = 0, wrong = 0, missed = 0;
+                for (int v = 0; v < O; v++) {
+                    if (prr[v] == -INFINITY) {
+                        missed += v < n && fr[v] >= mth;
+                        continue;
+                    }
+                    cand++;
+                    wrong += v >= n || memcmp(&prr[v], &fr[v], 4) != 0;
                 }
-                cand++;
-                wrong += v >= n || memcmp(&pr[v], &full[v], 4) != 0;
+                CHECK_MSG(!wrong && !missed,
+                          "case %zu m %d cap %g row %d of %d: %d logits differ from matmul's, %d of the best left out",
+                          ci, m, cap, r, R, wrong, missed);
+                /* random rows: the copy's bound leaves a handful for m 1, a few hundred for 65 of 262,144 */
+                CHECK_MSG(cand >= m && (kind || m > nblk || cand <= O / 20), "case %zu m %d row %d: %d candidates of %d",
+                          ci, m, r, cand, O);
+                if (cap == 0 && r == 0) printf("  case %zu m %d (%d rows): %d candidates of %d\n", ci, m, R, cand, O);
             }
-            CHECK_MSG(!wrong && !missed, "case %zu m %d cap %g: %d logits differ from matmul's, %d of the best left out",
-                      ci, m, cap, wrong, missed);
-            /* random rows: the copy's bound leaves a handful for m 1, a few hundred for 65 of 262,144 */
-            CHECK_MSG(cand >= m && (kind || m > nblk || cand <= O / 20), "case %zu m %d: %d candidates of %d", ci, m,
-                      cand, O);
-            if (cap == 0) printf("  case %zu m %d: %d candidates of %d\n", ci, m, cand, O);
-            for (int q = 0; q < 2 && B->logits_top; q++) { /* the row's best m from the pruned row: plain, queued */
+            for (int q = 0; q < 2 && B->logits_top; q++) { /* the rows' best m from the pruned rows: plain, queued */
                 const float *dl = q ? dpr : dfull;
-                CHECK(B->logits_top(B, dl, 1, 0, n, m, vals[q], ids[q], &ok[q]) && ok[q]);
+                CHECK(B->logits_top(B, dl, R, (size_t)O, n, m, vals[q], ids[q], ok[q]));
+                for (int r = 0; r < R; r++) CHECK_MSG(ok[q][r], "case %zu m %d: row %d declined", ci, m, r);
             }
             for (int q = 1; q < 2 && B->logits_top_queue && B->logits_top; q++) {
-                if (!B->logits_top_queue(B, dpr, 1, (size_t)n, n, m)) continue;
-                float v2[65];
-                int32_t i2[65];
-                uint8_t ok2 = 0;
-                CHECK(B->logits_top(B, dpr, 1, 0, n, m, v2, i2, &ok2) && ok2);
-                CHECK_MSG(!memcmp(v2, vals[0], 4 * (size_t)m) && !memcmp(i2, ids[0], 4 * (size_t)m),
-                          "case %zu m %d: queued best of the pruned row differ", ci, m);
+                if (!B->logits_top_queue(B, dpr, R, (size_t)O, n, m)) continue;
+                float v2[RMAX * 65];
+                int32_t i2[RMAX * 65];
+                uint8_t ok2[RMAX] = {0};
+                CHECK(B->logits_top(B, dpr, R, (size_t)O, n, m, v2, i2, ok2));
+                for (int r = 0; r < R; r++) CHECK(ok2[r]);
+                CHECK_MSG(!memcmp(v2, vals[0], 4 * (size_t)(R * m)) && !memcmp(i2, ids[0], 4 * (size_t)(R * m)),
+                          "case %zu m %d: queued best of the pruned rows differ", ci, m);
             }
             if (B->logits_top)
-                CHECK_MSG(!memcmp(vals[1], vals[0], 4 * (size_t)m) && !memcmp(ids[1], ids[0], 4 * (size_t)m),
-                          "case %zu m %d: the pruned row's best differ from the row's", ci, m);
+                CHECK_MSG(!memcmp(vals[1], vals[0], 4 * (size_t)(R * m)) && !memcmp(ids[1], ids[0], 4 * (size_t)(R * m)),
+                          "case %zu m %d: the pruned rows' best differ from the rows'", ci, m);
             free(full), free(pr), free(x), free(idx);
             live[3 * pass] = dx, live[3 * pass + 1] = dfull, live[3 * pass + 2] = dpr;
         }

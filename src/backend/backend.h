@@ -70,6 +70,7 @@ typedef struct {
 
 #define G3N_KV_MAX_LAYERS 128
 #define G3N_TOP_MAX 256 /* logits_top: candidates at most */
+#define G3N_PRUNE_ROWS 8 /* logits_pruned: rows at most */
 typedef struct {
     g3n_kv_layer layer[G3N_KV_MAX_LAYERS];
 } g3n_kv;
@@ -365,17 +366,19 @@ struct g3n_backend {
      * (batch_set), then only collects the results. Returns 0 where it declines
      * (logits_top then does all the work). */
     int (*logits_top_queue)(g3n_backend *be, const float *logits, int rows, size_t stride, int n, int m);
-    /* Optional (NULL): one row of logits read through a cheaper copy of the
-     * unembedding W (unquantized) for a reader of its best m alone.
-     * unembed_prepare, at load: make the copy and return the bytes
-     * logits_pruned reads in W's place (0: no copy, do not call logits_pruned).
-     * logits_pruned: logits[v] = softcap(W[v] . h) (cap 0: none), exactly as
-     * matmul then softcap compute it, for every v < n that could be among the
-     * best m of the first n, -inf for the others: those best m and every logit
-     * tied with the m-th are exact, the rest of the row is not (the caller
-     * recomputes it if it is asked for). */
+    /* Optional (NULL): rows of logits (1..G3N_PRUNE_ROWS) read through a
+     * cheaper copy of the unembedding W (unquantized) for a reader of each
+     * row's best m alone. unembed_prepare, at load: make the copy and return
+     * the bytes logits_pruned reads in W's place (0: no copy, do not call
+     * logits_pruned). logits_pruned, h [rows, W->cols] into logits [rows,
+     * W->rows]: logits[v] = softcap(W[v] . h) (cap 0: none), exactly as a
+     * one-row matmul then softcap compute it, for every v < n that could be
+     * among the best m of the first n of its row, -inf for the others: those
+     * best m and every logit tied with the m-th are exact, the rest of the row
+     * is not (the caller recomputes the rows if they are asked for). */
     size_t (*unembed_prepare)(g3n_backend *be, const g3n_mat *W);
-    void (*logits_pruned)(g3n_backend *be, float *logits, const g3n_mat *W, const float *h, int n, int m, float cap);
+    void (*logits_pruned)(g3n_backend *be, float *logits, const g3n_mat *W, const float *h, int rows, int n, int m,
+                          float cap);
 };
 
 /* Constructors. NULL + err when the backend cannot start. */

@@ -47,8 +47,8 @@ struct fwd_scratch {
     float *parts;  /* [FWD_PARTS, D] a one-row step's down product as K-slice sums (matmul_parts) */
     float *logits; /* [lm_rows, V] */
     int top_m, top_n; /* fwd_set_top */
-    int pruned;       /* the last step's logits row holds only the candidates for its best top_m
-                         of the first top_n (logits_pruned); fwd_logits_need completes it */
+    int pruned;       /* rows of the last step's logits that hold only the candidates for their best
+                         top_m of the first top_n (logits_pruned; 0: none); fwd_logits_need completes them */
 };
 
 static size_t fl(size_t n) { return (n + 15) & ~(size_t)15; } /* 64-byte alignment */
@@ -321,14 +321,15 @@ static void decoder_layer_fused(g3n_model *M, fwd_scratch *f, int l, int n) {
     if (l == c->n_layer - 1) be->ple_add(be, f->S, f->ple_out, lw->post_per_layer_input_norm, A, n, D, eps);
 }
 
-/* The LM head over h [nr, D] into logits, soft-capped; where `best` > 0 (one
- * row), only what the best best_m of its first `best` logits need (logits_pruned). */
+/* The LM head over h [nr, D] into logits, soft-capped; where `best` > 0 (nr at
+ * most G3N_PRUNE_ROWS), only what the best best_m of each row's first `best`
+ * logits need (logits_pruned). */
 static void unembed(g3n_model *M, float *logits, const float *h, int nr, int best, int best_m) {
     g3n_backend *be = M->be;
     const g3n_config *c = &M->cfg;
     const float cap = c->final_softcap > 0 ? c->final_softcap : 0;
     if (best > 0) {
-        be->logits_pruned(be, logits, &M->w.embed_tokens, h, best, best_m, cap);
+        be->logits_pruned(be, logits, &M->w.embed_tokens, h, nr, best, best_m, cap);
         return;
     }
     be->matmul(be, logits, &M->w.embed_tokens, h, nr);
@@ -372,7 +373,7 @@ const float *fwd_logits(const fwd_scratch *f) { return f->logits; }
 
 void fwd_logits_need(g3n_model *M, fwd_scratch *f, int m, int n) {
     if (!f->pruned || (m >= 1 && m <= f->top_m && n == f->top_n)) return;
-    unembed(M, f->logits, f->t0, 1, 0, 0); /* h is still there: the next step writes it */
+    unembed(M, f->logits, f->t0, f->pruned, 0, 0); /* h is still there: the next step writes it */
     f->pruned = 0;
 }
 
@@ -477,8 +478,8 @@ void fwd_run(g3n_model *M, fwd_scratch *f, const g3n_batch *b, int out_row0, flo
     float *S_orig = f->S, *pred_orig = f->pred;
     const size_t V = (size_t)M->cfg.n_vocab;
     const int n_out = n - out_row0;
-    /* a step whose sampler takes from the best m logits needs no other (unembed) */
-    f->pruned = n_out == 1 && f->top_m >= 1 && M->prune_ok && !logits_host;
+    /* a step whose samplers take from the best m logits needs no other (unembed) */
+    f->pruned = n_out >= 1 && n_out <= M->prune_rows && f->top_m >= 1 && !logits_host ? n_out : 0;
     if (n_out <= f->lm_rows) {
         /* one step, one block of logits: recordable and replayable */
         int replayed = 0, recording = be->graph_begin && !fwd_debug_hook;

@@ -21,15 +21,17 @@ void fwd_run(g3n_model *m, fwd_scratch *f, const g3n_batch *b, int out_row0, flo
 /* The logits of the last step in backend memory (row 0: the first row asked
  * for); fwd_run leaves them there when logits_host is NULL (at most lm_rows rows). */
 const float *fwd_logits(const fwd_scratch *f);
-/* The best m of the first n logits that the sampler will ask for after each
- * later step of one row of logits (0: none): the backend's logits_top_queue
- * then runs with the step, recorded with it. */
+/* The best m of the first n logits of each row that the samplers will ask for
+ * after each later step (0: none): a step of up to m->prune_rows rows may then
+ * read the LM head through the backend's copy (fwd_logits_need), and after a
+ * step of one row the backend's logits_top_queue runs with the step, recorded
+ * with it. */
 void fwd_set_top(fwd_scratch *f, int m, int n);
-/* Make the last step's logits row what a reader of its best m of the first n
- * logits needs (m 0: the whole row): a step run for its sampler's best m' alone
- * (fwd_set_top, where the backend reads the LM head through a cheaper copy:
- * m->prune_ok) left only the candidates for them, so a reader of more than m'
- * or of other n gets the row recomputed here first. */
+/* Make the last step's logits rows what a reader of their best m of the first
+ * n logits needs (m 0: the whole rows): a step run for its samplers' best m'
+ * alone (fwd_set_top, where the backend reads the LM head through a cheaper
+ * copy: m->prune_rows) left only the candidates for them, so a reader of more
+ * than m' or of other n gets the rows recomputed here first. */
 void fwd_logits_need(g3n_model *M, fwd_scratch *f, int m, int n);
 
 /* Decode paths (m->fused): one op per step of the maths, the fused ops, or the

@@ -123,8 +123,9 @@ struct g3n_model {
     int fused;           /* decode path (forward.c): FWD_SPLIT, FWD_FUSED or FWD_MEGA */
     g3n_dec_model dec;   /* the layers as the backend's decode_layers sees them */
     int mega_ok;         /* the backend takes this model whole (decode_layers) */
-    int prune_ok;        /* the backend reads the best logits (greedy, top-k) through a cheaper copy
-                            of the LM head (unembed_prepare, logits_pruned; forward.c unembed) */
+    int prune_rows;      /* steps of up to this many logits rows (0: none) read the best logits
+                            (greedy, top-k) through the backend's cheaper copy of the LM head
+                            (unembed_prepare, logits_pruned; forward.c unembed) */
     size_t decode_bytes_greedy; /* decode_bytes(_sparse) with that copy read instead of the LM head; 0: not */
     int sparse;          /* fused path: exact sparsity in the top-k layers */
     int kv_f16;          /* K/V caches in f16 (g3n_model_params.kv_type) */

@@ -368,7 +368,9 @@ g3n_model *g3n_model_open(const char *dir, const g3n_model_params *params, char 
     if (rc == 0 && m->be->unembed_prepare) { /* greedy and top-k steps read a cheaper copy of the LM head */
         const size_t copy = m->be->unembed_prepare(m->be, &m->w.embed_tokens);
         const size_t base = m->decode_bytes_sparse ? m->decode_bytes_sparse : m->decode_bytes;
-        m->prune_ok = copy > 0;
+        /* batched steps too, up to G3N_PRUNE_ROWS rows (G3N_PRUNE_ROWS=n: fewer, for timing) */
+        const char *pr = getenv("G3N_PRUNE_ROWS");
+        m->prune_rows = copy == 0 ? 0 : pr ? G3N_MIN(G3N_MAX(atoi(pr), 0), G3N_PRUNE_ROWS) : G3N_PRUNE_ROWS;
         m->decode_bytes_greedy = copy ? base - m->w.embed_tokens.file_bytes + copy : 0;
     }
     int hints_off;

@@ -249,11 +249,11 @@ struct g3n_batcher {
     int pad;            /* round n up to a bucket (backend records steps) */
     fwd_scratch *fwd;
     int32_t *ids, *pos, *seq; /* [rows] */
-    g3n_kv **kv;        /* [cap + 1]: cap session caches, then the padding cache */
+    g3n_kv **kv;        /* [cap + BATCH_PAD_MAX]: cap session caches, then one entry per padding row */
     uint64_t *kv_sid;   /* [cap] session id per entry, 0 = free */
     uint64_t *kv_used;  /* [cap] step counter of last use */
     uint64_t step;
-    g3n_kv pad_kv;      /* padding rows: positions 0..rows-1 of a private cache */
+    g3n_kv pad_kv;      /* padding rows: position 0 of a private cache (each row its own entry) */
     void *pad_mem;
     float *logits;      /* [rows, n_vocab] host */
     float *top_vals;    /* [cap, G3N_TOP_MAX] g3n_batch_decode_sample's candidates */
@@ -262,7 +262,8 @@ struct g3n_batcher {
 };
 
 /* Rows a step of n sessions runs: n, or on recording backends the next of
- * 1, 2, 4, 8, then multiples of 8. */
+ * 1, 2, 4, 8, then multiples of 8 (at most BATCH_PAD_MAX padding rows). */
+#define BATCH_PAD_MAX 7
 static int bucket(const g3n_batcher *bt, int n) {
     if (!bt->pad) return n;
     if (n <= 8) {
@@ -287,11 +288,11 @@ g3n_batcher *g3n_batcher_create(g3n_model *m, int max_seqs, char *err, size_t er
     bt->ids = g3n_calloc((size_t)bt->rows, sizeof(int32_t));
     bt->pos = g3n_calloc((size_t)bt->rows, sizeof(int32_t));
     bt->seq = g3n_calloc((size_t)bt->rows, sizeof(int32_t));
-    bt->kv = g3n_calloc((size_t)max_seqs + 1, sizeof(g3n_kv *));
+    bt->kv = g3n_calloc((size_t)max_seqs + BATCH_PAD_MAX, sizeof(g3n_kv *));
     bt->kv_sid = g3n_calloc((size_t)max_seqs, sizeof(uint64_t));
     bt->kv_used = g3n_calloc((size_t)max_seqs, sizeof(uint64_t));
     bt->pad_mem = kv_alloc(m, bt->rows, bt->rows, &bt->pad_kv);
-    for (int i = 0; i <= max_seqs; i++) bt->kv[i] = &bt->pad_kv;
+    for (int i = 0; i < max_seqs + BATCH_PAD_MAX; i++) bt->kv[i] = &bt->pad_kv;
     bt->logits = logits_alloc(m, (size_t)bt->rows);
     bt->top_vals = g3n_malloc(sizeof(float) * (size_t)max_seqs * G3N_TOP_MAX);
     bt->top_ids = g3n_malloc(sizeof(int32_t) * (size_t)max_seqs * G3N_TOP_MAX);
@@ -356,12 +357,17 @@ static int batch_step(g3n_batcher *bt, g3n_session **ss, const int32_t *ids, int
         bt->seq[i] = kv_entry(bt, ss[i]);
     }
     const int nr = bucket(bt, n);
-    for (int i = n; i < nr; i++) { /* padding rows: a sequence of their own */
+    /* padding rows: each a sequence of its own (a step of one token per
+     * sequence is a decode step: with two padding rows in one sequence, steps
+     * of 5, 6 and 9-14 sessions ran as prompts, 30-50% slower), all at
+     * position 0 of the padding cache, where they write the same K/V */
+    G3N_ASSERT(nr - n <= BATCH_PAD_MAX);
+    for (int i = n; i < nr; i++) {
         bt->ids[i] = ids[0];
-        bt->pos[i] = i - n;
-        bt->seq[i] = bt->cap;
+        bt->pos[i] = 0;
+        bt->seq[i] = bt->cap + (i - n);
     }
-    g3n_batch b = {nr, bt->ids, bt->pos, bt->seq, bt->kv, bt->cap + 1};
+    g3n_batch b = {nr, bt->ids, bt->pos, bt->seq, bt->kv, bt->cap + BATCH_PAD_MAX};
     fwd_run(bt->m, bt->fwd, &b, 0, NULL);
     for (int i = 0; i < n; i++) {
         g3n_session *s = ss[i];
@@ -406,15 +412,13 @@ int g3n_batch_decode_sample(g3n_batcher *bt, g3n_session **ss, const int32_t *id
             return g3n_err(err, errlen, "batch decode: sampler %d covers %d tokens, the model's logits %zu", i,
                            g3n_sampler_vocab(smps[i]), V);
     }
-    /* a step of one session queues its sampler's best m with the step, and may
-     * read only what they need (fwd_set_top, as g3n_session_eval); the rows of
-     * several are read here after the step */
-    const int m1 = n == 1 ? top_want(bt->m, smps, 1) : 0;
-    fwd_set_top(bt->fwd, m1, m1 ? g3n_sampler_vocab(smps[0]) : 0);
+    /* the step may read only what the samplers' best m need (fwd_set_top, as
+     * g3n_session_eval); a step of one session queues them with the step, the
+     * rows of several are collected here after it */
+    const int m = top_want(bt->m, smps, n);
+    fwd_set_top(bt->fwd, m, m ? g3n_sampler_vocab(smps[0]) : 0);
     if (batch_step(bt, ss, ids, n, err, errlen)) return -1;
     g3n_backend *be = bt->m->be;
-    const int m = top_want(bt->m, smps, n);
-    if (m > 0) fwd_logits_need(bt->m, bt->fwd, m, g3n_sampler_vocab(smps[0]));
     float *vals = bt->top_vals;
     int32_t *cids = bt->top_ids;
     uint8_t *ok = bt->top_ok;

@@ -138,6 +138,8 @@ typedef struct {
     size_t ysplit_n;       /* floats */
     int blas_rows;         /* decode steps of this many rows (up to 8) ... */
     size_t blas_bytes;     /* ... take cuBLAS for matrices of this size and more (gemv.cu use_blas) */
+    int gemv2_rows;        /* 16-bit products of this many rows and more (2..8) take two output rows a warp: */
+    int gemv2w_rows;       /* k_gemv2 (rows up to 2048 wide, one warp a pair), k_gemv2w (longer: wpr warps) */
     /* exact sparsity (sparse.cu): sized at load by the transposed matrices */
     float *sp_part;
     size_t sp_part_n;
@@ -591,9 +593,10 @@ void cuda_pf_release(cuda_ctx *c);
 #define UP_ROWS 2048
 #define UP_THREADS 256
 size_t cuda_op_unembed_prepare(g3n_backend *be, const g3n_mat *W);
-void cuda_op_logits_pruned(g3n_backend *be, float *logits, const g3n_mat *W, const float *h, int n, int m, float cap);
+void cuda_op_logits_pruned(g3n_backend *be, float *logits, const g3n_mat *W, const float *h, int rows, int n, int m,
+                           float cap);
 void cuda_unembed_free(cuda_ctx *c);
-void cuda_unembed_exact(cuda_ctx *c, float *logits, const g3n_mat *W, const float *x, const float *cm,
+void cuda_unembed_exact(cuda_ctx *c, float *logits, const g3n_mat *W, const float *x, int xrows, const float *cm,
                         const float *bmax, int nblk, const float *xn, int n, int m, float cap);
 void cuda_op_matmul_multi(g3n_backend *be, int n, const g3n_mat *const *W, float *const *y,
                           const float *const *x, int rows);

@@ -3,8 +3,10 @@
  *
  * Decode (up to 8 rows): one kernel for one or many products. Each output row
  * is read by `wpr` warps (1-8, more for long rows or few rows so the whole GPU
- * streams); each lane loads 16-byte chunks (8 weights), four in flight, and up
- * to 8 input rows share each pass, so a step reads every weight once. Weights
+ * streams); each lane loads 16-byte chunks (8 weights), eight in flight, and up
+ * to 8 input rows share each pass, so a step reads every weight once; from 2
+ * input rows a warp takes two output rows (k_gemv2, k_gemv2w), so that each
+ * input chunk read serves both. Weights
  * are loaded before the kernel waits for the previous one (PDL): the stream of
  * weights starts while the previous kernel finishes. The partial sums of a row's
  * warps are added in a fixed order, so results do not depend on timing.
@@ -136,26 +138,31 @@ __global__ void __launch_bounds__(256) k_gemv(multi_args a) {
     }
 }
 
-/* k_gemv's one-warp-a-row shape (wpr 1) for R >= 4 input rows of 16-bit weights,
- * two output rows a warp: each lane loads both rows' chunks, and each chunk of
- * the inputs it reads (R rows of 8 floats, from L1) serves both. With one row a
- * warp every 16 bytes of weights took 16 R bytes of inputs through L1, which
- * bounded k_gemv<bf16, 8> at ~1.8 TB/s of weights (the q/k/v and o products of
- * a batched step of 8: 15-16 µs at E4B; docs/SPEED.md, twenty-eighth session).
+/* k_gemv's one-warp-a-row shape (wpr 1) for R >= c->gemv2_rows (2) input rows
+ * of 16-bit weights, two output rows a warp: each lane loads both rows' chunks,
+ * and each chunk of the inputs it reads (R rows of 8 floats, from L1) serves
+ * both. With one row a warp every 16 bytes of weights took 16 R bytes of inputs
+ * through L1, which bounded k_gemv<bf16, 8> at ~1.8 TB/s of weights (the q/k/v
+ * and o products of a batched step of 8: 15-16 µs at E4B; docs/SPEED.md,
+ * twenty-eighth session), and k_gemv<bf16, 2>'s gate/up at 2.8 TB/s on the
+ * H200 (47.7 µs a layer at E4B; here 35-36: thirty-first session).
  * A row's sum takes k_gemv's steps (its chunks in order, then the warp's sum);
  * that it gives a one-row step's bits is not established (a bitwise test of
  * batched rows against rows alone failed a case on the H100 that was not
  * identified; docs/SPEED.md, twenty-eighth session). Block = 8 warps = 8 pairs
- * of rows; a pair never straddles two products (test_ops matmul_multi_rows). */
+ * of rows; a pair never straddles two products (test_ops matmul_multi_rows).
+ * GEMV_GATE_UP: the pair is gate row i and up row i (y = gelu(gate) * up). */
 template <typename T, int R>
 __global__ void __launch_bounds__(256, 2) k_gemv2(multi_args a) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int pair = blockIdx.x * 8 + warp;
-    if (pair >= a.pair0[a.n]) { KERNEL_BEGIN(); return; }
+    const bool gu = a.mode == GEMV_GATE_UP;
+    if (pair >= a.pair0[gu ? 1 : a.n]) { KERNEL_BEGIN(); return; }
     int s = 0;
-    while (pair >= a.pair0[s + 1]) s++;
-    const int row = 2 * (pair - a.pair0[s]), K = a.K[s], O = a.O[s], two = row + 1 < O;
-    const T *w0 = (const T *)a.W[s] + (size_t)row * K, *w1 = w0 + (two ? K : 0);
+    while (!gu && pair >= a.pair0[s + 1]) s++;
+    const int row = gu ? pair : 2 * (pair - a.pair0[s]), K = a.K[s], O = a.O[s], two = !gu && row + 1 < O;
+    const T *w0 = (const T *)a.W[s] + (size_t)row * K;
+    const T *w1 = gu ? (const T *)a.W[1] + (size_t)row * K : w0 + (two ? K : 0);
     const float *x = a.x[s];
     const int nc = K / 8;
     constexpr int U = 8; /* K <= 2048 (gemv_launch): one batch of chunks a lane */
@@ -186,9 +193,77 @@ __global__ void __launch_bounds__(256, 2) k_gemv2(multi_args a) {
         for (int r = 0; r < R; r++)
             if (lane == r) {
                 const size_t o = (size_t)r * O + row;
+                if (gu) {
+                    a.y[0][o] = gelu_tanh_d(acc0[r]) * acc1[r];
+                    continue;
+                }
                 a.y[s][o] = a.mode == GEMV_GELU_MUL ? gelu_tanh_d(acc0[r]) * a.m[o] : acc0[r];
                 if (two) a.y[s][o + 1] = a.mode == GEMV_GELU_MUL ? gelu_tanh_d(acc1[r]) * a.m[o + 1] : acc1[r];
             }
+    }
+}
+
+/* k_gemv's shape for long rows (wpr 2-8 warps a row) with two output rows a
+ * warp, for 2-8 input rows of 16-bit weights: a pair of rows is read by wpr
+ * warps, each lane loading both rows' chunks, so each chunk of the inputs it
+ * reads serves both (the down product of a batched step of 2: E4B's 16384-wide
+ * rows on k_gemv<bf16, 2> ran at 2.4 TB/s on the H200, here 3.2: thirty-first
+ * session). Each row's sum takes k_gemv's steps in k_gemv's order (a lane's
+ * chunks in batches of U, the warp's sum, then the row's warps in order; not
+ * compared bit for bit: test_ops checks both against the reference). Block = 8
+ * warps = 8 / wpr pairs; a pair never straddles two products. */
+template <typename T, int R>
+__global__ void __launch_bounds__(256) k_gemv2w(multi_args a) {
+    __shared__ float part[8][2][R];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpr = a.wpr, sub = warp % wpr;
+    const int pair = blockIdx.x * (8 / wpr) + warp / wpr;
+    const bool valid = pair < a.pair0[a.n];
+    int s = 0, row = 0, K = 0, two = 0;
+    if (valid) {
+        while (pair >= a.pair0[s + 1]) s++;
+        row = 2 * (pair - a.pair0[s]), K = a.K[s], two = row + 1 < a.O[s];
+    }
+    const T *w0 = (const T *)a.W[s] + (size_t)row * K, *w1 = w0 + (two ? K : 0);
+    const float *x = a.x[s];
+    const int nc = K / 8, step = 32 * wpr;
+    int c = sub * 32 + lane;
+    constexpr int U = 8;
+    raw8<T> q0[U], q1[U];
+#pragma unroll
+    for (int u = 0; u < U; u++)
+        if (c + u * step < nc) ldraw(q0[u], w0 + (size_t)(c + u * step) * 8), ldraw(q1[u], w1 + (size_t)(c + u * step) * 8);
+    KERNEL_BEGIN();
+    float acc0[R], acc1[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc0[r] = acc1[r] = 0;
+    for (;;) {
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (c + u * step < nc) {
+                float f0[8], f1[8];
+                cvt8(q0[u], f0), cvt8(q1[u], f1);
+                fma8x2<R>(acc0, acc1, f0, f1, x, K, c + u * step);
+            }
+        c += U * step;
+        if (c >= nc) break;
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (c + u * step < nc)
+                ldraw(q0[u], w0 + (size_t)(c + u * step) * 8), ldraw(q1[u], w1 + (size_t)(c + u * step) * 8);
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) acc0[r] = warp_sum(acc0[r]), acc1[r] = warp_sum(acc1[r]);
+    if (lane == 0)
+#pragma unroll
+        for (int r = 0; r < R; r++) part[warp][0][r] = acc0[r], part[warp][1][r] = acc1[r];
+    __syncthreads();
+    if (sub == 0 && lane < 2 * R && valid) { /* lane 2r + h: row + h of activation row r */
+        const int r = lane >> 1, h = lane & 1;
+        if (h && !two) return;
+        float v = 0;
+        for (int k = 0; k < wpr; k++) v += part[warp + k][h][r];
+        const size_t o = (size_t)r * a.O[s] + row + h;
+        a.y[s][o] = a.mode == GEMV_GELU_MUL ? gelu_tanh_d(v) * a.m[o] : v;
     }
 }
 
@@ -225,7 +300,8 @@ template <typename T> __device__ __forceinline__ float gemv_dot1(const T *w, con
  * -inf. Rows at or past n are not candidates. t is the m-th largest of the
  * blocks' largest lower bounds bmax[0..nblk) (k_unembed_bound): m rows (each
  * the largest of its block) have exact logits at or above it, so it is at most
- * the m-th largest exact logit (-inf where m > nblk). |x| is *xn. */
+ * the m-th largest exact logit (-inf where m > nblk). |x| is *xn. Row
+ * blockIdx.y of x, logits, bmax and xn. */
 template <typename T>
 __global__ void __launch_bounds__(UP_THREADS)
     k_unembed_exact(float *logits, const T *W, const float *x, int K, const float *cm, const float *bmax, int nblk,
@@ -234,6 +310,8 @@ __global__ void __launch_bounds__(UP_THREADS)
     __shared__ float bm[UP_THREADS], tsel;
     __shared__ int list[UP_ROWS], nl;
     const int v0 = blockIdx.x * UP_ROWS + threadIdx.x;
+    logits += (size_t)blockIdx.y * rows, x += (size_t)blockIdx.y * K, bmax += (size_t)blockIdx.y * nblk;
+    xn += blockIdx.y;
     float mg[PT]; /* the rows' bounds per unit of |x| (weights: before the wait) */
 #pragma unroll
     for (int k = 0; k < PT; k++) mg[k] = v0 + k * UP_THREADS < rows ? cm[v0 + k * UP_THREADS] : 0.f;
@@ -268,9 +346,9 @@ __global__ void __launch_bounds__(UP_THREADS)
     }
 }
 
-void cuda_unembed_exact(cuda_ctx *c, float *logits, const g3n_mat *W, const float *x, const float *cm,
+void cuda_unembed_exact(cuda_ctx *c, float *logits, const g3n_mat *W, const float *x, int xrows, const float *cm,
                         const float *bmax, int nblk, const float *xn, int n, int m, float cap) {
-    const dim3 grid((unsigned)((W->rows + UP_ROWS - 1) / UP_ROWS)), block(UP_THREADS);
+    const dim3 grid((unsigned)((W->rows + UP_ROWS - 1) / UP_ROWS), (unsigned)xrows), block(UP_THREADS);
     if (W->dtype == G3N_BF16)
         launch(c, k_unembed_exact<__nv_bfloat16>, grid, block, 0, logits, (const __nv_bfloat16 *)W->data, x,
                W->cols, cm, bmax, nblk, xn, W->rows, n, m, cap);
@@ -297,18 +375,31 @@ __global__ void k_gemv_scalar(float *y, const void *W, int dtype, const float *x
 
 template <typename T>
 static void gemv_launch(cuda_ctx *c, multi_args &a, int R) {
-    if constexpr (sizeof(T) == 2) { /* 16-bit weights: two rows a warp for 4-8 input rows */
+    if constexpr (sizeof(T) == 2) { /* 16-bit weights: two rows a warp for c->gemv2_rows..8 input rows */
         int kmax = 0;
         for (int i = 0; i < a.n; i++) kmax = G3N_MAX(kmax, a.K[i]);
-        if (R >= 4 && a.wpr == 1 && kmax <= 2048 && a.mode != GEMV_GATE_UP) {
-            for (int i = 0; i < a.n; i++) a.pair0[i + 1] = a.pair0[i] + (a.O[i] + 1) / 2;
-            const dim3 grid((unsigned)((a.pair0[a.n] + 7) / 8));
+        if (R >= c->gemv2_rows && a.wpr == 1 && kmax <= 2048) {
+            if (a.mode == GEMV_GATE_UP) a.pair0[1] = a.O[0]; /* a pair: gate row i, up row i */
+            else
+                for (int i = 0; i < a.n; i++) a.pair0[i + 1] = a.pair0[i] + (a.O[i] + 1) / 2;
+            const dim3 grid((unsigned)((a.pair0[a.mode == GEMV_GATE_UP ? 1 : a.n] + 7) / 8));
 #define L(r) launch(c, k_gemv2<T, r>, grid, 256, 0, a)
-            if (R == 4) L(4);
+            if (R == 2) L(2);
+            else if (R == 3) L(3);
+            else if (R == 4) L(4);
             else if (R == 5) L(5);
             else if (R == 6) L(6);
             else if (R == 7) L(7);
             else L(8);
+#undef L
+            return;
+        }
+        if (R >= c->gemv2w_rows && a.wpr > 1 && a.mode != GEMV_GATE_UP) { /* long rows, two a warp */
+            for (int i = 0; i < a.n; i++) a.pair0[i + 1] = a.pair0[i] + (a.O[i] + 1) / 2;
+            const int ppb = 8 / a.wpr;
+            const dim3 grid((unsigned)((a.pair0[a.n] + ppb - 1) / ppb));
+#define L(r) launch(c, k_gemv2w<T, r>, grid, 256, 0, a)
+            ROWS_SWITCH(R, L)
 #undef L
             return;
         }

@@ -1,5 +1,6 @@
-/* unembed.cu: the best logits of a one-token step through an 8-bit copy of an
- * unquantized LM head (backend.h: unembed_prepare, logits_pruned).
+/* unembed.cu: the best logits of a decode step (1..G3N_PRUNE_ROWS rows, each
+ * on its own) through an 8-bit copy of an unquantized LM head (backend.h:
+ * unembed_prepare, logits_pruned).
  *
  * A step whose sampler picks from the best m logits (greedy: the largest;
  * Gemma's top-k 64: the best 65) needs only those, but the tied LM head is
@@ -43,8 +44,8 @@ struct cuda_unembed {
     g3n_mat q8;      /* the copy, as quant.cu's products read a matrix */
     const void *W;   /* the matrix it copies (its data) */
     float *cm;       /* [rows] the error bound per unit of |h| */
-    float *bmax;     /* [nblk] each bound block's largest lower bound */
-    float *xn;       /* |h|, rounded up */
+    float *bmax;     /* [G3N_PRUNE_ROWS][nblk] each bound block's largest lower bound */
+    float *xn;       /* [G3N_PRUNE_ROWS] |h|, rounded up; then an int: k_unembed_quant's bad flag */
     int nblk;
     void *mem[6];
 };
@@ -101,12 +102,15 @@ __global__ void k_unembed_quant(const T *W, int rows, int K, uint8_t *codes, __n
 
 /* Each block's largest lower bound a_v - cm[v] |h| over its UP_ROWS rows below
  * n (UP_ROWS / UP_THREADS a thread, as k_unembed_exact takes them); block 0
- * also stores |h| (each block computes the same) */
+ * also stores |h| (each block computes the same). Row blockIdx.y of h, a, bmax
+ * and xn. */
 __global__ void __launch_bounds__(UP_THREADS) k_unembed_bound(const float *a, const float *x, int K, const float *cm,
                                                                int rows, int n, float *bmax, float *xn) {
     constexpr int PT = UP_ROWS / UP_THREADS;
     __shared__ float red[32];
     const int v0 = blockIdx.x * UP_ROWS + threadIdx.x;
+    a += (size_t)blockIdx.y * rows, x += (size_t)blockIdx.y * K, bmax += (size_t)blockIdx.y * gridDim.x;
+    xn += blockIdx.y;
     float m[PT]; /* weights: before the wait */
 #pragma unroll
     for (int k = 0; k < PT; k++) m[k] = v0 + k * UP_THREADS < rows ? cm[v0 + k * UP_THREADS] : 0.f;
@@ -154,7 +158,8 @@ size_t cuda_op_unembed_prepare(g3n_backend *be, const g3n_mat *W) {
     }
     cuda_unembed_free(c);
     const size_t R = (size_t)W->rows, ng = R * (W->cols / UQ_GROUP), nblk = (R + UP_ROWS - 1) / UP_ROWS;
-    const size_t sz[6] = {R * W->cols, ng * 2, ng * 2, R * 4, nblk * 4, 2 * sizeof(float)};
+    const size_t sz[6] = {R * W->cols, ng * 2, ng * 2, R * 4, G3N_PRUNE_ROWS * nblk * 4,
+                          (G3N_PRUNE_ROWS + 1) * sizeof(float)};
     /* only where the GPU keeps room for what comes after the weights (K/V
      * caches, scratch): a tenth of it, at least 1 GB */
     size_t fr = 0, tot = 0;
@@ -174,7 +179,7 @@ size_t cuda_op_unembed_prepare(g3n_backend *be, const g3n_mat *W) {
         }
     u->W = W->data;
     u->cm = (float *)u->mem[3], u->bmax = (float *)u->mem[4], u->xn = (float *)u->mem[5];
-    int *bad = (int *)(u->xn + 1);
+    int *bad = (int *)(u->xn + G3N_PRUNE_ROWS);
     CUDA_CHECK(cudaMemsetAsync(bad, 0, sizeof(int), c->stream));
     const dim3 grid((unsigned)((R * 32 + 255) / 256));
     if (W->dtype == G3N_BF16)
@@ -204,15 +209,16 @@ size_t cuda_op_unembed_prepare(g3n_backend *be, const g3n_mat *W) {
     return q->file_bytes + sz[3];
 }
 
-void cuda_op_logits_pruned(g3n_backend *be, float *logits, const g3n_mat *W, const float *h, int n, int m, float cap) {
+void cuda_op_logits_pruned(g3n_backend *be, float *logits, const g3n_mat *W, const float *h, int rows, int n, int m,
+                           float cap) {
     cuda_ctx *c = CTX(be);
     cuda_unembed *u = c->unembed;
-    G3N_ASSERT(u && u->W == W->data);
+    G3N_ASSERT(u && u->W == W->data && rows >= 1 && rows <= G3N_PRUNE_ROWS);
     PROF_BEGIN(c);
-    cuda_quant_matmul(c, logits, &u->q8, h, 1);
-    launch(c, k_unembed_bound, dim3((unsigned)u->nblk), dim3(UP_THREADS), 0, (const float *)logits, h, W->cols,
-           (const float *)u->cm, W->rows, n, u->bmax, u->xn);
-    cuda_unembed_exact(c, logits, W, h, u->cm, u->bmax, u->nblk, u->xn, n, m, cap);
+    cuda_quant_matmul(c, logits, &u->q8, h, rows);
+    launch(c, k_unembed_bound, dim3((unsigned)u->nblk, (unsigned)rows), dim3(UP_THREADS), 0, (const float *)logits,
+           h, W->cols, (const float *)u->cm, W->rows, n, u->bmax, u->xn);
+    cuda_unembed_exact(c, logits, W, h, rows, u->cm, u->bmax, u->nblk, u->xn, n, m, cap);
     CUDA_LAUNCHED();
     PROF_END(c, "logits_pruned", (double)u->q8.file_bytes);
 }
