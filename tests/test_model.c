@@ -679,8 +679,8 @@ TEST(greedy_pruned) {
             if (step % 2) g3n_sampler_accept(s1, pa), g3n_sampler_accept(s2, pb);
             ta = pa, tb = pb;
         }
-        /* three sessions in one batched step (g3n serve with three clients busy,
-         * a padding row beside them): every row pruned */
+        /* three sessions in one batched step (g3n serve with three clients
+         * busy): every row pruned */
         g3n_session *xa[3] = {sa, NULL, NULL}, *xb[3] = {sb, NULL, NULL};
         int32_t na[3] = {ta, 17, 3}, nb[3] = {tb, 17, 3};
         for (int i = 1; i < 3; i++) {

@@ -375,15 +375,23 @@ __global__ void k_gemv_scalar(float *y, const void *W, int dtype, const float *x
 
 template <typename T>
 static void gemv_launch(cuda_ctx *c, multi_args &a, int R) {
-    if constexpr (sizeof(T) == 2) { /* 16-bit weights: two rows a warp for c->gemv2_rows..8 input rows */
+    if constexpr (sizeof(T) == 2) { /* 16-bit weights: two output rows a warp from 2 input rows */
         int kmax = 0;
         for (int i = 0; i < a.n; i++) kmax = G3N_MAX(kmax, a.K[i]);
-        if (R >= c->gemv2_rows && a.wpr == 1 && kmax <= 2048) {
-            if (a.mode == GEMV_GATE_UP) a.pair0[1] = a.O[0]; /* a pair: gate row i, up row i */
+        const bool gu = a.mode == GEMV_GATE_UP;
+        const bool one = R >= c->gemv2_rows && a.wpr == 1 && kmax <= 2048; /* k_gemv2: a warp a pair */
+        const bool wide = R >= c->gemv2w_rows && a.wpr > 1 && !gu;        /* k_gemv2w: wpr warps a pair */
+        if (one || wide) {
+            if (gu) a.pair0[1] = a.O[0]; /* a pair: gate row i, up row i */
             else
                 for (int i = 0; i < a.n; i++) a.pair0[i + 1] = a.pair0[i] + (a.O[i] + 1) / 2;
-            const dim3 grid((unsigned)((a.pair0[a.mode == GEMV_GATE_UP ? 1 : a.n] + 7) / 8));
-#define L(r) launch(c, k_gemv2<T, r>, grid, 256, 0, a)
+            const int ppb = 8 / a.wpr; /* pairs a block */
+            const dim3 grid((unsigned)((a.pair0[gu ? 1 : a.n] + ppb - 1) / ppb));
+#define L(r)                                                                                                   \
+    do {                                                                                                       \
+        if (one) launch(c, k_gemv2<T, r>, grid, 256, 0, a);                                                    \
+        else launch(c, k_gemv2w<T, r>, grid, 256, 0, a);                                                       \
+    } while (0)
             if (R == 2) L(2);
             else if (R == 3) L(3);
             else if (R == 4) L(4);
@@ -391,15 +399,6 @@ static void gemv_launch(cuda_ctx *c, multi_args &a, int R) {
             else if (R == 6) L(6);
             else if (R == 7) L(7);
             else L(8);
-#undef L
-            return;
-        }
-        if (R >= c->gemv2w_rows && a.wpr > 1 && a.mode != GEMV_GATE_UP) { /* long rows, two a warp */
-            for (int i = 0; i < a.n; i++) a.pair0[i + 1] = a.pair0[i] + (a.O[i] + 1) / 2;
-            const int ppb = 8 / a.wpr;
-            const dim3 grid((unsigned)((a.pair0[a.n] + ppb - 1) / ppb));
-#define L(r) launch(c, k_gemv2w<T, r>, grid, 256, 0, a)
-            ROWS_SWITCH(R, L)
 #undef L
             return;
         }
