@@ -795,6 +795,36 @@ static void check_quantized(const char *dir) {
         test_close("decode step", g3n_session_logits(sm), g3n_session_logits(sr), (size_t)V, QTOL, 1e-4);
     }
     g3n_session_free(sr), g3n_session_free(sm);
+    /* a batched step of 12 sessions at different positions (on a GPU two passes
+     * of the tensor-core products), each row against its session alone on cpu-ref */
+    enum { NB = 12 };
+    g3n_session *bs[NB], *rs[NB];
+    int32_t tok[NB];
+    g3n_batcher *bt = g3n_batcher_create(m, NB, err, sizeof err);
+    CHECK_MSG(bt != NULL, "%s", err);
+    float *out = malloc(sizeof(float) * (size_t)V * NB);
+    for (int i = 0; i < NB; i++) {
+        bs[i] = g3n_session_create(m, 32, 4, err, sizeof err);
+        rs[i] = g3n_session_create(r, 32, 4, err, sizeof err);
+        const int np = 1 + i % 5;
+        CHECK(g3n_session_eval(bs[i], ids + i % 3, np, NULL, err, sizeof err) == 0);
+        CHECK(g3n_session_eval(rs[i], ids + i % 3, np, NULL, err, sizeof err) == 0);
+        tok[i] = ids[(i + 7) % 13];
+    }
+    if (bt) {
+        CHECK_MSG(g3n_batch_decode(bt, bs, tok, NB, out, err, sizeof err) == 0, "%s", err);
+        for (int i = 0; i < NB; i++) {
+            CHECK(g3n_session_eval(rs[i], &tok[i], 1, NULL, err, sizeof err) == 0);
+            char what[64];
+            snprintf(what, sizeof what, "batched step of %d, row %d", NB, i);
+            /* (4 QTOL: a step's rows are products of many rows on the CPU's fast ops,
+             * summed in another order than one row's; 1.3e-5 measured) */
+            test_close(what, out + (size_t)i * V, g3n_session_logits(rs[i]), (size_t)V, 4 * QTOL, 1e-4);
+        }
+    }
+    for (int i = 0; i < NB; i++) g3n_session_free(bs[i]), g3n_session_free(rs[i]);
+    g3n_batcher_free(bt);
+    free(out);
     free(a), free(b);
     g3n_model_close(r), g3n_model_close(m);
 }

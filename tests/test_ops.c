@@ -323,10 +323,10 @@ TEST(qmatmul) {
                 }
 }
 
-/* E2B/E4B decode shapes quantized, 1 and 3 rows, and a prompt-sized product. */
+/* E2B/E4B decode shapes quantized, 1, 3 and 16 rows, and a prompt-sized product. */
 TEST(qmatmul_large) {
     const int shapes[][2] = {{2048, 2048}, {16384, 2048}, {2048, 16384}, {8960, 2048}, {4, 2048}, {2048, 64}};
-    const int bits_s[] = {4, 8};
+    const int bits_s[] = {4, 8}, rows_s[] = {1, 3, 16, 33};
     /* a prompt-sized step first: a GPU sizes its activation-split buffer there, which
      * its prompt products (R 33: dequantized bf16 hi + lo on the tensor cores, and
      * G3N_QBLAS_F32=1 the f32 fallback) need */
@@ -337,10 +337,11 @@ TEST(qmatmul_large) {
     B->batch_set(B, &bt);
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++)
         for (int bi = 0; bi < 2; bi++)
-            for (int R = 1; R <= 33; R += R == 1 ? 2 : 30)
-                for (int f32 = 0; f32 < (R > 32 ? 2 : 1); f32++) {
-                    const int O = shapes[s][0], K = shapes[s][1];
+            for (int ri = 0; ri < 4; ri++)
+                for (int f32 = 0; f32 < (rows_s[ri] > 32 ? 2 : 1); f32++) {
+                    const int O = shapes[s][0], K = shapes[s][1], R = rows_s[ri];
                     if (R > 3 && B_IS_CPU) continue; /* (the GPU's larger shapes take tiles of rows or columns) */
+                    /* (R 16: a batched step, two passes of 8 rows on a GPU) */
                     tmat W = make_qmat_ex(bits_s[bi], 64, G3N_BF16, O, K, 0, 0, 0);
                     float *x = rnd((size_t)R * K, 1.0f), *y0 = malloc(4 * (size_t)R * O);
                     float *dx = dev(x, (size_t)R * K), *dy = dev_nan((size_t)R * O);
@@ -385,11 +386,12 @@ TEST(qmatmul_flat_bitwise) {
 /* The same for the tensor-core kernel's K slices (G3N_MMFLAT: 0 in a cluster, 2
  * through memory, in the kernel's flat instantiations): E4B's and E2B's down
  * shapes at 4 and 8 bits in batched steps' row counts (one row at 8 bits: 4-bit
- * rows take k_qgemv_s), and an odd one. */
+ * rows take k_qgemv_s; 9-16 rows two passes), and an odd one. */
 TEST(qmatmul_mmflat_bitwise) {
-    const struct { int O, K, bits, R; } cs[] = {{2048, 16384, 8, 3}, {2048, 8192, 8, 8}, {2048, 16384, 4, 8},
-                                                {2048, 8192, 4, 4}, {300, 16384, 4, 5}, {2048, 16384, 8, 1},
-                                                {2048, 8192, 8, 2}, {2048, 16384, 4, 2}};
+    const struct { int O, K, bits, R; } cs[] = {{2048, 16384, 8, 3}, {2048, 8192, 8, 8},  {2048, 16384, 4, 8},
+                                                {2048, 8192, 4, 4},  {300, 16384, 4, 5},  {2048, 16384, 8, 1},
+                                                {2048, 8192, 8, 2},  {2048, 16384, 4, 2}, {2048, 16384, 4, 16},
+                                                {2048, 8192, 8, 12}, {300, 16384, 4, 9}};
     for (size_t t = 0; t < sizeof cs / sizeof *cs; t++)
         check_env_bitwise("G3N_MMFLAT", "0", "2", cs[t].bits, cs[t].O, cs[t].K, cs[t].R);
 }

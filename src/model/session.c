@@ -240,7 +240,7 @@ int g3n_session_generate(g3n_session *s, g3n_sampler *smp, int n, g3n_token_fn o
 /* The step's sequences are named through a fixed table of KV caches, one entry
  * per session seen lately (keyed by session id), so that a recorded step (CUDA
  * graph, keyed by the table) stays valid while membership changes. On a backend
- * that records steps, a row count past 8 is rounded up to a multiple of 8 with
+ * that records steps, a row count past 16 is rounded up to a multiple of 8 with
  * padding rows in a private cache, so that a handful of recorded steps covers
  * every n. */
 struct g3n_batcher {
@@ -262,17 +262,22 @@ struct g3n_batcher {
     uint8_t *top_ok;    /* [cap] */
 };
 
-/* Rows a step of n sessions runs: n, or on recording backends n up to 8 and
+/* Rows a step of n sessions runs: n, or on recording backends n up to 16 and
  * then multiples of 8 (at most BATCH_PAD_MAX padding rows). G3N_BUCKETS (for
  * timing): 1 the next of 1, 2, 4, 8 (before the thirty-first session), 2 the
- * next of 1, 2, 3, 4, 6, 8; 3 the default. Steps of every n up to 8 were the
- * fastest on the H200 (5 streams +16-29% against powers of two, 7 streams
- * +5-7%; docs/SPEED.md), at up to 8 recorded steps a context bucket. */
+ * next of 1, 2, 3, 4, 6, 8, 3 n up to 8 (the thirty-first session's), 4 the
+ * same and multiples of 4 past 8, 5 the default. Steps of every n up to 8 were
+ * the fastest on the H200 (5 streams +16-29% against powers of two, 7 streams
+ * +5-7%), and of every n up to 16 (E4B 4-bit 9-12 streams +14-33% against
+ * multiples of 8, bf16 +1-4%; docs/SPEED.md), at up to 16 recorded steps a
+ * context bucket. */
 #define BATCH_PAD_MAX 7
 static int bucket(const g3n_batcher *bt, int n) {
     if (!bt->pad) return n;
+    if (bt->pad == 4 && n > 8) return (n + 3) / 4 * 4;
+    if (bt->pad == 5 && n <= 16) return n;
     if (n > 8) return (n + 7) / 8 * 8;
-    if (bt->pad == 3) return n;
+    if (bt->pad >= 3) return n;
     if (bt->pad == 2 && n <= 4) return n;
     int b = 1;
     while (b < n) b *= 2;
@@ -288,7 +293,7 @@ g3n_batcher *g3n_batcher_create(g3n_model *m, int max_seqs, char *err, size_t er
     bt->m = m;
     bt->cap = max_seqs;
     const char *bk = getenv("G3N_BUCKETS");
-    bt->pad = m->be->graph_begin == NULL ? 0 : bk ? G3N_MIN(G3N_MAX(atoi(bk), 1), 3) : 3;
+    bt->pad = m->be->graph_begin == NULL ? 0 : bk ? G3N_MIN(G3N_MAX(atoi(bk), 1), 5) : 5;
     bt->rows = bucket(bt, max_seqs);
     bt->fwd = fwd_scratch_create(m, bt->rows, bt->rows);
     bt->ids = g3n_calloc((size_t)bt->rows, sizeof(int32_t));

@@ -573,6 +573,8 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     const char *g2 = getenv("G3N_GEMV2_ROWS"), *g2w = getenv("G3N_GEMV2W_ROWS"); /* for timing: 9 never */
     c->gemv2_rows = g2 ? G3N_MAX(2, atoi(g2)) : 2;
     c->gemv2w_rows = g2w ? G3N_MAX(2, atoi(g2w)) : 2;
+    const char *spr = getenv("G3N_SP_ROWS"); /* for timing */
+    c->sp_rows = spr ? G3N_MIN(G3N_MAX(atoi(spr), 1), 8) : 8;
     /* G3N_STAGE_ZC=0, G3N_KV_SKIP=0: a decode step copies its host-table rows and
      * its caches' table as a prompt does (comparisons; docs/SPEED.md, fifteenth session) */
     c->stage_zc = !(getenv("G3N_STAGE_ZC") && !atoi(getenv("G3N_STAGE_ZC")));

@@ -143,6 +143,7 @@ typedef struct {
     /* exact sparsity (sparse.cu): sized at load by the transposed matrices */
     float *sp_part;
     size_t sp_part_n;
+    int sp_rows;           /* steps of up to this many rows take the sparse MLP (G3N_SP_ROWS; 1..8) */
     /* G3N_QTRACE=file: per block of k_qgemv_s, its start, PDL release, staged
      * activations, last item and end (%globaltimer), a ring of QTRACE_RECS records
      * of 8 words after a count, written to the file at exit

@@ -667,7 +667,7 @@ void cuda_op_matmul_gate_up(g3n_backend *be, float *act, float *up, const g3n_ma
 void cuda_op_mlp_sparse(g3n_backend *be, float *y, float *gate, float *up, const g3n_mat *Wg, const g3n_mat *Wu,
                         const g3n_mat *Wd, const float *u, int rows, float kappa) {
     cuda_ctx *c = CTX(be);
-    if (rows <= 8 && (Wd->transposed || Wd->tdata) && (Wg->bits || Wg->cols % 8 == 0) && !Wg->transposed) {
+    if (rows <= c->sp_rows && (Wd->transposed || Wd->tdata) && (Wg->bits || Wg->cols % 8 == 0) && !Wg->transposed) {
         PROF_BEGIN(c);
         /* the gate as matmul takes it: in a batched step of 3-8 rows a gate of
          * 16 MB or more on cuBLAS (use_blas), where k_gemv's 8 rows took 85 µs for
