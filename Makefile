@@ -143,6 +143,10 @@ test-cuda: tokenizer-fixture
 	@# (not test_ops matmul: its rows alone must equal its batched rows bit for bit, which cuBLAS does not give)
 	@out=$$(G3N_BLAS_MB=0 G3N_REQUIRE_CUDA=1 build/release-cuda/tests/test_ops batch_ops fused_ops) \
 	  || { echo "$$out"; exit 1; }; echo "G3N_BLAS_MB=0 test_ops: $$(echo "$$out" | tail -1)"
+	@# recorded steps evicted all the time: two kept (batched steps of 2-5 rows, prompts, greedy steps)
+	@out=$$(G3N_GRAPHS=2 G3N_REQUIRE_CUDA=1 build/release-cuda/tests/test_model batch_decode_equals_alone \
+	  greedy_pruned generate_equals_loop) || { echo "$$out"; exit 1; }; \
+	  echo "G3N_GRAPHS=2 test_model: $$(echo "$$out" | tail -1)"
 	@# k_correct_gate's other shapes: gate rows a block, pairs of elements a thread
 	@for e in G3N_CG_RPB=1 G3N_CG_RPB=16 G3N_CG_PAIRS=4; do \
 	  out=$$(env $$e G3N_REQUIRE_CUDA=1 build/release-cuda/tests/test_ops correct_gate) || { echo "$$out"; exit 1; }; \

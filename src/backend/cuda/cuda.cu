@@ -160,7 +160,6 @@ static void prof_print(cuda_ctx *c) {
 static void graphs_clear(cuda_ctx *c) {
     for (int i = 0; i < c->n_graphs; i++) CUDA_CHECK(cudaGraphExecDestroy(c->graph_exec[i]));
     c->n_graphs = 0;
-    c->next_evict = 0;
 }
 
 static int cu_graph_begin(g3n_backend *be, uint64_t key) {
@@ -169,6 +168,7 @@ static int cu_graph_begin(g3n_backend *be, uint64_t key) {
     for (int i = 0; i < c->n_graphs; i++)
         if (c->graph_key[i] == key) {
             CUDA_CHECK(cudaGraphLaunch(c->graph_exec[i], c->stream));
+            c->graph_used[i] = ++c->graph_clock;
             c->tq = c->graph_tq[i]; /* what it queues for logits_top */
             return 1;
         }
@@ -340,14 +340,19 @@ static void cu_graph_end(g3n_backend *be) {
     cudaGraphExec_t exec;
     CUDA_CHECK(cudaGraphInstantiate(&exec, g, 0));
     CUDA_CHECK(cudaGraphDestroy(g));
-    int slot;
-    if (c->n_graphs < CUDA_MAX_GRAPHS) {
+    /* a full set drops the step launched least recently: a server's decode
+     * steps (one for each number of slots in use, launched every step) stay
+     * while prompt chunks recorded once come and go (round robin dropped them
+     * alike) */
+    int slot = 0;
+    if (c->n_graphs < c->max_graphs) {
         slot = c->n_graphs++;
     } else {
-        slot = c->next_evict;
-        c->next_evict = (c->next_evict + 1) % CUDA_MAX_GRAPHS;
+        for (int i = 1; i < c->n_graphs; i++)
+            if (c->graph_used[i] < c->graph_used[slot]) slot = i;
         CUDA_CHECK(cudaGraphExecDestroy(c->graph_exec[slot]));
     }
+    c->graph_used[slot] = ++c->graph_clock;
     c->graph_key[slot] = c->capture_key;
     c->graph_tq[slot] = c->tq;
     c->graph_exec[slot] = exec;
@@ -580,6 +585,8 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     c->stage_zc = !(getenv("G3N_STAGE_ZC") && !atoi(getenv("G3N_STAGE_ZC")));
     c->kv_skip = !(getenv("G3N_KV_SKIP") && !atoi(getenv("G3N_KV_SKIP")));
     c->graph_first = getenv("G3N_GRAPH_FIRST") && atoi(getenv("G3N_GRAPH_FIRST"));
+    const char *mg = getenv("G3N_GRAPHS"); /* fewer recorded steps kept (tests: eviction) */
+    c->max_graphs = mg ? G3N_MIN(G3N_MAX(atoi(mg), 1), CUDA_MAX_GRAPHS) : CUDA_MAX_GRAPHS;
     const char *pf = getenv("G3N_PF");
     c->pf_on = !(pf && strcmp(pf, "0") == 0);
     c->l2_bytes = (size_t)prop.l2CacheSize;

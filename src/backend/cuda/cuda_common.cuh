@@ -192,7 +192,8 @@ typedef struct {
     /* recorded steps */
     uint64_t graph_key[CUDA_MAX_GRAPHS];
     cudaGraphExec_t graph_exec[CUDA_MAX_GRAPHS];
-    int n_graphs, next_evict;
+    uint64_t graph_used[CUDA_MAX_GRAPHS], graph_clock; /* when each was last launched (eviction: the oldest) */
+    int n_graphs, max_graphs; /* max_graphs: CUDA_MAX_GRAPHS, or G3N_GRAPHS (tests) */
     uint64_t seen_key[CUDA_SEEN_KEYS]; /* steps run once, not recorded (cu_graph_begin) */
     int next_seen, graph_first;
     int capturing;
