@@ -757,6 +757,41 @@ TEST(session_truncate) {
  * double accumulation; a backend differs from it only in fp32 summation order,
  * so QTOL is the fp32 bound, well below the 1e-4 used against transformers. */
 static double QTOL = 1e-5;
+/* A batched step of 12 sessions of m at different positions (on a GPU cuBLAS
+ * for 16-bit matrices, two passes of 8 rows of k_qmma for quantized ones), each
+ * row against its session alone on r (cpu-ref), within tol (QTOL-sized: a
+ * step's rows are products of many rows on the CPU's fast ops, summed in
+ * another order than one row's; 1.3e-5 measured at 4 bits). ids: 13 tokens. */
+static void check_batch12(g3n_model *m, g3n_model *r, const int32_t *ids, int V, double tol) {
+    enum { NB = 12 };
+    char err[512];
+    g3n_session *bs[NB], *rs[NB];
+    int32_t tok[NB];
+    g3n_batcher *bt = g3n_batcher_create(m, NB, err, sizeof err);
+    CHECK_MSG(bt != NULL, "%s", err);
+    float *out = malloc(sizeof(float) * (size_t)V * NB);
+    for (int i = 0; i < NB; i++) {
+        bs[i] = g3n_session_create(m, 32, 4, err, sizeof err);
+        rs[i] = g3n_session_create(r, 32, 4, err, sizeof err);
+        const int np = 1 + i % 5;
+        CHECK(g3n_session_eval(bs[i], ids + i % 3, np, NULL, err, sizeof err) == 0);
+        CHECK(g3n_session_eval(rs[i], ids + i % 3, np, NULL, err, sizeof err) == 0);
+        tok[i] = ids[(i + 7) % 13];
+    }
+    if (bt) {
+        CHECK_MSG(g3n_batch_decode(bt, bs, tok, NB, out, err, sizeof err) == 0, "%s", err);
+        for (int i = 0; i < NB; i++) {
+            CHECK(g3n_session_eval(rs[i], &tok[i], 1, NULL, err, sizeof err) == 0);
+            char what[64];
+            snprintf(what, sizeof what, "batched step of %d, row %d", NB, i);
+            test_close(what, out + (size_t)i * V, g3n_session_logits(rs[i]), (size_t)V, tol, 1e-4);
+        }
+    }
+    for (int i = 0; i < NB; i++) g3n_session_free(bs[i]), g3n_session_free(rs[i]);
+    g3n_batcher_free(bt);
+    free(out);
+}
+
 static void check_quantized(const char *dir) {
     int32_t ids[13] = {2, 17, 300, 45, 9, 123, 77, 200, 5, 301, 88, 12, 250};
     g3n_model *r = open_model(dir, "cpu-ref"), *m = open_model(dir, DEVICE);
@@ -795,36 +830,7 @@ static void check_quantized(const char *dir) {
         test_close("decode step", g3n_session_logits(sm), g3n_session_logits(sr), (size_t)V, QTOL, 1e-4);
     }
     g3n_session_free(sr), g3n_session_free(sm);
-    /* a batched step of 12 sessions at different positions (on a GPU two passes
-     * of the tensor-core products), each row against its session alone on cpu-ref */
-    enum { NB = 12 };
-    g3n_session *bs[NB], *rs[NB];
-    int32_t tok[NB];
-    g3n_batcher *bt = g3n_batcher_create(m, NB, err, sizeof err);
-    CHECK_MSG(bt != NULL, "%s", err);
-    float *out = malloc(sizeof(float) * (size_t)V * NB);
-    for (int i = 0; i < NB; i++) {
-        bs[i] = g3n_session_create(m, 32, 4, err, sizeof err);
-        rs[i] = g3n_session_create(r, 32, 4, err, sizeof err);
-        const int np = 1 + i % 5;
-        CHECK(g3n_session_eval(bs[i], ids + i % 3, np, NULL, err, sizeof err) == 0);
-        CHECK(g3n_session_eval(rs[i], ids + i % 3, np, NULL, err, sizeof err) == 0);
-        tok[i] = ids[(i + 7) % 13];
-    }
-    if (bt) {
-        CHECK_MSG(g3n_batch_decode(bt, bs, tok, NB, out, err, sizeof err) == 0, "%s", err);
-        for (int i = 0; i < NB; i++) {
-            CHECK(g3n_session_eval(rs[i], &tok[i], 1, NULL, err, sizeof err) == 0);
-            char what[64];
-            snprintf(what, sizeof what, "batched step of %d, row %d", NB, i);
-            /* (4 QTOL: a step's rows are products of many rows on the CPU's fast ops,
-             * summed in another order than one row's; 1.3e-5 measured) */
-            test_close(what, out + (size_t)i * V, g3n_session_logits(rs[i]), (size_t)V, 4 * QTOL, 1e-4);
-        }
-    }
-    for (int i = 0; i < NB; i++) g3n_session_free(bs[i]), g3n_session_free(rs[i]);
-    g3n_batcher_free(bt);
-    free(out);
+    check_batch12(m, r, ids, V, 4 * QTOL);
     free(a), free(b);
     g3n_model_close(r), g3n_model_close(m);
 }
@@ -847,6 +853,15 @@ TEST(quantized) {
         free(a), free(b);
     }
     g3n_model_close(f), g3n_model_close(q);
+}
+
+/* The same batched step of 12 on the unquantized fixture (bf16 weights; on a GPU
+ * within twice SELF_TOL: GEMV against the reference's order, as for prompts) */
+TEST(batch12_bf16) {
+    const int32_t ids[13] = {2, 17, 300, 45, 9, 123, 77, 200, 5, 301, 88, 12, 250};
+    g3n_model *r = open_model(FIX "conditional", "cpu-ref"), *m = open_model(FIX "conditional", DEVICE);
+    if (r && m) check_batch12(m, r, ids, g3n_model_get_info(m).n_vocab, 4 * QTOL > 2 * SELF_TOL ? 4 * QTOL : 2 * SELF_TOL);
+    g3n_model_close(r), g3n_model_close(m);
 }
 
 TEST(decode_equals_prefill_q4) {
@@ -969,6 +984,7 @@ int main(int argc, char **argv) {
     RUN(session_errors);
     RUN(quantized);
     RUN(decode_equals_prefill_q4);
+    RUN(batch12_bf16);
     printf("-- cpu with exact sparsity (--sparse: decode steps gather, prefill stays dense)\n");
     SPARSE = 1;
     SELF_TOL = 5e-5; /* two fp32 orders (gather vs dense), as on CUDA: half the transformers bound */
@@ -1003,6 +1019,7 @@ int main(int argc, char **argv) {
         RUN(layouts_agree);
         RUN(parts_bitwise);
         RUN(l2_hints_bitwise);
+        RUN(batch12_bf16);
         printf("-- cuda, mega path (every layer of a one-token step in one kernel)\n");
         PATH = "mega";
         RUN(mega_taken);

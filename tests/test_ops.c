@@ -266,11 +266,12 @@ static void check_multi3(const char *what, tmat W[3], int R, float **x0, float *
 }
 
 /* Several 16-bit products in one call and the gelu * m and gate/up epilogues for
- * 1-8 rows of input (on a GPU, 2-8 rows take two output rows a warp: k_gemv2),
- * each product with its own rows, width and input: odd row counts, a product of
+ * 1-8 rows of input (on a GPU, 2-8 rows take two output rows a warp: k_gemv2)
+ * and 12 and 16 (on a GPU cuBLAS, the epilogues apart), each
+ * product with its own rows, width and input: odd row counts, a product of
  * one row, K of 8 to 2048. */
 TEST(matmul_multi_rows) {
-    const int O[3] = {37, 6, 1}, K[3] = {64, 2048, 8}, rows_s[] = {1, 2, 3, 4, 5, 7, 8};
+    const int O[3] = {37, 6, 1}, K[3] = {64, 2048, 8}, rows_s[] = {1, 2, 3, 4, 5, 7, 8, 12, 16};
     for (int d = 1; d < 3; d++) /* f16, bf16 */
         for (size_t a = 0; a < sizeof rows_s / sizeof *rows_s; a++) {
             const int R = rows_s[a];
