@@ -264,9 +264,10 @@ struct g3n_batcher {
 
 /* Rows a step of n sessions runs: n, or on recording backends n up to 16 and
  * then multiples of 8 (at most BATCH_PAD_MAX padding rows). G3N_BUCKETS (for
- * timing): 1 the next of 1, 2, 4, 8 (before the thirty-first session), 2 the
- * next of 1, 2, 3, 4, 6, 8, 3 n up to 8 (the thirty-first session's), 4 the
- * same and multiples of 4 past 8, 5 the default. Steps of every n up to 8 were
+ * timing) up to 8 rows: 1 the next of 1, 2, 4, 8 (before the thirty-first
+ * session), 2 the next of 1, 2, 3, 4, 6, 8, 3 and 4 every n; past 8: 1-3 the
+ * next multiple of 8 (the thirty-first session's), 4 the next multiple of 4;
+ * 5 (the default) as described first. Steps of every n up to 8 were
  * the fastest on the H200 (5 streams +16-29% against powers of two, 7 streams
  * +5-7%), and of every n up to 16 (E4B 4-bit 9-12 streams +14-33% against
  * multiples of 8, bf16 +1-4%; docs/SPEED.md), at up to 16 recorded steps a
