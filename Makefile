@@ -143,6 +143,13 @@ test-cuda: tokenizer-fixture
 	@# (not test_ops matmul: its rows alone must equal its batched rows bit for bit, which cuBLAS does not give)
 	@out=$$(G3N_BLAS_MB=0 G3N_REQUIRE_CUDA=1 build/release-cuda/tests/test_ops batch_ops fused_ops) \
 	  || { echo "$$out"; exit 1; }; echo "G3N_BLAS_MB=0 test_ops: $$(echo "$$out" | tail -1)"
+	@# 9-32-row bf16 products on cuBLAS as well as on k_bmma (the default), and k_bmma from 2 rows
+	@for e in G3N_BMMA_MB=0 G3N_BMMA_ROWS=2,32; do \
+	  out=$$(env $$e G3N_TEST_CUDA_ONLY=1 G3N_REQUIRE_CUDA=1 build/release-cuda/tests/test_ops matmul) \
+	    || { echo "$$out"; exit 1; }; echo "$$e test_ops matmul: $$(echo "$$out" | tail -1)"; \
+	  out=$$(env $$e G3N_REQUIRE_CUDA=1 build/release-cuda/tests/test_model batch12_bf16) \
+	    || { echo "$$out"; exit 1; }; echo "$$e test_model batch12_bf16: $$(echo "$$out" | tail -1)"; \
+	  done
 	@# recorded steps evicted all the time: two kept (batched steps of 2-5 rows, prompts, greedy steps)
 	@out=$$(G3N_GRAPHS=2 G3N_REQUIRE_CUDA=1 build/release-cuda/tests/test_model batch_decode_equals_alone \
 	  greedy_pruned generate_equals_loop) || { echo "$$out"; exit 1; }; \

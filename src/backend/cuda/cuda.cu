@@ -575,6 +575,13 @@ extern "C" g3n_backend *cuda_backend_create(const g3n_cuda_opts *o, char *err, s
     CUDA_CHECK(cudaMallocHost(&c->tq_host, TOP_QUEUE_HOST));
     c->blas_rows = br ? G3N_MAX(2, atoi(br)) : 3; /* measured: docs/SPEED.md, seventh session */
     c->blas_bytes = (size_t)(bm ? G3N_MAX(0, atoi(bm)) : 16) << 20;
+    const char *bmm = getenv("G3N_BMMA_MB"); /* for timing */
+    c->bmma_bytes = (size_t)(bmm ? G3N_MAX(0, atoi(bmm)) : 16) << 20;
+    /* k_bmma from 9 rows (k_gemv2 was faster at 2-8: -0.6 to -6% with k_bmma) to 32
+     * (past 16 in passes of 16 rows; cuBLAS was slower at 24 and 32: docs/SPEED.md,
+     * thirty-third session) */
+    const char *bmr = getenv("G3N_BMMA_ROWS");
+    if (!bmr || sscanf(bmr, "%d,%d", &c->bmma_lo, &c->bmma_hi) != 2) c->bmma_lo = 9, c->bmma_hi = 32;
     const char *g2 = getenv("G3N_GEMV2_ROWS"), *g2w = getenv("G3N_GEMV2W_ROWS"); /* for timing: 9 never */
     c->gemv2_rows = g2 ? G3N_MAX(2, atoi(g2)) : 2;
     c->gemv2w_rows = g2w ? G3N_MAX(2, atoi(g2w)) : 2;

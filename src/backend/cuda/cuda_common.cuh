@@ -138,6 +138,8 @@ typedef struct {
     size_t ysplit_n;       /* floats */
     int blas_rows;         /* decode steps of this many rows (up to 8) ... */
     size_t blas_bytes;     /* ... take cuBLAS for matrices of this size and more (gemv.cu use_blas) */
+    size_t bmma_bytes;     /* bf16 products up to this size (G3N_BMMA_MB; 0: none) ... */
+    int bmma_lo, bmma_hi;  /* ... of this many rows take k_bmma (gemv.cu use_bmma) */
     int gemv2_rows;        /* 16-bit products of this many rows and more (2..8) take two output rows a warp: */
     int gemv2w_rows;       /* k_gemv2 (rows up to 2048 wide, one warp a pair), k_gemv2w (longer: wpr warps) */
     /* exact sparsity (sparse.cu): sized at load by the transposed matrices */

@@ -12,7 +12,9 @@
  * warps are added in a fixed order, so results do not depend on timing.
  * Prompt-sized products (more than 8 rows), and those of 3-8 rows with a matrix
  * of 16 MB or more (batched decode), go to cuBLAS on the tensor cores, with the
- * f32 activations split into 16-bit parts that sum to ~24 bits. */
+ * f32 activations split into 16-bit parts that sum to ~24 bits (one launch
+ * splits all the inputs of a matmul_multi, one adds all their parts), except
+ * the small bf16 products of 9-32-row steps: k_bmma (below). */
 #include "cuda_common.cuh"
 
 #define MULTI_MAX 8
@@ -24,6 +26,8 @@ typedef struct {
     int O[MULTI_MAX], K[MULTI_MAX];
     int row0[MULTI_MAX + 1]; /* first global row of each product */
     int pair0[MULTI_MAX + 1]; /* k_gemv2: first row pair of each product */
+    int tile0[MULTI_MAX + 1]; /* k_bmma: first 16-row tile of each product */
+    int R;                    /* k_bmma: activation rows */
     int n;
     int wpr;  /* warps per output row: 1, 2, 4 or 8 */
     int mode; /* GEMV_PLAIN, GEMV_GELU_MUL (y = gelu(W.x) * m), GEMV_GATE_UP (two
@@ -360,6 +364,134 @@ void cuda_unembed_exact(cuda_ctx *c, float *logits, const g3n_mat *W, const floa
                bmax, nblk, xn, W->rows, n, m, cap);
 }
 
+/* ---- 9-32 rows of small bf16 products on the tensor cores (k_bmma) ------------------- *
+ * On cuBLAS a product of a batched step takes three launches: one splitting the
+ * input into bf16 parts, the product, one adding the parts' products; for the
+ * small ones (q/k/v, o, LAuReL, the per-layer gate and projection: 0.25-8 MB)
+ * they cost more than the bytes. k_bmma does one such product (or several, as
+ * matmul_multi) in one launch, with PDL: a block is one tile of 16 output rows
+ * and 16 activation rows (blockIdx.y: rows 16y..16y+15, so 17-32 rows read the
+ * weights twice, the second time mostly from the L2), its 8 warps each take every eighth chunk of 32 inputs
+ * (K <= 2048: at most 8 a warp, all loaded before the PDL wait). The
+ * activations are split in registers into the same three bf16 parts as
+ * k_split (exact: their sum is x), which are the B columns of mma.m16n8k16 (6
+ * n8 tiles: part p of activation rows 0-7 and 8-15); a bf16 weight times a bf16
+ * part is exact in f32, summed in f32. Within a chunk a lane's 16-byte load of
+ * a row (8 inputs, 8t..8t+7) is its A fragment for two k16 steps: step s takes
+ * inputs 8t+4s+{0,1} as the fragment's k 2t,2t+1 and 8t+4s+{2,3} as 2t+8,2t+9,
+ * and the B fragments take the activations in the same order (a dot product
+ * does not depend on the order its terms are named in). Each lane adds its
+ * parts (0 + 1) + 2, the warps' sums are added in warp order through shared
+ * memory: deterministic, the same whatever the rows. */
+__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* v's three bf16 parts (split_at's), as 16-bit patterns */
+__device__ __forceinline__ void split3(float v, uint32_t (&p)[3]) {
+    const __nv_bfloat16 a = __float2bfloat16_rn(v);
+    const float r = v - __bfloat162float(a);
+    const __nv_bfloat16 b = __float2bfloat16_rn(r);
+    p[0] = __bfloat16_as_ushort(a), p[1] = __bfloat16_as_ushort(b);
+    p[2] = __bfloat16_as_ushort(__float2bfloat16_rn(r - __bfloat162float(b)));
+}
+
+/* the B fragments (b0, b1) of parts 0-2 of four consecutive inputs e */
+__device__ __forceinline__ void bparts(float4 e, uint32_t (&b0)[2], uint32_t (&b1)[2], uint32_t (&b2)[2]) {
+    uint32_t q0[3], q1[3], q2[3], q3[3];
+    split3(e.x, q0), split3(e.y, q1), split3(e.z, q2), split3(e.w, q3);
+    b0[0] = q0[0] | q1[0] << 16, b0[1] = q2[0] | q3[0] << 16;
+    b1[0] = q0[1] | q1[1] << 16, b1[1] = q2[1] | q3[1] << 16;
+    b2[0] = q0[2] | q1[2] << 16, b2[1] = q2[2] | q3[2] << 16;
+}
+
+#define BMMA_CH 8 /* chunks of 32 inputs a warp, at most: K <= 2048 */
+__global__ void __launch_bounds__(256, 2) k_bmma(multi_args a) {
+    __shared__ float red[8][16][17];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int s = 0;
+    while ((int)blockIdx.x >= a.tile0[s + 1]) s++;
+    /* blockIdx.y: activation rows 16y..16y+15 */
+    const int o0 = ((int)blockIdx.x - a.tile0[s]) * 16, O = a.O[s], K = a.K[s], nch = K / 32;
+    const int R = min(16, a.R - 16 * (int)blockIdx.y);
+    const __nv_bfloat16 *W = (const __nv_bfloat16 *)a.W[s];
+    const __nv_bfloat16 *w0 = W + (size_t)min(o0 + g, O - 1) * K + 8 * t;
+    const __nv_bfloat16 *w1 = W + (size_t)min(o0 + g + 8, O - 1) * K + 8 * t;
+    uint4 qa[BMMA_CH], qb[BMMA_CH];
+#pragma unroll
+    for (int u = 0; u < BMMA_CH; u++) {
+        const int ch = warp + 8 * u;
+        if (ch < nch) qa[u] = __ldcs((const uint4 *)(w0 + ch * 32)), qb[u] = __ldcs((const uint4 *)(w1 + ch * 32));
+    }
+    KERNEL_BEGIN();
+    float acc[6][4];
+#pragma unroll
+    for (int j = 0; j < 6; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0;
+    const float *xb = a.x[s] + (size_t)16 * blockIdx.y * K;
+    const float *x0 = xb + (size_t)g * K + 8 * t, *x1 = xb + (size_t)(g + 8) * K + 8 * t;
+    const bool v0 = g < R, v1 = g + 8 < R;
+    const float4 zero = make_float4(0, 0, 0, 0);
+#pragma unroll
+    for (int u = 0; u < BMMA_CH; u++) {
+        const int ch = warp + 8 * u;
+        if (ch < nch) {
+            const uint32_t A0[4] = {qa[u].x, qa[u].y, qa[u].z, qa[u].w}, A1[4] = {qb[u].x, qb[u].y, qb[u].z, qb[u].w};
+#pragma unroll
+            for (int st = 0; st < 2; st++) {
+                const float4 e0 = v0 ? __ldg((const float4 *)(x0 + ch * 32 + 4 * st)) : zero;
+                const float4 e1 = v1 ? __ldg((const float4 *)(x1 + ch * 32 + 4 * st)) : zero;
+                uint32_t b[6][2]; /* n8 tile 2p + h: part p of activation rows 8h..8h+7 */
+                bparts(e0, b[0], b[2], b[4]);
+                bparts(e1, b[1], b[3], b[5]);
+#pragma unroll
+                for (int j = 0; j < 6; j++) mma_bf16(acc[j], A0[2 * st], A1[2 * st], A0[2 * st + 1], A1[2 * st + 1], b[j][0], b[j][1]);
+            }
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) { /* C: rows g, g + 8; columns 2t, 2t + 1 = activation rows 8h + 2t, + 1 */
+        const int r = 8 * h + 2 * t;
+        red[warp][g][r] = (acc[h][0] + acc[2 + h][0]) + acc[4 + h][0];
+        red[warp][g][r + 1] = (acc[h][1] + acc[2 + h][1]) + acc[4 + h][1];
+        red[warp][g + 8][r] = (acc[h][2] + acc[2 + h][2]) + acc[4 + h][2];
+        red[warp][g + 8][r + 1] = (acc[h][3] + acc[2 + h][3]) + acc[4 + h][3];
+    }
+    __syncthreads();
+    const int r = threadIdx.x >> 4, oo = threadIdx.x & 15, o = o0 + oo;
+    if (r < R && o < O) {
+        float v = 0;
+#pragma unroll
+        for (int w = 0; w < 8; w++) v += red[w][oo][r];
+        const size_t i = (size_t)(16 * blockIdx.y + r) * O + o;
+        a.y[s][i] = a.mode == GEMV_GELU_MUL ? gelu_tanh_d(v) * a.m[i] : v;
+    }
+}
+
+/* Whether k_bmma takes W with `rows` activation rows (G3N_BMMA_MB: the largest
+ * matrix it takes, 0: none; G3N_BMMA_ROWS=lo,hi: the rows). */
+static int use_bmma(const cuda_ctx *c, const g3n_mat *W, int rows) {
+    return rows >= c->bmma_lo && rows <= c->bmma_hi && W->dtype == G3N_BF16 && !W->bits && !W->transposed &&
+           W->cols % 32 == 0 && W->cols <= 32 * 8 * BMMA_CH && (size_t)W->rows * W->cols * 2 <= c->bmma_bytes;
+}
+
+static void bmma_run(cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y, const float *const *x, int rows,
+                     int mode, const float *m) {
+    multi_args a;
+    memset(&a, 0, sizeof a);
+    a.n = n, a.mode = mode, a.m = m, a.R = rows;
+    for (int i = 0; i < n; i++) {
+        a.W[i] = W[i]->data, a.y[i] = y[i], a.x[i] = x[i], a.O[i] = W[i]->rows, a.K[i] = W[i]->cols;
+        a.tile0[i + 1] = a.tile0[i] + (W[i]->rows + 15) / 16;
+    }
+    const dim3 grid((unsigned)a.tile0[n], (unsigned)((rows + 15) / 16));
+    launch(c, k_bmma, grid, 256, 0, a);
+}
+
+
 /* any K: one warp per output row, one weight per lane step */
 __global__ void k_gemv_scalar(float *y, const void *W, int dtype, const float *x, int O, int K, int rows) {
     KERNEL_BEGIN();
@@ -434,83 +566,183 @@ static int pick_wpr(int total_rows, int min_k) {
  * Layout [rows][parts][K]: a row's parts side by side, so the parts of a run of
  * rows are one K x parts*rows column-major matrix, and one product reads W once
  * for all of them (three products, one per part, read it three times: what
- * batched decode steps of 4-32 rows paid before). */
-__global__ void k_split_bf16(__nv_bfloat16 *out, const float *x, size_t n, int K) {
-    KERNEL_BEGIN();
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const __nv_bfloat16 a = __float2bfloat16_rn(x[i]);
-        const float r = x[i] - __bfloat162float(a);
-        const __nv_bfloat16 b = __float2bfloat16_rn(r);
-        __nv_bfloat16 *o = out + (i / K) * 3 * K + i % K;
-        o[0] = a;
-        o[K] = b;
-        o[2 * (size_t)K] = __float2bfloat16_rn(r - __bfloat162float(b));
-    }
+ * batched decode steps of 4-32 rows paid before). Element i of x [rows, K]: */
+__device__ __forceinline__ void split_at(__nv_bfloat16 *out, const float *x, size_t i, int K) {
+    const __nv_bfloat16 a = __float2bfloat16_rn(x[i]);
+    const float r = x[i] - __bfloat162float(a);
+    const __nv_bfloat16 b = __float2bfloat16_rn(r);
+    __nv_bfloat16 *o = out + (i / K) * 3 * K + i % K;
+    o[0] = a;
+    o[K] = b;
+    o[2 * (size_t)K] = __float2bfloat16_rn(r - __bfloat162float(b));
 }
 /* f16: the low part is scaled by 2^11 so it does not underflow into f16's
  * subnormals; its product is scaled back by 2^-11 when the parts are added. */
 #define F16_LO_SCALE 2048.0f
-__global__ void k_split_f16(__half *out, const float *x, size_t n, int K) {
+__device__ __forceinline__ void split_at(__half *out, const float *x, size_t i, int K) {
+    const __half h = __float2half_rn(x[i]);
+    __half *o = out + (i / K) * 2 * K + i % K;
+    o[0] = h;
+    o[K] = __float2half_rn((x[i] - __half2float(h)) * F16_LO_SCALE);
+}
+
+/* The inputs of one launch of k_split: input j (x[j], rows x K[j]) is elements
+ * e0[j] .. e0[j+1] of the launch and its parts go to out + off[j]. */
+typedef struct {
+    const float *x[MULTI_MAX];
+    size_t off[MULTI_MAX];
+    size_t e0[MULTI_MAX + 1];
+    int K[MULTI_MAX];
+    int n;
+} split_args;
+
+template <typename T> __global__ void k_split(T *out, split_args a) {
     KERNEL_BEGIN();
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const __half h = __float2half_rn(x[i]);
-        __half *o = out + (i / K) * 2 * K + i % K;
-        o[0] = h;
-        o[K] = __float2half_rn((x[i] - __half2float(h)) * F16_LO_SCALE);
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < a.e0[a.n]; i += (size_t)gridDim.x * blockDim.x) {
+        int j = 0;
+        while (i >= a.e0[j + 1]) j++;
+        split_at(out + a.off[j], a.x[j], i - a.e0[j], a.K[j]);
     }
 }
 
-/* y [rows, O] = the sum of the parts' products, ys [rows][parts][O] (part 1 of two
- * scaled back by lo), added in part order */
-__global__ void k_sum_parts(float *y, const float *ys, size_t n, int O, int parts, float lo) {
+/* The parts' products of one launch of k_sum: product s's are [rows][parts][O[s]]
+ * at ys + yoff[s], its outputs elements e0[s] .. e0[s+1] of the launch, added in
+ * part order (part 1 of two scaled back by lo) into y[s], or with mode's
+ * epilogue (GEMV_GELU_MUL: y[0] = gelu(sum) * m; GEMV_GATE_UP: two products of
+ * one shape, y[0] = gelu(first) * second). */
+typedef struct {
+    float *y[MULTI_MAX];
+    const float *m;
+    size_t yoff[MULTI_MAX];
+    size_t e0[MULTI_MAX + 1];
+    int O[MULTI_MAX];
+    int n, parts, mode;
+    float lo;
+} sum_args;
+
+__device__ __forceinline__ float parts_sum(const float *p, int O, int parts, float lo) {
+    return parts == 3 ? (p[0] + p[O]) + p[2 * (size_t)O] : p[0] + p[O] * lo;
+}
+
+__global__ void k_sum(const float *ys, sum_args a) {
     KERNEL_BEGIN();
+    const bool gu = a.mode == GEMV_GATE_UP;
+    const size_t n = a.e0[gu ? 1 : a.n];
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const float *p = ys + (i / O) * parts * O + i % O;
-        y[i] = parts == 3 ? (p[0] + p[O]) + p[2 * (size_t)O] : p[0] + p[O] * lo;
+        int s = 0;
+        while (i >= a.e0[s + 1]) s++;
+        const size_t e = i - a.e0[s];
+        const int O = a.O[s];
+        const size_t at = e / O * a.parts * O + e % O;
+        const float v = parts_sum(ys + a.yoff[s] + at, O, a.parts, a.lo);
+        if (gu) a.y[0][e] = gelu_tanh_d(v) * parts_sum(ys + a.yoff[1] + at, O, a.parts, a.lo);
+        else a.y[s][e] = a.mode == GEMV_GELU_MUL ? gelu_tanh_d(v) * a.m[e] : v;
     }
 }
 
-/* x [rows, K] split into three bf16 parts in c->xconv ([rows][3][K]; k_split_bf16);
+
+static dim3 elem_grid(size_t n) { return dim3((unsigned)G3N_MIN((n + 255) / 256, (size_t)4096)); }
+
+/* One launch splitting the inputs of sa into c->xconv (16-bit type of dtype). */
+static void split_launch(cuda_ctx *c, int dtype, const split_args &sa) {
+    if (dtype == G3N_BF16) launch(c, k_split<__nv_bfloat16>, elem_grid(sa.e0[sa.n]), 256, 0, (__nv_bfloat16 *)c->xconv, sa);
+    else launch(c, k_split<__half>, elem_grid(sa.e0[sa.n]), 256, 0, (__half *)c->xconv, sa);
+}
+
+/* x [rows, K] split into three bf16 parts in c->xconv ([rows][3][K]);
  * NULL when the buffer is not sized for it (no prompt-sized step yet). */
 const __nv_bfloat16 *cuda_split_bf16(cuda_ctx *c, const float *x, int rows, int K) {
     const size_t n = (size_t)rows * K;
     if (!c->xconv || 3 * n * 2 > c->xconv_bytes) return NULL;
-    __nv_bfloat16 *p = (__nv_bfloat16 *)c->xconv;
-    launch(c, k_split_bf16, dim3((unsigned)G3N_MIN((n + 255) / 256, (size_t)4096)), 256, 0, p, x, n, K);
-    return p;
+    split_args sa;
+    memset(&sa, 0, sizeof sa);
+    sa.x[0] = x, sa.K[0] = K, sa.e0[1] = n, sa.n = 1;
+    split_launch(c, G3N_BF16, sa);
+    return (const __nv_bfloat16 *)c->xconv;
+}
+
+/* ys [O, ncols] (column-major) = W . xp, xp the K x ncols column-major parts in
+ * W's 16-bit type (a transposed matrix, W^T [K, O] row-major = W in
+ * column-major, needs no transpose op). */
+static void blas_gemm(cuda_ctx *c, const g3n_mat *W, const void *xp, int ncols, float *ys) {
+    const int O = W->rows, K = W->cols;
+    const float one = 1.0f, zero = 0.0f;
+    const cudaDataType_t t = W->dtype == G3N_BF16 ? CUDA_R_16BF : CUDA_R_16F;
+    BLAS_CHECK(cublasGemmEx(c->blas, W->transposed ? CUBLAS_OP_N : CUBLAS_OP_T, CUBLAS_OP_N, O, ncols, K, &one,
+                            W->data, t, W->transposed ? O : K, xp, t, K, &zero, ys, CUDA_R_32F, O,
+                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+/* A batched step's products of one 16-bit dtype on cuBLAS, set up by blas_plan:
+ * one launch splits every distinct input (an input several products take, as
+ * q/k/v's, is split once), one product each, and one launch adds all their
+ * parts with the epilogue. Against one split, product and sum each: 6 fewer
+ * launches in q/k/v/LAuReL, 2-3 fewer in each gate/up. */
+typedef struct {
+    split_args sa;
+    sum_args su;
+    size_t xo[MULTI_MAX]; /* product i's input parts: c->xconv + xo[i] 16-bit elements */
+} blas_plan_t;
+
+/* Whether the n products fit the scratch at once (all 16-bit, one dtype); fills p. */
+static int blas_plan(const cuda_ctx *c, int n, const g3n_mat *const *W, float *const *y, const float *const *x,
+                     int rows, int mode, const float *m, blas_plan_t *p) {
+    memset(p, 0, sizeof *p);
+    if (n < 1 || n > MULTI_MAX || !c->xconv || !c->ysplit) return 0;
+    const int parts = W[0]->dtype == G3N_BF16 ? 3 : 2;
+    size_t xn = 0, yn = 0;
+    for (int i = 0; i < n; i++) {
+        const int O = W[i]->rows, K = W[i]->cols;
+        if (W[i]->bits || W[i]->dtype != W[0]->dtype || (W[i]->dtype != G3N_BF16 && W[i]->dtype != G3N_F16)) return 0;
+        split_args &sa = p->sa;
+        int j = 0;
+        while (j < sa.n && !(sa.x[j] == x[i] && sa.K[j] == K)) j++;
+        if (j == sa.n) {
+            sa.x[j] = x[i], sa.K[j] = K, sa.off[j] = xn, sa.e0[j + 1] = sa.e0[j] + (size_t)rows * K, sa.n++;
+            xn += (size_t)parts * rows * K;
+        }
+        p->xo[i] = sa.off[j];
+        sum_args &su = p->su;
+        su.y[i] = y[i], su.O[i] = O, su.yoff[i] = yn, su.e0[i + 1] = su.e0[i] + (size_t)rows * O;
+        yn += (size_t)parts * rows * O;
+    }
+    p->su.n = n, p->su.parts = parts, p->su.mode = mode, p->su.m = m, p->su.lo = 1.0f / F16_LO_SCALE;
+    return 2 * xn <= c->xconv_bytes && yn <= c->ysplit_n;
+}
+
+static void blas_run(cuda_ctx *c, const g3n_mat *const *W, int rows, const blas_plan_t *p) {
+    split_launch(c, W[0]->dtype, p->sa);
+    for (int i = 0; i < p->su.n; i++)
+        blas_gemm(c, W[i], (const uint16_t *)c->xconv + p->xo[i], p->su.parts * rows, c->ysplit + p->su.yoff[i]);
+    const sum_args &su = p->su;
+    launch(c, k_sum, elem_grid(su.e0[su.mode == GEMV_GATE_UP ? 1 : su.n]), 256, 0, (const float *)c->ysplit, su);
 }
 
 /* y[rows, O] = x[rows, K] . W^T with cuBLAS (column-major: y^T = W^T' x^T). */
 static void matmul_blas(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows) {
     const int O = W->rows, K = W->cols;
-    const float one = 1.0f, zero = 0.0f;
     if (W->dtype == G3N_F32) {
+        const float one = 1.0f, zero = 0.0f;
         BLAS_CHECK(cublasGemmEx(c->blas, W->transposed ? CUBLAS_OP_N : CUBLAS_OP_T, CUBLAS_OP_N, O, rows, K, &one,
                                 W->data, CUDA_R_32F, W->transposed ? O : K, x, CUDA_R_32F, K, &zero, y, CUDA_R_32F, O,
                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         return;
     }
-    /* a transposed matrix (W^T [K, O] row-major = W in column-major) needs no transpose op */
-    const cublasOperation_t opA = W->transposed ? CUBLAS_OP_N : CUBLAS_OP_T;
-    const int lda = W->transposed ? O : K;
-    const size_t n = (size_t)rows * K;
-    const int parts = W->dtype == G3N_BF16 ? 3 : 2;
-    G3N_ASSERT(c->xconv && parts * n * 2 <= c->xconv_bytes && c->ysplit);
-    const cudaDataType_t t = W->dtype == G3N_BF16 ? CUDA_R_16BF : CUDA_R_16F;
-    char *p = (char *)c->xconv;
-    if (W->dtype == G3N_BF16) cuda_split_bf16(c, x, rows, K);
-    else launch(c, k_split_f16, dim3((unsigned)G3N_MIN((n + 255) / 256, (size_t)4096)), 256, 0, (__half *)p, x, n, K);
-    /* one product per run of rows whose parts' results fit the scratch (all the
-     * rows of a decode step, 21 at a time for the 262k-row tied lm_head) */
+    blas_plan_t p;
+    if (blas_plan(c, 1, &W, &y, &x, rows, GEMV_PLAIN, NULL, &p)) return blas_run(c, &W, rows, &p);
+    /* the parts' products do not all fit (the 262k-row tied lm_head): the
+     * input split once, then one product and sum per run of rows whose results
+     * fit the scratch (21 rows at a time for that lm_head) */
+    const int parts = p.su.parts;
+    G3N_ASSERT(c->xconv && (size_t)parts * rows * K * 2 <= c->xconv_bytes && c->ysplit);
+    split_launch(c, W->dtype, p.sa);
     const int run = (int)G3N_MAX((size_t)1, G3N_MIN((size_t)rows, c->ysplit_n / ((size_t)parts * O)));
     for (int r0 = 0; r0 < rows; r0 += run) {
         const int nr = G3N_MIN(run, rows - r0);
-        BLAS_CHECK(cublasGemmEx(c->blas, opA, CUBLAS_OP_N, O, parts * nr, K, &one, W->data, t, lda,
-                                p + (size_t)2 * parts * r0 * K, t, K, &zero, c->ysplit, CUDA_R_32F, O,
-                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-        const size_t m = (size_t)nr * O;
-        launch(c, k_sum_parts, dim3((unsigned)G3N_MIN((m + 255) / 256, (size_t)4096)), 256, 0, y + (size_t)r0 * O,
-               (const float *)c->ysplit, m, O, parts, 1.0f / F16_LO_SCALE);
+        blas_gemm(c, W, (const uint16_t *)c->xconv + (size_t)parts * r0 * K, parts * nr, c->ysplit);
+        sum_args su = p.su;
+        su.y[0] = y + (size_t)r0 * O, su.e0[1] = (size_t)nr * O;
+        launch(c, k_sum, elem_grid(su.e0[1]), 256, 0, (const float *)c->ysplit, su);
     }
 }
 
@@ -548,6 +780,7 @@ static int use_blas(const cuda_ctx *c, const g3n_mat *W, int rows) {
 static void matmul_one(cuda_ctx *c, float *y, const g3n_mat *W, const float *x, int rows) {
     const int O = W->rows, K = W->cols;
     if (rows <= 0 || O <= 0) return;
+    if (use_bmma(c, W, rows)) return bmma_run(c, 1, &W, &y, &x, rows, GEMV_PLAIN, NULL);
     if (use_blas(c, W, rows)) { /* prompt-sized, or a large matrix in a batched step: tensor cores */
         matmul_blas(c, y, W, x, rows);
         return;
@@ -587,15 +820,21 @@ static void matmul_multi_any(g3n_backend *be, int n, const g3n_mat *const *W, fl
     for (int i = 0; i < n; i++)
         if (W[i]->bits) return cuda_quant_op_multi(be, n, W, y, x, rows); /* quant.cu */
     cuda_ctx *c = CTX(be);
-    int ok = n <= MULTI_MAX && rows <= 8;
+    int ok = n <= MULTI_MAX && rows <= 8, bm = n <= MULTI_MAX, blas = 1;
     for (int i = 0; i < n && ok; i++)
         ok = W[i]->cols % 8 == 0 && W[i]->dtype == W[0]->dtype && !W[i]->transposed && !use_blas(c, W[i], rows);
-    if (!ok) { /* prompt-sized or unusual: one product at a time */
+    for (int i = 0; i < n && bm; i++) bm = use_bmma(c, W[i], rows);
+    for (int i = 0; i < n && blas; i++) blas = use_blas(c, W[i], rows);
+    blas_plan_t p;
+    if (!ok && !bm && !(blas && blas_plan(c, n, W, y, x, rows, GEMV_PLAIN, NULL, &p))) {
+        /* unusual, or more than the scratch holds at once: one product at a time */
         for (int i = 0; i < n; i++) cuda_op_matmul(be, y[i], W[i], x[i], rows);
         return;
     }
     PROF_BEGIN(c);
-    multi_run(c, n, W, y, x, rows);
+    if (ok) multi_run(c, n, W, y, x, rows);
+    else if (bm) bmma_run(c, n, W, y, x, rows, GEMV_PLAIN, NULL); /* 9-16 rows, small */
+    else blas_run(c, W, rows, &p); /* prompt-sized or batched: cuBLAS, one split and one sum */
     if (c->profile) {
         char name[48];
         double bytes = 0;
@@ -624,6 +863,19 @@ __global__ void k_gelu_mul_ip(float *y, const float *m, size_t n) {
 void cuda_op_matmul_gelu_mul(g3n_backend *be, float *y, const g3n_mat *W, const float *x, const float *m, int rows) {
     if (W->bits) return cuda_quant_op_gelu_mul(be, y, W, x, m, rows); /* quant.cu */
     cuda_ctx *c = CTX(be);
+    if (use_bmma(c, W, rows)) {
+        PROF_BEGIN(c);
+        bmma_run(c, 1, &W, &y, &x, rows, GEMV_GELU_MUL, m);
+        PROF_END(c, "matmul_gelu_mul (k_bmma)", mat_bytes(W));
+        return;
+    }
+    blas_plan_t p;
+    if (use_blas(c, W, rows) && blas_plan(c, 1, &W, &y, &x, rows, GEMV_GELU_MUL, m, &p)) {
+        PROF_BEGIN(c);
+        blas_run(c, &W, rows, &p); /* gelu(.) * m in the parts' sum */
+        PROF_END(c, "matmul_gelu_mul (cuBLAS)", mat_bytes(W));
+        return;
+    }
     if (rows > 8 || W->cols % 8 != 0 || use_blas(c, W, rows)) {
         cuda_op_matmul(be, y, W, x, rows);
         const size_t n = (size_t)rows * W->rows;
@@ -643,8 +895,18 @@ void cuda_op_matmul_gate_up(g3n_backend *be, float *act, float *up, const g3n_ma
                             const float *x, int rows) {
     if (Wg->bits || Wu->bits) return cuda_quant_op_gate_up(be, act, up, Wg, Wu, x, rows); /* quant.cu */
     cuda_ctx *c = CTX(be);
-    if (rows > 8 || Wg->cols % 8 != 0 || Wg->dtype != Wu->dtype || Wg->rows != Wu->rows || Wg->cols != Wu->cols ||
-        use_blas(c, Wg, rows)) {
+    const bool same = Wg->dtype == Wu->dtype && Wg->rows == Wu->rows && Wg->cols == Wu->cols;
+    const g3n_mat *W[2] = {Wg, Wu};
+    float *y[2] = {act, up};
+    const float *xs[2] = {x, x};
+    blas_plan_t p;
+    if (same && use_blas(c, Wg, rows) && blas_plan(c, 2, W, y, xs, rows, GEMV_GATE_UP, NULL, &p)) {
+        PROF_BEGIN(c);
+        blas_run(c, W, rows, &p); /* x split once, the act in the parts' sum */
+        PROF_END(c, "matmul_gate_up (cuBLAS)", 2 * mat_bytes(Wg));
+        return;
+    }
+    if (rows > 8 || Wg->cols % 8 != 0 || !same || use_blas(c, Wg, rows)) {
         const size_t n = (size_t)rows * Wg->rows;
         cuda_op_matmul(be, act, Wg, x, rows);
         cuda_op_matmul(be, up, Wu, x, rows);
@@ -653,9 +915,7 @@ void cuda_op_matmul_gate_up(g3n_backend *be, float *act, float *up, const g3n_ma
         return;
     }
     PROF_BEGIN(c);
-    const g3n_mat *W[2] = {Wg, Wu};
-    float *y[2] = {act, NULL};
-    const float *xs[2] = {x, x};
+    y[1] = NULL;
     multi_run(c, 2, W, y, xs, rows, GEMV_GATE_UP, NULL);
     if (c->profile) {
         char name[48];
