@@ -391,7 +391,7 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-/* v's three bf16 parts (split_at's), as 16-bit patterns */
+/* v's three bf16 parts (exact: their sum is v), as 16-bit patterns: k_bmma's B fragments and split_at's parts */
 __device__ __forceinline__ void split3(float v, uint32_t (&p)[3]) {
     const __nv_bfloat16 a = __float2bfloat16_rn(v);
     const float r = v - __bfloat162float(a);
@@ -568,13 +568,12 @@ static int pick_wpr(int total_rows, int min_k) {
  * for all of them (three products, one per part, read it three times: what
  * batched decode steps of 4-32 rows paid before). Element i of x [rows, K]: */
 __device__ __forceinline__ void split_at(__nv_bfloat16 *out, const float *x, size_t i, int K) {
-    const __nv_bfloat16 a = __float2bfloat16_rn(x[i]);
-    const float r = x[i] - __bfloat162float(a);
-    const __nv_bfloat16 b = __float2bfloat16_rn(r);
+    uint32_t p[3];
+    split3(x[i], p);
     __nv_bfloat16 *o = out + (i / K) * 3 * K + i % K;
-    o[0] = a;
-    o[K] = b;
-    o[2 * (size_t)K] = __float2bfloat16_rn(r - __bfloat162float(b));
+    o[0] = __ushort_as_bfloat16((unsigned short)p[0]);
+    o[K] = __ushort_as_bfloat16((unsigned short)p[1]);
+    o[2 * (size_t)K] = __ushort_as_bfloat16((unsigned short)p[2]);
 }
 /* f16: the low part is scaled by 2^11 so it does not underflow into f16's
  * subnormals; its product is scaled back by 2^-11 when the parts are added. */
@@ -833,7 +832,7 @@ static void matmul_multi_any(g3n_backend *be, int n, const g3n_mat *const *W, fl
     }
     PROF_BEGIN(c);
     if (ok) multi_run(c, n, W, y, x, rows);
-    else if (bm) bmma_run(c, n, W, y, x, rows, GEMV_PLAIN, NULL); /* 9-16 rows, small */
+    else if (bm) bmma_run(c, n, W, y, x, rows, GEMV_PLAIN, NULL); /* 9-32 rows, small */
     else blas_run(c, W, rows, &p); /* prompt-sized or batched: cuBLAS, one split and one sum */
     if (c->profile) {
         char name[48];
@@ -879,7 +878,7 @@ void cuda_op_matmul_gelu_mul(g3n_backend *be, float *y, const g3n_mat *W, const 
     if (rows > 8 || W->cols % 8 != 0 || use_blas(c, W, rows)) {
         cuda_op_matmul(be, y, W, x, rows);
         const size_t n = (size_t)rows * W->rows;
-        launch(c, k_gelu_mul_ip, dim3((unsigned)G3N_MIN((n + 255) / 256, (size_t)4096)), dim3(256), 0, y, m, n);
+        launch(c, k_gelu_mul_ip, elem_grid(n), dim3(256), 0, y, m, n);
         return;
     }
     PROF_BEGIN(c);
@@ -910,7 +909,7 @@ void cuda_op_matmul_gate_up(g3n_backend *be, float *act, float *up, const g3n_ma
         const size_t n = (size_t)rows * Wg->rows;
         cuda_op_matmul(be, act, Wg, x, rows);
         cuda_op_matmul(be, up, Wu, x, rows);
-        launch(c, k_gelu_mul_ip, dim3((unsigned)G3N_MIN((n + 255) / 256, (size_t)4096)), dim3(256), 0, act,
+        launch(c, k_gelu_mul_ip, elem_grid(n), dim3(256), 0, act,
                (const float *)up, n);
         return;
     }
