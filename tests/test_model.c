@@ -757,8 +757,9 @@ TEST(session_truncate) {
  * double accumulation; a backend differs from it only in fp32 summation order,
  * so QTOL is the fp32 bound, well below the 1e-4 used against transformers. */
 static double QTOL = 1e-5;
-/* A batched step of 12 sessions of m at different positions (on a GPU cuBLAS
- * for 16-bit matrices, two passes of 8 rows of k_qmma for quantized ones), each
+/* A batched step of 12 sessions of m at different positions (on a GPU k_bmma
+ * for the small 16-bit matrices and cuBLAS for the large ones, two passes of 8
+ * rows of k_qmma for quantized ones), each
  * row against its session alone on r (cpu-ref), within tol (QTOL-sized: a
  * step's rows are products of many rows on the CPU's fast ops, summed in
  * another order than one row's; 1.3e-5 measured at 4 bits). ids: 13 tokens. */
